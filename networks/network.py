@@ -1,0 +1,257 @@
+"""A set of LoRA/LoCon adapters attached to a UNet and its text encoder(s).
+
+Everything is validated and built before the first module is touched, so a bad spec leaves the model as
+it was. The adapters live in `LoraNetwork.adapters`, keyed by their kohya file name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SdloraError
+from .lora import INITS, LoraModule
+from .naming import Component, alias_names, components_for, kohya_name
+from .targets import TargetRules, find_targets, uses_conv_rank
+
+NETWORK_TYPES = ("lora", "locon")
+
+
+@dataclass
+class NetworkSpec:
+    """What to attach. Alpha is absolute when given, else alpha_ratio x rank (so alpha follows r)."""
+
+    type: str = "lora"
+    rank: int = 16
+    alpha: float | None = None
+    alpha_ratio: float = 1.0
+    conv_rank: int = 8
+    conv_alpha: float | None = None
+    conv_alpha_ratio: float = 1.0
+    init: str = "kaiming"
+    dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    conv_in_out: bool = False
+    time_embedding: bool = False
+    # Restrict to modules whose path ends with one of these (e.g. "to_q", "ff.net.2"); None = the table.
+    target_modules: tuple[str, ...] | None = None
+
+    @property
+    def resolved_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else self.alpha_ratio * self.rank
+
+    @property
+    def resolved_conv_alpha(self) -> float:
+        return float(self.conv_alpha) if self.conv_alpha is not None else self.conv_alpha_ratio * self.conv_rank
+
+    def validate(self) -> None:
+        if self.type not in NETWORK_TYPES:
+            raise SdloraError(f"network.type must be one of {', '.join(NETWORK_TYPES)} (got '{self.type}').")
+        for key in ("rank", "conv_rank"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SdloraError(f"network.{key} must be an integer >= 1 (got {value}).")
+        for key in ("alpha", "conv_alpha", "alpha_ratio", "conv_alpha_ratio"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise SdloraError(f"network.{key} must be > 0 (got {value}).")
+        for key in ("dropout", "rank_dropout", "module_dropout"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:
+                raise SdloraError(f"network.{key} must be in [0, 1) (got {value}).")
+        if self.init not in INITS:
+            raise SdloraError(f"network.init must be one of {', '.join(INITS)} (got '{self.init}').")
+        if not (self.train_unet or self.train_text_encoder):
+            raise SdloraError("Nothing to train: set network.train_unet or network.train_text_encoder to true.")
+
+    def rules(self) -> TargetRules:
+        return TargetRules(locon=self.type == "locon", conv_in_out=self.conv_in_out,
+                           time_embedding=self.time_embedding)
+
+
+@dataclass
+class AdaptedModule:
+    name: str  # kohya file name
+    role: str  # "unet", "text_encoder", "text_encoder_2"
+    path: str  # diffusers module path inside its component
+    module: nn.Module
+    aliases: list[str] = field(default_factory=list)
+
+
+class LoraNetwork(nn.Module):
+    def __init__(self, family: str, adapters: dict[str, LoraModule], roles: dict[str, str],
+                 paths: dict[str, str] | None = None):
+        super().__init__()
+        self.family = family
+        self.adapters = nn.ModuleDict(adapters)
+        self.roles = roles
+        self.paths = paths or {}
+        self.attached = False
+
+    # -- building ----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, family: str, unet: nn.Module | None, text_encoders: list[nn.Module],
+               spec: NetworkSpec) -> LoraNetwork:
+        """Build (not yet attached) adapters for every target module the spec selects."""
+        spec.validate()
+        parts = components_for(family, unet if spec.train_unet else None,
+                               text_encoders if spec.train_text_encoder else [])
+        targets = _select_targets(parts, spec)
+        adapters, roles, paths = {}, {}, {}
+        for target in targets:
+            conv = uses_conv_rank(target.module)
+            rank = spec.conv_rank if conv else spec.rank
+            alpha = spec.resolved_conv_alpha if conv else spec.resolved_alpha
+            adapter = LoraModule(target.module, rank, alpha, spec.init, spec.dropout, spec.rank_dropout,
+                                 spec.module_dropout)
+            adapters[target.name] = adapter.to(device=target.module.weight.device)
+            roles[target.name], paths[target.name] = target.role, target.path
+        return cls(family, adapters, roles, paths)
+
+    @classmethod
+    def from_state_dict(cls, family: str, unet: nn.Module | None, text_encoders: list[nn.Module],
+                        state: dict[str, torch.Tensor], source: str = "the file") -> LoraNetwork:
+        """Build adapters shaped like a kohya-layout state dict (ours or another trainer's) and load it."""
+        modules = _all_modules_by_alias(components_for(family, unet, text_encoders))
+        names = sorted({key.split(".", 1)[0] for key in state})
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise SdloraError(f"{len(unknown)} module name(s) in {source} match no module of this "
+                              f"{family} model: {shown}; check that the file was made for {family}.")
+        adapters, roles, paths = {}, {}, {}
+        for name in names:
+            target = modules[name]
+            down = state.get(f"{name}.lora_down.weight")
+            up = state.get(f"{name}.lora_up.weight")
+            if down is None or up is None:
+                raise SdloraError(f"Module '{name}' in {source} lacks lora_down or lora_up weights; "
+                                  "only LoRA/LoCon files (lora_down, lora_up, alpha) can be loaded.")
+            rank = down.shape[0]
+            alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(rank)
+            adapter = LoraModule(target.module, rank, alpha).to(device=target.module.weight.device)
+            _load_adapter_weights(adapter, target.name, down, up, source)
+            adapters[target.name], roles[target.name], paths[target.name] = adapter, target.role, target.path
+        extra = [k for k in state if k.split(".", 1)[1] not in ("lora_down.weight", "lora_up.weight", "alpha")]
+        if extra:
+            raise SdloraError(f"{source} holds keys sdlora cannot load: {', '.join(extra[:5])}; "
+                              "only lora_down, lora_up and alpha are portable.")
+        return cls(family, adapters, roles, paths)
+
+    # -- attaching ---------------------------------------------------------------------------
+    def attach(self) -> LoraNetwork:
+        for adapter in self.adapters.values():
+            adapter.hook()
+        self.attached = True
+        return self
+
+    def detach(self) -> None:
+        self.unmerge()
+        for adapter in self.adapters.values():
+            adapter.unhook()
+        self.attached = False
+
+    # -- state -------------------------------------------------------------------------------
+    def set_multiplier(self, multiplier: float) -> None:
+        if any(a.merged for a in self.adapters.values()):
+            raise SdloraError("Unmerge the network before changing its multiplier.")
+        for adapter in self.adapters.values():
+            adapter.multiplier = float(multiplier)
+
+    def set_enabled(self, enabled: bool) -> None:
+        for adapter in self.adapters.values():
+            adapter.enabled = bool(enabled)
+
+    def merge(self) -> None:
+        for adapter in self.adapters.values():
+            adapter.merge()
+
+    def unmerge(self) -> None:
+        for adapter in self.adapters.values():
+            adapter.unmerge()
+
+    def items(self) -> Iterator[tuple[str, LoraModule]]:
+        return iter(self.adapters.items())
+
+    def parameter_groups(self) -> dict[str, dict[str, list[nn.Parameter]]]:
+        """{role: {"down": [...], "up": [...]}}: for separate UNet/TE learning rates and LoRA+."""
+        groups: dict[str, dict[str, list[nn.Parameter]]] = {}
+        for name, adapter in self.adapters.items():
+            group = groups.setdefault(self.roles[name], {"down": [], "up": []})
+            group["down"].append(adapter.lora_down.weight)
+            group["up"].append(adapter.lora_up.weight)
+        return groups
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """lora_down / lora_up in `dtype`, alpha always a 0-dim float32 (every loader expects that)."""
+        state = {}
+        for name, adapter in self.adapters.items():
+            state[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach().to("cpu", dtype).contiguous()
+            state[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach().to("cpu", dtype).contiguous()
+            state[f"{name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+        return state
+
+    def load_kohya_state_dict(self, state: dict[str, torch.Tensor], source: str = "the file") -> None:
+        """Load weights into this network's existing adapters (same names and ranks)."""
+        names = {key.split(".", 1)[0] for key in state}
+        unknown = sorted(names - set(self.adapters))
+        missing = sorted(set(self.adapters) - names)
+        if unknown or missing:
+            raise SdloraError(f"{source} does not fit this network: {len(unknown)} unknown module(s) "
+                              f"{', '.join(unknown[:3])}, {len(missing)} missing {', '.join(missing[:3])}.")
+        for name, adapter in self.adapters.items():
+            _load_adapter_weights(adapter, name, state[f"{name}.lora_down.weight"],
+                                  state[f"{name}.lora_up.weight"], source)
+
+
+def _select_targets(parts: list[Component], spec: NetworkSpec) -> list[AdaptedModule]:
+    rules = spec.rules()
+    targets = []
+    for part in parts:
+        for path, module in find_targets(part.model, part.is_unet, rules):
+            targets.append(AdaptedModule(kohya_name(part, path), part.role, path, module))
+    if spec.target_modules is not None:
+        wanted = tuple(spec.target_modules)
+        unmatched = [t for t in wanted if not any(a.path == t or a.path.endswith("." + t) for a in targets)]
+        if unmatched:
+            raise SdloraError(f"Target module '{unmatched[0]}' matches no adaptable module of this "
+                              f"{spec.type} network; use names such as to_q, to_k, to_v, to_out.0, ff.net.2.")
+        targets = [a for a in targets if any(a.path == t or a.path.endswith("." + t) for t in wanted)]
+    if not targets:
+        raise SdloraError("The network selects no module of this model; check network.type and the targets.")
+    return targets
+
+
+def _all_modules_by_alias(parts: list[Component]) -> dict[str, AdaptedModule]:
+    """Every adaptable module of the model under each name a kohya-layout file may give it."""
+    rules = TargetRules(locon=True, conv_in_out=True, time_embedding=True)
+    found: dict[str, AdaptedModule] = {}
+    for part in parts:
+        for path, module in part.model.named_modules():
+            if not (isinstance(module, nn.Linear | nn.Conv2d)):
+                continue
+            if not part.is_unet and not rules.matches_text_encoder(path) and "text_projection" not in path:
+                continue
+            target = AdaptedModule(kohya_name(part, path), part.role, path, module)
+            for alias in alias_names(part, path):
+                found.setdefault(alias, target)
+    return found
+
+
+def _load_adapter_weights(adapter: LoraModule, name: str, down: torch.Tensor, up: torch.Tensor,
+                          source: str) -> None:
+    for kind, layer, tensor in (("lora_down", adapter.lora_down, down), ("lora_up", adapter.lora_up, up)):
+        expected = tuple(layer.weight.shape)
+        if tensor.dim() == 2 and len(expected) == 4 and expected[2:] == (1, 1):
+            tensor = tensor[:, :, None, None]  # some trainers store 1x1-conv LoRA as 2-D
+        if tuple(tensor.shape) != expected:
+            raise SdloraError(f"{source}: {name}.{kind}.weight has shape {tuple(tensor.shape)} but the model "
+                              f"needs {expected}; the file was made for a different base model.")
+        with torch.no_grad():
+            layer.weight.copy_(tensor.to(layer.weight.dtype))
