@@ -1,0 +1,379 @@
+"""The run manager: the UI's side of the run-directory contract (docs/RUN_DIRECTORY.md).
+
+It writes a run's config.toml, starts `sdlora train` as a separate process (never training inside the
+UI process, so a browser refresh or a UI restart loses nothing), and otherwise only reads: the state of
+a run is worked out from events.jsonl and trainer.pid, exactly as the CLI would see it. Stopping is a
+SIGINT, which the trainer turns into "save a checkpoint, then exit".
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from app.security import run_folder
+from networks.errors import SdloraError
+from trainer.config import TrainConfig, save_config
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+LIFECYCLE = ("started", "stopped", "finished", "error")
+# Statuses in which a trainer process is (or is about to be) alive.
+ACTIVE = ("starting", "running")
+RESUMABLE = ("stopped", "interrupted", "error")
+LOG_TAIL_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run as the UI lists it."""
+
+    path: Path
+    name: str
+    status: str  # created | starting | running | stopped | finished | error | interrupted
+    step: int
+    total_steps: int | None
+    created: datetime
+    message: str = ""  # the error sentence, when there is one
+    final_file: Path | None = None
+
+    @property
+    def folder(self) -> str:
+        return self.path.name
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+
+@dataclass
+class Progress:
+    """What the live view shows for one run, all read from its folder."""
+
+    info: RunInfo
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    epoch: int | None = None
+    lr: float | None = None
+    samples: list[tuple[Path, str]] = field(default_factory=list)  # (image, "step N: prompt"), oldest first
+    checkpoints: list[Path] = field(default_factory=list)
+    event_count: int = 0
+
+
+class EventLog:
+    """Incremental reader of one events.jsonl: each read parses only the complete lines appended since."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._reset(None)
+
+    def _reset(self, inode) -> None:
+        self._inode, self._offset, self._events = inode, 0, []
+
+    def read(self) -> list[dict]:
+        with self._lock:
+            try:
+                stat = self.path.stat()
+            except FileNotFoundError:
+                self._reset(None)
+                return []
+            if stat.st_ino != self._inode or stat.st_size < self._offset:
+                self._reset(stat.st_ino)  # the file was replaced or truncated
+            if stat.st_size > self._offset:
+                self._read_new()
+            return list(self._events)
+
+    def _read_new(self) -> None:
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return  # a line still being written; read it whole next time
+        for line in chunk[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # never let one damaged line hide a run
+            if isinstance(record, dict) and "event" in record:
+                self._events.append(record)
+        self._offset += end + 1
+
+
+class RunManager:
+    """Creates, starts, stops, resumes, lists and deletes runs in one runs folder."""
+
+    def __init__(self, runs_dir: str | Path, trainer_command: list[str] | None = None):
+        self.runs_dir = Path(runs_dir).expanduser().resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        # `sdlora train` of the same Python the UI runs in; tests substitute a fake trainer.
+        self.trainer_command = list(trainer_command or [sys.executable, "-m", "app.cli", "train"])
+        self._children: dict[Path, subprocess.Popen] = {}
+        self._logs: dict[Path, EventLog] = {}
+        self._lock = threading.Lock()
+
+    # -- reading --------------------------------------------------------------------------------
+    def resolve(self, run: str | Path) -> Path:
+        return run_folder(self.runs_dir, run)
+
+    def events(self, run_dir: Path) -> list[dict]:
+        with self._lock:
+            log = self._logs.setdefault(run_dir, EventLog(run_dir / "events.jsonl"))
+        return log.read()
+
+    def list_runs(self) -> list[RunInfo]:
+        """Every run in the runs folder, newest first."""
+        runs = [self.info(p) for p in self.runs_dir.iterdir() if _is_run(p)]
+        return sorted(runs, key=lambda r: (r.created, r.folder), reverse=True)
+
+    def info(self, run_dir: Path) -> RunInfo:
+        return self._info(run_dir, self.events(run_dir))
+
+    def _info(self, run_dir: Path, events: list[dict]) -> RunInfo:
+        status, message = self._status(run_dir, events)
+        last_step = next((e for e in reversed(events) if e["event"] in ("step", "stopped", "finished")), None)
+        started = next((e for e in reversed(events) if e["event"] == "started"), None)
+        step = int(last_step["step"]) if last_step else int(started.get("start_step", 0)) if started else 0
+        total = next((e.get("total_steps") for e in reversed(events) if e.get("total_steps")), None)
+        final = next((e.get("path") for e in reversed(events) if e["event"] == "finished"), None)
+        final_file = run_dir / final if final and (run_dir / final).is_file() else None
+        return RunInfo(run_dir, _run_name(run_dir, started), status, step, total, _created(run_dir, events),
+                       message, final_file)
+
+    def progress(self, run_dir: Path) -> Progress:
+        events = self.events(run_dir)
+        progress = Progress(self._info(run_dir, events), event_count=len(events))
+        for event in events:
+            kind = event["event"]
+            if kind == "step":
+                if isinstance(event.get("loss"), (int, float)):
+                    progress.losses.append((int(event["step"]), float(event["loss"])))
+                progress.it_per_s, progress.eta_s = event.get("it_per_s"), event.get("eta_s")
+                progress.epoch, progress.lr = event.get("epoch"), event.get("lr")
+            elif kind == "sample":
+                prompts = event.get("prompts") or []
+                for index, rel in enumerate(event.get("paths") or []):
+                    prompt = prompts[index] if index < len(prompts) else ""
+                    if (run_dir / rel).is_file():
+                        progress.samples.append((run_dir / rel, f"step {event.get('step')}: {prompt}"))
+            elif kind in ("started", "stopped", "finished", "error"):
+                progress.it_per_s = progress.eta_s = None  # the rate of a finished segment means nothing now
+        progress.checkpoints = self.checkpoints(run_dir)
+        return progress
+
+    def checkpoints(self, run_dir: Path) -> list[Path]:
+        return sorted((run_dir / "checkpoints").glob("*.safetensors"))
+
+    def log_tail(self, run_dir: Path, lines: int = 40) -> str:
+        """The last lines of train.log; progress-bar redraws ('\\r') are collapsed to their final state."""
+        log = run_dir / "train.log"
+        if not log.is_file():
+            return ""
+        with open(log, "rb") as handle:
+            handle.seek(max(0, log.stat().st_size - LOG_TAIL_BYTES))
+            text = handle.read().decode("utf-8", errors="replace")
+        cleaned = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+        while cleaned and not cleaned[-1]:
+            cleaned.pop()
+        return "\n".join(cleaned[-lines:])
+
+    def config_text(self, run_dir: Path) -> str:
+        path = run_dir / "config.toml"
+        return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+    def newest_active(self) -> RunInfo | None:
+        return next((r for r in self.list_runs() if r.status in ACTIVE), None)
+
+    # -- status -----------------------------------------------------------------------------------
+    def _status(self, run_dir: Path, events: list[dict]) -> tuple[str, str]:
+        last = next((e for e in reversed(events) if e["event"] in LIFECYCLE), None)
+        if self.live_pid(run_dir):
+            # A resumed run is alive before it writes its new `started`; until then it is starting.
+            return ("running" if last and last["event"] == "started" else "starting"), ""
+        if last is None:
+            failure = self._exit_failure(run_dir)
+            return ("error", failure) if failure else ("created", "")
+        kind = last["event"]
+        if kind == "started":
+            return "interrupted", self._exit_failure(run_dir) or ""
+        if kind == "error":
+            return "error", str(last.get("message") or "The trainer reported an error.")
+        return kind, ""
+
+    def _exit_failure(self, run_dir: Path) -> str:
+        """The trainer's one-sentence complaint when it exited with an error before writing an event.
+
+        The CLI prints it as the last line of train.log ("error: ..."); any other last line of a
+        process that exited non-zero (a crash) is shown as it is.
+        """
+        tail = [line.strip() for line in self.log_tail(run_dir, lines=5).splitlines() if line.strip()]
+        last = tail[-1] if tail else ""
+        if last.startswith("error: "):
+            return last[len("error: "):]
+        child = self._children.get(run_dir)
+        crashed = child is not None and child.poll() not in (0, None)
+        return last if crashed and not last.startswith("--- ") else ""
+
+    def live_pid(self, run_dir: Path) -> int | None:
+        """The trainer's PID if it is alive: our own child first (its pid file may not exist yet)."""
+        child = self._children.get(run_dir)
+        if child is not None:
+            if child.poll() is None:
+                return child.pid
+            # Reaped now, so a stale trainer.pid cannot point at a zombie of ours.
+        pid = _read_pid(run_dir / "trainer.pid")
+        return pid if pid and _trainer_alive(pid) else None
+
+    # -- control ----------------------------------------------------------------------------------
+    def new_run_dir(self, name: str) -> Path:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        candidate, counter = self.runs_dir / f"{name}-{stamp}", 1
+        while candidate.exists():
+            counter += 1
+            candidate = self.runs_dir / f"{name}-{stamp}-{counter}"
+        candidate.mkdir(parents=True)
+        return candidate
+
+    def start(self, cfg: TrainConfig) -> Path:
+        """Write a new run folder with `cfg` as its config.toml and start the trainer on it."""
+        self._refuse_if_busy()
+        run_dir = self.new_run_dir(cfg.name)
+        cfg = cfg.model_copy(deep=True)
+        cfg.output.dir = str(run_dir)
+        save_config(cfg, run_dir / "config.toml")
+        self._launch(run_dir, ["--config", str(run_dir / "config.toml")])
+        return run_dir
+
+    def resume(self, run_dir: Path) -> Path:
+        info = self.info(run_dir)
+        if info.status in ACTIVE:
+            raise SdloraError(f"The run {run_dir.name} is already training.")
+        if info.status == "finished":
+            raise SdloraError(f"The run {run_dir.name} has finished; start a new run to train more.")
+        if not (run_dir / "state").is_dir():
+            raise SdloraError(f"The run {run_dir.name} has no saved state yet (no checkpoint was written); "
+                              "start it again as a new run.")
+        self._refuse_if_busy()
+        self._launch(run_dir, ["--resume", str(run_dir)])
+        return run_dir
+
+    def stop(self, run_dir: Path) -> int:
+        """Ask the trainer to save and exit (SIGINT); returns the PID signalled."""
+        pid = self.live_pid(run_dir)
+        if pid is None:
+            raise SdloraError(f"The run {run_dir.name} is not training, so there is nothing to stop.")
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            raise SdloraError(f"The run {run_dir.name} had already stopped.") from None
+        except PermissionError:
+            raise SdloraError(f"The run {run_dir.name} belongs to another user, so it cannot be stopped "
+                              "from here.") from None
+        return pid
+
+    def delete(self, run_dir: Path) -> None:
+        if self.info(run_dir).status in ACTIVE:
+            raise SdloraError(f"The run {run_dir.name} is training; stop it before deleting it.")
+        shutil.rmtree(run_dir)
+        with self._lock:
+            self._logs.pop(run_dir, None)
+            self._children.pop(run_dir, None)
+
+    def wait(self, run_dir: Path, timeout: float | None = None) -> int | None:
+        """Wait for our own trainer process of `run_dir` to exit (for tests and scripts)."""
+        child = self._children.get(run_dir)
+        return child.wait(timeout) if child is not None else None
+
+    def _refuse_if_busy(self) -> None:
+        # One trainer at a time: two runs on one GPU (or two CPU cores) only make both slow or crash.
+        active = self.newest_active()
+        if active is not None:
+            raise SdloraError(f"The run {active.folder} is still training; stop it or wait for it to finish "
+                              "before starting another.")
+
+    def _launch(self, run_dir: Path, args: list[str]) -> subprocess.Popen:
+        command = [*self.trainer_command, *args, "--no-progress"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(run_dir / "train.log", "ab") as log:
+            log.write(f"--- {_now()} train {' '.join(args)}\n".encode())
+            log.flush()
+            # A new session: Ctrl+C in the UI's terminal must not stop the training, and the trainer
+            # outlives a UI restart.
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True, close_fds=True)
+        with self._lock:
+            self._children[run_dir] = child
+        return child
+
+
+def _is_run(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and (
+        (path / "config.toml").is_file() or (path / "events.jsonl").is_file())
+
+
+def _run_name(run_dir: Path, started: dict | None) -> str:
+    if started and started.get("name"):
+        return str(started["name"])
+    try:
+        with open(run_dir / "config.toml", "rb") as handle:
+            return str(tomllib.load(handle).get("name") or run_dir.name)
+    except (OSError, tomllib.TOMLDecodeError):
+        return run_dir.name
+
+
+def _created(run_dir: Path, events: list[dict]) -> datetime:
+    if events and events[0].get("time"):
+        try:
+            moment = datetime.fromisoformat(str(events[0]["time"]).replace("Z", "+00:00"))
+            return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        except ValueError:
+            pass
+    config = run_dir / "config.toml"
+    stamp = (config if config.exists() else run_dir).stat().st_mtime
+    return datetime.fromtimestamp(stamp, tz=timezone.utc)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _trainer_alive(pid: int) -> bool:
+    """True when `pid` is a live (non-zombie) process that looks like a trainer.
+
+    A trainer killed with -9 leaves its pid file behind and the number may be reused by an unrelated
+    process, which must never receive our SIGINT; on Linux /proc tells them apart.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by someone else
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():
+        return True  # no /proc (macOS): trust the signal check
+    try:
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = (proc / "cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and b"train" in cmdline
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

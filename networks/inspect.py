@@ -1,0 +1,127 @@
+"""`sdlora lora inspect FILE`: what a LoRA file holds, as a dict (for --json and the UI) and as text.
+
+Metadata, the model family it was made for, modules per block, rank/alpha per module and the update's
+norm ||scale * up @ down||_F per module and per block (computed through QR, never the full matrix).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .analysis import block_of, block_order, lora_factors, module_svd
+from .lora_file import module_summary, read_lora
+
+# ss_base_model_version / modelspec.architecture prefixes -> family
+_VERSION_FAMILIES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("stable-diffusion-xl", "sdxl"),
+                     ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
+SGM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+LONG_VALUE = 160  # metadata values longer than this (tag frequencies, dataset dirs) are cut in the text view
+
+
+def lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str | None:
+    """"sd1", "sd2" or "sdxl" from the header, else from key names and shapes; None when nothing tells."""
+    metadata = metadata or {}
+    for key in ("ss_base_model_version", "modelspec.architecture"):
+        value = metadata.get(key, "")
+        for prefix, family in _VERSION_FAMILIES:
+            if value.startswith(prefix):
+                return family
+    if metadata.get("ss_v2") == "True":
+        return "sd2"
+    if any(k.startswith(("lora_te1_", "lora_te2_", *SGM_UNET)) for k in state):
+        return "sdxl"
+    return _family_from_shapes(state)
+
+
+def _family_from_shapes(state: dict[str, torch.Tensor]) -> str | None:
+    # cross-attention reads the text encoder's width: 768 for SD1's CLIP-L, 1024 for SD2's OpenCLIP-H
+    for key, tensor in state.items():
+        if key.endswith("attn2_to_k.lora_down.weight") and tensor.shape[1] in (768, 1024):
+            return "sd1" if tensor.shape[1] == 768 else "sd2"
+    # SD1's proj_in / proj_out are 1x1 convs (4-D LoRA tensors), SD2's are Linear (2-D)
+    for key, tensor in state.items():
+        if key.endswith(("proj_in.lora_down.weight", "proj_out.lora_down.weight")):
+            return "sd1" if tensor.dim() == 4 else "sd2"
+    return None
+
+
+def inspect_state(state: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "the file") -> dict:
+    factors = lora_factors(state, source)
+    summary = module_summary(state)
+    modules = {}
+    for name in sorted(factors, key=lambda n: (block_order(n), n)):
+        module = factors[name]
+        conv = module.kernel is not None and module.kernel != (1, 1)
+        modules[name] = {"block": block_of(name), "kind": "conv" if conv else "linear",
+                         "rank": module.rank, "alpha": summary[name]["alpha"], "scale": module.scale,
+                         "down": summary[name]["down"], "up": summary[name]["up"],
+                         "norm": float(module_svd(module).S.norm())}
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in state.items() if not k.endswith(".alpha")})
+    return {"family": lora_family(state, metadata),
+            "type": "locon" if any(m["kind"] == "conv" for m in modules.values()) else "lora",
+            "dtype": ", ".join(dtypes), "module_count": len(modules),
+            "components": dict(Counter(name.split("_", 2)[1] for name in modules)),
+            "rank_alpha": _rank_alpha_groups(modules), "blocks": _blocks(modules),
+            "metadata": dict(sorted(metadata.items())), "modules": modules}
+
+
+def inspect_lora(path: str | os.PathLike) -> dict:
+    """The report of the file at `path` (see inspect_state), with its path and size."""
+    state, metadata = read_lora(path)
+    report = inspect_state(state, metadata, str(path))
+    return {"file": str(path), "size_bytes": Path(path).stat().st_size, **report}
+
+
+def _rank_alpha_groups(modules: dict[str, dict]) -> list[dict]:
+    counts = Counter((m["kind"], m["rank"], m["alpha"]) for m in modules.values())
+    return [{"kind": kind, "rank": rank, "alpha": alpha, "modules": n}
+            for (kind, rank, alpha), n in sorted(counts.items())]
+
+
+def _blocks(modules: dict[str, dict]) -> dict[str, dict]:
+    blocks: dict[str, dict] = {}
+    for report in modules.values():
+        row = blocks.setdefault(report["block"], {"modules": 0, "ranks": set(), "alphas": set(), "norm2": 0.0})
+        row["modules"] += 1
+        row["ranks"].add(report["rank"])
+        row["alphas"].add(report["alpha"])
+        row["norm2"] += report["norm"] ** 2
+    return {block: {"modules": row["modules"], "ranks": sorted(row["ranks"]), "alphas": sorted(row["alphas"]),
+                    "norm": row["norm2"] ** 0.5} for block, row in blocks.items()}
+
+
+# -- text ----------------------------------------------------------------------------------------
+def render_inspect(report: dict, per_module: bool = False) -> str:
+    """A terminal-friendly rendering of an inspect report."""
+    lines = [f"file: {report['file']} ({report['size_bytes'] / 1e6:.2f} MB)"] if "file" in report else []
+    components = ", ".join(f"{k} {v}" for k, v in report["components"].items())
+    lines += [f"family: {report['family'] or 'unknown'}",
+              f"type: {report['type']}, {report['module_count']} modules ({components}), dtype {report['dtype']}",
+              "rank / alpha: " + "; ".join(f"{g['kind']} {g['rank']}/{_num(g['alpha'])} x{g['modules']}"
+                                           for g in report["rank_alpha"])]
+    lines += ["", f"{'block':<26}{'modules':>8}{'rank':>10}{'alpha':>10}{'|dW|_F':>12}"]
+    for block, row in report["blocks"].items():
+        lines.append(f"{block:<26}{row['modules']:>8}{_set(row['ranks']):>10}{_set(row['alphas']):>10}"
+                     f"{row['norm']:>12.4g}")
+    if per_module:
+        lines += ["", f"{'module':<72}{'rank':>6}{'alpha':>8}{'|dW|_F':>12}"]
+        for name, m in report["modules"].items():
+            lines.append(f"{name:<72}{m['rank']:>6}{_num(m['alpha']):>8}{m['norm']:>12.4g}")
+    if report["metadata"]:
+        lines += ["", "metadata:"]
+        for key, value in report["metadata"].items():
+            shown = value if len(value) <= LONG_VALUE else value[:LONG_VALUE] + f"... ({len(value)} chars)"
+            lines.append(f"  {key}: {shown}")
+    return "\n".join(lines)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _set(values: list) -> str:
+    return ",".join(_num(v) for v in values)

@@ -1,0 +1,83 @@
+"""Per-family behaviour: prompt encoding equals diffusers' pipelines, metadata names, detection."""
+import pytest
+import torch
+
+from networks.errors import SdloraError
+from trainer.family import SD1, SD2, SDXL, detect_family, get_family
+from trainer.tiny_models import build_tiny_pipeline
+
+CAPTIONS = ["a photo of a cat", "an oil painting of a lighthouse at dusk, thick brush strokes"]
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {name: build_tiny_pipeline(name) for name in ("sd1", "sd2", "sdxl")}
+
+
+def _parts(pipe, family):
+    encoders = [getattr(pipe, a) for a in family.text_encoder_attrs]
+    tokenizers = [getattr(pipe, a) for a in family.tokenizer_attrs]
+    return encoders, tokenizers
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_sd_prompt_embeds_equal_the_pipeline(pipes, name):
+    pipe, family = pipes[name], get_family(name)
+    ours = family.encode_prompt(*_parts(pipe, family), CAPTIONS)
+    theirs, _ = pipe.encode_prompt(CAPTIONS, torch.device("cpu"), 1, False)
+    assert ours.pooled is None
+    assert ours.encoder_hidden_states.shape == (2, 77, 32)
+    torch.testing.assert_close(ours.encoder_hidden_states, theirs, atol=1e-6, rtol=0)
+    assert family.unet_added_kwargs(ours, [(64, 64)] * 2, None, [(64, 64)] * 2) is None
+
+
+def test_sdxl_prompt_embeds_and_time_ids_equal_the_pipeline(pipes):
+    pipe = pipes["sdxl"]
+    ours = SDXL.encode_prompt(*_parts(pipe, SDXL), CAPTIONS)
+    embeds, _, pooled, _ = pipe.encode_prompt(CAPTIONS, device=torch.device("cpu"), do_classifier_free_guidance=False)
+    assert ours.encoder_hidden_states.shape == (2, 77, 32 + 64)
+    torch.testing.assert_close(ours.encoder_hidden_states, embeds, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.pooled, pooled, atol=1e-6, rtol=0)
+
+    added = SDXL.unet_added_kwargs(ours, [(96, 64), (64, 64)], [(8, 0), (0, 0)], [(64, 64), (64, 64)])
+    expected = pipe._get_add_time_ids((96, 64), (8, 0), (64, 64), torch.float32, pipe.text_encoder_2.config.projection_dim)
+    assert torch.equal(added["time_ids"][0:1], expected)
+    assert added["time_ids"].tolist()[1] == [64, 64, 0, 0, 64, 64]
+    assert added["text_embeds"] is ours.pooled
+    out = pipe.unet(torch.zeros(2, 4, 8, 8), 5, ours.encoder_hidden_states, added_cond_kwargs=added).sample
+    assert out.shape == (2, 4, 8, 8)
+
+
+def test_metadata_names_per_family():
+    assert [SD1.base_model_version(), SD2.base_model_version(), SD2.base_model_version("v_prediction")] == [
+        "sd_v1",
+        "sd_v2",
+        "sd_v2_v",
+    ]
+    assert SDXL.base_model_version() == "sdxl_base_v1-0"
+    assert SD1.modelspec_architecture() == "stable-diffusion-v1/lora"
+    assert SD2.modelspec_architecture() == "stable-diffusion-v2-512/lora"
+    assert SD2.modelspec_architecture("v_prediction") == "stable-diffusion-v2-768-v/lora"
+    assert SDXL.modelspec_architecture() == "stable-diffusion-xl-v1-base/lora"
+    assert [SD1.default_resolution(), SD2.default_resolution("v_prediction"), SDXL.default_resolution()] == [512, 768, 1024]
+    assert SD1.text_encoder_lora_prefixes == SD2.text_encoder_lora_prefixes == ("lora_te_",)
+    assert SDXL.text_encoder_lora_prefixes == ("lora_te1_", "lora_te2_")
+    assert (SD1.unet_key_style, SD2.unet_key_style, SDXL.unet_key_style) == ("diffusers", "diffusers", "sgm")
+    assert SD2.is_v2 and not SD1.is_v2 and SDXL.is_sdxl
+
+
+def test_detect_family_from_configs(pipes):
+    for name, pipe in pipes.items():
+        family = get_family(name)
+        te_configs = [getattr(pipe, a).config for a in family.text_encoder_attrs]
+        assert detect_family(pipe.unet.config, te_configs) is family
+    # the real models' config values, as plain dicts
+    assert detect_family({"cross_attention_dim": 768}, [{"hidden_act": "quick_gelu"}]) is SD1
+    assert detect_family({"use_linear_projection": True}, [{"hidden_act": "gelu"}]) is SD2
+    assert detect_family({"addition_embed_type": "text_time"}, [{}, {}]) is SDXL
+
+
+def test_unknown_family_name_is_a_user_error():
+    assert get_family("SDXL") is SDXL
+    with pytest.raises(SdloraError, match="Unknown model family 'sd3'"):
+        get_family("sd3")

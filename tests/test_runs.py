@@ -1,0 +1,180 @@
+"""The run manager against a fake trainer that follows the run-directory contract."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app.runs import EventLog, RunManager
+from app.security import run_folder
+from networks.errors import SdloraError
+from trainer.config import TrainConfig, apply_overrides
+
+FAKE = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
+
+
+def config(name="fake", steps=10, **extra) -> TrainConfig:
+    overrides = [f"name={name}", f"train.max_steps={steps}", "dataset.path=/data"]
+    return apply_overrides(TrainConfig(), overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def manager(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.05")
+    return RunManager(tmp_path / "runs", trainer_command=FAKE)
+
+
+def test_a_run_is_written_started_and_finishes(manager):
+    run = manager.start(config(steps=6, **{"sample.every_steps": 3}))
+    assert run.parent == manager.runs_dir and run.name.startswith("fake-")
+    written = (run / "config.toml").read_text()
+    assert f'dir = "{run}"' in written  # output.dir points at the run itself
+    assert manager.info(run).status in ("starting", "running")
+    assert manager.wait(run, timeout=20) == 0
+    info = manager.info(run)
+    assert (info.status, info.step, info.total_steps) == ("finished", 6, 6)
+    assert info.final_file == run / "fake.safetensors"
+    progress = manager.progress(run)
+    assert [s for s, _ in progress.losses] == [1, 2, 3, 4, 5, 6]
+    assert [p.name for p, _ in progress.samples] == ["step-000003-p0.png", "step-000006-p0.png"]
+    assert progress.samples[0][1] == "step 3: a fake prompt"
+    assert "train --config" in manager.log_tail(run)
+
+
+def test_stop_saves_and_resume_continues_from_the_stop(manager, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
+    run = manager.start(config(steps=30))
+    wait_for(lambda: manager.info(run).status == "running" and manager.info(run).step >= 2)
+    manager.stop(run)
+    assert manager.wait(run, timeout=20) == 0
+    info = manager.info(run)
+    assert info.status == "stopped" and 2 <= info.step < 30
+    assert manager.checkpoints(run)[-1].name == f"fake-step-{info.step:06d}.safetensors"
+    with pytest.raises(SdloraError, match="not training"):
+        manager.stop(run)
+
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.01")
+    manager.resume(run)
+    assert manager.wait(run, timeout=20) == 0
+    starts = [e for e in manager.events(run) if e["event"] == "started"]
+    assert [e["start_step"] for e in starts] == [0, info.step]
+    assert manager.info(run).status == "finished"
+    with pytest.raises(SdloraError, match="has finished"):
+        manager.resume(run)
+
+
+def test_one_trainer_at_a_time(manager, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.2")
+    first = manager.start(config(name="first", steps=50))
+    with pytest.raises(SdloraError, match=f"{first.name} is still training"):
+        manager.start(config(name="second"))
+    with pytest.raises(SdloraError, match="stop it before deleting"):
+        manager.delete(first)
+    manager.stop(first)
+    manager.wait(first, timeout=20)
+    manager.delete(first)
+    assert not first.exists() and manager.list_runs() == []
+
+
+def test_a_killed_trainer_is_interrupted_and_its_stale_pid_is_never_signalled(manager, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
+    run = manager.start(config(steps=100, **{"save.every_steps": 2}))
+    wait_for(lambda: manager.info(run).step >= 3)
+    os.kill(manager.live_pid(run), signal.SIGKILL)
+    manager.wait(run, timeout=20)
+    assert (run / "trainer.pid").exists()  # a -9 leaves the pid file behind
+    # The pid now belongs to an unrelated process; it must not count as the trainer.
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        (run / "trainer.pid").write_text(str(bystander.pid))
+        fresh = RunManager(manager.runs_dir, trainer_command=FAKE)  # as after a UI restart
+        assert fresh.info(run).status == "interrupted"
+        with pytest.raises(SdloraError, match="not training"):
+            fresh.stop(run)
+        assert bystander.poll() is None
+        fresh.resume(run)  # interrupted runs continue from their last checkpoint
+        assert fresh.wait(run, timeout=30) == 0
+        assert fresh.info(run).status == "finished"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_trainer_that_fails_before_any_event_shows_its_sentence(manager):
+    run = manager.start(config(name="fail-early"))
+    assert manager.wait(run, timeout=20) == 1
+    info = manager.info(run)
+    assert info.status == "error"
+    assert info.message == "Dataset folder '/nowhere' does not exist; point dataset.path at a folder of images."
+
+
+def test_an_error_event_is_the_status_and_the_message(manager):
+    run = manager.start(config(name="fail-late"))
+    manager.wait(run, timeout=20)
+    info = manager.info(run)
+    assert (info.status, info.message) == ("error", "The loss became nan at step 3; lower train.learning_rate.")
+    with pytest.raises(SdloraError, match="no saved state"):
+        manager.resume(run)
+
+
+def test_runs_are_listed_newest_first_with_their_state(manager):
+    old = manager.runs_dir / "old-run"
+    old.mkdir()
+    (old / "config.toml").write_text('name = "old"\n')
+    (old / "events.jsonl").write_text(json.dumps({"event": "started", "time": "2020-01-01T00:00:00+00:00",
+                                                  "total_steps": 9, "start_step": 0, "name": "old"}) + "\n")
+    (manager.runs_dir / "not-a-run").mkdir()
+    (manager.runs_dir / ".hidden").mkdir()
+    new = manager.start(config(name="new", steps=2))
+    manager.wait(new, timeout=20)
+    runs = manager.list_runs()
+    assert [(r.folder, r.name, r.status) for r in runs] == [(new.name, "new", "finished"),
+                                                           ("old-run", "old", "interrupted")]
+    assert runs[1].total_steps == 9 and runs[1].step == 0
+
+
+def test_event_log_reads_only_complete_lines_and_notices_a_replaced_file(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path)
+    assert log.read() == []
+    path.write_text('{"event": "started"}\n{"event": "st')
+    assert [e["event"] for e in log.read()] == ["started"]
+    with open(path, "a") as handle:
+        handle.write('ep", "step": 1}\nnot json\n')
+    assert [e["event"] for e in log.read()] == ["started", "step"]
+    path.unlink()
+    path.write_text('{"event": "finished"}\n')
+    assert [e["event"] for e in log.read()] == ["finished"]
+
+
+def test_log_tail_keeps_the_last_state_of_a_redrawn_line(manager):
+    run = manager.runs_dir / "r"
+    run.mkdir()
+    (run / "train.log").write_text("loading\n 10%|#\r 50%|####\r100%|########\nerror: Disk full; free space.\n")
+    assert manager.log_tail(run) == "loading\n100%|########\nerror: Disk full; free space."
+
+
+def test_run_folders_from_the_browser_must_be_runs(manager, tmp_path):
+    run = manager.runs_dir / "a-run"
+    run.mkdir()
+    assert run_folder(manager.runs_dir, "a-run") == run
+    assert run_folder(manager.runs_dir, str(run)) == run
+    for bad in ("../", "../../etc", str(tmp_path), "a-run/checkpoints", "/etc"):
+        with pytest.raises(SdloraError):
+            run_folder(manager.runs_dir, bad)
+    with pytest.raises(SdloraError, match="Choose a run"):
+        run_folder(manager.runs_dir, "")

@@ -1,0 +1,289 @@
+"""The image folder as a training dataset: scanning, the pre-flight report, items, and the batch plan.
+
+Layout (kohya's): images straight in the folder train with `default_repeats`; a sub-folder named
+"<repeats>_<class words>" (e.g. "10_mystyle") trains its images that many times per epoch, and its class
+words stand in for a missing caption. Captions live next to the image: "cat.png" + "cat.txt".
+
+Everything random about an epoch (order, flips, caption augmentation) is a pure function of
+(seed, epoch), so a resumed run replays the same batches and N processes can split them.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from networks.errors import SdloraError
+from trainer.buckets import BucketSpec, Placement, Size, bucket_sizes, closest_bucket, place, render
+from trainer.captions import CaptionOptions, add_trigger, augment_caption, parse_kohya_folder
+from trainer.images import is_image_file, load_image, probe_image
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    folder: Path
+    buckets: BucketSpec = field(default_factory=BucketSpec)
+    captions: CaptionOptions = field(default_factory=CaptionOptions)
+    caption_extension: str = ".txt"
+    default_repeats: int = 1
+    random_crop: bool = False
+    flip: bool = False
+    prepend_class_word: bool = False  # put the folder's class word first in every caption
+
+    @property
+    def caption_suffix(self) -> str:
+        extension = self.caption_extension.strip()
+        return extension if extension.startswith(".") else f".{extension}"
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int
+    path: Path
+    caption: str  # before per-epoch augmentation
+    repeats: int
+    placement: Placement
+    has_alpha: bool
+
+    @property
+    def bucket(self) -> Size:
+        return self.placement.bucket
+
+    @property
+    def size(self) -> Size:
+        return self.placement.original_size
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str  # relative to the dataset folder
+    reason: str
+
+
+@dataclass
+class DatasetReport:
+    """What the scan found, for a pre-flight check shown before training starts."""
+
+    folder: Path
+    caption_extension: str
+    images_found: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    ignored_folders: list[Skipped] = field(default_factory=list)
+    captions_missing: list[str] = field(default_factory=list)
+    bucket_counts: dict[Size, int] = field(default_factory=dict)  # usable images per bucket
+    samples_per_epoch: int = 0  # usable images times their repeats
+
+    @property
+    def usable(self) -> int:
+        return self.images_found - len(self.skipped)
+
+    def to_dict(self) -> dict:
+        return {
+            "folder": str(self.folder),
+            "caption_extension": self.caption_extension,
+            "images_found": self.images_found,
+            "usable": self.usable,
+            "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
+            "ignored_folders": [{"name": s.name, "reason": s.reason} for s in self.ignored_folders],
+            "captions_missing": list(self.captions_missing),
+            "buckets": [{"width": w, "height": h, "images": n} for (w, h), n in sorted(self.bucket_counts.items())],
+            "samples_per_epoch": self.samples_per_epoch,
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.usable} of {self.images_found} images usable in '{self.folder}', "
+            f"{self.samples_per_epoch} samples per epoch."
+        ]
+        lines += [f"skipped {s.name}: {s.reason}" for s in self.skipped]
+        lines += [f"ignored folder {s.name}: {s.reason}" for s in self.ignored_folders]
+        if self.captions_missing:
+            lines.append(f"{len(self.captions_missing)} images have no {self.caption_extension} caption.")
+        lines += [f"bucket {w}x{h}: {n} images" for (w, h), n in sorted(self.bucket_counts.items())]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One slot of an epoch: which item, mirrored or not, and the caption it trains with."""
+
+    item: int  # index into ImageDataset.items
+    flip: bool
+    caption: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    bucket: Size
+    samples: tuple[Sample, ...]
+
+
+class ImageDataset:
+    def __init__(self, options: DatasetOptions, items: list[Item], report: DatasetReport, seed: int = 0):
+        self.options, self.items, self.report, self.seed = options, items, report, seed
+
+    @classmethod
+    def scan(cls, options: DatasetOptions, seed: int = 0) -> ImageDataset:
+        return cls(options, *scan_folder(options, seed), seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batches(self, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[Batch]:
+        """This process's batches for `epoch`, in training order; resume by slicing from a batch index."""
+        if not 0 <= rank < world_size:
+            raise SdloraError(f"Process rank {rank} is outside 0..{world_size - 1}; check the launcher's settings.")
+        plan = _epoch_plan(self.items, batch_size, random.Random(self.seed + epoch))
+        if world_size > 1:
+            # Every process must take the same number of steps or collective ops hang, so wrap around
+            # to fill the last round (as torch's DistributedSampler pads).
+            shortfall = -len(plan) % world_size
+            plan = plan + [plan[i % len(plan)] for i in range(shortfall)]
+        return [self._batch(epoch, slots) for slots in plan[rank::world_size]]
+
+    def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
+        batches = len(_epoch_plan(self.items, batch_size, random.Random(0)))  # the count ignores the rng
+        return -(-batches // world_size)
+
+    def placement(self, sample: Sample) -> Placement:
+        """The sample's crop as the model sees it (mirrored for flipped samples), for SDXL's time ids."""
+        placement = self.items[sample.item].placement
+        return placement.flipped() if sample.flip else placement
+
+    def pixels(self, item: Item, flip: bool = False) -> torch.Tensor:
+        """RGB in its bucket, CHW float32 in [-1, 1], the VAE's input convention."""
+        # Imported here so that scanning (the UI's pre-flight check) does not pay torch/diffusers' import time.
+        from diffusers.image_processor import VaeImageProcessor
+
+        rgb = load_bucket_image(item, flip)[0]
+        array = VaeImageProcessor.pil_to_numpy(rgb)
+        return VaeImageProcessor.normalize(VaeImageProcessor.numpy_to_pt(array))[0].float()
+
+    def alpha(self, item: Item, flip: bool = False) -> torch.Tensor | None:
+        """Alpha in its bucket as HW float32 in [0, 1], or None for opaque images (for loss masks)."""
+        import torch
+
+        alpha = load_bucket_image(item, flip)[1]
+        if alpha is None:
+            return None
+        return torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
+
+    def _batch(self, epoch: int, slots: list[tuple[int, int, bool]]) -> Batch:
+        samples = tuple(
+            Sample(index, flip and self.options.flip, self._caption(epoch, index, repeat))
+            for index, repeat, flip in slots
+        )
+        return Batch(self.items[slots[0][0]].bucket, samples)
+
+    def _caption(self, epoch: int, index: int, repeat: int) -> str:
+        # A string seed is hashed with SHA-512 by `random`, so this is stable across processes and runs.
+        rng = random.Random(f"caption:{self.seed}:{epoch}:{index}:{repeat}")
+        return augment_caption(self.items[index].caption, self.options.captions, rng)
+
+
+def load_bucket_image(item: Item, flip: bool = False) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB, alpha or None), resized and cropped to the item's bucket, mirrored when `flip`."""
+    image = load_image(item.path)
+    rgb, alpha = render(image.rgb, item.placement), image.alpha
+    alpha = render(alpha, item.placement) if alpha is not None else None
+    if flip:
+        rgb, alpha = ImageOps.mirror(rgb), ImageOps.mirror(alpha) if alpha is not None else None
+    return rgb, alpha
+
+
+def scan_folder(options: DatasetOptions, seed: int = 0) -> tuple[list[Item], DatasetReport]:
+    folder = Path(options.folder)
+    if options.default_repeats < 1:
+        raise SdloraError(f"dataset.default_repeats is {options.default_repeats}; use 1 or more.")
+    if not folder.is_dir():
+        raise SdloraError(f"Dataset folder '{folder}' does not exist; point dataset.folder at a folder of images.")
+    buckets = bucket_sizes(options.buckets)
+    report = DatasetReport(folder, options.caption_suffix)
+    items: list[Item] = []
+    for path, repeats, class_word in _image_files(folder, options, report):
+        report.images_found += 1
+        info, reason = probe_image(path)
+        name = path.relative_to(folder).as_posix()
+        if info is None:
+            report.skipped.append(Skipped(name, reason))
+            continue
+        caption = _read_caption(path, options.caption_suffix)
+        if caption is None:
+            report.captions_missing.append(name)
+        caption = _final_caption(caption, class_word, options.prepend_class_word)
+        bucket = closest_bucket(info.size, buckets)
+        crop_rng = random.Random(f"crop:{seed}:{name}")  # keyed by name: stable when files are added
+        placement = place(info.size, bucket, options.random_crop, crop_rng)
+        items.append(Item(len(items), path, caption, repeats, placement, info.has_alpha))
+    if not items:
+        raise SdloraError(f"No usable images in '{folder}': {_why_empty(report)}")
+    report.bucket_counts = dict(Counter(item.bucket for item in items))
+    report.samples_per_epoch = sum(item.repeats for item in items)
+    return items, report
+
+
+def _image_files(folder: Path, options: DatasetOptions, report: DatasetReport):
+    """(path, repeats, class word) for the root's images and the kohya sub-folders' images, sorted."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue  # .ipynb_checkpoints, .DS_Store, caches
+        if entry.is_file() and is_image_file(entry):
+            yield entry, options.default_repeats, ""
+        elif entry.is_dir():
+            parsed = parse_kohya_folder(entry.name)
+            if parsed is None or parsed[0] < 1:
+                reason = "repeats is 0" if parsed else "name is not '<repeats>_<class word>' like '10_mystyle'"
+                report.ignored_folders.append(Skipped(entry.name, reason))
+                continue
+            for path in sorted(entry.iterdir()):
+                if path.is_file() and is_image_file(path) and not path.name.startswith("."):
+                    yield path, parsed[0], parsed[1]
+
+
+def _read_caption(image_path: Path, suffix: str) -> str | None:
+    """The sidecar caption, lines joined as tags; None when absent or blank."""
+    caption_path = image_path.with_suffix(suffix)
+    if not caption_path.is_file():
+        return None
+    lines = caption_path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    caption = ", ".join(line.strip() for line in lines if line.strip())
+    return caption or None
+
+
+def _final_caption(caption: str | None, class_word: str, prepend_class_word: bool) -> str:
+    if caption is None:
+        return class_word
+    return add_trigger(caption, class_word) if prepend_class_word else caption
+
+
+def _why_empty(report: DatasetReport) -> str:
+    if report.skipped:
+        return f"all {report.images_found} images failed to open (first: {report.skipped[0].name}, {report.skipped[0].reason})."
+    if report.ignored_folders:
+        return "no .png/.jpg/.jpeg/.webp/.bmp files at the top level, and sub-folders must be named like '10_mystyle'."
+    return "add .png/.jpg/.jpeg/.webp/.bmp files (or kohya '10_mystyle' sub-folders)."
+
+
+def _epoch_plan(items: list[Item], batch_size: int, rng: random.Random) -> list[list[tuple[int, int, bool]]]:
+    """Batches of (item index, repeat, flip): single-bucket, shuffled within and across buckets."""
+    if batch_size < 1:
+        raise SdloraError(f"train.batch_size is {batch_size}; use 1 or more.")
+    by_bucket: dict[Size, list[tuple[int, int]]] = {}
+    for item in items:
+        by_bucket.setdefault(item.bucket, []).extend((item.index, r) for r in range(item.repeats))
+    batches: list[list[tuple[int, int]]] = []
+    for bucket in sorted(by_bucket):
+        slots = by_bucket[bucket]
+        rng.shuffle(slots)
+        batches += [slots[i : i + batch_size] for i in range(0, len(slots), batch_size)]
+    rng.shuffle(batches)
+    # Flips are drawn last, so turning flip on or off leaves the order itself unchanged.
+    return [[(index, repeat, rng.random() < 0.5) for index, repeat in batch] for batch in batches]

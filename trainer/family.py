@@ -1,0 +1,215 @@
+"""What differs between SD1, SD2 and SDXL, in one small object per family.
+
+The training loop asks its family object how to turn captions into UNet conditioning, what to name the
+LoRA keys and what to write into the metadata, so it never branches on the model type itself.
+Prompt encoding mirrors diffusers' pipelines exactly: a LoRA is trained on the same text features the
+pipeline computes at inference.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from networks.errors import SdloraError
+
+OPENAI_PAD = "<|endoftext|>"
+OPENCLIP_PAD = "!"
+Size = tuple[int, int]  # (height, width), the order SDXL's micro-conditioning uses
+
+
+@dataclass
+class PromptEmbeds:
+    """What the UNet is conditioned on: per-token states and, for SDXL, the pooled TE2 embedding."""
+
+    encoder_hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def to(self, *args, **kwargs) -> PromptEmbeds:
+        pooled = None if self.pooled is None else self.pooled.to(*args, **kwargs)
+        return PromptEmbeds(self.encoder_hidden_states.to(*args, **kwargs), pooled)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """SD1 by default; SD2 and SDXL override the few things that differ."""
+
+    name: str = "sd1"
+    pipeline_class_name: str = "StableDiffusionPipeline"
+    text_encoder_attrs: tuple[str, ...] = ("text_encoder",)
+    tokenizer_attrs: tuple[str, ...] = ("tokenizer",)
+    tokenizer_pad_tokens: tuple[str, ...] = (OPENAI_PAD,)
+    text_encoder_lora_prefixes: tuple[str, ...] = ("lora_te_",)
+    unet_lora_prefix: str = "lora_unet_"
+    # SDXL LoRA keys must use the original (SGM) UNet names; SD1/SD2 loaders read diffusers names.
+    unet_key_style: str = "diffusers"
+    modelspec_implementation: str = "https://github.com/Stability-AI/generative-models"
+
+    @property
+    def is_v2(self) -> bool:
+        return self.name == "sd2"
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.name == "sdxl"
+
+    def base_model_version(self, prediction_type: str = "epsilon") -> str:
+        """kohya's `ss_base_model_version`."""
+        return "sd_v1"
+
+    def modelspec_architecture(self, prediction_type: str = "epsilon") -> str:
+        return "stable-diffusion-v1/lora"
+
+    def default_resolution(self, prediction_type: str = "epsilon") -> int:
+        return 512
+
+    def shipped_config_name(self, prediction_type: str = "epsilon") -> str:
+        """The folder under trainer/assets/configs that describes the real model of this family."""
+        return "sd15"
+
+    def pipeline_extras(self) -> dict:
+        """Constructor arguments the family's diffusers pipeline needs besides the model parts."""
+        return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def tokenize(self, tokenizers: Sequence, captions: list[str]) -> list[torch.Tensor]:
+        """One [batch, 77] id tensor per text encoder, padded and truncated as the pipeline does."""
+        return [
+            tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            for tok in tokenizers
+        ]
+
+    def encode_ids(self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeds:
+        # StableDiffusionPipeline.encode_prompt without clip_skip: the last hidden state (final norm applied).
+        # For SD2 that is already OpenCLIP's penultimate layer: diffusers' SD2 text encoder has 23 layers.
+        (encoder,), (ids,) = text_encoders, input_ids
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = (ids != encoder.config.pad_token_id).long().to(_device_of(encoder))
+        states = encoder(ids.to(_device_of(encoder)), attention_mask=mask)[0]
+        return PromptEmbeds(states.to(encoder.dtype))
+
+    def encode_prompt(self, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence, captions: list[str]) -> PromptEmbeds:
+        return self.encode_ids(text_encoders, self.tokenize(tokenizers, captions))
+
+    def unet_added_kwargs(
+        self,
+        prompt_embeds: PromptEmbeds,
+        original_sizes: Sequence[Size] | None = None,
+        crop_top_lefts: Sequence[Size] | None = None,
+        target_sizes: Sequence[Size] | None = None,
+    ) -> dict | None:
+        """SDXL's `added_cond_kwargs` for the UNet; SD1/SD2 take none."""
+        return None
+
+
+@dataclass(frozen=True)
+class SD2Family(ModelFamily):
+    name: str = "sd2"
+    tokenizer_pad_tokens: tuple[str, ...] = (OPENCLIP_PAD,)
+
+    def base_model_version(self, prediction_type: str = "epsilon") -> str:
+        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+
+    def modelspec_architecture(self, prediction_type: str = "epsilon") -> str:
+        if prediction_type == "v_prediction":
+            return "stable-diffusion-v2-768-v/lora"
+        return "stable-diffusion-v2-512/lora"
+
+    def default_resolution(self, prediction_type: str = "epsilon") -> int:
+        return 768 if prediction_type == "v_prediction" else 512
+
+    def shipped_config_name(self, prediction_type: str = "epsilon") -> str:
+        return "sd21" if prediction_type == "v_prediction" else "sd21-base"
+
+
+@dataclass(frozen=True)
+class SDXLFamily(ModelFamily):
+    name: str = "sdxl"
+    pipeline_class_name: str = "StableDiffusionXLPipeline"
+    text_encoder_attrs: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+    tokenizer_attrs: tuple[str, ...] = ("tokenizer", "tokenizer_2")
+    tokenizer_pad_tokens: tuple[str, ...] = (OPENAI_PAD, OPENCLIP_PAD)
+    text_encoder_lora_prefixes: tuple[str, ...] = ("lora_te1_", "lora_te2_")
+    unet_key_style: str = "sgm"
+
+    def base_model_version(self, prediction_type: str = "epsilon") -> str:
+        return "sdxl_base_v1-0"
+
+    def modelspec_architecture(self, prediction_type: str = "epsilon") -> str:
+        return "stable-diffusion-xl-v1-base/lora"
+
+    def default_resolution(self, prediction_type: str = "epsilon") -> int:
+        return 1024
+
+    def shipped_config_name(self, prediction_type: str = "epsilon") -> str:
+        return "sdxl-base"
+
+    def pipeline_extras(self) -> dict:
+        return {}
+
+    def encode_ids(self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeds:
+        # StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states side by side,
+        # pooled = the first 2-D output, i.e. TE2's projected text_embeds.
+        states, pooled = [], None
+        for encoder, ids in zip(text_encoders, input_ids):
+            out = encoder(ids.to(_device_of(encoder)), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]
+            states.append(out.hidden_states[-2])
+        dtype = text_encoders[-1].dtype
+        return PromptEmbeds(torch.cat(states, dim=-1).to(dtype), pooled.to(dtype))
+
+    def unet_added_kwargs(
+        self,
+        prompt_embeds: PromptEmbeds,
+        original_sizes: Sequence[Size] | None = None,
+        crop_top_lefts: Sequence[Size] | None = None,
+        target_sizes: Sequence[Size] | None = None,
+    ) -> dict:
+        """{"text_embeds", "time_ids"}; time_ids = original size + crop top-left + target size, per sample."""
+        pooled = prompt_embeds.pooled
+        if original_sizes is None or target_sizes is None:
+            raise ValueError("SDXL conditioning needs original_sizes and target_sizes for every sample.")
+        crops = crop_top_lefts if crop_top_lefts is not None else [(0, 0)] * len(original_sizes)
+        rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crops, target_sizes)]
+        time_ids = torch.tensor(rows, dtype=pooled.dtype, device=pooled.device)
+        return {"text_embeds": pooled, "time_ids": time_ids}
+
+
+SD1 = ModelFamily()
+SD2 = SD2Family()
+SDXL = SDXLFamily()
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family object for "sd1", "sd2" or "sdxl"."""
+    try:
+        return FAMILIES[str(name).lower()]
+    except KeyError:
+        raise SdloraError(f"Unknown model family {name!r}; use one of sd1, sd2, sdxl or auto.") from None
+
+
+def _get(config, key: str, default=None):
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def detect_family(unet_config, text_encoder_configs: Sequence) -> ModelFamily:
+    """The family of a diffusers model from its UNet and text-encoder configs (dicts or config objects).
+
+    SDXL: two text encoders / text_time conditioning. SD2: OpenCLIP's plain "gelu" text encoder or linear
+    attention projections (SD1 uses quick_gelu CLIP and 1x1 conv projections).
+    """
+    if _get(unet_config, "addition_embed_type") == "text_time" or len(text_encoder_configs) == 2:
+        return SDXL
+    act = _get(text_encoder_configs[0], "hidden_act") if text_encoder_configs else None
+    if act == "gelu" or _get(unet_config, "use_linear_projection", False):
+        return SD2
+    return SD1

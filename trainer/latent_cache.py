@@ -1,0 +1,144 @@
+"""VAE latents of the training images, encoded once and reused across epochs, runs and resumes.
+
+A latent is keyed by everything that determines it: the image file's bytes (sha256, so an edited image
+is re-encoded and a renamed one is not), its bucket, crop and flip, and the VAE's identity. The cache
+stores raw VAE output; `get` returns latents already scaled for the UNet.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from trainer.dataset import Batch, ImageDataset, Item
+
+# Bump when resizing/cropping/normalising changes, so old cache files stop matching.
+PIXEL_PIPELINE_VERSION = "1"
+
+
+def vae_identity(vae, source: str) -> str:
+    """A string naming the VAE: where it came from, its config, and the dtype it encodes in."""
+    config = json.dumps(dict(vae.config), sort_keys=True, default=str)
+    return f"{source}|{hashlib.sha256(config.encode()).hexdigest()[:16]}|{vae.dtype}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LatentCache:
+    def __init__(self, vae, dataset: ImageDataset, vae_id: str, folder: Path | None = None, batch_size: int = 4):
+        self.vae, self.dataset, self.vae_id, self.batch_size = vae, dataset, vae_id, batch_size
+        self.folder = Path(folder) if folder is not None else None
+        self.encode_count = 0  # images actually run through the VAE by this object
+        self._memory: dict[str, torch.Tensor] = {}
+        self._hashes: dict[Path, str] = {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def key(self, item: Item, flip: bool = False) -> str:
+        placement = item.placement
+        parts = [
+            PIXEL_PIPELINE_VERSION,
+            self._content_hash(item.path),
+            placement.bucket,
+            placement.resized_size,
+            placement.crop_box,
+            bool(flip),
+            self.vae_id,
+        ]
+        return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+    def build(self, items: Iterable[Item] | None = None, flips: Iterable[bool] | None = None) -> int:
+        """Encode whatever is missing, `batch_size` images of one bucket at a time; returns how many.
+
+        Defaults: every item, and both mirror images when the dataset flips."""
+        items = self.dataset.items if items is None else list(items)
+        if flips is None:
+            flips = (False, True) if self.dataset.options.flip else (False,)
+        wanted = [(item, flip) for item in items for flip in flips]
+        missing = [(item, flip) for item, flip in wanted if self._lookup(self.key(item, flip)) is None]
+        by_bucket: dict[tuple[int, int], list[tuple[Item, bool]]] = {}
+        for item, flip in missing:
+            by_bucket.setdefault(item.bucket, []).append((item, flip))
+        for group in by_bucket.values():
+            for start in range(0, len(group), self.batch_size):
+                self._encode(group[start : start + self.batch_size])
+        return len(missing)
+
+    def get(self, item: Item, flip: bool = False) -> torch.Tensor:
+        """CHW latents of the item, already scaled (and shifted) as the UNet expects; encodes on a miss."""
+        raw = self._lookup(self.key(item, flip))
+        if raw is None:
+            raw = self._encode([(item, flip)])[0]
+        return self._scale(raw)
+
+    def get_batch(self, batch: Batch) -> torch.Tensor:
+        return torch.stack([self.get(self.dataset.items[s.item], s.flip) for s in batch.samples])
+
+    def _scale(self, raw: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (raw - shift) * config.scaling_factor
+
+    @torch.no_grad()
+    def _encode(self, pairs: list[tuple[Item, bool]]) -> list[torch.Tensor]:
+        pixels = torch.stack([self.dataset.pixels(item, flip) for item, flip in pairs])
+        pixels = pixels.to(device=self.vae.device, dtype=self.vae.dtype)
+        # The posterior mean, not a sample: the cached latent is then the one deterministic encoding of
+        # the image (reproducible across cache rebuilds, resumes and machines), and the SD VAE's posterior
+        # std is so small that sampling would add no useful augmentation anyway.
+        latents = self.vae.encode(pixels).latent_dist.mode().float().cpu()
+        self.encode_count += len(pairs)
+        for (item, flip), latent in zip(pairs, latents):
+            self._store(self.key(item, flip), latent.clone(memory_format=torch.contiguous_format))
+        return list(latents)
+
+    def _lookup(self, key: str) -> torch.Tensor | None:
+        if key in self._memory:
+            return self._memory[key]
+        if self.folder is None:
+            return None
+        path = self.folder / f"{key}.safetensors"
+        try:
+            latent = load_file(path)["latents"]
+        except (FileNotFoundError, SafetensorError, KeyError):
+            return None  # absent or damaged: encode again
+        self._memory[key] = latent
+        return latent
+
+    def _store(self, key: str, latent: torch.Tensor) -> None:
+        self._memory[key] = latent
+        if self.folder is not None:
+            atomic_save({"latents": latent}, self.folder / f"{key}.safetensors")
+
+    def _content_hash(self, path: Path) -> str:
+        if path not in self._hashes:
+            self._hashes[path] = file_sha256(path)
+        return self._hashes[path]
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write next to `path`, then rename: readers (and other ranks) never see half a file.
+
+    No fsync, unlike networks.lora_file.atomic_write: a cache entry lost to a power cut is just encoded
+    again (a damaged file reads as a miss), and syncing thousands of small files would slow the build."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

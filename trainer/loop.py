@@ -1,0 +1,397 @@
+"""The training loop: a folder of images and a base model in, a trained LoRA/LoCon in the run folder out.
+
+Everything random is either drawn from the global RNGs (saved and restored by accelerate) or derived
+from (seed, epoch), so a run stopped at step k and resumed ends with the same weights, bit for bit on
+CPU, as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from networks.errors import SdloraError
+from networks.lora_file import DTYPES, save_lora
+from networks.metadata import network_metadata
+from networks.network import LoraNetwork, NetworkSpec
+from trainer.buckets import BucketSpec
+from trainer.captions import CaptionOptions
+from trainer.config import TrainConfig, save_config
+from trainer.dataset import DatasetOptions, ImageDataset
+from trainer.latent_cache import LatentCache, vae_identity
+from trainer.model_loading import load_model
+from trainer.objective import diffusion_loss, sample_noise, sample_timesteps, training_target
+from trainer.optimizers import build_lr_scheduler, build_optimizer
+from trainer.run_dir import RunDir
+from trainer.sampling import build_pipeline, render_samples
+from trainer.state import Position, load_state, save_state
+from trainer.stop import StopSignal
+from trainer.text_cache import TextEmbeddingCache, text_cache_allowed
+
+
+def dataset_options(cfg: TrainConfig) -> DatasetOptions:
+    data = cfg.dataset
+    buckets = BucketSpec(resolution=data.resolution, step=data.bucket_step, min_side=data.min_bucket_side,
+                         max_side=data.max_bucket_side, enabled=data.enable_buckets)
+    captions = CaptionOptions(shuffle_tags=data.shuffle_captions, keep_tokens=data.keep_tokens,
+                              caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout)
+    return DatasetOptions(folder=Path(data.path), buckets=buckets, captions=captions,
+                          caption_extension=data.caption_extension, default_repeats=data.default_repeats,
+                          random_crop=data.random_crop, flip=data.flip)
+
+
+def network_spec(cfg: TrainConfig) -> NetworkSpec:
+    net = cfg.network
+    return NetworkSpec(type=net.type, rank=net.rank, alpha=net.resolved_alpha, conv_rank=net.conv_rank,
+                       conv_alpha=net.resolved_conv_alpha, init=net.init, dropout=net.dropout,
+                       rank_dropout=net.rank_dropout, module_dropout=net.module_dropout,
+                       train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
+                       conv_in_out=net.include_conv_in_out, time_embedding=net.include_time_embedding)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        if not cfg.output.dir:
+            raise SdloraError("output.dir is empty; give the run folder with --output DIR.")
+        if not cfg.dataset.path:
+            raise SdloraError("dataset.path is empty; give the image folder with --data DIR.")
+        self.cfg, self.resume = cfg, resume
+        self.run = RunDir(cfg.output.dir)
+        mixed = cfg.train.mixed_precision if torch.cuda.is_available() else "no"
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        self.main = self.accelerator.is_main_process
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+
+    # -- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        set_seed(cfg.train.seed)
+        self.dataset = ImageDataset.scan(dataset_options(cfg), seed=cfg.train.seed)
+        self.model = load_model(cfg.model.path, family=cfg.model.family, prediction_type=cfg.model.prediction_type,
+                                config_dir=cfg.model.config_dir)
+        self._place_models()
+        self.network = LoraNetwork.create(self.model.family.name, self.model.unet, self.model.text_encoders,
+                                          network_spec(cfg)).attach()
+        self.network.to(self.accelerator.device)
+        optimizer = build_optimizer(self.network, cfg.train)
+        self.total_steps = self._total_steps()
+        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.train, self.total_steps)
+        # The network and schedule are not `prepare`d: gradients are averaged by hand (see _sync_gradients)
+        # and the schedule steps once per optimizer step, as it was built.
+        self.optimizer = self.accelerator.prepare(optimizer)
+        self.accelerator.register_for_checkpointing(self.network, self.lr_scheduler)
+        self._build_caches()
+
+    def _place_models(self) -> None:
+        model, device = self.model, self.accelerator.device
+        for part in [model.unet, *model.text_encoders]:
+            _move(part.requires_grad_(False).eval(), device, self.weight_dtype)
+        # The VAE only encodes (once, into the cache) and decodes previews: fp32 avoids SDXL's fp16 overflow.
+        _move(model.vae.requires_grad_(False).eval(), device, torch.float32)
+        if self.cfg.train.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            if self.cfg.network.train_text_encoder:
+                for encoder in model.text_encoders:
+                    encoder.gradient_checkpointing_enable()
+
+    def _build_caches(self) -> None:
+        cfg, model = self.cfg, self.model
+        folder = self.run.root / "cache" / "latents" if cfg.dataset.cache_latents == "disk" else None
+        self.latents = None
+        if cfg.dataset.cache_latents != "none":
+            self.latents = LatentCache(model.vae, self.dataset, vae_identity(model.vae, model.vae_identity),
+                                       folder=folder)
+            flips = (False, True) if cfg.dataset.flip else (False,)
+            self.latents.build(flips=flips)
+        self.encode_text = self._encode_captions
+        if cfg.dataset.cache_text_encoder_outputs and text_cache_allowed(dataset_options(cfg).captions,
+                                                                          cfg.network.train_text_encoder):
+            self.encode_text = TextEmbeddingCache(self._encode_captions, encoder_id=model.source)
+
+    def _total_steps(self) -> int:
+        if self.cfg.train.max_steps:
+            return self.cfg.train.max_steps
+        return self.cfg.train.epochs * self.steps_per_epoch()
+
+    def steps_per_epoch(self) -> int:
+        batches = len(self._epoch_batches(0))
+        return math.ceil(batches / self.cfg.train.gradient_accumulation_steps)
+
+    def _epoch_batches(self, epoch: int):
+        acc = self.accelerator
+        return self.dataset.batches(epoch, self.cfg.train.batch_size, acc.process_index, acc.num_processes)
+
+    # -- one step ----------------------------------------------------------------------------
+    def _encode_captions(self, captions: list[str]) -> dict:
+        with torch.set_grad_enabled(self.cfg.network.train_text_encoder and torch.is_grad_enabled()):
+            embeds = self.model.family.encode_prompt(self.model.text_encoders, self.model.tokenizers, captions)
+        out = {"hidden": embeds.encoder_hidden_states}
+        if embeds.pooled is not None:
+            out["pooled"] = embeds.pooled
+        return out
+
+    def _batch_latents(self, batch) -> torch.Tensor:
+        if self.latents is not None:
+            return self.latents.get_batch(batch).to(self.accelerator.device)
+        vae = self.model.vae
+        pixels = torch.stack([self.dataset.pixels(self.dataset.items[s.item], s.flip) for s in batch.samples])
+        with torch.no_grad():
+            raw = vae.encode(pixels.to(vae.device)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (raw - shift) * vae.config.scaling_factor
+
+    def micro_step_loss(self, batch) -> torch.Tensor:
+        from trainer.family import PromptEmbeds
+
+        cfg, model, device = self.cfg, self.model, self.accelerator.device
+        latents = self._batch_latents(batch).to(self.weight_dtype)
+        encoded = self.encode_text([s.caption for s in batch.samples])
+        embeds = PromptEmbeds(encoded["hidden"].to(device, self.weight_dtype),
+                              encoded.get("pooled").to(device, self.weight_dtype) if "pooled" in encoded else None)
+        items = [self.dataset.items[s.item] for s in batch.samples]
+        placements = [item.placement.flipped() if s.flip else item.placement for item, s in zip(items, batch.samples)]
+        added = model.family.unet_added_kwargs(
+            embeds, original_sizes=[p.original_size[::-1] for p in placements],
+            crop_top_lefts=[p.crop_left_top[::-1] for p in placements],
+            target_sizes=[p.bucket[::-1] for p in placements])
+        noise = sample_noise(latents, cfg.train.noise_offset)
+        timesteps = sample_timesteps(latents.shape[0], model.noise_scheduler.config.num_train_timesteps, device)
+        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+        with self.accelerator.autocast():
+            prediction = model.unet(noisy, timesteps, embeds.encoder_hidden_states, added_cond_kwargs=added).sample
+        target = training_target(model.noise_scheduler, latents, noise, timesteps, model.prediction_type)
+        return diffusion_loss(prediction, target, timesteps, model.noise_scheduler, model.prediction_type,
+                              cfg.train.min_snr_gamma)
+
+    def optimizer_step(self, batches) -> float:
+        """Accumulate gradients over `batches`, then one optimizer step; returns the mean loss."""
+        self.network.train()
+        total = 0.0
+        for batch in batches:
+            loss = self.micro_step_loss(batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(float(loss))
+            self.accelerator.backward(loss / len(batches))
+            total += float(loss.detach()) / len(batches)
+        self._sync_gradients()
+        if self.cfg.train.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.network.parameters(), self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._mean_across_processes(total)
+
+    def _sync_gradients(self) -> None:
+        """Average adapter gradients across processes (the network is not wrapped in DDP, since its
+        forward runs inside the UNet's, not through a wrapper DDP could hook)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad for p in self.network.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+    def _mean_across_processes(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor([value], device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="mean"))
+
+    # -- the run -----------------------------------------------------------------------------
+    def train(self) -> Path | None:
+        cfg, run = self.cfg, self.run
+        if self.main:
+            run.create()
+            if not self.resume:
+                save_config(cfg, run.config)
+            run.write_pid()
+        self.accelerator.wait_for_everyone()
+        try:
+            self.setup()
+            position = load_state(self.accelerator, run.state) if self.resume else Position()
+            return self._loop(position)
+        finally:
+            if self.main:
+                run.clear_pid()
+
+    def _loop(self, position: Position) -> Path | None:
+        cfg, run = self.cfg, self.run
+        accum = cfg.train.gradient_accumulation_steps
+        if self.main:
+            run.emit("started", total_steps=self.total_steps, epochs=self._epochs(), start_step=position.step,
+                     name=cfg.name, num_images=len(self.dataset))
+        stop = StopSignal().install()
+        started, start_step = time.perf_counter(), position.step
+        if self.progress is not None:
+            self.progress.reset(total=self.total_steps)
+            self.progress.update(position.step)
+        try:
+            while position.step < self.total_steps:
+                plan = self._epoch_batches(position.epoch)
+                if position.batch >= len(plan):
+                    position.epoch, position.batch = position.epoch + 1, 0
+                    self._after_epoch(position)
+                    continue
+                group = plan[position.batch: position.batch + accum]
+                try:
+                    loss = self.optimizer_step(group)
+                except NonFiniteLoss as error:
+                    return self._fail_non_finite(position, error.value)
+                position.step += 1
+                position.batch += len(group)
+                if self.main:
+                    self._report_step(position, loss, started, start_step)
+                self._after_step(position)
+                if self._stop_requested(stop):
+                    self._save_checkpoint(position)
+                    if self.main:
+                        run.emit("stopped", step=position.step,
+                                 checkpoint=run.relative(run.checkpoint_path(cfg.name, position.step)))
+                    return None
+            return self._finish(position)
+        finally:
+            stop.uninstall()
+
+    def _stop_requested(self, stop: StopSignal) -> bool:
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum") > 0) if self.accelerator.num_processes > 1 \
+            else stop.requested
+
+    def _epochs(self) -> int:
+        return math.ceil(self.total_steps / max(1, self.steps_per_epoch()))
+
+    def _report_step(self, position: Position, loss: float, started: float, start_step: int) -> None:
+        done = position.step - start_step
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        eta = (self.total_steps - position.step) / rate if rate > 0 else None
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.run.emit("step", step=position.step, epoch=position.epoch + 1, loss=round(loss, 6), lr=lr,
+                      it_per_s=round(rate, 4), eta_s=round(eta, 1) if eta is not None else None,
+                      total_steps=self.total_steps)
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    progress = None
+    last_sample_step = -1
+
+    def _after_step(self, position: Position) -> None:
+        cfg = self.cfg
+        if cfg.sample.every_steps and position.step % cfg.sample.every_steps == 0:
+            self._sample(position.step)
+        if cfg.save.every_steps and position.step % cfg.save.every_steps == 0 \
+                and position.step < self.total_steps:
+            self._save_checkpoint(position)
+
+    def _after_epoch(self, position: Position) -> None:
+        cfg, epoch = self.cfg, position.epoch
+        if position.step >= self.total_steps:
+            return
+        if cfg.sample.every_epochs and epoch % cfg.sample.every_epochs == 0:
+            self._sample(position.step)
+        if cfg.save.every_epochs and epoch % cfg.save.every_epochs == 0:
+            self._save_checkpoint(position)
+
+    # -- outputs -----------------------------------------------------------------------------
+    def _sample(self, step: int) -> None:
+        if not (self.main and self.cfg.sample.prompts):
+            return
+        self.last_sample_step = step
+        self.network.eval()
+        pipeline = build_pipeline(self.model, self.cfg.sample.sampler)
+        size = (self.cfg.dataset.resolution, self.cfg.dataset.resolution)
+        paths = render_samples(pipeline, self.cfg.sample.prompts, size, self.run.samples, step)
+        self.run.emit("sample", step=step, paths=[self.run.relative(p) for p in paths],
+                      prompts=[p.prompt for p in self.cfg.sample.prompts])
+
+    def _export(self, path: Path, position: Position) -> Path:
+        cfg, model = self.cfg, self.model
+        training = {"ss_resolution": f"({cfg.dataset.resolution}, {cfg.dataset.resolution})",
+                    "ss_steps": position.step, "ss_epoch": position.epoch,
+                    "ss_learning_rate": cfg.train.learning_rate, "ss_num_train_images": len(self.dataset),
+                    "ss_seed": cfg.train.seed, "ss_tag_frequency": self._tag_frequency(),
+                    "modelspec.resolution": f"{cfg.dataset.resolution}x{cfg.dataset.resolution}"}
+        metadata = network_metadata(self.network, cfg.network.type, model.prediction_type == "v_prediction",
+                                    title=cfg.name, training=training, minimal=cfg.save.metadata == "minimal")
+        return save_lora(path, self.network.kohya_state_dict(DTYPES[cfg.save.precision]), metadata)
+
+    def _tag_frequency(self) -> dict:
+        counts: dict[str, int] = {}
+        for item in self.dataset.items:
+            for tag in (t.strip() for t in item.caption.split(",")):
+                if tag:
+                    counts[tag] = counts.get(tag, 0) + 1
+        return {Path(self.cfg.dataset.path).name: counts}
+
+    def _save_checkpoint(self, position: Position) -> None:
+        cfg, run = self.cfg, self.run
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            path = run.checkpoint_path(cfg.name, position.step)
+            self._export(path, position)  # the LoRA first: a state is never newer than its checkpoint
+            save_state(self.accelerator, run.state, position)
+            run.prune_checkpoints(cfg.save.keep_last)
+            run.emit("checkpoint", step=position.step, path=run.relative(path))
+        self.accelerator.wait_for_everyone()
+
+    def _finish(self, position: Position) -> Path:
+        cfg, run = self.cfg, self.run
+        self.accelerator.wait_for_everyone()
+        final = run.final_file(cfg.name)
+        if self.main:
+            if (cfg.sample.every_steps or cfg.sample.every_epochs) and self.last_sample_step != position.step:
+                self._sample(position.step)  # always show where the run ended
+            self._export(final, position)
+            save_state(self.accelerator, run.state, position)
+            run.emit("finished", step=position.step, path=run.relative(final))
+        return final
+
+    def _fail_non_finite(self, position: Position, value: float) -> None:
+        message = (f"The loss became {value} at step {position.step + 1}; the last checkpoint is intact. "
+                   "Lower train.learning_rate or use mixed_precision = \"bf16\" and resume.")
+        raise SdloraError(message)
+
+
+def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """Cast only when needed: diffusers warns on any dtype `.to()`, even a no-op one."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, value: float):
+        super().__init__(value)
+        self.value = value
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path | None:
+    """Run training; errors are written as an `error` event, then re-raised for the front door."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        if progress and trainer.main:
+            from tqdm import tqdm
+
+            trainer.progress = tqdm(total=None, unit="step", dynamic_ncols=True)
+        return trainer.train()
+    except SdloraError as error:
+        if trainer.main and trainer.run.root.is_dir():
+            trainer.run.emit("error", message=str(error), step=_last_step(trainer.run))
+        raise
+    finally:
+        if trainer.progress is not None:
+            trainer.progress.close()
+
+
+def _last_step(run: RunDir) -> int:
+    steps = [e["step"] for e in run.events() if e.get("event") == "step"]
+    return steps[-1] if steps else 0

@@ -1,0 +1,218 @@
+"""The built-in tiny models ("demo:sd1", "demo:sd2", "demo:sdxl") and the offline CLIP tokenizer.
+
+Each tiny model has random weights but the real family's architecture: the same block types, conv vs
+linear projections, prediction type, text encoders, SDXL's text_time conditioning and a VAE with a scale
+factor of 8. So every module kind LoRA/LoCon adapts exists, every key name matches the real model's, and
+a 64 px image gives an 8x8 latent, small enough to train in seconds on a CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from networks.errors import SdloraError
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+ASSETS = Path(__file__).parent / "assets"
+CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
+# OpenCLIP (SD2's encoder, SDXL's second encoder) pads with "!" (id 0) where OpenAI CLIP pads with EOS.
+OPENCLIP_PAD = "!"
+
+# The real SD schedule; every SD1/SD2/SDXL checkpoint was trained with it.
+_SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def load_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """CLIP's BPE tokenizer from the shipped vocabulary; pad_token="!" gives the OpenCLIP variant."""
+    return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, pad_token=pad_token)
+
+
+def _check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise SdloraError(f"Unknown model family {family!r}; use one of {', '.join(FAMILIES)}.")
+    return family
+
+
+def _unet_config(family: str) -> dict:
+    common = dict(
+        sample_size=8,  # 64 px / VAE factor 8
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+    )
+    if family == "sd1":
+        # SD1: attention in every block but the last, 1x1 conv proj_in/proj_out.
+        return dict(
+            common,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            use_linear_projection=False,
+        )
+    if family == "sd2":
+        # SD2: as SD1 but Linear projections and per-block head counts (a tuple), OpenCLIP context.
+        return dict(
+            common,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+        )
+    # SDXL: no attention in the first block, deeper transformers later, text_time added conditioning.
+    te2 = _text_encoder_configs("sdxl")[1]
+    time_dim = 8
+    return dict(
+        common,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + te2["hidden_size"],  # TE1 and TE2 hidden states concatenated
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        # pooled TE2 embedding + 6 micro-conditioning numbers (original size, crop, target size)
+        projection_class_embeddings_input_dim=te2["projection_dim"] + 6 * time_dim,
+    )
+
+
+def _vae_config(family: str) -> dict:
+    # Four levels like the real VAE (scale factor 2**3 = 8), with few channels so it stays tiny.
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=0.13025 if family == "sdxl" else 0.18215,
+    )
+
+
+def _clip_config(hidden_size: int, act: str, **extra) -> dict:
+    # vocab_size must be the real 49,408: the shipped tokenizer emits ids up to 49,407.
+    return dict(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=act,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        **extra,
+    )
+
+
+def _text_encoder_configs(family: str) -> list[dict]:
+    if family == "sd1":
+        return [_clip_config(32, "quick_gelu", pad_token_id=1)]  # OpenAI CLIP ViT-L
+    if family == "sd2":
+        return [_clip_config(32, "gelu", pad_token_id=0, projection_dim=32)]  # OpenCLIP ViT-H
+    return [
+        _clip_config(32, "quick_gelu", pad_token_id=1),  # CLIP ViT-L
+        _clip_config(64, "gelu", pad_token_id=0, projection_dim=40),  # OpenCLIP ViT-bigG, with projection
+    ]
+
+
+def _scheduler(family: str):
+    """The scheduler each real model ships with (its config is also what training reads)."""
+    if family == "sd1":
+        return PNDMScheduler(**_SD_SCHEDULE, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    if family == "sd2":  # SD2.x 768-v
+        return DDIMScheduler(
+            **_SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction"
+        )
+    return EulerDiscreteScheduler(**_SD_SCHEDULE, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+
+
+def build_tiny_pipeline_components(family: str, seed: int = 0) -> dict:
+    """The pipeline's components (the kwargs of its constructor), with random weights fixed by seed."""
+    _check_family(family)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**_unet_config(family))
+    vae = AutoencoderKL(**_vae_config(family))
+    te_configs = [CLIPTextConfig(**c) for c in _text_encoder_configs(family)]
+    components = dict(unet=unet, vae=vae, scheduler=_scheduler(family))
+    if family == "sdxl":
+        components.update(
+            text_encoder=CLIPTextModel(te_configs[0]),
+            text_encoder_2=CLIPTextModelWithProjection(te_configs[1]),
+            tokenizer=load_clip_tokenizer(),
+            tokenizer_2=load_clip_tokenizer(OPENCLIP_PAD),
+        )
+        return components
+    pad = OPENCLIP_PAD if family == "sd2" else "<|endoftext|>"
+    components.update(text_encoder=CLIPTextModel(te_configs[0]), tokenizer=load_clip_tokenizer(pad))
+    return components
+
+
+def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
+    components = build_tiny_pipeline_components(family, seed)
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(**components)
+    return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def save_demo_model(directory: str | os.PathLike, family: str, seed: int = 0) -> Path:
+    """Write the tiny model of `family` as a diffusers folder that DiffusionPipeline.from_pretrained opens."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise SdloraError(f"The folder {directory} is not empty; choose a new or empty folder for the demo model.")
+    build_tiny_pipeline(family, seed).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SDLORA_CACHE") or Path.home() / ".cache" / "sdlora")
+
+
+def _demo_fingerprint(family: str) -> str:
+    """Changes whenever the tiny architecture does, so a stale cached folder is never reused."""
+    configs = [_unet_config(family), _vae_config(family), _text_encoder_configs(family), dict(_scheduler(family).config)]
+    text = json.dumps(configs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def demo_model_path(family: str) -> Path:
+    """The demo model's folder in the cache, built on first use (atomically, so concurrent runs are safe)."""
+    _check_family(family)
+    target = _cache_root() / "demo-models" / f"{family}-{_demo_fingerprint(family)}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
+    try:
+        save_demo_model(staging, family)
+        os.replace(staging, target)
+    except OSError:
+        # Another process finished first (the target exists and is not empty): use its copy.
+        if not (target / "model_index.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
