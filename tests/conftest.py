@@ -9,3 +9,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("NO_PROXY", "localhost,127.0.0.1")
 os.environ.setdefault("no_proxy", "localhost,127.0.0.1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The built-in demo models are built once per machine into a shared cache (atomic, so parallel test
+# workers can race safely); user presets go to a throwaway home so no test sees a developer's presets.
+os.environ.setdefault("SDLORA_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".test-cache"))
+os.environ.setdefault("SDLORA_HOME", os.path.join(os.environ["SDLORA_CACHE"], "home"))

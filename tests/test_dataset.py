@@ -163,11 +163,13 @@ def test_rank_outside_world_is_refused(folder):
 
 def test_flipped_sample_reports_a_mirrored_crop(tmp_path):
     Image.new("RGB", (300, 64)).save(tmp_path / "wide.png")  # 256x64 bucket, resized 300x64
-    dataset = _scan(tmp_path, random_crop=True, flip=True, seed=1)
-    samples = [s for seed in range(4) for b in dataset.batches(seed, 1) for s in b.samples]
-    left = dataset.items[0].placement.crop_left_top[0]
-    lefts = {s.flip: dataset.placement(s).crop_left_top[0] for s in samples}
-    assert lefts == {False: left, True: 300 - 256 - left}
+    dataset = _scan(tmp_path, random_crop=True, flip=True, default_repeats=8)
+    samples = [s for b in dataset.batches(0, 1) for s in b.samples]
+    assert {s.flip for s in samples} == {False, True}
+    for sample in samples:
+        left = sample.placement.crop_left_top[0]
+        assert sample.as_seen.crop_left_top[0] == (300 - 256 - left if sample.flip else left)
+        assert sample.as_seen.sdxl_time_ids()[:2] == (64, 300)
 
 
 def test_flip_is_drawn_per_sample_and_leaves_the_order_alone(folder):
@@ -223,11 +225,18 @@ def test_alpha_mask_follows_the_crop(tmp_path):
     assert dataset.pixels(cut)[:, :, 68:].min() == 1.0  # transparent part is white
 
 
-def test_random_crop_is_fixed_per_item_from_the_seed(tmp_path):
-    gradient = Image.linear_gradient("L").resize((300, 64)).convert("RGB")  # 256x64 bucket, 44 px spare
+def test_random_crop_is_drawn_per_sample_per_epoch(tmp_path):
+    gradient = Image.linear_gradient("L").rotate(90).resize((300, 64)).convert("RGB")  # 256x64 bucket, 44 px spare
     gradient.save(tmp_path / "wide.png")
-    crops = {_scan(tmp_path, seed=seed, random_crop=True).items[0].placement.crop_left_top for seed in range(8)}
-    assert len(crops) > 1
-    again = _scan(tmp_path, seed=3, random_crop=True).items[0].placement
-    assert again == _scan(tmp_path, seed=3, random_crop=True).items[0].placement
-    assert _scan(tmp_path, random_crop=False).items[0].placement.crop_left_top == (22, 0)
+    dataset = _scan(tmp_path, random_crop=True, default_repeats=4, seed=2)
+    assert dataset.items[0].placement.crop_left_top == (22, 0)  # the item keeps the cacheable centre crop
+    crops = [s.placement.crop_left_top for epoch in range(3) for b in dataset.batches(epoch, 1) for s in b.samples]
+    assert len(set(crops)) > 4 and all(0 <= left <= 44 and top == 0 for left, top in crops)
+    assert crops == [s.placement.crop_left_top for e in range(3) for b in _scan(
+        tmp_path, random_crop=True, default_repeats=4, seed=2).batches(e, 1) for s in b.samples]
+    sample = next(s for b in dataset.batches(0, 1) for s in b.samples if s.placement.crop_left_top != (22, 0))
+    expected = dataset.pixels(dataset.items[0], placement=sample.placement)
+    assert torch.equal(dataset.sample_pixels(sample), expected)
+    assert not torch.equal(expected, dataset.pixels(dataset.items[0]))  # the gradient shows the shift
+    centred = _scan(tmp_path, default_repeats=4).batches(0, 1)
+    assert {s.placement.crop_left_top for b in centred for s in b.samples} == {(22, 0)}

@@ -1,4 +1,5 @@
 """Per-family behaviour: prompt encoding equals diffusers' pipelines, metadata names, detection."""
+
 import pytest
 import torch
 
@@ -34,13 +35,17 @@ def test_sd_prompt_embeds_equal_the_pipeline(pipes, name):
 def test_sdxl_prompt_embeds_and_time_ids_equal_the_pipeline(pipes):
     pipe = pipes["sdxl"]
     ours = SDXL.encode_prompt(*_parts(pipe, SDXL), CAPTIONS)
-    embeds, _, pooled, _ = pipe.encode_prompt(CAPTIONS, device=torch.device("cpu"), do_classifier_free_guidance=False)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        CAPTIONS, device=torch.device("cpu"), do_classifier_free_guidance=False
+    )
     assert ours.encoder_hidden_states.shape == (2, 77, 32 + 64)
     torch.testing.assert_close(ours.encoder_hidden_states, embeds, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours.pooled, pooled, atol=1e-6, rtol=0)
 
     added = SDXL.unet_added_kwargs(ours, [(96, 64), (64, 64)], [(8, 0), (0, 0)], [(64, 64), (64, 64)])
-    expected = pipe._get_add_time_ids((96, 64), (8, 0), (64, 64), torch.float32, pipe.text_encoder_2.config.projection_dim)
+    expected = pipe._get_add_time_ids(
+        (96, 64), (8, 0), (64, 64), torch.float32, pipe.text_encoder_2.config.projection_dim
+    )
     assert torch.equal(added["time_ids"][0:1], expected)
     assert added["time_ids"].tolist()[1] == [64, 64, 0, 0, 64, 64]
     assert added["text_embeds"] is ours.pooled
@@ -59,7 +64,11 @@ def test_metadata_names_per_family():
     assert SD2.modelspec_architecture() == "stable-diffusion-v2-512/lora"
     assert SD2.modelspec_architecture("v_prediction") == "stable-diffusion-v2-768-v/lora"
     assert SDXL.modelspec_architecture() == "stable-diffusion-xl-v1-base/lora"
-    assert [SD1.default_resolution(), SD2.default_resolution("v_prediction"), SDXL.default_resolution()] == [512, 768, 1024]
+    assert [SD1.default_resolution(), SD2.default_resolution("v_prediction"), SDXL.default_resolution()] == [
+        512,
+        768,
+        1024,
+    ]
     assert SD1.text_encoder_lora_prefixes == SD2.text_encoder_lora_prefixes == ("lora_te_",)
     assert SDXL.text_encoder_lora_prefixes == ("lora_te1_", "lora_te2_")
     assert (SD1.unet_key_style, SD2.unet_key_style, SDXL.unet_key_style) == ("diffusers", "diffusers", "sgm")
@@ -81,3 +90,24 @@ def test_unknown_family_name_is_a_user_error():
     assert get_family("SDXL") is SDXL
     with pytest.raises(SdloraError, match="Unknown model family 'sd3'"):
         get_family("sd3")
+
+
+def test_attention_mask_matches_the_tokenizer_for_both_pad_styles(pipes):
+    from trainer.family import _attention_mask
+
+    for tok in (pipes["sd1"].tokenizer, pipes["sd2"].tokenizer):
+        batch = tok(CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        assert torch.equal(_attention_mask(batch.input_ids), batch.attention_mask)
+
+
+def test_prompt_embeds_with_attention_mask_equal_the_pipeline():
+    pipe = build_tiny_pipeline("sd1")
+    pipe.text_encoder.config.use_attention_mask = True  # a few fine-tunes set it
+    ours = SD1.encode_prompt(*_parts(pipe, SD1), CAPTIONS)
+    theirs, _ = pipe.encode_prompt(CAPTIONS, torch.device("cpu"), 1, False)
+    torch.testing.assert_close(ours.encoder_hidden_states, theirs, atol=1e-6, rtol=0)
+    pipe.text_encoder.config.use_attention_mask = False
+    unmasked = SD1.encode_prompt(*_parts(pipe, SD1), CAPTIONS).encoder_hidden_states
+    # causal attention: text positions agree, padding positions differ, so the mask was really applied
+    torch.testing.assert_close(unmasked[0, :7], ours.encoder_hidden_states[0, :7], atol=1e-6, rtol=0)
+    assert not torch.allclose(unmasked[0, 7:], ours.encoder_hidden_states[0, 7:])

@@ -1,4 +1,5 @@
 """load_model: demo specs, diffusers folders, original-layout single files, and the user errors."""
+
 import json
 
 import pytest
@@ -29,10 +30,14 @@ def _unet_out(model):
     embeds = model.family.encode_prompt(model.text_encoders, model.tokenizers, ["a red fox in snow"])
     added = model.family.unet_added_kwargs(embeds, [(64, 64)], [(0, 0)], [(64, 64)])
     with torch.no_grad():
-        return model.unet(torch.randn(1, 4, 8, 8), 500, embeds.encoder_hidden_states, added_cond_kwargs=added).sample
+        return model.unet(
+            torch.randn(1, 4, 8, 8), 500, embeds.encoder_hidden_states, added_cond_kwargs=added
+        ).sample
 
 
-@pytest.mark.parametrize("family, prediction", [("sd1", "epsilon"), ("sd2", "v_prediction"), ("sdxl", "epsilon")])
+@pytest.mark.parametrize(
+    "family, prediction", [("sd1", "epsilon"), ("sd2", "v_prediction"), ("sdxl", "epsilon")]
+)
 def test_diffusers_folder(folders, family, prediction):
     model = load_model(str(folders[family]))
     assert model.family.name == family
@@ -77,7 +82,10 @@ def test_original_names_follow_the_sgm_table(folders):
     config = load_model(str(folders["sdxl"])).unet.config
     assert unet_name_to_original("down_blocks.1.attentions.0.proj_in", config) == "input_blocks.4.1.proj_in"
     assert unet_name_to_original("down_blocks.0.downsamplers.0.conv", config) == "input_blocks.3.0.op"
-    assert unet_name_to_original("down_blocks.1.resnets.0.conv_shortcut", config) == "input_blocks.4.0.skip_connection"
+    assert (
+        unet_name_to_original("down_blocks.1.resnets.0.conv_shortcut", config)
+        == "input_blocks.4.0.skip_connection"
+    )
     assert unet_name_to_original("mid_block.resnets.1.time_emb_proj", config) == "middle_block.2.emb_layers.1"
     assert unet_name_to_original("up_blocks.0.upsamplers.0.conv", config) == "output_blocks.2.2.conv"
     assert unet_name_to_original("up_blocks.1.resnets.2.conv2", config) == "output_blocks.5.0.out_layers.3"
@@ -122,7 +130,13 @@ def test_user_errors(tmp_path):
     with pytest.raises(SdloraError, match="notes.safetensors is not a readable model checkpoint"):
         load_model(str(fake))
     lora = tmp_path / "style.safetensors"
-    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4), "lora_unet_conv_in.alpha": torch.tensor(4.0)}, lora)
+    save_file(
+        {
+            "lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4),
+            "lora_unet_conv_in.alpha": torch.tensor(4.0),
+        },
+        lora,
+    )
     with pytest.raises(SdloraError, match="style.safetensors is a LoRA/LyCORIS adapter, not a base model"):
         load_model(str(lora))
     (tmp_path / "empty_dir").mkdir()

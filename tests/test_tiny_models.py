@@ -1,4 +1,5 @@
 """The built-in tiny models and the shipped CLIP tokenizer."""
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -46,7 +47,14 @@ def test_demo_model_folder_opens_offline_and_has_every_adapted_module_kind(
     names = dict(pipe.unet.named_modules())
     proj_in = [m for n, m in names.items() if n.endswith("proj_in")]
     assert proj_in and all(type(m) is proj_kind for m in proj_in)
-    for suffix in ("downsamplers.0.conv", "upsamplers.0.conv", "conv_shortcut", "time_emb_proj", "attn2.to_k", "ff.net.2"):
+    for suffix in (
+        "downsamplers.0.conv",
+        "upsamplers.0.conv",
+        "conv_shortcut",
+        "time_emb_proj",
+        "attn2.to_k",
+        "ff.net.2",
+    ):
         assert any(n.endswith(suffix) for n in names), suffix
     image = pipe("a photo of a cat", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3)

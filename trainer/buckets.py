@@ -27,7 +27,9 @@ class BucketSpec:
 
     @property
     def smallest(self) -> int:
-        return self.min_side if self.min_side is not None else max(self.step, self.resolution // 2)
+        if self.min_side is not None:
+            return self.min_side
+        return max(self.step, self.resolution // 2 // self.step * self.step)
 
     @property
     def largest(self) -> int:
@@ -45,7 +47,7 @@ class BucketSpec:
                 f"dataset.min_bucket_side and max_bucket_side ({self.smallest}, {self.largest}) "
                 f"must be multiples of {self.step}."
             )
-        if not self.step <= self.smallest <= self.resolution <= self.largest:
+        if self.enabled and not self.step <= self.smallest <= self.resolution <= self.largest:
             raise SdloraError(
                 f"dataset bucket sides must satisfy {self.step} <= min_bucket_side ({self.smallest}) "
                 f"<= resolution ({self.resolution}) <= max_bucket_side ({self.largest})."

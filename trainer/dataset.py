@@ -4,8 +4,8 @@ Layout (kohya's): images straight in the folder train with `default_repeats`; a 
 "<repeats>_<class words>" (e.g. "10_mystyle") trains its images that many times per epoch, and its class
 words stand in for a missing caption. Captions live next to the image: "cat.png" + "cat.txt".
 
-Everything random about an epoch (order, flips, caption augmentation) is a pure function of
-(seed, epoch), so a resumed run replays the same batches and N processes can split them.
+Everything random about an epoch (order, flips, random crops, caption augmentation) is a pure function
+of (seed, epoch), so a resumed run replays the same batches and N processes can split them.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class DatasetOptions:
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     caption_extension: str = ".txt"
     default_repeats: int = 1
-    random_crop: bool = False
+    random_crop: bool = False  # a fresh crop per sample per epoch instead of the centre (never cached)
     flip: bool = False
     prepend_class_word: bool = False  # put the folder's class word first in every caption
 
@@ -50,7 +50,7 @@ class Item:
     path: Path
     caption: str  # before per-epoch augmentation
     repeats: int
-    placement: Placement
+    placement: Placement  # the centred crop: what is cached, and what every epoch uses without random_crop
     has_alpha: bool
 
     @property
@@ -113,11 +113,17 @@ class DatasetReport:
 
 @dataclass(frozen=True)
 class Sample:
-    """One slot of an epoch: which item, mirrored or not, and the caption it trains with."""
+    """One slot of an epoch: which item, its crop, mirrored or not, and the caption it trains with."""
 
     item: int  # index into ImageDataset.items
     flip: bool
     caption: str
+    placement: Placement  # this epoch's crop, in the unmirrored image
+
+    @property
+    def as_seen(self) -> Placement:
+        """The crop as the model sees it, mirrored for flipped samples: SDXL's size/crop conditioning."""
+        return self.placement.flipped() if self.flip else self.placement
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,7 @@ class ImageDataset:
 
     @classmethod
     def scan(cls, options: DatasetOptions, seed: int = 0) -> ImageDataset:
-        return cls(options, *scan_folder(options, seed), seed=seed)
+        return cls(options, *scan_folder(options), seed=seed)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -153,58 +159,73 @@ class ImageDataset:
         batches = len(_epoch_plan(self.items, batch_size, random.Random(0)))  # the count ignores the rng
         return -(-batches // world_size)
 
-    def placement(self, sample: Sample) -> Placement:
-        """The sample's crop as the model sees it (mirrored for flipped samples), for SDXL's time ids."""
-        placement = self.items[sample.item].placement
-        return placement.flipped() if sample.flip else placement
-
-    def pixels(self, item: Item, flip: bool = False) -> torch.Tensor:
-        """RGB in its bucket, CHW float32 in [-1, 1], the VAE's input convention."""
+    def pixels(self, item: Item, flip: bool = False, placement: Placement | None = None) -> torch.Tensor:
+        """RGB in its bucket, CHW float32 in [-1, 1] (the VAE's input); the item's own crop by default."""
         # Imported here so that scanning (the UI's pre-flight check) does not pay torch/diffusers' import time.
         from diffusers.image_processor import VaeImageProcessor
 
-        rgb = load_bucket_image(item, flip)[0]
+        rgb = load_bucket_image(item, flip, placement)[0]
         array = VaeImageProcessor.pil_to_numpy(rgb)
         return VaeImageProcessor.normalize(VaeImageProcessor.numpy_to_pt(array))[0].float()
 
-    def alpha(self, item: Item, flip: bool = False) -> torch.Tensor | None:
+    def sample_pixels(self, sample: Sample) -> torch.Tensor:
+        return self.pixels(self.items[sample.item], sample.flip, sample.placement)
+
+    def alpha(self, item: Item, flip: bool = False, placement: Placement | None = None) -> torch.Tensor | None:
         """Alpha in its bucket as HW float32 in [0, 1], or None for opaque images (for loss masks)."""
         import torch
 
-        alpha = load_bucket_image(item, flip)[1]
+        alpha = load_bucket_image(item, flip, placement)[1]
         if alpha is None:
             return None
         return torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
 
     def _batch(self, epoch: int, slots: list[tuple[int, int, bool]]) -> Batch:
         samples = tuple(
-            Sample(index, flip and self.options.flip, self._caption(epoch, index, repeat))
+            Sample(
+                item=index,
+                flip=flip and self.options.flip,
+                caption=self._caption(epoch, index, repeat),
+                placement=self._crop(epoch, index, repeat),
+            )
             for index, repeat, flip in slots
         )
         return Batch(self.items[slots[0][0]].bucket, samples)
 
+    # Per-sample randomness gets its own rng keyed by (seed, epoch, item, repeat): a string seed is hashed
+    # with SHA-512 by `random`, so it is the same in every process and run, whatever else draws numbers.
+
     def _caption(self, epoch: int, index: int, repeat: int) -> str:
-        # A string seed is hashed with SHA-512 by `random`, so this is stable across processes and runs.
         rng = random.Random(f"caption:{self.seed}:{epoch}:{index}:{repeat}")
         return augment_caption(self.items[index].caption, self.options.captions, rng)
 
+    def _crop(self, epoch: int, index: int, repeat: int) -> Placement:
+        item = self.items[index]
+        if not self.options.random_crop:
+            return item.placement
+        return place(item.size, item.bucket, True, random.Random(f"crop:{self.seed}:{epoch}:{index}:{repeat}"))
 
-def load_bucket_image(item: Item, flip: bool = False) -> tuple[Image.Image, Image.Image | None]:
-    """(RGB, alpha or None), resized and cropped to the item's bucket, mirrored when `flip`."""
+
+def load_bucket_image(
+    item: Item, flip: bool = False, placement: Placement | None = None
+) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB, alpha or None), resized and cropped to the bucket (the item's crop unless another is given),
+    mirrored when `flip`."""
+    placement = placement or item.placement
     image = load_image(item.path)
-    rgb, alpha = render(image.rgb, item.placement), image.alpha
-    alpha = render(alpha, item.placement) if alpha is not None else None
+    rgb, alpha = render(image.rgb, placement), image.alpha
+    alpha = render(alpha, placement) if alpha is not None else None
     if flip:
         rgb, alpha = ImageOps.mirror(rgb), ImageOps.mirror(alpha) if alpha is not None else None
     return rgb, alpha
 
 
-def scan_folder(options: DatasetOptions, seed: int = 0) -> tuple[list[Item], DatasetReport]:
+def scan_folder(options: DatasetOptions) -> tuple[list[Item], DatasetReport]:
     folder = Path(options.folder)
     if options.default_repeats < 1:
         raise SdloraError(f"dataset.default_repeats is {options.default_repeats}; use 1 or more.")
     if not folder.is_dir():
-        raise SdloraError(f"Dataset folder '{folder}' does not exist; point dataset.folder at a folder of images.")
+        raise SdloraError(f"Dataset folder '{folder}' does not exist; point dataset.path at a folder of images.")
     buckets = bucket_sizes(options.buckets)
     report = DatasetReport(folder, options.caption_suffix)
     items: list[Item] = []
@@ -219,9 +240,7 @@ def scan_folder(options: DatasetOptions, seed: int = 0) -> tuple[list[Item], Dat
         if caption is None:
             report.captions_missing.append(name)
         caption = _final_caption(caption, class_word, options.prepend_class_word)
-        bucket = closest_bucket(info.size, buckets)
-        crop_rng = random.Random(f"crop:{seed}:{name}")  # keyed by name: stable when files are added
-        placement = place(info.size, bucket, options.random_crop, crop_rng)
+        placement = place(info.size, closest_bucket(info.size, buckets))
         items.append(Item(len(items), path, caption, repeats, placement, info.has_alpha))
     if not items:
         raise SdloraError(f"No usable images in '{folder}': {_why_empty(report)}")

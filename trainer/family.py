@@ -5,6 +5,7 @@ LoRA keys and what to write into the metadata, so it never branches on the model
 Prompt encoding mirrors diffusers' pipelines exactly: a LoRA is trained on the same text features the
 pipeline computes at inference.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,14 @@ class PromptEmbeds:
     def to(self, *args, **kwargs) -> PromptEmbeds:
         pooled = None if self.pooled is None else self.pooled.to(*args, **kwargs)
         return PromptEmbeds(self.encoder_hidden_states.to(*args, **kwargs), pooled)
+
+
+def _attention_mask(ids: torch.Tensor) -> torch.Tensor:
+    """The tokenizer's mask (1 up to and including the first EOS). CLIP's EOS is its highest id, and
+    OpenAI CLIP pads with EOS too, so the pad id alone cannot tell padding from text."""
+    eos = ids == ids.max(dim=1, keepdim=True).values
+    first_eos = eos.int().argmax(dim=1, keepdim=True)
+    return (torch.arange(ids.shape[1]) <= first_eos).long()
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -79,21 +88,33 @@ class ModelFamily:
     def tokenize(self, tokenizers: Sequence, captions: list[str]) -> list[torch.Tensor]:
         """One [batch, 77] id tensor per text encoder, padded and truncated as the pipeline does."""
         return [
-            tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            tok(
+                captions,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             for tok in tokenizers
         ]
 
-    def encode_ids(self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeds:
+    def encode_ids(
+        self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor]
+    ) -> PromptEmbeds:
         # StableDiffusionPipeline.encode_prompt without clip_skip: the last hidden state (final norm applied).
         # For SD2 that is already OpenCLIP's penultimate layer: diffusers' SD2 text encoder has 23 layers.
         (encoder,), (ids,) = text_encoders, input_ids
-        mask = None
-        if getattr(encoder.config, "use_attention_mask", False):
-            mask = (ids != encoder.config.pad_token_id).long().to(_device_of(encoder))
+        mask = (
+            _attention_mask(ids).to(_device_of(encoder))
+            if getattr(encoder.config, "use_attention_mask", False)
+            else None
+        )
         states = encoder(ids.to(_device_of(encoder)), attention_mask=mask)[0]
         return PromptEmbeds(states.to(encoder.dtype))
 
-    def encode_prompt(self, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence, captions: list[str]) -> PromptEmbeds:
+    def encode_prompt(
+        self, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence, captions: list[str]
+    ) -> PromptEmbeds:
         return self.encode_ids(text_encoders, self.tokenize(tokenizers, captions))
 
     def unet_added_kwargs(
@@ -152,7 +173,9 @@ class SDXLFamily(ModelFamily):
     def pipeline_extras(self) -> dict:
         return {}
 
-    def encode_ids(self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeds:
+    def encode_ids(
+        self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor]
+    ) -> PromptEmbeds:
         # StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states side by side,
         # pooled = the first 2-D output, i.e. TE2's projected text_embeds.
         states, pooled = [], None

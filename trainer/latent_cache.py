@@ -3,6 +3,9 @@
 A latent is keyed by everything that determines it: the image file's bytes (sha256, so an edited image
 is re-encoded and a renamed one is not), its bucket, crop and flip, and the VAE's identity. The cache
 stores raw VAE output; `get` returns latents already scaled for the UNet.
+
+Only each item's own (centred) crop is stored. A per-epoch random crop is encoded when asked for and
+not kept: it will rarely be asked for again, so storing it would only grow memory and disk.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from trainer.buckets import Placement
 from trainer.dataset import Batch, ImageDataset, Item
 
 # Bump when resizing/cropping/normalising changes, so old cache files stop matching.
@@ -38,17 +42,27 @@ def file_sha256(path: Path) -> str:
 
 
 class LatentCache:
-    def __init__(self, vae, dataset: ImageDataset, vae_id: str, folder: Path | None = None, batch_size: int = 4):
+    def __init__(
+        self,
+        vae,
+        dataset: ImageDataset,
+        vae_id: str,
+        folder: Path | None = None,
+        batch_size: int = 4,
+        keep_in_memory: bool = True,
+    ):
         self.vae, self.dataset, self.vae_id, self.batch_size = vae, dataset, vae_id, batch_size
         self.folder = Path(folder) if folder is not None else None
+        # Without a folder, memory is the only store; with one, big datasets can read latents from disk.
+        self.keep_in_memory = keep_in_memory or self.folder is None
         self.encode_count = 0  # images actually run through the VAE by this object
         self._memory: dict[str, torch.Tensor] = {}
         self._hashes: dict[Path, str] = {}
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
-    def key(self, item: Item, flip: bool = False) -> str:
-        placement = item.placement
+    def key(self, item: Item, flip: bool = False, placement: Placement | None = None) -> str:
+        placement = placement or item.placement
         parts = [
             PIXEL_PIPELINE_VERSION,
             self._content_hash(item.path),
@@ -69,23 +83,25 @@ class LatentCache:
             flips = (False, True) if self.dataset.options.flip else (False,)
         wanted = [(item, flip) for item in items for flip in flips]
         missing = [(item, flip) for item, flip in wanted if self._lookup(self.key(item, flip)) is None]
-        by_bucket: dict[tuple[int, int], list[tuple[Item, bool]]] = {}
+        by_bucket: dict[tuple[int, int], list[tuple[Item, bool, Placement]]] = {}
         for item, flip in missing:
-            by_bucket.setdefault(item.bucket, []).append((item, flip))
+            by_bucket.setdefault(item.bucket, []).append((item, flip, item.placement))
         for group in by_bucket.values():
             for start in range(0, len(group), self.batch_size):
                 self._encode(group[start : start + self.batch_size])
         return len(missing)
 
-    def get(self, item: Item, flip: bool = False) -> torch.Tensor:
+    def get(self, item: Item, flip: bool = False, placement: Placement | None = None) -> torch.Tensor:
         """CHW latents of the item, already scaled (and shifted) as the UNet expects; encodes on a miss."""
-        raw = self._lookup(self.key(item, flip))
+        placement = placement or item.placement
+        raw = self._lookup(self.key(item, flip, placement)) if placement == item.placement else None
         if raw is None:
-            raw = self._encode([(item, flip)])[0]
+            raw = self._encode([(item, flip, placement)])[0]
         return self._scale(raw)
 
     def get_batch(self, batch: Batch) -> torch.Tensor:
-        return torch.stack([self.get(self.dataset.items[s.item], s.flip) for s in batch.samples])
+        """(B, C, h, w) scaled latents of a batch, each sample with its own crop and flip."""
+        return torch.stack([self.get(self.dataset.items[s.item], s.flip, s.placement) for s in batch.samples])
 
     def _scale(self, raw: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
@@ -93,16 +109,17 @@ class LatentCache:
         return (raw - shift) * config.scaling_factor
 
     @torch.no_grad()
-    def _encode(self, pairs: list[tuple[Item, bool]]) -> list[torch.Tensor]:
-        pixels = torch.stack([self.dataset.pixels(item, flip) for item, flip in pairs])
+    def _encode(self, requests: list[tuple[Item, bool, Placement]]) -> list[torch.Tensor]:
+        pixels = torch.stack([self.dataset.pixels(item, flip, placement) for item, flip, placement in requests])
         pixels = pixels.to(device=self.vae.device, dtype=self.vae.dtype)
         # The posterior mean, not a sample: the cached latent is then the one deterministic encoding of
         # the image (reproducible across cache rebuilds, resumes and machines), and the SD VAE's posterior
         # std is so small that sampling would add no useful augmentation anyway.
         latents = self.vae.encode(pixels).latent_dist.mode().float().cpu()
-        self.encode_count += len(pairs)
-        for (item, flip), latent in zip(pairs, latents):
-            self._store(self.key(item, flip), latent.clone(memory_format=torch.contiguous_format))
+        self.encode_count += len(requests)
+        for (item, flip, placement), latent in zip(requests, latents):
+            if placement == item.placement:
+                self._store(self.key(item, flip), latent.clone(memory_format=torch.contiguous_format))
         return list(latents)
 
     def _lookup(self, key: str) -> torch.Tensor | None:
@@ -115,11 +132,13 @@ class LatentCache:
             latent = load_file(path)["latents"]
         except (FileNotFoundError, SafetensorError, KeyError):
             return None  # absent or damaged: encode again
-        self._memory[key] = latent
+        if self.keep_in_memory:
+            self._memory[key] = latent
         return latent
 
     def _store(self, key: str, latent: torch.Tensor) -> None:
-        self._memory[key] = latent
+        if self.keep_in_memory:
+            self._memory[key] = latent
         if self.folder is not None:
             atomic_save({"latents": latent}, self.folder / f"{key}.safetensors")
 

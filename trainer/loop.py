@@ -36,8 +36,8 @@ from trainer.text_cache import TextEmbeddingCache, text_cache_allowed
 
 def dataset_options(cfg: TrainConfig) -> DatasetOptions:
     data = cfg.dataset
-    buckets = BucketSpec(resolution=data.resolution, step=data.bucket_step, min_side=data.min_bucket_side,
-                         max_side=data.max_bucket_side, enabled=data.enable_buckets)
+    buckets = BucketSpec(resolution=data.resolution, step=data.bucket_step, min_side=data.resolved_min_bucket_side,
+                         max_side=data.resolved_max_bucket_side, enabled=data.enable_buckets)
     captions = CaptionOptions(shuffle_tags=data.shuffle_captions, keep_tokens=data.keep_tokens,
                               caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout)
     return DatasetOptions(folder=Path(data.path), buckets=buckets, captions=captions,
@@ -66,6 +66,7 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.main = self.accelerator.is_main_process
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+        self.stop = StopSignal()
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -229,7 +230,7 @@ class Trainer:
         if self.main:
             run.emit("started", total_steps=self.total_steps, epochs=self._epochs(), start_step=position.step,
                      name=cfg.name, num_images=len(self.dataset))
-        stop = StopSignal().install()
+        stop = self.stop.install()
         started, start_step = time.perf_counter(), position.step
         if self.progress is not None:
             self.progress.reset(total=self.total_steps)

@@ -11,6 +11,7 @@ Prediction type, when "auto":
   "epsilon". Otherwise SD2 files are v_prediction (SD2.x 768-v is the common SD2 checkpoint) unless the
   file name contains "base" or "512"; SD1 and SDXL files are epsilon. Always overridable.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,7 +64,9 @@ class LoadedModel:
         parts = dict(zip(self.family.text_encoder_attrs, self.text_encoders))
         parts.update(zip(self.family.tokenizer_attrs, self.tokenizers))
         pipeline_class = getattr(diffusers, self.family.pipeline_class_name)
-        return pipeline_class(unet=self.unet, vae=self.vae, scheduler=scheduler, **parts, **self.family.pipeline_extras())
+        return pipeline_class(
+            unet=self.unet, vae=self.vae, scheduler=scheduler, **parts, **self.family.pipeline_extras()
+        )
 
 
 def load_model(
@@ -79,7 +82,9 @@ def load_model(
     wanted = None if family == "auto" else get_family(family)
     spec = str(spec)
     if spec.startswith("demo:"):
-        return _load_pretrained(demo_model_path(spec.removeprefix("demo:")), spec, wanted, prediction_type, dtype)
+        return _load_pretrained(
+            demo_model_path(spec.removeprefix("demo:")), spec, wanted, prediction_type, dtype
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -92,7 +97,9 @@ def load_model(
         return _load_single_file(path, wanted, prediction_type, dtype, config_dir)
     if _HUB_ID.match(spec) and not path.suffix:
         return _load_pretrained(spec, spec, wanted, prediction_type, dtype)
-    raise SdloraError(f"The model {spec} was not found; give a diffusers folder, a .safetensors/.ckpt file or demo:sd1.")
+    raise SdloraError(
+        f"The model {spec} was not found; give a diffusers folder, a .safetensors/.ckpt file or demo:sd1."
+    )
 
 
 # --- diffusers folders and hub ids ------------------------------------------------------------------
@@ -113,14 +120,24 @@ def _load_pretrained(where, source: str, wanted, prediction_type: str, dtype) ->
         kwargs.update({part: None for part in _UNNEEDED_PARTS if part in index})
         pipe = DiffusionPipeline.from_pretrained(where, dtype=dtype, **kwargs)
     except (OSError, ValueError) as error:
-        raise SdloraError(f"The model {source} could not be loaded ({_first_line(error)}); check the path or hub id.") from None
+        raise SdloraError(
+            f"The model {source} could not be loaded ({_first_line(error)}); check the path or hub id."
+        ) from None
     if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        raise SdloraError(f"The model {source} is a {type(pipe).__name__}, not Stable Diffusion 1.x, 2.x or XL.")
-    encoders = [getattr(pipe, a) for a in ("text_encoder", "text_encoder_2") if getattr(pipe, a, None) is not None]
+        raise SdloraError(
+            f"The model {source} is a {type(pipe).__name__}, not Stable Diffusion 1.x, 2.x or XL."
+        )
+    encoders = [
+        getattr(pipe, a) for a in ("text_encoder", "text_encoder_2") if getattr(pipe, a, None) is not None
+    ]
     family = wanted or detect_family(pipe.unet.config, [e.config for e in encoders])
-    missing = [a for a in family.text_encoder_attrs + family.tokenizer_attrs if getattr(pipe, a, None) is None]
+    missing = [
+        a for a in family.text_encoder_attrs + family.tokenizer_attrs if getattr(pipe, a, None) is None
+    ]
     if missing:
-        raise SdloraError(f"The model {source} has no {missing[0]}, so it is not an {family.name} model; set family to auto.")
+        raise SdloraError(
+            f"The model {source} has no {missing[0]}, so it is not an {family.name} model; set family to auto."
+        )
     scheduler_config = dict(pipe.scheduler.config)
     if prediction_type == "auto":
         prediction_type = scheduler_config.get("prediction_type", "epsilon")
@@ -158,11 +175,15 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             f"The checkpoint {path} holds Python objects that cannot be loaded safely; convert it to .safetensors first."
         ) from None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
-        raise SdloraError(f"The file {path} is not a readable model checkpoint ({_first_line(error)}).") from None
+        raise SdloraError(
+            f"The file {path} is not a readable model checkpoint ({_first_line(error)})."
+        ) from None
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state:
-        raise SdloraError(f"The file {path} holds no model weights; use a Stable Diffusion .safetensors or .ckpt file.")
+        raise SdloraError(
+            f"The file {path} holds no model weights; use a Stable Diffusion .safetensors or .ckpt file."
+        )
     return state
 
 
@@ -176,10 +197,16 @@ def detect_checkpoint_family(keys, path: Path | str = "checkpoint") -> ModelFami
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return get_family("sd1")
     if any(marker in k for k in keys[:200] for marker in _ADAPTER_MARKERS):
-        raise SdloraError(f"The file {path} is a LoRA/LyCORIS adapter, not a base model; choose a full SD checkpoint as the model.")
+        raise SdloraError(
+            f"The file {path} is a LoRA/LyCORIS adapter, not a base model; choose a full SD checkpoint as the model."
+        )
     if any(k.startswith("model.diffusion_model.") for k in keys):
-        raise SdloraError(f"The file {path} holds a UNet but no text encoder; use a full checkpoint or a diffusers folder.")
-    raise SdloraError(f"The file {path} is not a Stable Diffusion 1.x, 2.x or XL checkpoint (none of their weight names are in it).")
+        raise SdloraError(
+            f"The file {path} holds a UNet but no text encoder; use a full checkpoint or a diffusers folder."
+        )
+    raise SdloraError(
+        f"The file {path} is not a Stable Diffusion 1.x, 2.x or XL checkpoint (none of their weight names are in it)."
+    )
 
 
 def guess_prediction_type(family: ModelFamily, path: Path, keys) -> str:
@@ -188,7 +215,9 @@ def guess_prediction_type(family: ModelFamily, path: Path, keys) -> str:
         return "v_prediction"
     sidecar = path.with_suffix(".yaml")
     if sidecar.is_file():
-        v = re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", sidecar.read_text(errors="ignore"), re.MULTILINE)
+        v = re.search(
+            r"parameterization:\s*[\"']?v[\"']?\s*$", sidecar.read_text(errors="ignore"), re.MULTILINE
+        )
         return "v_prediction" if v else "epsilon"
     if family.is_v2 and not re.search(r"base|512", path.name.lower()):
         return "v_prediction"
@@ -211,7 +240,9 @@ def _load_single_file(path: Path, wanted, prediction_type: str, dtype, config_di
         prediction_type = guess_prediction_type(family, path, state.keys())
     config = Path(config_dir) if config_dir else SHIPPED_CONFIGS / family.shipped_config_name(prediction_type)
     if not (config / "model_index.json").is_file():
-        raise SdloraError(f"The config folder {config} has no model_index.json; pass a diffusers model folder as config_dir.")
+        raise SdloraError(
+            f"The config folder {config} has no model_index.json; pass a diffusers model folder as config_dir."
+        )
     common = dict(config=str(config), local_files_only=True)
     try:
         unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", dtype=dtype, **common)
@@ -220,7 +251,13 @@ def _load_single_file(path: Path, wanted, prediction_type: str, dtype, config_di
             create_diffusers_clip_model_from_ldm(cls, state, subfolder=attr, torch_dtype=dtype, **common)
             for cls, attr in zip(_text_encoder_classes(config, family), family.text_encoder_attrs)
         ]
-    except (ValueError, RuntimeError, KeyError, OSError, diffusers.loaders.single_file_utils.SingleFileComponentError) as error:
+    except (
+        ValueError,
+        RuntimeError,
+        KeyError,
+        OSError,
+        diffusers.loaders.single_file_utils.SingleFileComponentError,
+    ) as error:
         raise SdloraError(
             f"The checkpoint {path} does not fit the {config.name} model layout ({_first_line(error)}); "
             "check the family setting or pass a matching config folder."
@@ -236,7 +273,9 @@ def _check_complete(module: torch.nn.Module, name: str, path: Path) -> None:
     # Weights a checkpoint lacks stay on the "meta" device after diffusers' low-memory loading.
     missing = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     if missing:
-        raise SdloraError(f"The checkpoint {path} lacks {len(missing)} {name} weights (e.g. {missing[0]}); it is incomplete or of another model type.")
+        raise SdloraError(
+            f"The checkpoint {path} lacks {len(missing)} {name} weights (e.g. {missing[0]}); it is incomplete or of another model type."
+        )
 
 
 # --- shared ----------------------------------------------------------------------------------------
@@ -258,9 +297,13 @@ def vae_identity(vae: AutoencoderKL) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _assemble(unet, vae, encoders, tokenizers, family, prediction_type, source, scheduler_config) -> LoadedModel:
+def _assemble(
+    unet, vae, encoders, tokenizers, family, prediction_type, source, scheduler_config
+) -> LoadedModel:
     # Training noise always follows DDPM with the model's betas; clip_sample only matters when sampling.
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config, prediction_type=prediction_type, clip_sample=False)
+    noise_scheduler = DDPMScheduler.from_config(
+        scheduler_config, prediction_type=prediction_type, clip_sample=False
+    )
     return LoadedModel(
         unet=unet,
         vae=vae,

@@ -4,6 +4,7 @@ This is the inverse of diffusers.loaders.single_file_utils' conversions (it reus
 `load_model(save_single_file(...))` gives back the same weights. Used to save merged checkpoints and to
 build original-layout test files of the tiny models.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,10 @@ VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_LAYOUTS = {
     "sd1": [("cond_stage_model.transformer.", "clip")],
     "sd2": [("cond_stage_model.model.", "openclip")],
-    "sdxl": [("conditioner.embedders.0.transformer.", "clip"), ("conditioner.embedders.1.model.", "openclip")],
+    "sdxl": [
+        ("conditioner.embedders.0.transformer.", "clip"),
+        ("conditioner.embedders.1.model.", "openclip"),
+    ],
 }
 
 _UNET_TOP = {
@@ -69,14 +73,22 @@ def unet_name_to_original(name: str, unet_config: Mapping) -> str:
         if sub == "downsamplers":  # ".0.conv" -> ".0.op"
             return _join(f"input_blocks.{(block + 1) * step}.0.op", _join(*parts[5:]))
         n = 1 + block * step + int(parts[3])
-        return _join(f"input_blocks.{n}.0", _resnet(rest)) if sub == "resnets" else _join(f"input_blocks.{n}.1", rest)
+        return (
+            _join(f"input_blocks.{n}.0", _resnet(rest))
+            if sub == "resnets"
+            else _join(f"input_blocks.{n}.1", rest)
+        )
     if kind == "up_blocks":
         if sub == "upsamplers":
             # the upsampler follows the resnet (and the attention, when the block has one)
             slot = 2 if "CrossAttn" in unet_config["up_block_types"][block] else 1
             return _join(f"output_blocks.{block * step + step - 1}.{slot}", rest)
         n = block * step + int(parts[3])
-        return _join(f"output_blocks.{n}.0", _resnet(rest)) if sub == "resnets" else _join(f"output_blocks.{n}.1", rest)
+        return (
+            _join(f"output_blocks.{n}.0", _resnet(rest))
+            if sub == "resnets"
+            else _join(f"output_blocks.{n}.1", rest)
+        )
     raise KeyError(f"unexpected UNet key {name}")
 
 
@@ -101,9 +113,15 @@ def _vae_key(key: str, num_up_blocks: int) -> str:
                 return _join(coder, "mid.attn_1", old + rest[len(new) :])
     block, group = int(parts[0]), parts[1]
     # LDM numbers decoder levels from the bottom, diffusers from the top
-    level, name = (f"down.{block}", "downsample") if coder == "encoder" else (f"up.{num_up_blocks - 1 - block}", "upsample")
+    level, name = (
+        (f"down.{block}", "downsample")
+        if coder == "encoder"
+        else (f"up.{num_up_blocks - 1 - block}", "upsample")
+    )
     if group == "resnets":
-        return _join(coder, level, f"block.{parts[2]}", _join(*parts[3:]).replace("conv_shortcut", "nin_shortcut"))
+        return _join(
+            coder, level, f"block.{parts[2]}", _join(*parts[3:]).replace("conv_shortcut", "nin_shortcut")
+        )
     return _join(coder, level, name, _join(*parts[3:]))  # ...samplers.0.conv.weight -> ...sample.conv.weight
 
 
@@ -120,20 +138,34 @@ def vae_to_original(state_dict: Mapping[str, torch.Tensor], vae_config: Mapping)
 
 def clip_to_original(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     # transformers >= 5 drops the `text_model.` level of CLIPTextModel; the original layout keeps it.
-    return {prefix + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in state_dict.items()}
+    return {
+        prefix + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+        for k, v in state_dict.items()
+    }
 
 
 _OPENCLIP_TOP = {k: v for k, v in DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"].items()}
-_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
+_OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
 
 
 def openclip_to_original(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """OpenCLIP keeps q/k/v as one in_proj matrix and its text projection transposed."""
-    sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in state_dict.items()}
+    sd = {
+        k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+        for k, v in state_dict.items()
+    }
     out = {}
     for key, value in sd.items():
         if key in _OPENCLIP_TOP:
-            out[prefix + _OPENCLIP_TOP[key]] = value.T.contiguous() if key == "text_projection.weight" else value
+            out[prefix + _OPENCLIP_TOP[key]] = (
+                value.T.contiguous() if key == "text_projection.weight" else value
+            )
             continue
         layer, _, rest = key.removeprefix("text_model.encoder.layers.").partition(".")
         if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
@@ -145,7 +177,7 @@ def openclip_to_original(state_dict: Mapping[str, torch.Tensor], prefix: str) ->
             continue
         for new, old in _OPENCLIP_LAYER.items():
             if rest.startswith(new + "."):
-                out[f"{prefix}transformer.resblocks.{layer}.{old}{rest[len(new):]}"] = value
+                out[f"{prefix}transformer.resblocks.{layer}.{old}{rest[len(new) :]}"] = value
                 break
         else:
             raise KeyError(f"unexpected OpenCLIP key {key}")
@@ -165,12 +197,18 @@ def to_original_state_dict(components: Mapping) -> dict[str, torch.Tensor]:
 
 
 def save_single_file(
-    components: Mapping, path: str | os.PathLike, dtype: torch.dtype | None = None, metadata: dict | None = None
+    components: Mapping,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    metadata: dict | None = None,
 ) -> Path:
     """Write the components as one .safetensors checkpoint in the original layout."""
     state = to_original_state_dict(components)
     # safetensors refuses shared storage; contiguous copies also drop views made by the conversions
-    state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous().clone() for k, v in state.items()}
+    state = {
+        k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous().clone()
+        for k, v in state.items()
+    }
     path = Path(path)
     save_file(state, str(path), metadata={"format": "pt", **(metadata or {})})
     return path

@@ -4,7 +4,9 @@ Then every caption always encodes to the same tensors, and running CLIP once per
 of once per step saves both time and (once the encoder is moved off the GPU) memory.
 
 `TextEmbeddingCache(encode_fn)` is a drop-in for `encode_fn`: called with a list of captions, it returns
-the same structure encode_fn returns (a tensor, or tuples/lists/dicts of tensors, batch first).
+the same structure encode_fn returns (a tensor, or tuples/lists/dicts of tensors, batch first). Dict
+subclasses such as transformers' ModelOutput come back as plain dicts, so index them by key, which
+works on both (`output["last_hidden_state"]`).
 """
 from __future__ import annotations
 
@@ -15,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from trainer.captions import CaptionOptions
 from trainer.latent_cache import atomic_save
@@ -64,19 +65,18 @@ class TextEmbeddingCache:
         if caption in self._memory or self.folder is None:
             return self._memory.get(caption)
         try:
-            tensors = load_file(self.folder / f"{self.key(caption)}.safetensors")
-        except (FileNotFoundError, SafetensorError):
-            return None
-        spec = json.loads(tensors.pop("__spec__").numpy().tobytes().decode())
+            with safe_open(self.folder / f"{self.key(caption)}.safetensors", framework="pt") as file:
+                spec = json.loads(file.metadata()["structure"])
+                tensors = {name: file.get_tensor(name) for name in file.keys()}
+        except (FileNotFoundError, SafetensorError, KeyError, TypeError, ValueError):
+            return None  # absent or damaged: encode again
         self._memory[caption] = _rebuild(spec, tensors)
         return self._memory[caption]
 
     def _save(self, caption: str, output: Any) -> None:
         tensors: dict[str, torch.Tensor] = {}
-        spec = _describe(output, tensors)
-        # The structure travels inside the file as bytes so that one file is the whole entry.
-        tensors["__spec__"] = torch.frombuffer(bytearray(json.dumps(spec).encode()), dtype=torch.uint8)
-        atomic_save(tensors, self.folder / f"{self.key(caption)}.safetensors")
+        structure = json.dumps(_describe(output, tensors))
+        atomic_save(tensors, self.folder / f"{self.key(caption)}.safetensors", {"structure": structure})
 
 
 # Batched outputs are split into per-caption pieces and stacked back; the structure is walked by hand
@@ -88,7 +88,7 @@ def _unstack(output: Any, count: int) -> list[Any]:
         return [row.detach().to("cpu", copy=True) for row in output]
     if isinstance(output, dict):
         columns = {key: _unstack(value, count) for key, value in output.items()}
-        return [_like(output, {key: column[i] for key, column in columns.items()}) for i in range(count)]
+        return [{key: column[i] for key, column in columns.items()} for i in range(count)]
     if isinstance(output, (tuple, list)):
         columns = [_unstack(value, count) for value in output]
         return [type(output)(column[i] for column in columns) for i in range(count)]
@@ -100,18 +100,10 @@ def _stack(pieces: list[Any], device: torch.device) -> Any:
     if isinstance(first, torch.Tensor):
         return torch.stack(pieces).to(device)
     if isinstance(first, dict):
-        return _like(first, {key: _stack([piece[key] for piece in pieces], device) for key in first})
+        return {key: _stack([piece[key] for piece in pieces], device) for key in first}
     if isinstance(first, (tuple, list)):
         return type(first)(_stack([piece[i] for piece in pieces], device) for i in range(len(first)))
     return first
-
-
-def _like(original: dict, values: dict) -> dict:
-    """`values` in the original mapping's class, so transformers' `output.last_hidden_state` still works."""
-    try:
-        return type(original)(**values)
-    except TypeError:
-        return dict(values)
 
 
 def _describe(output: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -5,6 +5,7 @@ linear projections, prediction type, text encoders, SDXL's text_time conditionin
 factor of 8. So every module kind LoRA/LoCon adapts exists, every key name matches the real model's, and
 a 64 px image gives an 8x8 latent, small enough to train in seconds on a CPU.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,9 @@ CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 OPENCLIP_PAD = "!"
 
 # The real SD schedule; every SD1/SD2/SDXL checkpoint was trained with it.
-_SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+_SD_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+)
 
 
 def load_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
@@ -145,9 +148,15 @@ def _scheduler(family: str):
         return PNDMScheduler(**_SD_SCHEDULE, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     if family == "sd2":  # SD2.x 768-v
         return DDIMScheduler(
-            **_SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction"
+            **_SD_SCHEDULE,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
         )
-    return EulerDiscreteScheduler(**_SD_SCHEDULE, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    return EulerDiscreteScheduler(
+        **_SD_SCHEDULE, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon"
+    )
 
 
 def build_tiny_pipeline_components(family: str, seed: int = 0) -> dict:
@@ -175,14 +184,18 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
     components = build_tiny_pipeline_components(family, seed)
     if family == "sdxl":
         return StableDiffusionXLPipeline(**components)
-    return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
 
 
 def save_demo_model(directory: str | os.PathLike, family: str, seed: int = 0) -> Path:
     """Write the tiny model of `family` as a diffusers folder that DiffusionPipeline.from_pretrained opens."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
-        raise SdloraError(f"The folder {directory} is not empty; choose a new or empty folder for the demo model.")
+        raise SdloraError(
+            f"The folder {directory} is not empty; choose a new or empty folder for the demo model."
+        )
     build_tiny_pipeline(family, seed).save_pretrained(directory, safe_serialization=True)
     return directory
 
@@ -193,7 +206,12 @@ def _cache_root() -> Path:
 
 def _demo_fingerprint(family: str) -> str:
     """Changes whenever the tiny architecture does, so a stale cached folder is never reused."""
-    configs = [_unet_config(family), _vae_config(family), _text_encoder_configs(family), dict(_scheduler(family).config)]
+    configs = [
+        _unet_config(family),
+        _vae_config(family),
+        _text_encoder_configs(family),
+        dict(_scheduler(family).config),
+    ]
     text = json.dumps(configs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

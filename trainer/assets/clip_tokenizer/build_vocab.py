@@ -3,6 +3,7 @@
 The files are shipped so nothing has to download a tokenizer; this script only documents and repeats
 how they were made:  python build_vocab.py /path/to/bpe_simple_vocab_16e6.txt.gz
 """
+
 import gzip
 import json
 import sys
@@ -14,7 +15,11 @@ MERGE_COUNT = 49408 - 256 - 256 - 2
 
 def bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP's printable stand-in for every byte, in CLIP's vocab order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -32,7 +37,9 @@ def build(gz_path: str | Path, out_dir: str | Path) -> None:
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     out = Path(out_dir)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
+    (out / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8"
+    )
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 

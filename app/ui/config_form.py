@@ -1,0 +1,167 @@
+"""The training form as a view of TrainConfig: widgets are generated from `config_field_table`.
+
+There is no second list of fields here: a key's widget, label, help text and choices all come from the
+config model, so a key added to trainer/config.py appears in the Advanced section by itself. The form
+holds a complete config (choosing a preset fills every widget), and reading it back goes through the
+same validation as a config file, so errors name the key: "network.rank must be an integer >= 1 (got 0)."
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import gradio as gr
+
+from networks.errors import SdloraError
+from trainer.config import ConfigField, TrainConfig, config_field_table
+from trainer.presets import resolve_config
+
+PROMPTS_KEY = "sample.prompts"  # edited as one prompt per line in the main form
+SKIPPED_KEYS = ("output.dir",)  # the run manager sets it to the new run's folder
+SECTION_TITLES = {"": "General", "model": "Model", "dataset": "Dataset", "network": "Network", "train": "Training",
+                  "sample": "Samples", "save": "Saving", "output": "Output", "validation": "Validation"}
+PER_ROW = 3
+
+
+class ConfigForm:
+    """Widgets keyed by dotted config key; `components` is the order event handlers receive them in."""
+
+    def __init__(self):
+        self.fields: dict[str, ConfigField] = {f.key: f for f in config_field_table()}
+        self.widgets: dict[str, gr.components.Component] = {}
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.widgets)
+
+    @property
+    def components(self) -> list[gr.components.Component]:
+        return list(self.widgets.values())
+
+    def add(self, key: str, **options) -> gr.components.Component:
+        """Create (inside the current layout) the widget for `key`; `options` refine label, info, scale."""
+        widget = make_widget(self.fields[key], **options)
+        self.widgets[key] = widget
+        return widget
+
+    def add_remaining(self) -> None:
+        """Every key not in the main form, one tab per config section (the Advanced accordion)."""
+        remaining = [f for f in self.fields.values()
+                     if f.key not in self.widgets and f.key not in SKIPPED_KEYS and f.key != PROMPTS_KEY]
+        sections: dict[str, list[ConfigField]] = {}
+        for field in remaining:
+            sections.setdefault(section_of(field.key), []).append(field)
+        with gr.Tabs():
+            for section, fields in sections.items():
+                with gr.Tab(SECTION_TITLES.get(section, section.title())):
+                    for start in range(0, len(fields), PER_ROW):
+                        with gr.Row(equal_height=True):
+                            for field in fields[start:start + PER_ROW]:
+                                self.add(field.key)
+
+    # -- values ---------------------------------------------------------------------------------
+    def to_config(self, preset: str | None, prompts_text: str, values: Sequence[Any]) -> TrainConfig:
+        """The validated config the form describes; the preset only fills keys the form lacks."""
+        data: dict = {}
+        for key, value in zip(self.keys, values):
+            _set(data, key, from_widget(self.fields[key], value))
+        template = resolve_config(preset).sample.prompts if preset else []
+        _set(data, PROMPTS_KEY, prompts_from_text(prompts_text, template))
+        return resolve_config(preset or None, base=data)
+
+    def values(self, cfg: TrainConfig) -> list[Any]:
+        """Widget values showing `cfg`, in `components` order."""
+        data = cfg.model_dump(mode="python")
+        return [to_widget(self.fields[key], _get(data, key)) for key in self.keys]
+
+
+def section_of(key: str) -> str:
+    return key.split(".", 1)[0] if "." in key else ""
+
+
+def make_widget(field: ConfigField, label: str | None = None, info: str | None = None, **options):
+    kind = field.type
+    label = label or field.key.rsplit(".", 1)[-1].replace("_", " ").capitalize()
+    info = info if info is not None else f"{field.description} ({field.key})"
+    common = dict(label=label, info=info, elem_id="cfg-" + field.key.replace(".", "-"), **options)
+    value = to_widget(field, field.default)
+    if field.choices:
+        return gr.Dropdown(choices=list(field.choices), value=value, **common)
+    if kind == "bool":
+        return gr.Checkbox(value=value, **common)
+    if kind in ("int", "int | None"):
+        return gr.Number(value=value, precision=0, step=1, **common)
+    if kind in ("float", "float | None"):
+        return gr.Number(value=value, step=_float_step(field), **common)
+    if kind in ("str", "str | None"):
+        return gr.Textbox(value=value, **common)
+    return gr.Textbox(value=value, placeholder="JSON", **common)  # lists and tables
+
+
+def _float_step(field: ConfigField) -> float:
+    if field.bounds.get("le") == 1:
+        return 0.01  # probabilities
+    if "learning_rate" in field.key or field.key.endswith("_lr"):
+        return 1e-5
+    return 0.1
+
+
+def _is_structured(field: ConfigField) -> bool:
+    return field.type.startswith(("list", "dict"))
+
+
+def to_widget(field: ConfigField, value: Any) -> Any:
+    if _is_structured(field):
+        if value is None:
+            return ""
+        return json.dumps(value.model_dump() if hasattr(value, "model_dump") else value)
+    if value is None and field.type in ("str", "str | None"):
+        return ""
+    return value
+
+
+def from_widget(field: ConfigField, value: Any) -> Any:
+    """A widget's value as the config expects it; empty optional fields become None (unset)."""
+    optional = field.type.endswith("| None")
+    if _is_structured(field):
+        text = (value or "").strip()
+        if not text:
+            return None if optional else ([] if field.type.startswith("list") else {})
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise SdloraError(f"{field.key} must be JSON, e.g. {json.dumps(field.default) if field.default else '[]'}"
+                              f" (got {text[:40]!r}).") from None
+    if isinstance(value, str) and optional and not value.strip():
+        return None
+    if isinstance(value, float) and field.type.startswith("int") and value.is_integer():
+        return int(value)
+    return value
+
+
+def prompts_from_text(text: str, template: Sequence[Any] = ()) -> list[dict]:
+    """One prompt per line; line i keeps the seed/steps/size of the preset's prompt i (or its last one)."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    prompts = []
+    for index, line in enumerate(lines):
+        base = template[min(index, len(template) - 1)].model_dump() if template else {}
+        prompts.append({**base, "prompt": line})
+    return prompts
+
+
+def prompts_to_text(cfg: TrainConfig) -> str:
+    return "\n".join(p.prompt for p in cfg.sample.prompts)
+
+
+def _set(data: dict, key: str, value: Any) -> None:
+    *sections, leaf = key.split(".")
+    for section in sections:
+        data = data.setdefault(section, {})
+    data[leaf] = value
+
+
+def _get(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data

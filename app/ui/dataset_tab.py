@@ -1,0 +1,243 @@
+"""Dataset tab: open a folder, see every image with its caption, edit captions, check the stats.
+
+The scan is the trainer's own (trainer/dataset.py), so what this tab reports (usable images, skipped
+files and why, buckets) is exactly what training will use.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from app.security import new_folder, user_folder
+from app.ui.caption_files import add_trigger_everywhere, read_caption, replace_everywhere, write_caption
+from app.ui.context import UIContext
+from app.ui.notices import api_errors, guarded, notice, ok
+from app.ui.thumbnails import PREVIEW_SIDE, thumbnail
+from networks.errors import SdloraError
+from trainer.buckets import BucketSpec
+from trainer.dataset import DatasetOptions, DatasetReport, Item, scan_folder
+from trainer.demo_data import make_demo_dataset
+
+GALLERY_LIMIT = 500  # thumbnails shown; stats always cover the whole folder
+LISTED_PROBLEMS = 20
+EMPTY_BUCKETS = pd.DataFrame({"bucket": [], "images": []})
+
+
+@dataclass
+class Scan:
+    folder: Path
+    items: list[Item]
+    report: DatasetReport
+    extension: str
+
+    @property
+    def images(self) -> list[Path]:
+        return [item.path for item in self.items]
+
+
+def scan(folder_text: str, resolution: int | float | None = 512, extension: str = ".txt") -> Scan:
+    folder = user_folder(folder_text, "dataset folder")
+    resolution = int(resolution or 512)
+    if resolution < 64 or resolution % 64:
+        raise SdloraError(f"The bucket resolution must be a multiple of 64 of at least 64 (got {resolution}).")
+    options = DatasetOptions(folder, buckets=BucketSpec(resolution=resolution), caption_extension=extension)
+    items, report = scan_folder(options)
+    return Scan(folder, items, report, options.caption_suffix)
+
+
+def gallery_entries(images: list[Path], extension: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(thumbnail, caption) pairs and the images they show, in gallery order (a click gives an index).
+
+    Thumbnails are cached, so this is cheap after the first call.
+    """
+    entries, shown = [], []
+    for image in images[:GALLERY_LIMIT]:
+        thumb = thumbnail(image)
+        if thumb is not None:
+            caption = read_caption(image, extension)
+            entries.append((str(thumb), _short(caption) if caption else "(no caption)"))
+            shown.append(str(image))
+    return entries, shown
+
+
+def stats_markdown(result: Scan) -> str:
+    report, sizes = result.report, [item.size for item in result.items]
+    (common, times), = Counter(sizes).most_common(1)
+    smallest, largest = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
+    captioned = report.usable - len(report.captions_missing)
+    lines = [
+        f"**{report.usable} usable images** of {report.images_found} in `{result.folder}` "
+        f"· {report.samples_per_epoch} samples per epoch",
+        f"- Sizes: {_size(smallest)} to {_size(largest)}; most common {_size(common)} ({times}x)",
+        f"- Captions: {captioned} of {report.usable} have a `{result.extension}` file",
+        f"- Unreadable files: {len(report.skipped) or 'none'}",
+    ]
+    if len(result.items) > GALLERY_LIMIT:
+        lines.append(f"- The gallery shows the first {GALLERY_LIMIT} images.")
+    return "\n".join(lines)
+
+
+def problems_markdown(report: DatasetReport) -> str:
+    lines = [f"- Unreadable: `{s.name}`: {s.reason}" for s in report.skipped[:LISTED_PROBLEMS]]
+    lines += [f"- Ignored folder `{s.name}`: {s.reason}" for s in report.ignored_folders[:LISTED_PROBLEMS]]
+    missing = report.captions_missing
+    if missing:
+        shown = ", ".join(f"`{name}`" for name in missing[:LISTED_PROBLEMS])
+        more = f" and {len(missing) - LISTED_PROBLEMS} more" if len(missing) > LISTED_PROBLEMS else ""
+        lines.append(f"- No caption: {shown}{more}")
+    return "\n".join(["#### Problems", *lines]) if lines else "No problems found."
+
+
+def bucket_frame(report: DatasetReport) -> pd.DataFrame:
+    rows = sorted(report.bucket_counts.items(), key=lambda kv: kv[0][0] / kv[0][1])
+    return pd.DataFrame({"bucket": [f"{w}x{h}" for (w, h), _ in rows], "images": [n for _, n in rows]})
+
+
+def create_demo(folder_text: str, count: int | float | None, ctx: UIContext) -> Path:
+    folder = new_folder(folder_text or ctx.free_demo_folder(), "demo dataset folder")
+    count = int(count or 12)
+    if not 1 <= count <= 200:
+        raise SdloraError(f"Make between 1 and 200 demo images (got {count}).")
+    make_demo_dataset(folder, count=count)
+    return folder
+
+
+def _short(text: str, limit: int = 90) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+@dataclass
+class DatasetTab:
+    folder: gr.Textbox
+    state: gr.State  # {"folder", "images", "shown", "extension"} of the last dataset opened successfully
+    opened: list  # events after which `state` may hold a newly opened dataset
+
+
+def build(ctx: UIContext) -> DatasetTab:
+    state = gr.State(None)  # {"folder", "images", "extension"} of the opened dataset
+    with gr.Row(equal_height=True):
+        folder = gr.Textbox(label="Dataset folder", placeholder="/path/to/images", scale=5, elem_id="dataset-folder",
+                            info="Images with a .txt caption beside each (cat.png + cat.txt); kohya "
+                                 "'10_name' sub-folders work too.")
+        resolution = gr.Number(512, label="Bucket resolution", precision=0, scale=1, min_width=120,
+                               info="Training side in px.")
+        open_button = gr.Button("Open", variant="primary", scale=1, min_width=100, elem_id="dataset-open")
+    with gr.Accordion("No images yet? Create the demo dataset", open=False, elem_id="demo-accordion"):
+        with gr.Row(equal_height=True):
+            demo_folder = gr.Textbox(str(ctx.free_demo_folder()), label="New folder", scale=5,
+                                     elem_id="demo-folder")
+            demo_count = gr.Number(12, label="Images", precision=0, scale=1, min_width=100)
+            demo_button = gr.Button("Create demo dataset", scale=1, min_width=160, elem_id="demo-create")
+    message = gr.HTML(elem_id="dataset-notice")
+    with gr.Row():
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Images", columns=6, height=460, object_fit="cover", allow_preview=False,
+                                 elem_id="dataset-gallery")
+        with gr.Column(scale=2):
+            preview = gr.Image(label="Selected image", height=240, interactive=False, elem_id="caption-preview")
+            selected = gr.Number(visible=False, precision=0)
+            caption = gr.Textbox(label="Caption", lines=3, placeholder="Click an image to edit its caption.",
+                                 elem_id="caption-text")
+            save_caption = gr.Button("Save caption", elem_id="caption-save")
+            with gr.Accordion("Edit all captions", open=False):
+                with gr.Row(equal_height=True):
+                    trigger = gr.Textbox(label="Trigger word", placeholder="mystyle", scale=3)
+                    add_trigger = gr.Button("Add to all", scale=1, min_width=110)
+                with gr.Row(equal_height=True):
+                    find = gr.Textbox(label="Find", scale=2)
+                    replace = gr.Textbox(label="Replace with", scale=2)
+                    replace_button = gr.Button("Replace all", scale=1, min_width=110)
+    with gr.Row():
+        stats = gr.Markdown(elem_id="dataset-stats")
+        buckets = gr.BarPlot(EMPTY_BUCKETS, x="bucket", y="images", title="Buckets", height=220,
+                             elem_id="bucket-plot", sort=None)
+    problems = gr.Markdown()
+
+    view_outputs = [message, gallery, stats, buckets, problems, state]
+
+    def view(result: Scan, note: str) -> tuple:
+        entries, shown = gallery_entries(result.images, result.extension)
+        saved = {"folder": str(result.folder), "images": [str(p) for p in result.images], "shown": shown,
+                 "extension": result.extension}
+        return (ok(note), entries, stats_markdown(result), bucket_frame(result.report),
+                problems_markdown(result.report), saved)
+
+    @guarded(len(view_outputs) + 1)
+    def on_open(folder_text, res):
+        result = scan(folder_text, res)
+        return (*view(result, f"Opened {result.folder.name}: {result.report.usable} images."), str(result.folder))
+
+    @guarded(len(view_outputs) + 2)
+    def on_create(target, count, res):
+        created = create_demo(target, count, ctx)
+        result = scan(str(created), res)
+        return (*view(result, f"Created the demo dataset in {created}."), str(created), str(ctx.free_demo_folder()))
+
+    def _image(saved, index) -> Path:
+        if not saved or index is None or not 0 <= int(index) < len(saved["shown"]):
+            raise SdloraError("Click an image first.")
+        return Path(saved["shown"][int(index)])
+
+    @guarded(4)
+    def on_select(saved, evt: gr.SelectData):
+        image = _image(saved, evt.index)
+        return notice(), str(thumbnail(image, PREVIEW_SIDE) or ""), read_caption(image, saved["extension"]) or "", evt.index
+
+    @guarded(2)
+    def on_save(saved, index, text):
+        image = _image(saved, index)
+        write_caption(image, text, Path(saved["folder"]), saved["extension"])
+        entries, _ = gallery_entries([Path(p) for p in saved["shown"]], saved["extension"])
+        return ok(f"Saved the caption of {image.name}."), gr.Gallery(entries, selected_index=int(index))
+
+    def bulk(action):
+        @guarded(len(view_outputs))
+        def run(saved, res, *args):
+            if not saved:
+                raise SdloraError("Open a dataset folder first.")
+            folder_path = Path(saved["folder"])
+            changed = action([Path(p) for p in saved["images"]], *args, folder_path, saved["extension"])
+            return view(scan(saved["folder"], res), f"Changed {changed} caption file(s).")
+        return run
+
+    opened = [
+        open_button.click(on_open, [folder, resolution], [*view_outputs, folder], api_name="dataset_open",
+                          api_visibility="undocumented"),
+        folder.submit(on_open, [folder, resolution], [*view_outputs, folder], api_visibility="private"),
+        demo_button.click(on_create, [demo_folder, demo_count, resolution], [*view_outputs, folder, demo_folder],
+                          api_name="dataset_create_demo", api_visibility="undocumented"),
+    ]
+    gallery.select(on_select, [state], [message, preview, caption, selected], api_visibility="private")
+    save_caption.click(on_save, [state, selected, caption], [message, gallery], api_name="caption_save",
+                       api_visibility="undocumented")
+    add_trigger.click(bulk(add_trigger_everywhere), [state, resolution, trigger], view_outputs,
+                      api_name="captions_add_trigger", api_visibility="undocumented")
+    replace_button.click(bulk(replace_everywhere), [state, resolution, find, replace], view_outputs,
+                         api_name="captions_replace", api_visibility="undocumented")
+    return DatasetTab(folder, state, opened)
+
+
+# -- API endpoints (gr.api): the same operations for scripts and gradio_client ----------------------
+
+def api_endpoints(ctx: UIContext) -> None:
+    @api_errors
+    def create_demo_dataset(folder: str = "", count: int = 12) -> dict:
+        """Write the generated demo style dataset (PNG + .txt captions) into a new folder."""
+        created = create_demo(folder, count, ctx)
+        return {"folder": str(created), "images": len(list(created.glob("*.png")))}
+
+    @api_errors
+    def scan_dataset(folder: str, resolution: int = 512) -> dict:
+        """The dataset report the trainer would see: usable images, skipped files, captions, buckets."""
+        return scan(folder, resolution).report.to_dict()
+
+    gr.api(create_demo_dataset, api_name="create_demo_dataset")
+    gr.api(scan_dataset, api_name="scan_dataset")
