@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from app.security import run_folder
+from app.security import run_folder, user_folder
 from networks.errors import SdloraError
 from trainer.config import TrainConfig, save_config
+from trainer.images import IMAGE_EXTENSIONS
 
 try:
     import tomllib
@@ -32,6 +34,7 @@ LIFECYCLE = ("started", "stopped", "finished", "error")
 ACTIVE = ("starting", "running")
 RESUMABLE = ("stopped", "interrupted", "error")
 LOG_TAIL_BYTES = 64 * 1024
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class RunManager:
         self._children: dict[Path, subprocess.Popen] = {}
         self._logs: dict[Path, EventLog] = {}
         self._lock = threading.Lock()
+        self._launch_lock = threading.Lock()  # the busy check and the launch must not interleave
 
     # -- reading --------------------------------------------------------------------------------
     def resolve(self, run: str | Path) -> Path:
@@ -248,12 +252,13 @@ class RunManager:
 
     def start(self, cfg: TrainConfig) -> Path:
         """Write a new run folder with `cfg` as its config.toml and start the trainer on it."""
-        self._refuse_if_busy()
-        run_dir = self.new_run_dir(cfg.name)
-        cfg = cfg.model_copy(deep=True)
-        cfg.output.dir = str(run_dir)
-        save_config(cfg, run_dir / "config.toml")
-        self._launch(run_dir, ["--config", str(run_dir / "config.toml")])
+        cfg = preflight(cfg)
+        with self._launch_lock:
+            self._refuse_if_busy()
+            run_dir = self.new_run_dir(cfg.name)
+            cfg.output.dir = str(run_dir)
+            save_config(cfg, run_dir / "config.toml")
+            self._launch(run_dir, ["--config", str(run_dir / "config.toml")])
         return run_dir
 
     def resume(self, run_dir: Path) -> Path:
@@ -265,8 +270,9 @@ class RunManager:
         if not (run_dir / "state").is_dir():
             raise SdloraError(f"The run {run_dir.name} has no saved state yet (no checkpoint was written); "
                               "start it again as a new run.")
-        self._refuse_if_busy()
-        self._launch(run_dir, ["--resume", str(run_dir)])
+        with self._launch_lock:
+            self._refuse_if_busy()
+            self._launch(run_dir, ["--resume", str(run_dir)])
         return run_dir
 
     def stop(self, run_dir: Path) -> int:
@@ -316,6 +322,37 @@ class RunManager:
         with self._lock:
             self._children[run_dir] = child
         return child
+
+
+def preflight(cfg: TrainConfig) -> TrainConfig:
+    """A copy of `cfg` with absolute paths, after the checks that would otherwise fail seconds later in
+    the trainer: the dataset folder holds images and a model given as a path exists."""
+    cfg = cfg.model_copy(deep=True)
+    folder = user_folder(cfg.dataset.path, "dataset folder")
+    if not _has_images(folder):
+        raise SdloraError(f"The dataset folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                          "add some or choose another folder.")
+    cfg.dataset.path = str(folder)
+    model = cfg.model.path.strip()
+    if not model.startswith("demo:"):
+        path = Path(model).expanduser()
+        if path.exists():
+            cfg.model.path = str(path.resolve())
+        elif not (_HUB_ID.fullmatch(model) and not path.suffix):
+            raise SdloraError(f"The base model {model} was not found; give a diffusers folder, a "
+                              ".safetensors/.ckpt file, or demo:sd1.")
+    return cfg
+
+
+def _has_images(folder: Path) -> bool:
+    """Images at the top level or in kohya-style sub-folders (one level down), as the trainer reads them."""
+    for entry in folder.iterdir():
+        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            return True
+        if entry.is_dir() and not entry.name.startswith("."):
+            if any(f.suffix.lower() in IMAGE_EXTENSIONS for f in entry.iterdir() if f.is_file()):
+                return True
+    return False
 
 
 def _is_run(path: Path) -> bool:

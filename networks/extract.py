@@ -13,15 +13,15 @@ from torch import nn
 from .analysis import LowRankSVD
 from .errors import SdloraError
 from .naming import components_for, kohya_name
-from .resize import RankChoice, kohya_tensors, truncation_report
+from .resize import RankChoice, Truncation, kohya_state, truncation_report
 from .targets import TargetRules, find_targets, uses_conv_rank
 
 ROLES = ("unet", "text_encoder", "text_encoder_2")
 
 
 def extract_module(name: str, base_weight: torch.Tensor, tuned_weight: torch.Tensor, choice: RankChoice,
-                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """(kohya tensors, report) for one module; 4-D weights give 4-D LoRA tensors with the base kernel."""
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Truncation, dict]:
+    """(truncated SVD, report) for one module; 4-D weights will give 4-D LoRA tensors with the base kernel."""
     if base_weight.shape != tuned_weight.shape:
         raise SdloraError(f"Module {name} is {tuple(base_weight.shape)} in the base model but "
                           f"{tuple(tuned_weight.shape)} in the tuned one; both must be the same architecture.")
@@ -32,7 +32,7 @@ def extract_module(name: str, base_weight: torch.Tensor, tuned_weight: torch.Ten
     kernel = tuple(base_weight.shape[2:]) if base_weight.dim() == 4 else None
     report = truncation_report(name, svd.S, min(delta.shape), k)
     report.pop("rank_before")
-    return kohya_tensors(name, svd, k, kernel, dtype), report
+    return Truncation(name, svd, k, kernel, dtype), report
 
 
 def changed(base_weight: torch.Tensor, tuned_weight: torch.Tensor, min_change: float) -> bool:
@@ -52,7 +52,7 @@ def extract_lora(family: str, base: dict[str, nn.Module], tuned: dict[str, nn.Mo
     parts = components_for(family, base.get("unet"),
                            [base.get(r) for r in ROLES[1:] if base.get(r) is not None] if text_encoder else [])
     rules = TargetRules(locon=locon)
-    state, report = {}, {}
+    truncations, report = [], {}
     for part in parts:
         tuned_modules = _tuned_modules(tuned, part.role)
         for path, module in find_targets(part.model, part.is_unet, rules):
@@ -64,13 +64,13 @@ def extract_lora(family: str, base: dict[str, nn.Module], tuned: dict[str, nn.Mo
                 continue
             name = kohya_name(part, path)
             rank_choice = conv_choice if uses_conv_rank(module) else choice
-            tensors, report[name] = extract_module(name, module.weight.detach(), tuned_module.weight.detach(),
-                                                   rank_choice, dtype, device)
-            state.update(tensors)
-    if not state:
+            truncation, report[name] = extract_module(name, module.weight.detach(), tuned_module.weight.detach(),
+                                                      rank_choice, dtype, device)
+            truncations.append(truncation)
+    if not truncations:
         raise SdloraError("The tuned model equals the base model in every adaptable module; there is nothing "
                           "to extract (check that the two models differ).")
-    return state, report
+    return kohya_state(truncations), report
 
 
 def _tuned_modules(tuned: dict[str, nn.Module], role: str) -> dict[str, nn.Module]:

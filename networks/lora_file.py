@@ -44,6 +44,10 @@ def atomic_write(target: Path, write) -> None:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise SdloraError(f"Cannot write {target} ({error.strerror or error}); free disk space or choose a "
+                          "writable folder, then resume from the last checkpoint.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -17,7 +17,7 @@ from .errors import SdloraError
 from .inspect import lora_family
 from .lora_file import read_lora, save_lora
 from .metadata import MINIMAL_KEYS
-from .resize import RankChoice, kohya_tensors, rank_metadata, truncation_report
+from .resize import RankChoice, Truncation, kohya_state, rank_metadata, truncation_report
 
 Source = tuple[dict[str, torch.Tensor], float, str]  # (state dict, weight, name for messages)
 
@@ -30,16 +30,16 @@ def mix_states(sources: list[Source], choice: RankChoice,
         raise SdloraError("Give at least one LoRA file to mix.")
     factors = [(lora_factors(state, name), weight, name) for state, weight, name in sources]
     names = sorted({n for f, _, _ in factors for n in f}, key=lambda n: (block_order(n), n))
-    state, report = {}, {}
+    truncations, report = [], {}
     for name in names:
         present = [(f[name], weight, source) for f, weight, source in factors if name in f]
-        tensors, report[name] = mix_module(name, present, choice, dtype)
-        state.update(tensors)
-    return state, report
+        truncation, report[name] = mix_module(name, present, choice, dtype)
+        truncations.append(truncation)
+    return kohya_state(truncations), report
 
 
 def mix_module(name: str, present: list[tuple[ModuleFactors, float, str]], choice: RankChoice,
-               dtype: torch.dtype | None) -> tuple[dict, dict]:
+               dtype: torch.dtype | None) -> tuple[Truncation, dict]:
     first = present[0][0]
     for module, _, source in present[1:]:
         check_same_shape(first, module, present[0][2], source)
@@ -51,7 +51,7 @@ def mix_module(name: str, present: list[tuple[ModuleFactors, float, str]], choic
     kernel = next((m.kernel for m, _, _ in present if m.kernel is not None), None)
     report = truncation_report(name, svd.S, up.shape[1], k)
     report["sources"] = len(present)
-    return kohya_tensors(name, svd, k, kernel, dtype or first.dtype), report
+    return Truncation(name, svd, k, kernel, dtype or first.dtype), report
 
 
 def mix_loras(paths: list[str | os.PathLike], weights: list[float] | None, output: str | os.PathLike,

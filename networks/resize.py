@@ -1,7 +1,10 @@
 """Change a LoRA's rank by truncating each module's SVD: to a fixed rank, or per module by energy / sv ratio.
 
-The truncated update U_k S_k V_k^T is written back as up = U_k sqrt(S_k), down = sqrt(S_k) V_k^T with
-alpha = k, so every loader's scale alpha / r is 1 and both factors have the same magnitude (fp16-safe).
+The truncated update U_k S_k V_k^T is written back as up = U_k sqrt(S_k / c), down = sqrt(S_k / c) V_k^T
+with c = alpha / k the loaders' scale, so both factors have the same magnitude (fp16-safe). The whole file
+gets one alpha, the most common new rank (scale 1 for most modules): diffusers 0.42 drops per-module
+alphas of attention and text-encoder modules that differ from the file's most common alpha (its
+alpha_pattern keys match nothing), so a file with varying ranks must not vary its alphas.
 Extract and mix end in the same step, so the rank choice and the writing live here.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -72,13 +76,35 @@ class RankChoice:
         return max(1, min(k, len(s)))
 
 
+@dataclass
+class Truncation:
+    """One module's SVD and the rank to keep, before the file's common alpha is known."""
+
+    name: str
+    svd: LowRankSVD
+    rank: int
+    kernel: tuple[int, ...] | None  # (kh, kw): write 4-D (conv) tensors
+    dtype: torch.dtype
+
+
+def kohya_state(truncations: list[Truncation]) -> dict[str, torch.Tensor]:
+    """The kohya state dict of every truncation, all with one alpha: the most common rank (ties: the larger)."""
+    counts = Counter(t.rank for t in truncations)
+    alpha = float(max(counts, key=lambda rank: (counts[rank], rank))) if counts else 1.0
+    state = {}
+    for t in truncations:
+        state.update(kohya_tensors(t.name, t.svd, t.rank, t.kernel, t.dtype, alpha))
+    return state
+
+
 def kohya_tensors(name: str, svd: LowRankSVD, k: int, kernel: tuple[int, ...] | None,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The three kohya tensors of the rank-k truncation, alpha = k (scale 1).
+                  dtype: torch.dtype, alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """The three kohya tensors of the rank-k truncation; alpha None means alpha = k (scale 1).
 
     kernel=(kh, kw) writes the LoCon layout: down [k, in, kh, kw] (the base conv's kernel), up [out, k, 1, 1].
     """
-    root = svd.S[:k].clamp(min=0).sqrt()
+    alpha = float(k) if alpha is None else alpha
+    root = (svd.S[:k].clamp(min=0) * (k / alpha)).sqrt()  # divides out the scale alpha / k loaders apply
     up = svd.U[:, :k] * root
     down = root[:, None] * svd.Vh[:k]
     if kernel is not None:
@@ -86,7 +112,7 @@ def kohya_tensors(name: str, svd: LowRankSVD, k: int, kernel: tuple[int, ...] | 
         up = up[:, :, None, None]
     return {f"{name}.lora_down.weight": down.to(dtype).contiguous(),
             f"{name}.lora_up.weight": up.to(dtype).contiguous(),
-            f"{name}.alpha": torch.tensor(float(k), dtype=torch.float32)}
+            f"{name}.alpha": torch.tensor(alpha, dtype=torch.float32)}
 
 
 def truncation_report(name: str, singular_values: torch.Tensor, rank_before: int, k: int) -> dict:
@@ -98,22 +124,22 @@ def truncation_report(name: str, singular_values: torch.Tensor, rank_before: int
             "relative_error": math.sqrt(max(0.0, 1.0 - kept))}
 
 
-def resize_module(module: ModuleFactors, choice: RankChoice, dtype: torch.dtype | None = None) -> tuple[dict, dict]:
+def resize_module(module: ModuleFactors, choice: RankChoice, dtype: torch.dtype | None = None) -> tuple[Truncation, dict]:
     svd = module_svd(module)
     k = choice.pick(svd.S, module.name, module.max_rank)
-    tensors = kohya_tensors(module.name, svd, k, module.kernel, dtype or module.dtype)
-    return tensors, truncation_report(module.name, svd.S, module.rank, k)
+    truncation = Truncation(module.name, svd, k, module.kernel, dtype or module.dtype)
+    return truncation, truncation_report(module.name, svd.S, module.rank, k)
 
 
 def resize_state(state: dict[str, torch.Tensor], choice: RankChoice, source: str = "the file",
                  dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """(new kohya state dict, {module: report}); dtype None keeps each module's dtype."""
     choice.validate()
-    new_state, report = {}, {}
+    truncations, report = [], {}
     for name, module in lora_factors(state, source).items():
-        tensors, report[name] = resize_module(module, choice, dtype)
-        new_state.update(tensors)
-    return new_state, report
+        truncation, report[name] = resize_module(module, choice, dtype)
+        truncations.append(truncation)
+    return kohya_state(truncations), report
 
 
 def resize_lora(path: str | os.PathLike, output: str | os.PathLike, choice: RankChoice,
@@ -149,10 +175,10 @@ def rank_metadata(metadata: dict[str, str], state: dict[str, torch.Tensor], note
 
 
 def _dim_alpha(pairs: set[tuple[int, float]]) -> tuple[str, str]:
-    if len(pairs) > 1:
-        return "Dynamic", "Dynamic"
-    rank, alpha = next(iter(pairs))
-    return str(rank), str(int(alpha)) if float(alpha).is_integer() else repr(alpha)
+    ranks, alphas = {rank for rank, _ in pairs}, {alpha for _, alpha in pairs}
+    dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    alpha = alphas.pop() if len(alphas) == 1 else None
+    return dim, "Dynamic" if alpha is None else str(int(alpha)) if float(alpha).is_integer() else repr(alpha)
 
 
 def _json_dict(text: str | None) -> dict:

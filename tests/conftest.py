@@ -14,3 +14,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # workers can race safely); user presets go to a throwaway home so no test sees a developer's presets.
 os.environ.setdefault("SDLORA_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".test-cache"))
 os.environ.setdefault("SDLORA_HOME", os.path.join(os.environ["SDLORA_CACHE"], "home"))
+
+# Under pytest-xdist each worker gets one of the two cores: more threads per worker only contend
+# (a tiny UNet step took 30x longer with oversubscribed threads). Subprocesses inherit the setting.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)

@@ -15,10 +15,11 @@ from networks.errors import SdloraError
 from trainer.config import TrainConfig, apply_overrides
 
 FAKE = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
+DATA = Path("/nonexistent")  # set by the `manager` fixture to a folder with one image
 
 
 def config(name="fake", steps=10, **extra) -> TrainConfig:
-    overrides = [f"name={name}", f"train.max_steps={steps}", "dataset.path=/data"]
+    overrides = [f"name={name}", f"train.max_steps={steps}", f"dataset.path={DATA}"]
     return apply_overrides(TrainConfig(), overrides + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -34,6 +35,12 @@ def wait_for(predicate, timeout=20.0):
 
 @pytest.fixture
 def manager(tmp_path, monkeypatch):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64)).save(data / "a.png")
+    monkeypatch.setattr(sys.modules[__name__], "DATA", data)
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.05")
     return RunManager(tmp_path / "runs", trainer_command=FAKE)
 
@@ -178,3 +185,26 @@ def test_run_folders_from_the_browser_must_be_runs(manager, tmp_path):
             run_folder(manager.runs_dir, bad)
     with pytest.raises(SdloraError, match="Choose a run"):
         run_folder(manager.runs_dir, "")
+
+
+def test_start_refuses_bad_inputs_before_creating_a_run(manager, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    cases = {
+        f"dataset.path={empty}": "has no images",
+        f"dataset.path={tmp_path / 'missing'}": "does not exist",
+        "dataset.path=": "Enter the dataset folder.",
+        f"model.path={tmp_path / 'model.safetensors'}": "The base model .* was not found",
+    }
+    for override, message in cases.items():
+        with pytest.raises(SdloraError, match=message):
+            manager.start(apply_overrides(config(), [override]))
+    assert manager.list_runs() == []
+
+
+def test_start_writes_absolute_paths(manager, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    run = manager.start(apply_overrides(config(steps=1), ["dataset.path=data"]))
+    manager.wait(run, timeout=20)
+    assert f'path = "{tmp_path / "data"}"' in (run / "config.toml").read_text()

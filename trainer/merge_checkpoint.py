@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from networks.errors import SdloraError
-from networks.lora_file import atomic_write, read_lora
+from networks.lora_file import atomic_write, check_portable, read_lora
 from networks.network import LoraNetwork
 from trainer.model_loading import LoadedModel, load_model
 from trainer.single_file import save_single_file
@@ -57,7 +57,10 @@ def read_sources(paths: list[str | os.PathLike], weights: list[float] | None) ->
         raise SdloraError(f"Got {len(weights)} weight(s) for {len(paths)} LoRA file(s); give one weight per file.")
     if not paths:
         raise SdloraError("Give at least one LoRA file to merge.")
-    return [(read_lora(path)[0], float(weight), str(path)) for path, weight in zip(paths, weights)]
+    sources = [(read_lora(path)[0], float(weight), str(path)) for path, weight in zip(paths, weights)]
+    for state, _, source in sources:
+        check_portable(state, source)  # a checkpoint given as a LoRA: say so, not "modules don't match"
+    return sources
 
 
 def merge_checkpoint(model: str, paths: list[str | os.PathLike], weights: list[float] | None = None,

@@ -6,9 +6,13 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import diffusers
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
 
 from networks.lora_file import atomic_write
 
@@ -18,15 +22,8 @@ SAMPLERS = {"euler_a": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteSc
 
 def build_pipeline(model, sampler: str = "euler_a"):
     """A pipeline sharing `model`'s modules (no copy), with the chosen sampler."""
-    family = model.family
-    pipeline_class = getattr(diffusers, family.pipeline_class_name)
-    scheduler = SAMPLERS[sampler].from_config(model.noise_scheduler.config)
-    parts = {"unet": model.unet, "vae": model.vae, "scheduler": scheduler}
-    parts.update(zip(family.text_encoder_attrs, model.text_encoders))
-    parts.update(zip(family.tokenizer_attrs, model.tokenizers))
-    if family.name != "sdxl":
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline = pipeline_class(**parts)
+    pipeline = model.pipeline()
+    pipeline.scheduler = SAMPLERS[sampler].from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

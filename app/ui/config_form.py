@@ -27,9 +27,10 @@ PER_ROW = 3
 class ConfigForm:
     """Widgets keyed by dotted config key; `components` is the order event handlers receive them in."""
 
-    def __init__(self):
+    def __init__(self, initial: TrainConfig | None = None):
         self.fields: dict[str, ConfigField] = {f.key: f for f in config_field_table()}
         self.widgets: dict[str, gr.components.Component] = {}
+        self._initial = (initial or TrainConfig()).model_dump(mode="python")
 
     @property
     def keys(self) -> list[str]:
@@ -41,7 +42,8 @@ class ConfigForm:
 
     def add(self, key: str, **options) -> gr.components.Component:
         """Create (inside the current layout) the widget for `key`; `options` refine label, info, scale."""
-        widget = make_widget(self.fields[key], **options)
+        field = self.fields[key]
+        widget = make_widget(field, value=to_widget(field, _get(self._initial, key)), **options)
         self.widgets[key] = widget
         return widget
 
@@ -80,12 +82,12 @@ def section_of(key: str) -> str:
     return key.split(".", 1)[0] if "." in key else ""
 
 
-def make_widget(field: ConfigField, label: str | None = None, info: str | None = None, **options):
+def make_widget(field: ConfigField, value: Any = None, label: str | None = None, info: str | None = None,
+                **options):
     kind = field.type
     label = label or field.key.rsplit(".", 1)[-1].replace("_", " ").capitalize()
     info = info if info is not None else f"{field.description} ({field.key})"
     common = dict(label=label, info=info, elem_id="cfg-" + field.key.replace(".", "-"), **options)
-    value = to_widget(field, field.default)
     if field.choices:
         return gr.Dropdown(choices=list(field.choices), value=value, **common)
     if kind == "bool":

@@ -15,7 +15,7 @@ import pandas as pd
 from app.security import new_folder, user_folder
 from app.ui.caption_files import add_trigger_everywhere, read_caption, replace_everywhere, write_caption
 from app.ui.context import UIContext
-from app.ui.notices import api_errors, guarded, notice, ok
+from app.ui.notices import guarded, notice, ok
 from app.ui.thumbnails import PREVIEW_SIDE, thumbnail
 from networks.errors import SdloraError
 from trainer.buckets import BucketSpec
@@ -224,20 +224,3 @@ def build(ctx: UIContext) -> DatasetTab:
                          api_name="captions_replace", api_visibility="undocumented")
     return DatasetTab(folder, state, opened)
 
-
-# -- API endpoints (gr.api): the same operations for scripts and gradio_client ----------------------
-
-def api_endpoints(ctx: UIContext) -> None:
-    @api_errors
-    def create_demo_dataset(folder: str = "", count: int = 12) -> dict:
-        """Write the generated demo style dataset (PNG + .txt captions) into a new folder."""
-        created = create_demo(folder, count, ctx)
-        return {"folder": str(created), "images": len(list(created.glob("*.png")))}
-
-    @api_errors
-    def scan_dataset(folder: str, resolution: int = 512) -> dict:
-        """The dataset report the trainer would see: usable images, skipped files, captions, buckets."""
-        return scan(folder, resolution).report.to_dict()
-
-    gr.api(create_demo_dataset, api_name="create_demo_dataset")
-    gr.api(scan_dataset, api_name="scan_dataset")

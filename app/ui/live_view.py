@@ -1,0 +1,102 @@
+"""How a run looks while it trains: the progress bar, the loss curve, the samples, the header.
+
+Pure functions of what app.runs reads from the run folder, so the Train tab, the Runs tab and the
+tests all render a run the same way.
+"""
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+
+from app.runs import Progress, RunInfo
+
+SMOOTHING = 0.9  # exponential moving average of the loss; single steps are noisy at batch 1-4
+SAMPLES_SHOWN = 12
+STATUS_LABELS = {"created": "created", "starting": "starting", "running": "training", "stopped": "stopped",
+                 "finished": "finished", "error": "failed", "interrupted": "interrupted"}
+EMPTY_LOSS = pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
+                           "series": pd.Series(dtype="str")})
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_html(progress: Progress | None) -> str:
+    if progress is None:
+        return ('<div class="sd-progress sd-idle" data-status="none" data-step="0" data-total="0">'
+                '<div class="sd-progress-top"><span>No run yet: choose a dataset and a preset, then press '
+                'Train.</span></div><div class="sd-bar"><div class="sd-fill" style="width:0%"></div></div></div>')
+    info = progress.info
+    total = info.total_steps or 0
+    percent = 100.0 * info.fraction
+    details = [f"step <b>{info.step}</b> / {total or '?'}"]
+    if info.status == "running" and progress.it_per_s:
+        details.append(f"{progress.it_per_s:.2f} it/s")
+        details.append(f"ETA {duration(progress.eta_s)}")
+    if progress.losses:
+        details.append(f"loss {progress.losses[-1][1]:.4f}")
+    if progress.epoch:
+        details.append(f"epoch {progress.epoch}")
+    label = STATUS_LABELS.get(info.status, info.status)
+    return (f'<div class="sd-progress sd-{info.status}" data-status="{info.status}" data-step="{info.step}" '
+            f'data-total="{total}">'
+            f'<div class="sd-progress-top"><span class="sd-badge sd-badge-{info.status}">{label}</span>'
+            f'<span class="sd-details">{" · ".join(details)}</span>'
+            f'<span class="sd-percent">{percent:.0f}%</span></div>'
+            f'<div class="sd-bar"><div class="sd-fill" style="width:{percent:.1f}%"></div></div></div>')
+
+
+def header_markdown(info: RunInfo | None) -> str:
+    if info is None:
+        return "### Live view\nNothing is training."
+    when = info.created.astimezone().strftime("%Y-%m-%d %H:%M")
+    text = f"### {html.escape(info.name)}\n`{info.folder}` · started {when}"
+    if info.final_file is not None:
+        text += f" · saved `{info.final_file.name}`"
+    return text
+
+
+def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
+    """Raw and smoothed loss per step, long format (one `series` column) for a two-line plot."""
+    if not losses:
+        return EMPTY_LOSS
+    steps = [s for s, _ in losses]
+    raw = [v for _, v in losses]
+    smooth, average = [], None
+    for value in raw:
+        average = value if average is None else SMOOTHING * average + (1 - SMOOTHING) * value
+        smooth.append(average)
+    return pd.DataFrame({"step": steps * 2, "loss": raw + smooth,
+                         "series": ["loss"] * len(raw) + ["smoothed"] * len(raw)})
+
+
+def sample_entries(progress: Progress | None) -> list[tuple[str, str]]:
+    """Newest samples first, each captioned with its step and prompt."""
+    if progress is None:
+        return []
+    return [(str(path), caption) for path, caption in reversed(progress.samples[-SAMPLES_SHOWN:])]
+
+
+def run_row(info: RunInfo) -> list:
+    total = info.total_steps or "?"
+    return [info.folder, info.name, STATUS_LABELS.get(info.status, info.status), f"{info.step} / {total}",
+            info.created.astimezone().strftime("%Y-%m-%d %H:%M")]
+
+
+def run_dict(progress: Progress) -> dict:
+    """A run's state for the API: plain JSON, absolute paths."""
+    info = progress.info
+    return {"run": info.folder, "path": str(info.path), "name": info.name, "status": info.status,
+            "step": info.step, "total_steps": info.total_steps, "message": info.message,
+            "loss": progress.losses[-1][1] if progress.losses else None, "it_per_s": progress.it_per_s,
+            "eta_s": progress.eta_s, "final_file": str(info.final_file) if info.final_file else None,
+            "checkpoints": [str(p) for p in progress.checkpoints],
+            "samples": [str(p) for p, _ in progress.samples],
+            "created": info.created.isoformat(timespec="seconds")}

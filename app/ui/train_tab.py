@@ -1,0 +1,263 @@
+"""Train tab: the form (a view of TrainConfig), Train / Stop / Resume, and the live view of the run.
+
+The live view polls the run folder once a second (gr.Timer) and sends only what changed. Which run it
+shows is per browser session; on page load it picks up the newest run still training, so a refresh or
+a UI restart reattaches to a run that never stopped (it is a separate process).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from app.runs import ACTIVE, RESUMABLE
+from app.ui.config_form import ConfigForm, prompts_to_text
+from app.ui.context import UIContext
+from app.ui.live_view import EMPTY_LOSS, header_markdown, loss_frame, progress_html, sample_entries
+from app.ui.notices import guarded, notice, ok
+from networks.errors import SdloraError
+from trainer.config import TrainConfig
+from trainer.presets import list_presets, load_preset, resolve_config, save_user_preset
+
+DEFAULT_PRESET = "demo"
+POLL_SECONDS = 1.0
+LOG_LINES = 30
+CONV_KEYS = ("network.conv_rank", "network.conv_alpha_ratio")
+ALPHA_KEYS = ("network.type", "network.rank", "network.alpha_ratio", "network.alpha", "network.conv_rank",
+              "network.conv_alpha_ratio", "network.conv_alpha")
+
+
+def preset_choices() -> list[tuple[str, str]]:
+    """(label, name) pairs; the label shows what the preset means: type, r, alpha and alpha/r."""
+    choices = []
+    for p in list_presets():
+        if p.error:
+            continue  # a broken user preset is reported by `sdlora presets list`, not offered here
+        label = f"{p.name} · {p.network_type} r {p.rank} · alpha {p.alpha:g} (alpha/r {p.alpha_ratio:g})"
+        if p.source == "user":
+            label += " · yours"
+        choices.append((label, p.name))
+    return choices
+
+
+def preset_description(name: str | None) -> str:
+    info = next((p for p in list_presets() if p.name == name), None)
+    return f"<span class='sd-muted'>{info.description}</span>" if info and info.description else ""
+
+
+def preset_config(name: str, model: str, dataset: str, run_name: str) -> TrainConfig:
+    """The preset over the defaults, keeping what the user already typed where the preset is silent."""
+    raw = load_preset(name)
+    base: dict = {"dataset": {"path": dataset or ""}}
+    if "path" not in raw.get("model", {}) and model:
+        base["model"] = {"path": model}
+    if "name" not in raw and run_name:
+        base["name"] = run_name
+    return resolve_config(name, base=base)
+
+
+def alpha_text(kind, rank, ratio, alpha, conv_rank, conv_ratio, conv_alpha) -> str:
+    """The alpha the update will be scaled with, as the form stands."""
+    def resolved(absolute, r, k):
+        if absolute:
+            return float(absolute), f"set to {float(absolute):g}"
+        if r is None or k is None:
+            return None, ""
+        return float(k) * float(r), f"= {float(k):g} x {int(r)}"
+    value, how = resolved(alpha, rank, ratio)
+    text = f"**alpha {value:g}** <span class='sd-muted'>({how})</span>" if value is not None else "alpha -"
+    if kind == "locon":
+        conv_value, conv_how = resolved(conv_alpha, conv_rank, conv_ratio)
+        if conv_value is not None:
+            text += f"<br>**conv alpha {conv_value:g}** <span class='sd-muted'>({conv_how})</span>"
+    return text
+
+
+@dataclass
+class TrainTab:
+    form: ConfigForm
+    preset: gr.Dropdown
+    watched: gr.State  # folder name of the run the live view shows, or None
+    timer: gr.Timer
+    notice: gr.HTML
+    refresh: object  # the live-view handler: (watched, fingerprint) -> live outputs
+    refresh_inputs: list
+    live_outputs: list
+    load_outputs: list
+    on_load: object
+
+
+def build(ctx: UIContext) -> TrainTab:
+    start_cfg = resolve_config(DEFAULT_PRESET)
+    form = ConfigForm(start_cfg)
+    start_locon = start_cfg.network.type == "locon"
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, elem_classes="sd-panel"):
+            gr.Markdown("#### Data and model")
+            with gr.Row():
+                form.add("dataset.path", label="Dataset folder", info="Use the Dataset tab to check it.", scale=3)
+                form.add("model.path", label="Base model",
+                         info="Diffusers folder, .safetensors/.ckpt, or demo:sd1.", scale=2)
+            gr.Markdown("#### Recipe")
+            with gr.Row(equal_height=True):
+                preset = gr.Dropdown(preset_choices(), value=DEFAULT_PRESET, label="Preset", scale=3,
+                                     elem_id="preset", info="Sets r, alpha/r, learning rate and more.")
+                form.add("name", label="Output name", info="Saved as NAME.safetensors.", scale=2)
+            description = gr.Markdown(preset_description(DEFAULT_PRESET), elem_classes="sd-preset-note")
+            with gr.Row(equal_height=True):
+                form.add("network.type", label="Network", info="locon also adapts 3x3 convs.", min_width=110)
+                form.add("network.rank", label="Rank r", info="Capacity and file size.", min_width=110)
+                form.add("network.alpha_ratio", label="alpha / r", info="Kept when r changes.", min_width=110)
+                alpha = gr.Markdown(alpha_text(*(_dotted(start_cfg, k) for k in ALPHA_KEYS)),
+                                    elem_id="alpha-display", elem_classes="sd-alpha")
+            with gr.Row(equal_height=True):
+                form.add("network.conv_rank", label="Conv rank", info="LoCon 3x3 convs.", visible=start_locon)
+                form.add("network.conv_alpha_ratio", label="Conv alpha / r", info="Conv alpha = this x conv r.",
+                         visible=start_locon)
+            with gr.Row(equal_height=True):
+                form.add("train.learning_rate", label="Learning rate", info="1e-4 is a safe start.")
+                form.add("train.batch_size", label="Batch size", info="Images per step.")
+                form.add("dataset.resolution", label="Resolution", info="Multiple of 64.")
+            with gr.Row(equal_height=True):
+                form.add("train.epochs", label="Epochs", info="Passes over the data.")
+                form.add("train.max_steps", label="Max steps", info="Empty = train all the epochs.")
+            prompts = gr.Textbox(prompts_to_text(start_cfg), label="Sample prompts", lines=2, max_lines=6,
+                                 info="One per line; drawn every sample.every_steps steps (Advanced).",
+                                 elem_id="sample-prompts")
+            with gr.Accordion("Advanced: every setting", open=False, elem_id="advanced"):
+                form.add_remaining()
+            with gr.Row():
+                start = gr.Button("Train", variant="primary", size="lg", elem_id="train-start", scale=2)
+                stop = gr.Button("Stop", variant="stop", size="lg", elem_id="train-stop", interactive=False)
+                resume = gr.Button("Resume", size="lg", elem_id="train-resume", interactive=False)
+            message = gr.HTML(elem_id="train-notice")
+            with gr.Accordion("Save these settings as a preset", open=False):
+                with gr.Row(equal_height=True):
+                    preset_name = gr.Textbox(label="Preset name", placeholder="my-style", scale=3)
+                    save_preset = gr.Button("Save preset", scale=1, min_width=120)
+        with gr.Column(scale=6, elem_classes="sd-panel"):
+            header = gr.Markdown(header_markdown(None), elem_id="run-header")
+            bar = gr.HTML(progress_html(None), elem_id="progress")
+            run_message = gr.HTML(elem_id="run-notice")
+            loss = gr.LinePlot(EMPTY_LOSS, x="step", y="loss", color="series", title="Loss", height=260,
+                               color_map={"loss": "#c7d2fe", "smoothed": "#4f46e5"}, elem_id="loss-plot",
+                               x_title="step", y_title="loss")
+            samples = gr.Gallery(label="Samples (newest first)", columns=4, height=250, object_fit="contain",
+                                 elem_id="samples", preview=False)
+            log = gr.Textbox(label="Trainer log", lines=8, max_lines=8, interactive=False, autoscroll=True,
+                             elem_id="train-log", elem_classes="sd-log")
+    watched = gr.State(None)
+    fingerprint = gr.State(None)
+    timer = gr.Timer(POLL_SECONDS, active=False)
+
+    widgets = form.components
+    fill_outputs = [message, *widgets, prompts, description]
+
+    # -- the form ---------------------------------------------------------------------------------
+    def form_values(cfg: TrainConfig) -> list:
+        locon = cfg.network.type == "locon"
+        values = form.values(cfg)
+        return [gr.update(value=v, visible=locon) if k in CONV_KEYS else v for k, v in zip(form.keys, values)]
+
+    @guarded(len(fill_outputs))
+    def on_preset(name, model, dataset, run_name):
+        cfg = preset_config(name, model, dataset, run_name)
+        return (notice(), *form_values(cfg), prompts_to_text(cfg), preset_description(name))
+
+    alpha_inputs = [form.widgets[k] for k in ALPHA_KEYS]
+    preset.input(on_preset, [preset, form.widgets["model.path"], form.widgets["dataset.path"], form.widgets["name"]],
+                 fill_outputs, api_visibility="private").then(alpha_text, alpha_inputs, alpha, api_visibility="private")
+    for widget in alpha_inputs:
+        widget.change(alpha_text, alpha_inputs, alpha, api_visibility="private", show_progress="hidden")
+    form.widgets["network.type"].change(lambda t: [gr.update(visible=t == "locon")] * len(CONV_KEYS),
+                                        form.widgets["network.type"], [form.widgets[k] for k in CONV_KEYS],
+                                        api_visibility="private", show_progress="hidden")
+
+    # -- the live view ----------------------------------------------------------------------------
+    live_outputs = [header, bar, run_message, loss, samples, log, start, stop, resume, timer, fingerprint]
+
+    def idle(note: str = "") -> tuple:
+        return (header_markdown(None), progress_html(None), notice(note), EMPTY_LOSS, [], "",
+                gr.Button(interactive=True), gr.Button(interactive=False), gr.Button(interactive=False),
+                gr.Timer(active=False), None)
+
+    def refresh(run, seen):
+        if not run:
+            return idle() if seen is not None else tuple(gr.skip() for _ in live_outputs)
+        try:
+            run_dir = ctx.runs.resolve(run)
+        except SdloraError as error:
+            return idle(str(error))  # deleted meanwhile
+        progress = ctx.runs.progress(run_dir)
+        info, log_text = progress.info, ctx.runs.log_tail(run_dir, LOG_LINES)
+        key = [run, progress.event_count, len(progress.samples), info.status, len(log_text)]
+        if key == seen:
+            return tuple(gr.skip() for _ in live_outputs)
+        same_run = bool(seen) and seen[0] == run
+        active = info.status in ACTIVE
+        new_loss = not same_run or seen[1] != key[1]
+        new_samples = not same_run or seen[2] != key[2]
+        error = notice(info.message) if info.status in ("error", "interrupted") and info.message else notice()
+        return (header_markdown(info), progress_html(progress), error,
+                loss_frame(progress.losses) if new_loss else gr.skip(),
+                sample_entries(progress) if new_samples else gr.skip(), log_text,
+                gr.Button(interactive=not active), gr.Button(interactive=active),
+                gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active), key)
+
+    refresh_inputs = [watched, fingerprint]
+    timer.tick(refresh, refresh_inputs, live_outputs, api_visibility="private", show_progress="hidden",
+               concurrency_limit=None)
+
+    # -- control ----------------------------------------------------------------------------------
+    control_outputs = [message, watched, timer]
+
+    @guarded(len(control_outputs))
+    def on_start(preset_name, prompts_text, *values):
+        cfg = form.to_config(preset_name, prompts_text, values)
+        run_dir = ctx.runs.start(cfg)
+        return ok(f"Started {run_dir.name}; it trains in its own process, so closing this page is safe."), \
+            run_dir.name, gr.Timer(active=True)
+
+    @guarded(len(control_outputs))
+    def on_stop(run):
+        run_dir = ctx.runs.resolve(run)
+        ctx.runs.stop(run_dir)
+        return ok("Stopping: the trainer finishes this step, saves a checkpoint, then exits."), run, gr.skip()
+
+    @guarded(len(control_outputs))
+    def on_resume(run):
+        run_dir = ctx.runs.resume(ctx.runs.resolve(run))
+        return ok(f"Resuming {run_dir.name} from its last checkpoint."), run, gr.Timer(active=True)
+
+    for button, handler, inputs, name in (
+        (start, on_start, [preset, prompts, *widgets], "train_start"),
+        (stop, on_stop, [watched], "train_stop"),
+        (resume, on_resume, [watched], "train_resume"),
+    ):
+        button.click(handler, inputs, control_outputs, api_name=name, api_visibility="undocumented",
+                     show_progress="minimal").then(refresh, refresh_inputs, live_outputs, api_visibility="private",
+                                                   show_progress="hidden")
+
+    @guarded(2)
+    def on_save_preset(name, preset_name, prompts_text, *values):
+        cfg = form.to_config(preset_name, prompts_text, values)
+        path = save_user_preset((name or "").strip(), cfg)
+        return ok(f"Saved preset {name.strip()} to {path}."), gr.Dropdown(choices=preset_choices(), value=name.strip())
+
+    save_preset.click(on_save_preset, [preset_name, preset, prompts, *widgets], [message, preset],
+                      api_name="train_save_preset", api_visibility="undocumented")
+
+    # -- page load: presets may have changed on disk, and a run may be training ------------------
+    def on_load():
+        active = ctx.runs.newest_active()
+        return gr.Dropdown(choices=preset_choices()), active.folder if active else None, gr.Timer(active=active is not None)
+
+    return TrainTab(form, preset, watched, timer, message, refresh, refresh_inputs, live_outputs,
+                    [preset, watched, timer], on_load)
+
+
+def _dotted(cfg: TrainConfig, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
