@@ -18,7 +18,8 @@ from trainer.tiny_models import build_tiny_pipeline_components, save_demo_model
 
 
 def export(path, family="sd1", kind="locon", seed=1, **spec):
-    components, network = attached(family, kind, **spec)
+    # the model seed also seeds lora_down's init: a different one per file, or the files share row spaces
+    components, network = attached(family, kind, seed=seed, **spec)
     randomise_up(network, seed=seed)
     save_lora(path, network.kohya_state_dict(), network_metadata(network, kind))
     return path
@@ -48,7 +49,7 @@ def test_lossless_mix_is_the_weighted_sum_including_modules_in_one_file_only(fil
         expected = da.get(name, 0) * 1.0 + db.get(name, 0) * -0.5
         torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-5)
         assert report[name]["sources"] == (2 if name in db and name in da else 1)
-        assert report[name]["rank_after"] == min(report[name]["rank_before"], lora_factors(mixed)[name].max_rank)
+        assert report[name]["rank_after"] == int(torch.linalg.matrix_rank(expected))
     assert metadata["ss_base_model_version"] == "sd_v1" and "mix" in metadata["sdlora_derived"]
 
 
@@ -101,9 +102,14 @@ def test_merged_checkpoint_matches_base_plus_lora(files, sd1_folder, tmp_path):
     # the text encoder was merged too: its weights moved by exactly the LoRA's update
     state, _ = read_lora(files["a"])
     name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    base = load_model(str(sd1_folder)).text_encoders[0].text_model.encoder.layers[0].self_attn.q_proj.weight
-    merged = folder.text_encoders[0].text_model.encoder.layers[0].self_attn.q_proj.weight
+    base, merged = (q_proj(load_model(str(sd1_folder))), q_proj(folder))
     torch.testing.assert_close((merged - base).double(), lora_factors(state)[name].delta(), atol=1e-6, rtol=1e-5)
+
+
+def q_proj(model):
+    """The first layer's q_proj weight (transformers 5 has no `text_model.` level in CLIPTextModel)."""
+    return next(m.weight for n, m in model.text_encoders[0].named_modules()
+                if n.endswith("layers.0.self_attn.q_proj"))
 
 
 def test_merge_weights_scale_each_lora(files, sd1_folder, tmp_path):

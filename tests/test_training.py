@@ -241,3 +241,58 @@ def test_two_cpu_processes_train_sharded_and_write_one_set_of_files(tmp_path, da
     assert sum(e["event"] == "started" for e in log) == 1 and log[-1]["event"] == "finished"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["demo-lora-step-000002.safetensors"]
     assert load_in_diffusers("sd1", out / "demo-lora.safetensors") > 0
+
+
+def test_kill_9_resumes_from_the_last_checkpoint(tmp_path, data8):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "app.cli", "train", "--data", str(data8), "--preset", "demo", "--output",
+           str(out), "--no-progress", "--set", "train.max_steps=8", "--set", "sample.every_steps=0",
+           "--set", "save.every_steps=2"]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (out / "events.jsonl").is_file() and any(e["event"] == "checkpoint" for e in events(out)):
+            break
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    saved = json.loads((out / "state" / "trainer.json").read_text())["step"]
+    assert (out / "trainer.pid").exists()  # a killed trainer cannot clean up; the UI checks liveness
+    result = subprocess.run([sys.executable, "-m", "app.cli", "train", "--resume", str(out), "--no-progress"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = events(out)
+    restarted = [e for e in log if e["event"] == "started"][-1]
+    assert restarted["start_step"] == saved >= 2
+    assert log[-1]["event"] == "finished" and log[-1]["step"] == 8
+    assert not (out / "trainer.pid").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, data8):
+    grads = []
+    for checkpointing in ("false", "true"):
+        trainer = Trainer(tiny_config(data8, tmp_path / checkpointing, f"train.gradient_checkpointing={checkpointing}"))
+        trainer.setup()
+        torch.manual_seed(0)
+        batch = trainer._epoch_batches(0)[0]
+        trainer.network.train()
+        trainer.micro_step_loss(batch).backward()
+        grads.append([p.grad.clone() for p in trainer.network.parameters()])
+        assert trainer.model.unet.is_gradient_checkpointing == (checkpointing == "true")
+    assert all(g is not None for g in grads[0]) and len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_tensorboard_without_the_package_is_one_sentence(tmp_path, data8, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(SdloraError, match=r"output.tensorboard = true needs the tensorboard package"):
+        train(tiny_config(data8, tmp_path / "run", "output.tensorboard=true", "train.max_steps=1"), progress=False)

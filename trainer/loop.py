@@ -32,6 +32,7 @@ from trainer.sampling import build_pipeline, render_samples
 from trainer.state import Position, load_state, save_state
 from trainer.stop import StopSignal
 from trainer.text_cache import TextEmbeddingCache, text_cache_allowed
+from trainer.tiny_models import cache_root
 
 
 def dataset_options(cfg: TrainConfig) -> DatasetOptions:
@@ -87,6 +88,8 @@ class Trainer:
         self.optimizer = self.accelerator.prepare(optimizer)
         self.accelerator.register_for_checkpointing(self.network, self.lr_scheduler)
         self._build_caches()
+        self.tensorboard = open_tensorboard(self.run.root / "tensorboard") if cfg.output.tensorboard and self.main \
+            else None
 
     def _place_models(self) -> None:
         model, device = self.model, self.accelerator.device
@@ -102,7 +105,8 @@ class Trainer:
 
     def _build_caches(self) -> None:
         cfg, model = self.cfg, self.model
-        folder = self.run.root / "cache" / "latents" if cfg.dataset.cache_latents == "disk" else None
+        # Keyed by image content and VAE, so one disk cache serves every run on the machine.
+        folder = cache_root() / "latents" if cfg.dataset.cache_latents == "disk" else None
         self.latents = None
         if cfg.dataset.cache_latents != "none":
             self.latents = LatentCache(model.vae, self.dataset, vae_identity(model.vae, model.vae_identity),
@@ -223,6 +227,8 @@ class Trainer:
         finally:
             if self.main:
                 run.clear_pid()
+            if getattr(self, "tensorboard", None) is not None:
+                self.tensorboard.close()
 
     def _loop(self, position: Position) -> Path | None:
         cfg, run = self.cfg, self.run
@@ -278,11 +284,15 @@ class Trainer:
         self.run.emit("step", step=position.step, epoch=position.epoch + 1, loss=round(loss, 6), lr=lr,
                       it_per_s=round(rate, 4), eta_s=round(eta, 1) if eta is not None else None,
                       total_steps=self.total_steps)
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("loss", loss, position.step)
+            self.tensorboard.add_scalar("lr", lr, position.step)
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
     progress = None
+    tensorboard = None
     last_sample_step = -1
 
     def _after_step(self, position: Position) -> None:
@@ -360,6 +370,15 @@ class Trainer:
         message = (f"The loss became {value} at step {position.step + 1}; the last checkpoint is intact. "
                    "Lower train.learning_rate or use mixed_precision = \"bf16\" and resume.")
         raise SdloraError(message)
+
+
+def open_tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SdloraError("output.tensorboard = true needs the tensorboard package; run 'pip install "
+                          "tensorboard' or set it to false.") from None
+    return SummaryWriter(str(folder))
 
 
 def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:

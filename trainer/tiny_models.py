@@ -200,7 +200,8 @@ def save_demo_model(directory: str | os.PathLike, family: str, seed: int = 0) ->
     return directory
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where sdlora keeps rebuildable files (demo models, latent caches): $SDLORA_CACHE or ~/.cache/sdlora."""
     return Path(os.environ.get("SDLORA_CACHE") or Path.home() / ".cache" / "sdlora")
 
 
@@ -219,7 +220,7 @@ def _demo_fingerprint(family: str) -> str:
 def demo_model_path(family: str) -> Path:
     """The demo model's folder in the cache, built on first use (atomically, so concurrent runs are safe)."""
     _check_family(family)
-    target = _cache_root() / "demo-models" / f"{family}-{_demo_fingerprint(family)}"
+    target = cache_root() / "demo-models" / f"{family}-{_demo_fingerprint(family)}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

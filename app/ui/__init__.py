@@ -1,0 +1,96 @@
+"""The Gradio web UI: `build_ui(runs_dir)` makes the page, `launch(...)` serves it (`sdlora ui`).
+
+Thin by design: tabs build a TrainConfig or read a run folder through app.runs; training always runs in
+its own `sdlora train` process. Security defaults: loopback only, no share link unless asked, optional
+login, and the browser is served files from the runs folder only (docs: app/security.py).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from app.security import is_loopback, parse_auth
+from app.ui import api, dataset_tab, inspect_tab, runs_tab, train_tab, try_tab
+from app.ui.context import UIContext
+from app.ui.theme import CSS, HEADER, theme
+from networks.errors import SdloraError
+
+__all__ = ["build_ui", "launch", "launch_options"]
+
+
+def build_ui(runs_dir: str | Path = "runs", trainer_command: list[str] | None = None) -> gr.Blocks:
+    """The whole page; `trainer_command` replaces `python -m app.cli train` (tests use a fake trainer)."""
+    ctx = UIContext.create(runs_dir, trainer_command)
+    with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
+        gr.HTML(HEADER)
+        with gr.Tabs(selected="dataset") as tabs:
+            with gr.Tab("Dataset", id="dataset"):
+                dataset = dataset_tab.build(ctx)
+            with gr.Tab("Train", id="train"):
+                train = train_tab.build(ctx)
+            with gr.Tab("Runs", id="runs") as runs_item:
+                runs = runs_tab.build(ctx)
+            with gr.Tab("Try", id="try") as try_item:
+                try_dropdown, try_choices = try_tab.build(ctx)
+            with gr.Tab("Inspect", id="inspect") as inspect_item:
+                inspect_dropdown, inspect_choices = inspect_tab.build(ctx)
+        api.register(ctx)
+        _wire(demo, tabs, dataset, train, runs)
+        runs_item.select(runs.refresh, None, runs.refresh_outputs, api_visibility="private")
+        try_item.select(try_choices, None, try_dropdown, api_visibility="private")
+        inspect_item.select(inspect_choices, None, inspect_dropdown, api_visibility="private")
+    demo.sdlora = ctx  # for tests and embedding: the run manager behind this page
+    return demo
+
+
+def _wire(demo: gr.Blocks, tabs: gr.Tabs, dataset, train, runs) -> None:
+    """Events that cross tabs."""
+    dataset_path = train.form.widgets["dataset.path"]
+    for event in dataset.opened:
+        event.then(lambda saved: saved["folder"] if saved else gr.skip(), dataset.state, dataset_path,
+                   api_visibility="private", show_progress="hidden")
+
+    def watch(run):
+        if not run:
+            return gr.skip(), gr.skip(), gr.skip()
+        return run, gr.Timer(active=True), gr.Tabs(selected="train")
+
+    runs.watch.click(watch, runs.selected, [train.watched, train.timer, tabs], api_visibility="private").then(
+        train.refresh, train.refresh_inputs, train.live_outputs, api_visibility="private", show_progress="hidden")
+
+    def on_load():
+        preset, watched, timer = train.on_load()
+        # A run still training after a refresh or a UI restart: show it straight away.
+        return preset, watched, timer, gr.Tabs(selected="train") if watched else gr.skip()
+
+    demo.load(on_load, None, [*train.load_outputs, tabs], api_visibility="private").then(
+        train.refresh, train.refresh_inputs, train.live_outputs, api_visibility="private", show_progress="hidden")
+    demo.load(runs.refresh, None, runs.refresh_outputs, api_visibility="private")
+
+
+def launch_options(runs_dir: str | Path, host: str = "127.0.0.1", port: int | None = 7860,
+                   auth: str | tuple[str, str] | None = None, share: bool = False) -> dict:
+    """Keyword arguments for Blocks.launch: the security settings and the look."""
+    return dict(server_name=host, server_port=port, auth=parse_auth(auth), share=share,
+                allowed_paths=[str(Path(runs_dir).expanduser().resolve())], theme=theme(), css=CSS,
+                show_error=False, footer_links=["api", "settings"], mcp_server=False, ssr_mode=False,
+                auth_message="sdlora: sign in with the user and password given to --auth." if auth else None)
+
+
+def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | tuple[str, str] | None = None,
+           runs_dir: str | Path = "runs", share: bool = False, block: bool = True,
+           trainer_command: list[str] | None = None) -> gr.Blocks:
+    """Serve the UI; with block=False return at once (the server runs in a background thread)."""
+    options = launch_options(runs_dir, host, port, auth, share)
+    if not is_loopback(host) and options["auth"] is None:
+        print(f"warning: the UI listens on {host} without --auth: anyone who can reach this port can start "
+              "training and download your runs.", file=sys.stderr)
+    demo = build_ui(runs_dir, trainer_command)
+    demo.queue(default_concurrency_limit=4)
+    try:
+        demo.launch(prevent_thread_lock=not block, **options)
+    except OSError as error:
+        raise SdloraError(f"Cannot listen on {host}:{port} ({error}); choose another --port.") from None
+    return demo

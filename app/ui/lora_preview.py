@@ -1,0 +1,101 @@
+"""Images from a base model without and with a LoRA, for the Try tab.
+
+Loading a model is the slow part, so the pipeline is kept (one at a time: an SDXL model is several GB)
+and reused while the model path stays the same; the LoRA is attached once per file and switched off and
+on between the two images (set_enabled / set_multiplier), never by reloading or merging weights.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from networks.errors import SdloraError
+from networks.inspect import lora_family
+from networks.lora_file import read_lora
+from networks.network import LoraNetwork
+from trainer.model_loading import LoadedModel, load_model
+from trainer.sampling import build_pipeline
+
+
+@dataclass
+class Comparison:
+    without: Image.Image
+    with_lora: Image.Image
+    load_seconds: float  # model + LoRA loading; 0 when both came from the cache
+    render_seconds: float
+
+
+class LoraPreview:
+    def __init__(self):
+        self._lock = threading.Lock()  # one generation at a time: the modules are shared state
+        self._model_key: str | None = None
+        self._model: LoadedModel | None = None
+        self._pipelines: dict[str, object] = {}
+        self._lora_key: tuple | None = None
+        self._network: LoraNetwork | None = None
+
+    def compare(self, model: str, lora: Path, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
+                weight: float = 1.0, guidance: float = 7.0, size: int = 0, sampler: str = "euler_a") -> Comparison:
+        with self._lock:
+            started = time.perf_counter()
+            loaded = self._load_model(model)
+            network = self._load_lora(lora, loaded)
+            pipeline = self._pipeline(loaded, sampler)
+            loaded_at = time.perf_counter()
+            side = int(size) or loaded.unet.config.sample_size * pipeline.vae_scale_factor
+            images = []
+            for enabled in (False, True):
+                network.set_enabled(enabled)
+                network.set_multiplier(weight)
+                generator = torch.Generator("cpu").manual_seed(int(seed))
+                with torch.no_grad():
+                    images.append(pipeline(prompt, negative_prompt=negative or None, num_inference_steps=int(steps),
+                                           guidance_scale=float(guidance), width=side, height=side,
+                                           generator=generator).images[0])
+            network.set_enabled(True)
+            done = time.perf_counter()
+            return Comparison(images[0], images[1], loaded_at - started, done - loaded_at)
+
+    def _load_model(self, spec: str) -> LoadedModel:
+        spec = spec.strip() or "demo:sd1"
+        if spec != self._model_key:
+            self._drop()
+            self._model = load_model(spec)
+            self._model_key = spec
+            for module in (self._model.unet, self._model.vae, *self._model.text_encoders):
+                module.eval().requires_grad_(False)
+        return self._model
+
+    def _load_lora(self, path: Path, model: LoadedModel) -> LoraNetwork:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key != self._lora_key:
+            if self._network is not None:
+                self._network.detach()
+                self._network, self._lora_key = None, None
+            state, metadata = read_lora(path)
+            made_for = lora_family(state, metadata)
+            if made_for and made_for != model.family.name:
+                raise SdloraError(f"{path.name} was made for {made_for} but the base model is {model.family.name}; "
+                                  f"choose a {made_for} base model.")
+            self._network = LoraNetwork.from_state_dict(model.family.name, model.unet, model.text_encoders,
+                                                        state, source=path.name).attach().eval()
+            self._lora_key = key
+        return self._network
+
+    def _pipeline(self, model: LoadedModel, sampler: str):
+        if sampler not in self._pipelines:
+            self._pipelines[sampler] = build_pipeline(model, sampler)
+        return self._pipelines[sampler]
+
+    def _drop(self) -> None:
+        if self._network is not None:
+            self._network.detach()
+        self._model = self._network = None
+        self._model_key = self._lora_key = None
+        self._pipelines.clear()

@@ -1,0 +1,66 @@
+"""The look: a calm indigo theme on system fonts (nothing is fetched from font CDNs: the UI works offline)."""
+from __future__ import annotations
+
+import gradio as gr
+
+SANS = [gr.themes.Font("Inter"), gr.themes.Font("ui-sans-serif"), gr.themes.Font("system-ui"),
+        gr.themes.Font("Segoe UI"), gr.themes.Font("Helvetica Neue"), gr.themes.Font("sans-serif")]
+MONO = [gr.themes.Font("ui-monospace"), gr.themes.Font("SFMono-Regular"), gr.themes.Font("Menlo"),
+        gr.themes.Font("Consolas"), gr.themes.Font("monospace")]
+
+
+def theme() -> gr.themes.Base:
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate", font=SANS,
+                          font_mono=MONO, radius_size="md").set(
+        block_title_text_weight="600",
+        button_large_text_weight="600",
+    )
+
+
+CSS = """
+.gradio-container { max-width: 1480px !important; margin: 0 auto !important; }
+#sd-header { display: flex; align-items: baseline; gap: 14px; padding: 6px 2px 2px; }
+#sd-header h1 { font-size: 24px; font-weight: 700; margin: 0; letter-spacing: -0.02em; }
+#sd-header h1 span { color: var(--color-accent); }
+#sd-header p { margin: 0; color: var(--body-text-color-subdued); font-size: 14px; }
+.sd-muted { color: var(--body-text-color-subdued); font-size: 13px; }
+.sd-preset-note { margin-top: -6px; }
+.sd-alpha { align-self: center; padding: 6px 10px; min-width: 150px; }
+.sd-panel { padding: 4px 6px; }
+.sd-notice { padding: 9px 13px; border-radius: 8px; font-size: 14px; line-height: 1.4; margin: 2px 0; }
+.sd-error { background: #fef2f2; color: #991b1b; border: 1px solid #fecaca; }
+.sd-ok { background: #f0fdf4; color: #166534; border: 1px solid #bbf7d0; }
+.dark .sd-error { background: #450a0a; color: #fecaca; border-color: #7f1d1d; }
+.dark .sd-ok { background: #052e16; color: #bbf7d0; border-color: #14532d; }
+.sd-progress { padding: 12px 14px; border: 1px solid var(--border-color-primary); border-radius: 10px;
+               background: var(--block-background-fill); }
+.sd-progress-top { display: flex; align-items: center; gap: 12px; margin-bottom: 9px; font-size: 14px; }
+.sd-details { flex: 1; color: var(--body-text-color); font-variant-numeric: tabular-nums; }
+.sd-percent { font-weight: 700; font-variant-numeric: tabular-nums; }
+.sd-bar { height: 10px; background: var(--neutral-200); border-radius: 999px; overflow: hidden; }
+.dark .sd-bar { background: var(--neutral-700); }
+.sd-fill { height: 100%; border-radius: 999px; background: linear-gradient(90deg, #818cf8, #4f46e5);
+           transition: width 0.6s ease; }
+.sd-finished .sd-fill { background: linear-gradient(90deg, #34d399, #059669); }
+.sd-stopped .sd-fill, .sd-interrupted .sd-fill { background: linear-gradient(90deg, #fcd34d, #d97706); }
+.sd-error .sd-fill { background: #dc2626; }
+.sd-badge { font-size: 12px; font-weight: 600; padding: 2px 9px; border-radius: 999px; text-transform: uppercase;
+            letter-spacing: 0.04em; background: #e0e7ff; color: #3730a3; }
+.sd-badge-finished { background: #d1fae5; color: #065f46; }
+.sd-badge-stopped, .sd-badge-interrupted { background: #fef3c7; color: #92400e; }
+.sd-badge-error { background: #fee2e2; color: #991b1b; }
+.sd-badge-starting, .sd-badge-created { background: #f1f5f9; color: #334155; }
+.sd-badge-running { animation: sd-pulse 1.6s ease-in-out infinite; }
+@keyframes sd-pulse { 50% { opacity: 0.6; } }
+.sd-log textarea { font-family: var(--font-mono) !important; font-size: 12px !important; line-height: 1.45 !important; }
+.sd-confirm { padding: 8px 12px; border-radius: 8px; background: #fff7ed; border: 1px solid #fed7aa; align-items: center; }
+.dark .sd-confirm { background: #431407; border-color: #7c2d12; }
+footer { opacity: 0.7; }
+"""
+
+HEADER = """
+<div id="sd-header">
+  <h1>sd<span>lora</span></h1>
+  <p>Train Stable Diffusion LoRA / LoCon adapters: pick a dataset, choose a preset, press Train.</p>
+</div>
+"""
