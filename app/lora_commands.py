@@ -2,6 +2,7 @@
 
 Each `run_*` takes the parsed argparse namespace, prints its result (text, or JSON with --json) and
 returns the exit code; user mistakes surface as SdloraError for app.cli to print as one sentence.
+torch, numpy and Pillow are imported inside the commands: registering them must not slow `sdlora --help`.
 """
 
 from __future__ import annotations
@@ -10,14 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 from networks.errors import SdloraError
-from networks.lora_file import DTYPES
 
 FAMILY_CHOICES = ("auto", "sd1", "sd2", "sdxl")
+DTYPE_CHOICES = ("fp16", "bf16", "fp32")  # the keys of networks.lora_file.DTYPES
 
 
 def add_lora_subcommands(subparsers) -> argparse.ArgumentParser:
@@ -97,7 +94,7 @@ def _add_rank_flags(parser, what: str = "") -> None:
 
 
 def _add_dtype_flag(parser, default: str) -> None:
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help=f"weights dtype of the output (default {default})")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help=f"weights dtype of the output (default {default})")
 
 
 def _help(parser) -> int:
@@ -115,6 +112,8 @@ def _rank_choice(args, required: bool = False):
 
 
 def _dtype(args):
+    from networks.lora_file import DTYPES
+
     return DTYPES[args.dtype] if args.dtype else None
 
 
@@ -169,6 +168,8 @@ def run_merge(args) -> int:
 
 
 def _merge_into_model(args) -> int:
+    import torch
+
     from trainer.merge_checkpoint import merge_checkpoint
 
     if args.rank or args.energy or args.sv_ratio:
@@ -188,6 +189,8 @@ def _merge_into_model(args) -> int:
 # -- extract ------------------------------------------------------------------------------------
 def run_extract(args) -> int:
     from dataclasses import replace
+
+    import torch
 
     from networks.extract import extract_lora
     from networks.lora_file import save_lora
@@ -243,15 +246,19 @@ def similarity_text(report: dict) -> str:
 
 
 # viridis at 0, 0.25, 0.5, 0.75, 1: 0 = unrelated subspaces (dark), 1 = the same (yellow)
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
+VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 
 
 def save_heatmap_png(matrix: list[list[float]], path: str, cell: int = 16) -> Path:
     """phi as an image: row i (top to bottom), column j (left to right), each cell `cell` pixels, values in [0, 1]."""
-    values = np.clip(np.asarray(matrix, dtype=float), 0.0, 1.0) * (len(_VIRIDIS) - 1)
-    low = np.floor(values).astype(int).clip(max=len(_VIRIDIS) - 2)
+    import numpy as np
+    from PIL import Image
+
+    palette = np.array(VIRIDIS, dtype=float)
+    values = np.clip(np.asarray(matrix, dtype=float), 0.0, 1.0) * (len(palette) - 1)
+    low = np.floor(values).astype(int).clip(max=len(palette) - 2)
     frac = (values - low)[..., None]
-    rgb = _VIRIDIS[low] * (1 - frac) + _VIRIDIS[low + 1] * frac
+    rgb = palette[low] * (1 - frac) + palette[low + 1] * frac
     image = Image.fromarray(rgb.round().astype(np.uint8), "RGB")
     image = image.resize((image.width * cell, image.height * cell), Image.NEAREST)
     target = Path(path)

@@ -35,6 +35,7 @@ ACTIVE = ("starting", "running")
 RESUMABLE = ("stopped", "interrupted", "error")
 LOG_TAIL_BYTES = 64 * 1024
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colours and cursor moves from progress bars
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class RunManager:
         # `sdlora train` of the same Python the UI runs in; tests substitute a fake trainer.
         self.trainer_command = list(trainer_command or [sys.executable, "-m", "app.cli", "train"])
         self._children: dict[Path, subprocess.Popen] = {}
+        self._started_at_launch: dict[Path, int] = {}  # `started` events already there when we launched
         self._logs: dict[Path, EventLog] = {}
         self._lock = threading.Lock()
         self._launch_lock = threading.Lock()  # the busy check and the launch must not interleave
@@ -187,7 +189,7 @@ class RunManager:
             return ""
         with open(log, "rb") as handle:
             handle.seek(max(0, log.stat().st_size - LOG_TAIL_BYTES))
-            text = handle.read().decode("utf-8", errors="replace")
+            text = _ANSI.sub("", handle.read().decode("utf-8", errors="replace"))
         cleaned = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
         while cleaned and not cleaned[-1]:
             cleaned.pop()
@@ -204,8 +206,9 @@ class RunManager:
     def _status(self, run_dir: Path, events: list[dict]) -> tuple[str, str]:
         last = next((e for e in reversed(events) if e["event"] in LIFECYCLE), None)
         if self.live_pid(run_dir):
-            # A resumed run is alive before it writes its new `started`; until then it is starting.
-            return ("running" if last and last["event"] == "started" else "starting"), ""
+            # Loading (a resumed run still has its old `stopped` last until its new `started`), or running;
+            # after its final event the process is still saving and exiting, which counts as running.
+            return ("running" if self._current_process_started(run_dir, events) else "starting"), ""
         if last is None:
             failure = self._exit_failure(run_dir)
             return ("error", failure) if failure else ("created", "")
@@ -215,6 +218,18 @@ class RunManager:
         if kind == "error":
             return "error", str(last.get("message") or "The trainer reported an error.")
         return kind, ""
+
+    def _current_process_started(self, run_dir: Path, events: list[dict]) -> bool:
+        """Whether the live trainer has written its own `started` event yet."""
+        started = [e for e in events if e["event"] == "started"]
+        if run_dir in self._started_at_launch:
+            return len(started) > self._started_at_launch[run_dir]
+        # Not our child (the UI restarted): the trainer writes trainer.pid before its `started` event.
+        try:
+            pid_written = int((run_dir / "trainer.pid").stat().st_mtime)
+        except OSError:
+            return bool(started)
+        return bool(started) and _event_time(started[-1]) >= pid_written
 
     def _exit_failure(self, run_dir: Path) -> str:
         """The trainer's one-sentence complaint when it exited with an error before writing an event.
@@ -296,6 +311,7 @@ class RunManager:
         with self._lock:
             self._logs.pop(run_dir, None)
             self._children.pop(run_dir, None)
+            self._started_at_launch.pop(run_dir, None)
 
     def wait(self, run_dir: Path, timeout: float | None = None) -> int | None:
         """Wait for our own trainer process of `run_dir` to exit (for tests and scripts)."""
@@ -311,6 +327,7 @@ class RunManager:
 
     def _launch(self, run_dir: Path, args: list[str]) -> subprocess.Popen:
         command = [*self.trainer_command, *args, "--no-progress"]
+        started_before = sum(1 for e in self.events(run_dir) if e["event"] == "started")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(run_dir / "train.log", "ab") as log:
             log.write(f"--- {_now()} train {' '.join(args)}\n".encode())
@@ -321,6 +338,7 @@ class RunManager:
                                      env=env, start_new_session=True, close_fds=True)
         with self._lock:
             self._children[run_dir] = child
+            self._started_at_launch[run_dir] = started_before
         return child
 
 
@@ -380,6 +398,14 @@ def _created(run_dir: Path, events: list[dict]) -> datetime:
     config = run_dir / "config.toml"
     stamp = (config if config.exists() else run_dir).stat().st_mtime
     return datetime.fromtimestamp(stamp, tz=timezone.utc)
+
+
+def _event_time(event: dict) -> float:
+    try:
+        moment = datetime.fromisoformat(str(event.get("time", "")).replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _read_pid(path: Path) -> int | None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import SdloraError
-from .lora_file import check_portable
+from .lora_file import PORTABLE_SUFFIXES
 from .network import LoraNetwork
 
 ENERGY_LEVELS = (0.9, 0.99)
@@ -57,10 +57,21 @@ class LowRankSVD:
 
 
 # -- reading ---------------------------------------------------------------------------------------
+def check_lora_keys(state: dict[str, torch.Tensor], source: str = "the file") -> None:
+    """Only lora_down / lora_up / alpha keys. Unlike lora_file.check_portable (for writing), any alpha dtype
+    passes: kohya itself saves alpha in the weights' dtype (fp16)."""
+    foreign = [k for k in state if not k.endswith(PORTABLE_SUFFIXES) or "." not in k]
+    if foreign:
+        raise SdloraError(f"'{source}' has {len(foreign)} key(s) that are not lora_down/lora_up/alpha "
+                          f"(e.g. '{foreign[0]}'); it is not a kohya-layout LoRA file.")
+
+
 def lora_factors(state: dict[str, torch.Tensor], source: str = "the file") -> dict[str, ModuleFactors]:
-    """Every module of a kohya-layout state dict as flat factors; a non-LoRA file is one SdloraError."""
-    check_portable(state, source)
-    names = sorted({key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in state})
+    """Every module of a kohya-layout state dict as flat factors, in model order; a non-LoRA file is one
+    SdloraError."""
+    check_lora_keys(state, source)
+    names = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in state}
+    names = sorted(names, key=lambda n: (block_order(n), n))
     factors = {}
     for name in names:
         down, up = state.get(f"{name}.lora_down.weight"), state.get(f"{name}.lora_up.weight")
@@ -170,7 +181,8 @@ def spectrum(state: dict[str, torch.Tensor], source: str = "the file") -> dict:
 
 
 def block_summary(modules: dict[str, dict]) -> dict[str, dict]:
-    """Group per-module reports by block (in model order); averages every numeric per-module field."""
+    """Group per-module reports by block (in model order): module count, the block's total update norm and
+    the mean of rank, effective ranks and (when computed) amplification."""
     grouped: dict[str, list[dict]] = {}
     for name in sorted(modules, key=lambda n: (block_order(n), n)):
         grouped.setdefault(block_of(name), []).append(modules[name])

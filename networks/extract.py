@@ -25,9 +25,11 @@ def extract_module(name: str, base_weight: torch.Tensor, tuned_weight: torch.Ten
     if base_weight.shape != tuned_weight.shape:
         raise SdloraError(f"Module {name} is {tuple(base_weight.shape)} in the base model but "
                           f"{tuple(tuned_weight.shape)} in the tuned one; both must be the same architecture.")
-    delta = (tuned_weight.to(device, torch.float64) - base_weight.to(device, torch.float64)).flatten(1)
+    # float64 on the CPU for exactness; float32 on a GPU, where float64 is slow and the SVD is the whole cost
+    work = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    delta = (tuned_weight.to(device, work) - base_weight.to(device, work)).flatten(1)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    svd = LowRankSVD(u.cpu(), s.cpu(), vh.cpu())
+    svd = LowRankSVD(u.cpu().double(), s.cpu().double(), vh.cpu().double())
     k = choice.pick(svd.S, name, min(delta.shape))
     kernel = tuple(base_weight.shape[2:]) if base_weight.dim() == 4 else None
     report = truncation_report(name, svd.S, min(delta.shape), k)

@@ -12,15 +12,18 @@ import math
 import torch
 from torch import nn
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "loraga")  # the last two are applied by networks/inits.py
 
 
 class LoraModule(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, init: str = "kaiming",
-                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 rslora: bool = False):
         super().__init__()
         self.rank, self.alpha = int(rank), float(alpha)
-        self.scale = self.alpha / self.rank
+        # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so larger ranks keep learning.
+        self.rslora = rslora
+        self.scale = self.alpha / (math.sqrt(self.rank) if rslora else self.rank)
         self.multiplier = 1.0
         self.enabled = True
         self.merged = False
@@ -28,17 +31,68 @@ class LoraModule(nn.Module):
         # Held outside the module tree so the adapter's state_dict holds only its own weights.
         self.__dict__["base"] = base
         self.__dict__["base_forward"] = None
+        self.__dict__["original_weight"] = None  # a CPU copy, kept while an init has moved the base
         self.lora_down, self.lora_up = _make_down_up(base, self.rank)
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "kaiming") -> None:
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # kohya's choice
-        elif init == "gaussian":
+        if init == "gaussian":
             nn.init.normal_(self.lora_down.weight, std=1.0 / self.rank)
-        else:
-            raise ValueError(f"unknown init {init!r}")
+        else:  # kohya's choice; also the placeholder until PiSSA / LoRA-GA replace it
+            nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
+
+    # -- inits that move the base weight (PiSSA, LoRA-GA) --------------------------------------
+    @property
+    def moved_base(self) -> bool:
+        return getattr(self, "init_down", None) is not None
+
+    @torch.no_grad()
+    def start_from(self, up0: torch.Tensor, down0: torch.Tensor) -> None:
+        """Start at B0 A0 instead of 0 and take scale * B0 A0 out of the base weight, so the model's
+        output is unchanged; B0/A0 are kept (saved with the state) to export the true change later."""
+        self.lora_up.weight.copy_(up0.reshape(self.lora_up.weight.shape))
+        self.lora_down.weight.copy_(down0.reshape(self.lora_down.weight.shape))
+        self.register_buffer("init_up", self.lora_up.weight.detach().clone())
+        self.register_buffer("init_down", self.lora_down.weight.detach().clone())
+        if self.original_weight is None:
+            self.__dict__["original_weight"] = self.base.weight.detach().to("cpu", copy=True)
+        self.sync_base()
+
+    @torch.no_grad()
+    def sync_base(self) -> None:
+        """base = original - scale * B0 A0 (again after a resume has loaded B0, A0)."""
+        if self.moved_base:
+            original = self.original_weight.to(self.base.weight.device, torch.float32)
+            shift = self.scale * _product(self.init_up.float(), self.init_down.float())
+            self.base.weight.copy_((original - shift).to(self.base.weight.dtype))
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        if self.original_weight is not None:
+            self.base.weight.copy_(self.original_weight.to(self.base.weight.device))
+
+    def export_weights(self, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(down, up, alpha, relative error) of the change this adapter makes to the *original* base.
+
+        Plain adapters export as they are, alpha = scale * r (so rsLoRA loads right everywhere). After an
+        init moved the base, the change is scale (B A - B0 A0): exact at rank 2r by stacking [A; A0] and
+        [B, -B0], or re-ranked to r by SVD with the relative error reported."""
+        down, up = self.lora_down.weight.detach(), self.lora_up.weight.detach()
+        if not self.moved_base:
+            return down, up, self.alpha * math.sqrt(self.rank) if self.rslora else self.alpha, 0.0
+        if exact:
+            down = torch.cat([down, self.init_down], 0)
+            up = torch.cat([up, -self.init_up], 1)
+            return down, up, self.scale * 2 * self.rank, 0.0
+        delta = self.scale * (_product(up.float(), down.float()) - _product(self.init_up.float(),
+                                                                            self.init_down.float()))
+        flat = delta.flatten(1)
+        u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+        root = s[: self.rank].sqrt()
+        new_up, new_down = u[:, : self.rank] * root, root[:, None] * vh[: self.rank]
+        error = float((flat - new_up @ new_down).norm() / flat.norm().clamp_min(1e-12))
+        return (new_down.reshape(down.shape), new_up.reshape(up.shape), float(self.rank), error)
 
     # -- hooking into the base module -------------------------------------------------------
     def hook(self) -> None:
@@ -81,13 +135,7 @@ class LoraModule(nn.Module):
     # -- weights -----------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """scale * up @ down in the base weight's shape, computed in fp32 (multiplier not applied)."""
-        down = self.lora_down.weight.float()
-        up = self.lora_up.weight.float()
-        if down.dim() == 2:
-            delta = up @ down
-        else:
-            delta = torch.einsum("or,rikl->oikl", up.flatten(1), down)
-        return delta * self.scale
+        return _product(self.lora_up.weight.float(), self.lora_down.weight.float()) * self.scale
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -105,6 +153,13 @@ class LoraModule(nn.Module):
         weight = self.base.weight
         delta = self.delta_weight().to(weight.device)
         weight.copy_((weight.float() + factor * delta).to(weight.dtype))
+
+
+def _product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """up @ down in the base weight's shape: [out, in] or, for convs, [out, in, kh, kw]."""
+    if down.dim() == 2:
+        return up @ down
+    return torch.einsum("or,rikl->oikl", up.flatten(1), down)
 
 
 def _make_down_up(base: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:

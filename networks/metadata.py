@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
+from .lora_file import module_summary
 from .network import LoraNetwork
 
 BASE_MODEL_VERSION = {("sd1", False): "sd_v1", ("sd2", False): "sd_v2", ("sd2", True): "sd_v2_v",
@@ -22,20 +23,23 @@ MINIMAL_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_n
 
 
 def network_metadata(network: LoraNetwork, network_type: str, v_prediction: bool = False,
-                     title: str = "sdlora", training: dict | None = None, minimal: bool = False) -> dict[str, str]:
-    """Header for `network`; `training` adds ss_* training facts (resolution, steps, lr, tags...)."""
+                     title: str = "sdlora", training: dict | None = None, minimal: bool = False,
+                     state: dict | None = None) -> dict[str, str]:
+    """Header for `network` (dims and alphas read from the exported `state` when given, since PiSSA /
+    LoRA-GA files hold rank 2r); `training` adds ss_* training facts (resolution, steps, lr, tags...)."""
     family = network.family
-    linear = [a for a in network.adapters.values() if a.lora_down.weight.dim() == 2 or _is_1x1(a)]
-    conv = [a for a in network.adapters.values() if a not in linear]
+    modules = module_summary(state if state is not None else network.kohya_state_dict())
+    linear = [m for m in modules.values() if len(m["down"]) == 2 or m["down"][2:] == [1, 1]]
+    conv = [m for m in modules.values() if m not in linear]
     first = linear[0] if linear else conv[0]
     args = {}
     if conv:
-        args = {"conv_dim": str(conv[0].rank), "conv_alpha": _number(conv[0].alpha)}
+        args = {"conv_dim": str(conv[0]["rank"]), "conv_alpha": _number(conv[0]["alpha"])}
     now = datetime.now(timezone.utc)
     meta = {
         "ss_network_module": "networks.lora",  # kohya's module reads LoCon too (conv_dim)
-        "ss_network_dim": str(first.rank),
-        "ss_network_alpha": _number(first.alpha),
+        "ss_network_dim": str(first["rank"]),
+        "ss_network_alpha": _number(first["alpha"]),
         "ss_network_args": json.dumps(args),
         "ss_base_model_version": BASE_MODEL_VERSION[(family, v_prediction)],
         "ss_v2": str(family == "sd2"),
@@ -51,10 +55,6 @@ def network_metadata(network: LoraNetwork, network_type: str, v_prediction: bool
     if minimal:
         meta = {k: v for k, v in meta.items() if k in MINIMAL_KEYS}
     return meta
-
-
-def _is_1x1(adapter) -> bool:
-    return tuple(adapter.lora_down.weight.shape[2:]) == (1, 1)
 
 
 def _number(value: float) -> str:

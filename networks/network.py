@@ -32,6 +32,7 @@ class NetworkSpec:
     conv_alpha: float | None = None
     conv_alpha_ratio: float = 1.0
     init: str = "kaiming"
+    rslora: bool = False
     dropout: float = 0.0
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
@@ -93,6 +94,7 @@ class LoraNetwork(nn.Module):
         self.roles = roles
         self.paths = paths or {}
         self.attached = False
+        self.export_errors: dict[str, float] = {}
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
@@ -109,7 +111,7 @@ class LoraNetwork(nn.Module):
             rank = spec.conv_rank if conv else spec.rank
             alpha = spec.resolved_conv_alpha if conv else spec.resolved_alpha
             adapter = LoraModule(target.module, rank, alpha, spec.init, spec.dropout, spec.rank_dropout,
-                                 spec.module_dropout)
+                                 spec.module_dropout, rslora=spec.rslora)
             adapters[target.name] = adapter.to(device=target.module.weight.device)
             roles[target.name], paths[target.name] = target.role, target.path
         return cls(family, adapters, roles, paths)
@@ -155,7 +157,13 @@ class LoraNetwork(nn.Module):
         self.unmerge()
         for adapter in self.adapters.values():
             adapter.unhook()
+            adapter.restore_base()
         self.attached = False
+
+    def sync_base(self) -> None:
+        """Re-derive base weights moved by PiSSA/LoRA-GA from the (resumed) initial adapters."""
+        for adapter in self.adapters.values():
+            adapter.sync_base()
 
     # -- state -------------------------------------------------------------------------------
     def set_multiplier(self, multiplier: float) -> None:
@@ -188,13 +196,20 @@ class LoraNetwork(nn.Module):
             group["up"].append(adapter.lora_up.weight)
         return groups
 
-    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """lora_down / lora_up in `dtype`, alpha always a 0-dim float32 (every loader expects that)."""
-        state = {}
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32, exact: bool = True) -> dict[str, torch.Tensor]:
+        """lora_down / lora_up in `dtype`, alpha always a 0-dim float32 (every loader expects that).
+
+        The weights are the change to the original base model (see LoraModule.export_weights); with
+        exact=False, adapters whose init moved the base are re-ranked to r and `export_errors` says how
+        far each is from the true change."""
+        state, self.export_errors = {}, {}
         for name, adapter in self.adapters.items():
-            state[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach().to("cpu", dtype).contiguous()
-            state[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach().to("cpu", dtype).contiguous()
-            state[f"{name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+            down, up, alpha, error = adapter.export_weights(exact)
+            state[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
+            state[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
+            state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+            if adapter.moved_base and not exact:
+                self.export_errors[name] = error
         return state
 
     def load_kohya_state_dict(self, state: dict[str, torch.Tensor], source: str = "the file") -> None:

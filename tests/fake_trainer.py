@@ -4,7 +4,8 @@ The run manager's tests use it to exercise start / stop / resume / crash in a fr
 Usage mirrors the real command: `fake_trainer.py --config RUN_DIR/config.toml` or `--resume RUN_DIR`.
 Knobs (config keys it reads): train.max_steps, save.every_steps, sample.every_steps, and the run name:
 "fail-early" exits with a one-sentence error before any event, "fail-late" writes an error event.
-FAKE_STEP_SECONDS sets the time per step (default 0.05).
+FAKE_STEP_SECONDS sets the time per step (default 0.05); FAKE_LOAD_SECONDS and FAKE_EXIT_SECONDS add time
+before the `started` event (model loading) and after the last event (saving, cleanup).
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: STOP.update(requested=True))
     (run / "trainer.pid").write_text(str(os.getpid()))
     delay = float(os.environ.get("FAKE_STEP_SECONDS", "0.05"))
+    time.sleep(float(os.environ.get("FAKE_LOAD_SECONDS", "0")))
     emit(run, "started", total_steps=total, epochs=1, start_step=start, name=name, num_images=4)
     save_every = int(cfg.get("save", {}).get("every_steps") or 0)
     sample_every = int(cfg.get("sample", {}).get("every_steps") or 0)
@@ -88,6 +90,7 @@ def main() -> int:
         emit(run, "finished", step=total, path=f"{name}.safetensors")
         return 0
     finally:
+        time.sleep(float(os.environ.get("FAKE_EXIT_SECONDS", "0")))
         (run / "trainer.pid").unlink(missing_ok=True)
 
 

@@ -115,9 +115,18 @@ def test_resized_file_loads_in_diffusers_with_no_missing_keys(sd1_locon, tmp_pat
     torch.testing.assert_close(unet_out({"unet": pipe.unet}), expected, rtol=1e-3, atol=1e-4)
 
 
+def test_kohya_files_with_fp16_alpha_resize(sd1_locon):
+    state, _ = read_lora(sd1_locon)
+    half = {k: v.half() for k, v in state.items()}  # kohya saves alpha in the weights' dtype
+    resized, report = resize_state(half, RankChoice(rank=4))
+    assert resized["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"].dtype == torch.float16
+    assert resized["lora_unet_mid_block_attentions_0_proj_in.alpha"].dtype == torch.float32
+    assert max(row["relative_error"] for row in report.values()) < 1e-6
+
+
 def test_resize_errors_name_the_module_and_the_limit(sd1_locon):
     state, _ = read_lora(sd1_locon)
-    with pytest.raises(SdloraError, match=r"^rank 64 exceeds module lora_te_text_model_encoder_layers_0_mlp_fc1's "
+    with pytest.raises(SdloraError, match=r"^rank 64 exceeds module lora_unet_down_blocks_0_attentions_0_proj_in's "
                                           r"maximum 32; choose a rank <= 32 or a dynamic rank\.$"):
         resize_state(state, RankChoice(rank=64))
     with pytest.raises(SdloraError, match=r"energy fraction must be in \(0, 1\] \(got 1.5\)"):

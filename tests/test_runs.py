@@ -84,6 +84,28 @@ def test_stop_saves_and_resume_continues_from_the_stop(manager, monkeypatch):
         manager.resume(run)
 
 
+def test_status_while_loading_and_while_exiting(manager, monkeypatch):
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
+    run = manager.start(config(steps=40))
+    wait_for(lambda: manager.info(run).step >= 2)
+    manager.stop(run)
+    manager.wait(run, timeout=20)
+    monkeypatch.setenv("FAKE_LOAD_SECONDS", "1.0")
+    monkeypatch.setenv("FAKE_EXIT_SECONDS", "1.5")
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.01")
+    manager.resume(run)
+    # Alive, and the last lifecycle event is still the old `stopped`: the new process is loading.
+    assert manager.info(run).status == "starting"
+    wait_for(lambda: manager.events(run)[-1]["event"] == "finished")
+    # `finished` is written but the process is still saving and exiting: it runs until it is gone.
+    assert manager.live_pid(run) is not None
+    assert manager.info(run).status == "running"
+    with pytest.raises(SdloraError, match="already training"):
+        manager.resume(run)
+    manager.wait(run, timeout=20)
+    assert manager.info(run).status == "finished"
+
+
 def test_one_trainer_at_a_time(manager, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.2")
     first = manager.start(config(name="first", steps=50))

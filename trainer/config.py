@@ -30,7 +30,7 @@ Family = Literal["auto", "sd1", "sd2", "sdxl"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
 NetworkType = Literal["lora", "locon"]
 # How the down/A matrix starts. New schemes (rslora, pissa, loraga) are added here and in networks/lora.py.
-NetworkInit = Literal["kaiming", "gaussian"]
+NetworkInit = Literal["kaiming", "gaussian", "pissa", "loraga"]
 Optimizer = Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]
 # The names diffusers.optimization.get_scheduler accepts, so the loop can pass the value straight through.
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -156,8 +156,15 @@ class NetworkSection(Section):
     dropout: float = Field(0.0, ge=0, le=1, description="Dropout on the adapter's hidden features.")
     rank_dropout: float = Field(0.0, ge=0, le=1, description="Chance of dropping each rank component per step.")
     module_dropout: float = Field(0.0, ge=0, le=1, description="Chance of skipping a whole adapter per step.")
-    init: NetworkInit = Field("kaiming", description="How the down matrix starts (the up matrix starts at "
-                                                     "zero, so training starts from the base model).")
+    init: NetworkInit = Field("kaiming", description="kaiming/gaussian: random down matrix, zero up matrix; "
+                                                     "pissa/loraga start from the base weight's principal "
+                                                     "directions / the first gradient (the base is adjusted).")
+    rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r (exported "
+                                            "with alpha x sqrt(r), so every generator loads it right).")
+    loraga_batches: int = Field(4, ge=1, le=256, description="Batches whose gradient initialises LoRA-GA.")
+    export: Literal["exact", "svd"] = Field(
+        "exact", description="After a PiSSA/LoRA-GA init: export the true change at rank 2r (exact) or "
+                             "re-ranked to r by SVD (the error is reported).")
     train_unet: bool = Field(True, description="Attach adapters to the UNet.")
     train_text_encoder: bool = Field(False, description="Attach adapters to the text encoder(s) too.")
     include_conv_in_out: bool = Field(False, description="Also adapt the UNet's first and last convolutions.")

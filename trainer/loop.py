@@ -24,6 +24,7 @@ from trainer.captions import CaptionOptions
 from trainer.config import TrainConfig, save_config
 from trainer.dataset import DatasetOptions, ImageDataset
 from trainer.latent_cache import LatentCache, vae_identity
+from trainer.lora_init import initialise
 from trainer.model_loading import load_model
 from trainer.objective import diffusion_loss, sample_noise, sample_timesteps, training_target
 from trainer.optimizers import build_lr_scheduler, build_optimizer
@@ -49,7 +50,7 @@ def dataset_options(cfg: TrainConfig) -> DatasetOptions:
 def network_spec(cfg: TrainConfig) -> NetworkSpec:
     net = cfg.network
     return NetworkSpec(type=net.type, rank=net.rank, alpha=net.resolved_alpha, conv_rank=net.conv_rank,
-                       conv_alpha=net.resolved_conv_alpha, init=net.init, dropout=net.dropout,
+                       conv_alpha=net.resolved_conv_alpha, init=net.init, rslora=net.rslora, dropout=net.dropout,
                        rank_dropout=net.rank_dropout, module_dropout=net.module_dropout,
                        train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
                        conv_in_out=net.include_conv_in_out, time_embedding=net.include_time_embedding)
@@ -77,9 +78,11 @@ class Trainer:
         self.model = load_model(cfg.model.path, family=cfg.model.family, prediction_type=cfg.model.prediction_type,
                                 config_dir=cfg.model.config_dir)
         self._place_models()
+        self._build_caches()
         self.network = LoraNetwork.create(self.model.family.name, self.model.unet, self.model.text_encoders,
                                           network_spec(cfg)).attach()
         self.network.to(self.accelerator.device)
+        initialise(self)
         optimizer = build_optimizer(self.network, cfg.train)
         self.total_steps = self._total_steps()
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.train, self.total_steps)
@@ -87,7 +90,6 @@ class Trainer:
         # and the schedule steps once per optimizer step, as it was built.
         self.optimizer = self.accelerator.prepare(optimizer)
         self.accelerator.register_for_checkpointing(self.network, self.lr_scheduler)
-        self._build_caches()
         self.tensorboard = open_tensorboard(self.run.root / "tensorboard") if cfg.output.tensorboard and self.main \
             else None
 
@@ -111,8 +113,8 @@ class Trainer:
         if cfg.dataset.cache_latents != "none":
             self.latents = LatentCache(model.vae, self.dataset, vae_identity(model.vae, model.vae_identity),
                                        folder=folder)
-            flips = (False, True) if cfg.dataset.flip else (False,)
-            self.latents.build(flips=flips)
+            if not cfg.dataset.random_crop:  # random crops are encoded when drawn, never the centre crop
+                self.latents.build()
         self.encode_text = self._encode_captions
         if cfg.dataset.cache_text_encoder_outputs and text_cache_allowed(dataset_options(cfg).captions,
                                                                           cfg.network.train_text_encoder):
@@ -144,7 +146,7 @@ class Trainer:
         if self.latents is not None:
             return self.latents.get_batch(batch).to(self.accelerator.device)
         vae = self.model.vae
-        pixels = torch.stack([self.dataset.pixels(self.dataset.items[s.item], s.flip) for s in batch.samples])
+        pixels = torch.stack([self.dataset.sample_pixels(s) for s in batch.samples])
         with torch.no_grad():
             raw = vae.encode(pixels.to(vae.device)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -158,8 +160,7 @@ class Trainer:
         encoded = self.encode_text([s.caption for s in batch.samples])
         embeds = PromptEmbeds(encoded["hidden"].to(device, self.weight_dtype),
                               encoded.get("pooled").to(device, self.weight_dtype) if "pooled" in encoded else None)
-        items = [self.dataset.items[s.item] for s in batch.samples]
-        placements = [item.placement.flipped() if s.flip else item.placement for item, s in zip(items, batch.samples)]
+        placements = [s.as_seen for s in batch.samples]
         added = model.family.unet_added_kwargs(
             embeds, original_sizes=[p.original_size[::-1] for p in placements],
             crop_top_lefts=[p.crop_left_top[::-1] for p in placements],
@@ -222,7 +223,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         try:
             self.setup()
-            position = load_state(self.accelerator, run.state) if self.resume else Position()
+            position = Position()
+            if self.resume:
+                position = load_state(self.accelerator, run.state)
+                self.network.sync_base()  # PiSSA / LoRA-GA: base = original - scale * (resumed) B0 A0
             return self._loop(position)
         finally:
             if self.main:
@@ -331,9 +335,13 @@ class Trainer:
                     "ss_learning_rate": cfg.train.learning_rate, "ss_num_train_images": len(self.dataset),
                     "ss_seed": cfg.train.seed, "ss_tag_frequency": self._tag_frequency(),
                     "modelspec.resolution": f"{cfg.dataset.resolution}x{cfg.dataset.resolution}"}
+        state = self.network.kohya_state_dict(DTYPES[cfg.save.precision], exact=cfg.network.export == "exact")
         metadata = network_metadata(self.network, cfg.network.type, model.prediction_type == "v_prediction",
-                                    title=cfg.name, training=training, minimal=cfg.save.metadata == "minimal")
-        return save_lora(path, self.network.kohya_state_dict(DTYPES[cfg.save.precision]), metadata)
+                                    title=cfg.name, training=training, minimal=cfg.save.metadata == "minimal",
+                                    state=state)
+        if self.network.export_errors:  # PiSSA / LoRA-GA re-ranked to r: how far from the true change
+            metadata["sdlora_rerank_max_relative_error"] = f"{max(self.network.export_errors.values()):.6g}"
+        return save_lora(path, state, metadata)
 
     def _tag_frequency(self) -> dict:
         counts: dict[str, int] = {}

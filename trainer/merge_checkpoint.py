@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from networks.analysis import check_lora_keys
 from networks.errors import SdloraError
-from networks.lora_file import atomic_write, check_portable, read_lora
+from networks.lora_file import atomic_write, read_lora
 from networks.network import LoraNetwork
 from trainer.model_loading import LoadedModel, load_model
 from trainer.single_file import save_single_file
@@ -59,7 +60,7 @@ def read_sources(paths: list[str | os.PathLike], weights: list[float] | None) ->
         raise SdloraError("Give at least one LoRA file to merge.")
     sources = [(read_lora(path)[0], float(weight), str(path)) for path, weight in zip(paths, weights)]
     for state, _, source in sources:
-        check_portable(state, source)  # a checkpoint given as a LoRA: say so, not "modules don't match"
+        check_lora_keys(state, source)  # a checkpoint given as a LoRA: say so, not "modules don't match"
     return sources
 
 

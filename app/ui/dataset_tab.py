@@ -98,6 +98,7 @@ def bucket_frame(report: DatasetReport) -> pd.DataFrame:
 
 
 def create_demo(folder_text: str, count: int | float | None, ctx: UIContext) -> Path:
+    ctx.datasets_dir.mkdir(parents=True, exist_ok=True)  # the default home; other parents must exist
     folder = new_folder(folder_text or ctx.free_demo_folder(), "demo dataset folder")
     count = int(count or 12)
     if not 1 <= count <= 200:

@@ -93,7 +93,7 @@ def run_row(info: RunInfo) -> list:
 def run_dict(progress: Progress) -> dict:
     """A run's state for the API: plain JSON, absolute paths."""
     info = progress.info
-    return {"run": info.folder, "path": str(info.path), "name": info.name, "status": info.status,
+    return {"run": info.folder, "run_dir": str(info.path), "name": info.name, "status": info.status,
             "step": info.step, "total_steps": info.total_steps, "message": info.message,
             "loss": progress.losses[-1][1] if progress.losses else None, "it_per_s": progress.it_per_s,
             "eta_s": progress.eta_s, "final_file": str(info.final_file) if info.final_file else None,

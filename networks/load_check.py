@@ -1,0 +1,220 @@
+"""Does an exported LoRA file load, with nothing dropped, in A1111/Forge, ComfyUI and diffusers?
+
+Checked against docs/LORA_FORMAT.md from the safetensors header alone (names, dtypes, shapes, metadata),
+so even a multi-gigabyte file is checked without reading its tensors:
+- structure (`check_lora_structure`, no model needed): only lora_down / lora_up / alpha keys, every module
+  complete, alpha a 0-dim float32, up and down agreeing on the rank, tensors not sharing bytes, metadata
+  values all strings, and the family's naming (SGM UNet names and lora_te1_/lora_te2_ for SDXL, diffusers
+  UNet names and lora_te_ for SD1/SD2, exactly one `text_model_` in a text-encoder name);
+- against the base model (`check_lora_file`): every name is the one loaders map onto a module of the model,
+  and the shapes fit that module (Linear: down [r, in], up [out, r]; conv: down [r, in, kh, kw] with the
+  module's kernel, up [out, r, 1, 1]).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .lora_file import PORTABLE_SUFFIXES
+from .naming import FAMILIES, alias_names, components_for, kohya_name
+from .targets import is_adaptable
+
+PREFIXES = {"sd1": ("lora_unet_", "lora_te_"), "sd2": ("lora_unet_", "lora_te_"),
+            "sdxl": ("lora_unet_", "lora_te1_", "lora_te2_")}
+SGM_HEADS = ("input_blocks_", "middle_block_", "output_blocks_", "out_2", "time_embed_", "label_emb_")
+DIFFUSERS_HEADS = ("down_blocks_", "mid_block_", "up_blocks_", "conv_in", "conv_out", "time_embedding_")
+WEIGHT_DTYPES = ("F16", "BF16", "F32")
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit; a larger "header" means a foreign file
+
+
+@dataclass
+class LoadCheck:
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    modules: int = 0
+
+    def event_fields(self, path: str, limit: int = 20) -> dict:
+        """The `load_check` event's fields; a long problem list is cut (a renamed prefix breaks every key)."""
+        shown = self.problems[:limit]
+        if len(self.problems) > limit:
+            shown.append(f"... and {len(self.problems) - limit} more problems")
+        return {"ok": self.ok, "problems": shown, "path": path, "modules": self.modules}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors' spelling: F32, F16, BF16...
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
+    """(tensors, raw metadata) straight from the safetensors header; ValueError for a foreign file."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise ValueError("the file is shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", head)
+        if size > MAX_HEADER:
+            raise ValueError("the header length is implausible")
+        header = json.loads(handle.read(size).decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {key: TensorInfo(str(v["dtype"]), tuple(v["shape"]), tuple(v["data_offsets"]))
+               for key, v in header.items()}
+    return tensors, metadata
+
+
+# -- structure, no model needed ----------------------------------------------------------------------
+def check_lora_structure(path: str | os.PathLike, family: str | None = None) -> LoadCheck:
+    """The model-free half of the check; `family` (sd1/sd2/sdxl) adds the per-family naming rules."""
+    try:
+        tensors, metadata = read_header(path)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        return LoadCheck(False, [f"{Path(path).name} is not a readable safetensors file ({error})."])
+    modules, problems = _group_modules(tensors)
+    problems += _metadata_problems(metadata) + _overlap_problems(tensors)
+    if family is not None and family not in FAMILIES:
+        problems.append(f"Unknown family '{family}'; use one of {', '.join(FAMILIES)}.")
+        family = None
+    for name, parts in sorted(modules.items()):
+        problems += _module_problems(name, parts) + _name_problems(name, family)
+    if not modules:
+        problems.append("The file holds no LoRA module (no lora_down/lora_up/alpha keys).")
+    return LoadCheck(not problems, problems, len(modules))
+
+
+def _group_modules(tensors: dict[str, TensorInfo]) -> tuple[dict[str, dict[str, TensorInfo]], list[str]]:
+    modules: dict[str, dict[str, TensorInfo]] = {}
+    problems = []
+    for key, info in tensors.items():
+        suffix = next((s for s in PORTABLE_SUFFIXES if key.endswith("." + s)), None)
+        if suffix is None:
+            problems.append(f"Key '{key}' is not lora_down/lora_up/alpha; loaders warn about or drop it.")
+            continue
+        modules.setdefault(key[: -len(suffix) - 1], {})[suffix] = info
+    return modules, problems
+
+
+def _module_problems(name: str, parts: dict[str, TensorInfo]) -> list[str]:
+    missing = [s for s in PORTABLE_SUFFIXES if s not in parts]
+    if missing:
+        return [f"Module '{name}' lacks {' and '.join(missing)}"
+                + ("; a missing alpha silently means scale 1 in every loader." if missing == ["alpha"] else ".")]
+    down, up, alpha = parts["lora_down.weight"], parts["lora_up.weight"], parts["alpha"]
+    problems = []
+    if alpha.shape != () or alpha.dtype != "F32":
+        problems.append(f"'{name}.alpha' is {alpha.dtype} with shape {list(alpha.shape)}; loaders expect a "
+                        "0-dim float32.")
+    for kind, info in (("lora_down", down), ("lora_up", up)):
+        if info.dtype not in WEIGHT_DTYPES:
+            problems.append(f"'{name}.{kind}.weight' is {info.dtype}; use fp16, bf16 or fp32.")
+    if len(down.shape) not in (2, 4) or len(up.shape) != len(down.shape):
+        problems.append(f"Module '{name}' has down {list(down.shape)} and up {list(up.shape)}; both must be "
+                        "2-D (Linear) or both 4-D (conv).")
+    elif up.shape[1] != down.shape[0]:
+        problems.append(f"Module '{name}': up {list(up.shape)} does not take the rank {down.shape[0]} of "
+                        f"down {list(down.shape)}.")
+    elif len(up.shape) == 4 and up.shape[2:] != (1, 1):
+        problems.append(f"Module '{name}': a conv lora_up must be 1x1, not {up.shape[2]}x{up.shape[3]}.")
+    return problems
+
+
+def _name_problems(name: str, family: str | None) -> list[str]:
+    prefixes = PREFIXES.get(family, ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))
+    prefix = next((p for p in prefixes if name.startswith(p)), None)
+    if prefix is None:
+        where = f" for {family}" if family else ""
+        return [f"Module '{name}' does not start with {', '.join(prefixes)}{where}; loaders skip it."]
+    rest = name[len(prefix):]
+    if prefix != "lora_unet_":
+        if rest.count("text_model_") != 1:
+            return [f"Text-encoder module '{name}' must contain 'text_model_' exactly once; A1111 and ComfyUI "
+                    "ignore it otherwise."]
+        return []
+    if family == "sdxl" and rest.startswith(DIFFUSERS_HEADS):
+        return [f"SDXL module '{name}' uses diffusers UNet names; SDXL files need the SGM names "
+                "(input_blocks_, middle_block_, output_blocks_) that every loader maps."]
+    if family in ("sd1", "sd2") and rest.startswith(SGM_HEADS):
+        return [f"{family.upper()} module '{name}' uses SDXL's SGM UNet names; SD1/SD2 loaders read diffusers "
+                "names (down_blocks_, mid_block_, up_blocks_)."]
+    return []
+
+
+def _metadata_problems(metadata) -> list[str]:
+    if not isinstance(metadata, dict):
+        return ["The header's __metadata__ is not a table of strings."]
+    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+    return [f"Metadata '{k}' is a {type(metadata[k]).__name__}, not a string; loaders reject the header."
+            for k in bad]
+
+
+def _overlap_problems(tensors: dict[str, TensorInfo]) -> list[str]:
+    spans = sorted((info.offsets, key) for key, info in tensors.items())
+    return [f"Tensors '{a}' and '{b}' share bytes; every tensor must be stored on its own."
+            for ((_, end_a), a), ((start_b, _), b) in zip(spans, spans[1:]) if start_b < end_a]
+
+
+# -- against the base model --------------------------------------------------------------------------
+def check_lora_file(path: str | os.PathLike, family: str, unet: nn.Module | None,
+                    text_encoders: list[nn.Module]) -> LoadCheck:
+    """The structure check plus: every module name maps to a module of this model, with fitting shapes."""
+    result = check_lora_structure(path, family)
+    if family not in FAMILIES or result.modules == 0:
+        return result
+    modules, _ = _group_modules(read_header(path)[0])
+    canonical, aliases = _model_names(family, unet, text_encoders)
+    problems = list(result.problems)
+    for name, parts in sorted(modules.items()):
+        module = canonical.get(name)
+        if module is None:
+            problems.append(_unknown_name(name, family, aliases))
+            continue
+        problems += _shape_problems(name, module, parts.get("lora_down.weight"), parts.get("lora_up.weight"))
+    return LoadCheck(not problems, problems, result.modules)
+
+
+def _model_names(family: str, unet, text_encoders) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """{loader name: module} for every Linear/Conv2d of the model, and {other spelling: loader name}."""
+    canonical: dict[str, nn.Module] = {}
+    aliases: dict[str, str] = {}
+    for part in components_for(family, unet, text_encoders):
+        for path, module in part.model.named_modules():
+            if not is_adaptable(module):
+                continue
+            name = kohya_name(part, path)
+            canonical[name] = module
+            for alias in alias_names(part, path):
+                aliases.setdefault(alias, name)
+    return canonical, aliases
+
+
+def _unknown_name(name: str, family: str, aliases: dict[str, str]) -> str:
+    if name in aliases:
+        return (f"Module '{name}' is spelt the way only some loaders read; A1111/Forge, ComfyUI and diffusers "
+                f"all read '{aliases[name]}'.")
+    return f"Module '{name}' matches no module of this {family} model; every loader drops it."
+
+
+def _shape_problems(name: str, module: nn.Module, down: TensorInfo | None, up: TensorInfo | None) -> list[str]:
+    if down is None or up is None:
+        return []  # already reported by the structure check
+    rank = down.shape[0] if down.shape else 0
+    if isinstance(module, nn.Linear):
+        want_down, want_up = (rank, module.in_features), (module.out_features, rank)
+    else:
+        want_down = (rank, module.in_channels, *module.kernel_size)
+        want_up = (module.out_channels, rank, 1, 1)
+    problems = []
+    for kind, got, want in (("lora_down", down.shape, want_down), ("lora_up", up.shape, want_up)):
+        if tuple(got) != tuple(want):
+            problems.append(f"'{name}.{kind}.weight' has shape {list(got)} but the model's "
+                            f"{type(module).__name__} needs {list(want)}.")
+    return problems
