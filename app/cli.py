@@ -91,12 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(commands) -> None:
     """Command groups that live in their own modules."""
-    import importlib.util
+    from app.lora_commands import add_lora_subcommands
 
-    if importlib.util.find_spec("app.lora_commands"):
-        from app.lora_commands import add_lora_subcommands
-
-        add_lora_subcommands(commands)
+    add_lora_subcommands(commands)
 
 
 def _print(text: str) -> int:

@@ -176,6 +176,7 @@ class Recipe:
         self.unet, self.optimizer, self.loader, self.lr_scheduler = self.accelerator.prepare(
             self.unet, optimizer, loader, lr_scheduler)
         self.steps_per_epoch = len(self.loader)
+        self.unet.train()  # the script calls it once per epoch; nothing in the loop switches it off
         self._cached: dict[int, tuple] = {}
         if self.cache:
             self._fill_cache()
@@ -256,7 +257,6 @@ class Recipe:
 
     def step(self, batch) -> float:
         acc, device, started = self.accelerator, self.accelerator.device, time.perf_counter()
-        self.unet.train()
         with acc.accumulate(self.unet):
             if self.cache:
                 rows = [self._cached[i] for i in batch["index"]]

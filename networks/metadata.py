@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from .lora_file import module_summary
 from .network import LoraNetwork
 
-BASE_MODEL_VERSION = {("sd1", False): "sd_v1", ("sd2", False): "sd_v2", ("sd2", True): "sd_v2_v",
+BASE_MODEL_VERSION = {("sd1", False): "sd_v1", ("sd1", True): "sd_v1", ("sd2", False): "sd_v2", ("sd2", True): "sd_v2_v",
                       ("sdxl", False): "sdxl_base_v1-0", ("sdxl", True): "sdxl_base_v1-0"}
 ARCHITECTURE = {("sd1", False): "stable-diffusion-v1/lora", ("sd1", True): "stable-diffusion-v1/lora",
                 ("sd2", False): "stable-diffusion-v2-512/lora", ("sd2", True): "stable-diffusion-v2-768-v/lora",

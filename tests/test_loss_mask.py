@@ -76,18 +76,19 @@ def test_mask_folder_same_stem_grayscale_any_size(tmp_path):
     data, masks_dir = tmp_path / "data", tmp_path / "masks"
     (data / "10_style").mkdir(parents=True)
     masks_dir.mkdir()
-    Image.new("RGB", (128, 64), (50, 60, 70)).save(data / "10_style" / "wide.png")  # 2:1 -> a 128x64 bucket
+    Image.new("RGB", (128, 64), (50, 60, 70)).save(data / "10_style" / "wide.png")  # centre-cropped to 64x64
     Image.new("RGB", (64, 64), (50, 60, 70)).save(data / "10_style" / "plain.png")
-    gray = np.zeros((32, 64), dtype=np.uint8)  # half the size of the image: stretched onto it
-    gray[:, 32:] = 255  # right half trains
+    gray = np.zeros((32, 64), dtype=np.uint8)  # half the image's size: stretched onto it
+    gray[:, 32:] = 255  # the image's right half (x >= 64) trains
     Image.fromarray(gray, "L").save(masks_dir / "wide.png")
     dataset = scan(data)
     masks = LossMasks(dataset, "folder", masks_dir)
     wide = next(i for i in dataset.items if i.path.name == "wide.png")
     plain = next(i for i in dataset.items if i.path.name == "plain.png")
-    assert wide.bucket == (128, 64)
-    got = masks.latent(wide, False, wide.placement, (8, 16))[0]
-    assert torch.allclose(got[:, :7], torch.zeros(8, 7), atol=0.02) and torch.allclose(got[:, 9:], torch.ones(8, 7), atol=0.02)
+    assert wide.placement.crop_box == (32, 0, 96, 64)
+    # the crop shows x 32..95: black up to 63, white from 64, i.e. the bucket's left half 0, right half 1
+    got = masks.latent(wide, False, wide.placement, (8, 8))[0]
+    assert torch.allclose(got, torch.tensor([0.0] * 4 + [1.0] * 4).expand(8, 8), atol=0.05)  # bilinear edge
     assert masks.pixel_mask(plain) is None
     assert missing_masks(masks) == ["10_style/plain.png"]
     with pytest.raises(SdloraError, match="mask folder .* does not exist"):

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from networks.errors import SdloraError
+from networks.metadata import ARCHITECTURE, BASE_MODEL_VERSION
 
 OPENAI_PAD = "<|endoftext|>"
 OPENCLIP_PAD = "!"
 Size = tuple[int, int]  # (height, width), the order SDXL's micro-conditioning uses
-
 
 @dataclass
 class PromptEmbeds:
@@ -31,7 +31,6 @@ class PromptEmbeds:
         pooled = None if self.pooled is None else self.pooled.to(*args, **kwargs)
         return PromptEmbeds(self.encoder_hidden_states.to(*args, **kwargs), pooled)
 
-
 def _attention_mask(ids: torch.Tensor) -> torch.Tensor:
     """The tokenizer's mask (1 up to and including the first EOS). CLIP's EOS is its highest id, and
     OpenAI CLIP pads with EOS too, so the pad id alone cannot tell padding from text."""
@@ -39,10 +38,8 @@ def _attention_mask(ids: torch.Tensor) -> torch.Tensor:
     first_eos = eos.int().argmax(dim=1, keepdim=True)
     return (torch.arange(ids.shape[1]) <= first_eos).long()
 
-
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
-
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -68,11 +65,11 @@ class ModelFamily:
         return self.name == "sdxl"
 
     def base_model_version(self, prediction_type: str = "epsilon") -> str:
-        """kohya's `ss_base_model_version`."""
-        return "sd_v1"
+        """kohya's `ss_base_model_version` (the table lives with the file format in networks/metadata)."""
+        return BASE_MODEL_VERSION[(self.name, prediction_type == "v_prediction")]
 
     def modelspec_architecture(self, prediction_type: str = "epsilon") -> str:
-        return "stable-diffusion-v1/lora"
+        return ARCHITECTURE[(self.name, prediction_type == "v_prediction")]
 
     def default_resolution(self, prediction_type: str = "epsilon") -> int:
         return 512
@@ -127,26 +124,16 @@ class ModelFamily:
         """SDXL's `added_cond_kwargs` for the UNet; SD1/SD2 take none."""
         return None
 
-
 @dataclass(frozen=True)
 class SD2Family(ModelFamily):
     name: str = "sd2"
     tokenizer_pad_tokens: tuple[str, ...] = (OPENCLIP_PAD,)
-
-    def base_model_version(self, prediction_type: str = "epsilon") -> str:
-        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
-
-    def modelspec_architecture(self, prediction_type: str = "epsilon") -> str:
-        if prediction_type == "v_prediction":
-            return "stable-diffusion-v2-768-v/lora"
-        return "stable-diffusion-v2-512/lora"
 
     def default_resolution(self, prediction_type: str = "epsilon") -> int:
         return 768 if prediction_type == "v_prediction" else 512
 
     def shipped_config_name(self, prediction_type: str = "epsilon") -> str:
         return "sd21" if prediction_type == "v_prediction" else "sd21-base"
-
 
 @dataclass(frozen=True)
 class SDXLFamily(ModelFamily):
@@ -157,12 +144,6 @@ class SDXLFamily(ModelFamily):
     tokenizer_pad_tokens: tuple[str, ...] = (OPENAI_PAD, OPENCLIP_PAD)
     text_encoder_lora_prefixes: tuple[str, ...] = ("lora_te1_", "lora_te2_")
     unet_key_style: str = "sgm"
-
-    def base_model_version(self, prediction_type: str = "epsilon") -> str:
-        return "sdxl_base_v1-0"
-
-    def modelspec_architecture(self, prediction_type: str = "epsilon") -> str:
-        return "stable-diffusion-xl-v1-base/lora"
 
     def default_resolution(self, prediction_type: str = "epsilon") -> int:
         return 1024
@@ -203,12 +184,10 @@ class SDXLFamily(ModelFamily):
         time_ids = torch.tensor(rows, dtype=pooled.dtype, device=pooled.device)
         return {"text_embeds": pooled, "time_ids": time_ids}
 
-
 SD1 = ModelFamily()
 SD2 = SD2Family()
 SDXL = SDXLFamily()
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
-
 
 def get_family(name: str) -> ModelFamily:
     """The family object for "sd1", "sd2" or "sdxl"."""
@@ -217,12 +196,10 @@ def get_family(name: str) -> ModelFamily:
     except KeyError:
         raise SdloraError(f"Unknown model family {name!r}; use one of sd1, sd2, sdxl or auto.") from None
 
-
 def _get(config, key: str, default=None):
     if isinstance(config, Mapping):
         return config.get(key, default)
     return getattr(config, key, default)
-
 
 def detect_family(unet_config, text_encoder_configs: Sequence) -> ModelFamily:
     """The family of a diffusers model from its UNet and text-encoder configs (dicts or config objects).

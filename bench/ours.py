@@ -1,0 +1,85 @@
+"""sdlora as a contender: the real `trainer.loop.Trainer`, built from a TrainConfig and stepped with
+`Trainer.optimizer_step`, so the numbers measure sdlora's own loop, caches and adapters.
+
+Trainer.setup() runs unchanged (dataset scan, model load, LoraNetwork, optimizer, latent and text
+caches). The one addition: for a per-step comparison with peers that adapt only some modules, the
+NetworkSpec the config produces is given `target_modules` (a NetworkSpec field the config does not
+expose yet) by wrapping `trainer.loop.network_spec` in this process only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+def bench_config(model_dir, data_dir, output_dir, resolution: int, batch_size: int, rank: int,
+                 alpha: float | None = None, network: str = "lora", conv_rank: int = 8,
+                 conv_alpha: float | None = None, learning_rate: float = 1e-4, seed: int = 42, epochs: int = 1,
+                 mixed_precision: str = "no", extra: dict | None = None):
+    """The TrainConfig matching the peers' settings: same rank/alpha (alpha = r, the recipe's
+    lora_alpha), AdamW with weight decay 1e-2, clip 1.0, constant LR, square crops (no buckets, as the
+    recipe's centre crop), no flips, no samples, no intermediate checkpoints."""
+    from trainer.config import config_from_dict, merge_dicts
+
+    data = {
+        "name": "bench",
+        "model": {"path": str(model_dir)},
+        "dataset": {"path": str(data_dir), "resolution": resolution, "enable_buckets": False,
+                    "cache_latents": "memory", "cache_text_encoder_outputs": True, "flip": False},
+        "network": {"type": network, "rank": rank, "alpha": float(alpha if alpha is not None else rank),
+                    "conv_rank": conv_rank, "conv_alpha": float(conv_alpha if conv_alpha is not None else conv_rank),
+                    "init": "gaussian"},
+        "train": {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": "adamw",
+                  "weight_decay": 1e-2, "max_grad_norm": 1.0, "lr_scheduler": "constant", "seed": seed,
+                  "mixed_precision": mixed_precision},
+        "sample": {"every_steps": 0, "every_epochs": 0},
+        "save": {"every_steps": 0, "every_epochs": 0},
+        "output": {"dir": str(output_dir)},
+    }
+    return config_from_dict(merge_dicts(data, extra or {}))
+
+
+class SdloraContender:
+    adapter = "sdlora"
+
+    def __init__(self, cfg, target_modules: tuple[str, ...] | None = None):
+        self.cfg, self.target_modules = cfg, target_modules
+        self.breakdown: dict[str, float] = {}
+
+    def setup(self) -> None:
+        import trainer.loop as loop
+
+        if self.target_modules:
+            original = loop.network_spec
+            wanted = tuple(self.target_modules)
+            loop.network_spec = lambda cfg: dataclasses.replace(original(cfg), target_modules=wanted)
+        self.trainer = loop.Trainer(self.cfg)
+        self.trainer.run.create()
+        self.trainer.setup()
+        self.steps_per_epoch = self.trainer.steps_per_epoch()
+
+    def batches(self):
+        epoch = 0
+        while True:
+            yield from self.trainer._epoch_batches(epoch)
+            epoch += 1
+
+    def step(self, batch) -> float:
+        return self.trainer.optimizer_step([batch])
+
+    def adapted_modules(self) -> int:
+        return len(self.trainer.network.adapters)
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.trainer.network.parameters() if p.requires_grad)
+
+    def export(self, path: Path) -> Path:
+        from trainer.state import Position
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return self.trainer._export(path, Position(step=1, epoch=1))
+
+    def export_bytes_per_param(self) -> int:
+        return {"fp16": 2, "bf16": 2, "fp32": 4}[self.cfg.save.precision]
