@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sdlora ... | head` closed the pipe: not an error
+        sys.stderr.close()
+        return 0
     except Exception as error:  # an sdlora bug, not a user error: one line, traceback on request
         if os.environ.get("SDLORA_DEBUG"):
             raise

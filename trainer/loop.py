@@ -331,7 +331,8 @@ class Trainer:
     def _export(self, path: Path, position: Position) -> Path:
         cfg, model = self.cfg, self.model
         training = {"ss_resolution": f"({cfg.dataset.resolution}, {cfg.dataset.resolution})",
-                    "ss_steps": position.step, "ss_epoch": position.epoch,
+                    "ss_steps": position.step,
+                    "ss_epoch": math.ceil(position.step / max(1, self.steps_per_epoch())),
                     "ss_learning_rate": cfg.train.learning_rate, "ss_num_train_images": len(self.dataset),
                     "ss_seed": cfg.train.seed, "ss_tag_frequency": self._tag_frequency(),
                     "modelspec.resolution": f"{cfg.dataset.resolution}x{cfg.dataset.resolution}"}

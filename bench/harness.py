@@ -1,0 +1,320 @@
+"""The shared harness: contenders, one subprocess per measurement, interleaved repeats, medians, ratios.
+
+Each measurement is `python -m bench.harness SPEC_JSON` in a fresh process, so its peak RSS
+(ru_maxrss / VmHWM) is that contender's alone. The parent runs the contenders round-robin, rotating the
+order each repeat, so slow phases of a shared machine hit every contender alike; ratios are taken per
+repeat (neighbours in time) and their median reported, next to the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.models import REPO_ROOT, work_dir
+
+RESULT_MARK = "BENCH_RESULT "
+QKVO = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    adapter: str  # sdlora | peft | lycoris
+    network: str = "lora"  # lora | locon
+    cache: bool = False  # peers only: precomputed latents and text states (informative)
+    target_modules: tuple[str, ...] | None = None  # sdlora only: restrict to these module names
+    label: str = ""
+
+
+CONTENDERS = {c.name: c for c in (
+    Contender("sdlora", "sdlora", "lora", target_modules=QKVO, label="sdlora LoRA (q,k,v,out)"),
+    Contender("diffusers-peft", "peft", "lora", label="diffusers recipe + peft LoRA (q,k,v,out)"),
+    Contender("diffusers-peft-cached", "peft", "lora", cache=True,
+              label="same, latents + text precomputed (info)"),
+    Contender("sdlora-locon", "sdlora", "locon", label="sdlora LoCon"),
+    Contender("lycoris-locon", "lycoris", "locon", label="LyCORIS LoCon on the recipe loop"),
+)}
+
+
+@dataclass(frozen=True)
+class Pair:
+    ours: str
+    peer: str
+    label: str
+    targets: dict = field(default_factory=dict)  # metric -> max ratio
+
+
+PAIRS = (
+    Pair("sdlora", "diffusers-peft", "LoRA vs diffusers+peft", {"step_time": 0.9, "peak_rss": 1.0}),
+    Pair("sdlora-locon", "lycoris-locon", "LoCon vs LyCORIS", {"peak_rss": 1.0}),
+    Pair("sdlora", "diffusers-peft-cached", "LoRA vs recipe with caches (adapter + loop only)", {}),
+)
+
+
+# --- the worker (one contender, one process) ------------------------------------------------------
+
+
+def build_contender(spec: dict):
+    contender = CONTENDERS[spec["contender"]]
+    common = dict(resolution=spec["resolution"], batch_size=spec["batch_size"], rank=spec["rank"],
+                  alpha=spec.get("alpha"), network=contender.network, conv_rank=spec["conv_rank"],
+                  conv_alpha=spec.get("conv_alpha"), seed=spec["seed"], mixed_precision=spec["mixed_precision"])
+    run_dir = Path(spec["workdir"]) / "runs" / f"{contender.name}-{os.getpid()}"
+    if contender.adapter == "sdlora":
+        from bench.ours import SdloraContender, bench_config
+
+        cfg = bench_config(spec["model_dir"], spec["data_dir"], run_dir, epochs=1000, **common)
+        return SdloraContender(cfg, contender.target_modules), run_dir
+    from bench.peers import Recipe
+
+    recipe = Recipe(spec["model_dir"], spec["data_dir"], adapter=contender.adapter, cache=contender.cache,
+                    epochs=1000, workdir=run_dir, **common)
+    return recipe, run_dir
+
+
+def peak_rss_mib() -> dict:
+    """Peak resident set of this process: ru_maxrss (KiB on Linux) and /proc's VmHWM."""
+    out = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["vmhwm_mib"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    cuda = torch.cuda.is_available() and spec.get("device", "cpu") == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    started = time.perf_counter()
+    contender, run_dir = build_contender(spec)
+    contender.setup()
+    sync()
+    setup_s = time.perf_counter() - started
+    batches = contender.batches()
+    times, losses, data_s = [], [], 0.0
+    for index in range(spec["warmup"] + spec["steps"]):
+        if index == spec["warmup"]:
+            contender.breakdown.clear()
+            data_s = 0.0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+        begin = time.perf_counter()
+        batch = next(batches)
+        fetched = time.perf_counter()
+        losses.append(contender.step(batch))
+        sync()
+        end = time.perf_counter()
+        data_s += fetched - begin
+        times.append(end - begin)
+    measured = times[spec["warmup"]:]
+    export_started = time.perf_counter()
+    exported = contender.export(run_dir / "export" / "adapter.safetensors")
+    export_s = time.perf_counter() - export_started
+    params = contender.trainable_params()
+    file_bytes = exported.stat().st_size
+    bytes_per_param = contender.export_bytes_per_param()
+    breakdown = {k: v / spec["steps"] for k, v in contender.breakdown.items()}
+    breakdown["data"] = data_s / spec["steps"]
+    result = {
+        "contender": spec["contender"], "setup_s": setup_s, "step_times_s": measured,
+        "median_step_s": statistics.median(measured), "losses": losses, "breakdown_s": breakdown,
+        "adapted_modules": contender.adapted_modules(), "trainable_params": params,
+        "export": {"bytes": file_bytes, "bytes_per_param": bytes_per_param,
+                   "ratio_to_params_x_bytes": file_bytes / (params * bytes_per_param), "seconds": export_s},
+        **peak_rss_mib(),
+    }
+    if cuda:
+        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_device"] = torch.cuda.get_device_name()
+    return result
+
+
+# --- the parent -----------------------------------------------------------------------------------
+
+
+def child_env(threads: int | None) -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DIFFUSERS_VERBOSITY="error",
+               TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_measured(cmd: list[str], threads: int | None, timeout: float, cwd: Path = REPO_ROOT) -> dict:
+    """Run `cmd`; return its wall time, its output and its own peak RSS (reaped with os.wait4, whose
+    rusage is that one child's, unlike RUSAGE_CHILDREN, a maximum over every child so far)."""
+    started = time.perf_counter()
+    log = work_dir() / "logs"
+    log.mkdir(parents=True, exist_ok=True)
+    stamp = f"{os.getpid()}-{time.time_ns()}"
+    out_path, err_path = log / f"{stamp}.out", log / f"{stamp}.err"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        process = subprocess.Popen(cmd, cwd=cwd, env=child_env(threads), stdout=out, stderr=err, text=True)
+        deadline = started + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                process.kill()
+                os.wait4(process.pid, 0)
+                raise RuntimeError(f"{' '.join(cmd[:5])}... ran past {timeout:.0f} s; see {err_path}")
+            time.sleep(0.02)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    out_path.unlink(missing_ok=True)
+    err_path.unlink(missing_ok=True)
+    return {"returncode": process.returncode, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "stdout": stdout, "stderr": stderr}
+
+
+def run_worker(spec: dict, timeout: float = 600) -> dict:
+    done = run_measured([sys.executable, "-m", "bench.harness", json.dumps(spec)], spec.get("threads"), timeout)
+    lines = [line for line in done["stdout"].splitlines() if line.startswith(RESULT_MARK)]
+    if done["returncode"] != 0 or not lines:
+        raise RuntimeError(f"worker {spec['contender']} failed ({done['returncode']}):\n{done['stderr'][-3000:]}")
+    result = json.loads(lines[-1][len(RESULT_MARK):])
+    result["process_wall_s"] = done["wall_s"]
+    result["wait4_peak_rss_mib"] = done["peak_rss_mib"]
+    return result
+
+
+def machine_info(threads: int | None) -> dict:
+    import importlib.metadata as md
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "peft", "lycoris-lora", "accelerate"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
+            "cores": os.cpu_count(), "threads_per_process": threads, "python": platform.python_version(),
+            "platform": platform.platform(), "versions": versions}
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: dict[str, list[dict]], batch_size: int, pairs=PAIRS) -> dict:
+    """Per contender medians, and per pair the ratios ours / peer (per repeat and of the medians)."""
+    contenders = {}
+    for name, results in runs.items():
+        step = median([r["median_step_s"] for r in results])
+        pooled = median([t for r in results for t in r["step_times_s"]])
+        keys = sorted({k for r in results for k in r["breakdown_s"]})
+        contenders[name] = {
+            "label": CONTENDERS[name].label if name in CONTENDERS else name,
+            "repeats": len(results),
+            "median_step_s": step,
+            "pooled_median_step_s": pooled,
+            "per_repeat_step_s": [r["median_step_s"] for r in results],
+            "images_per_s": batch_size / step if step else None,
+            "peak_rss_mib": median([r["ru_maxrss_mib"] for r in results]),
+            "setup_s": median([r["setup_s"] for r in results]),
+            "breakdown_s": {k: median([r["breakdown_s"].get(k) for r in results]) for k in keys},
+            "adapted_modules": results[0]["adapted_modules"],
+            "trainable_params": results[0]["trainable_params"],
+            "export": results[0]["export"],
+            "loss_finite": all(l == l and abs(l) != float("inf") for r in results for l in r["losses"]),
+        }
+        if "cuda_peak_mib" in results[0]:
+            contenders[name]["cuda_peak_mib"] = median([r["cuda_peak_mib"] for r in results])
+    ratios = []
+    for pair in pairs:
+        if pair.ours not in runs or pair.peer not in runs:
+            continue
+        ours, peer = runs[pair.ours], runs[pair.peer]
+        per_repeat = [a["median_step_s"] / b["median_step_s"] for a, b in zip(ours, peer)]
+        a, b = contenders[pair.ours], contenders[pair.peer]
+        row = {
+            "ours": pair.ours, "peer": pair.peer, "label": pair.label,
+            "same_adapted_modules": a["adapted_modules"] == b["adapted_modules"],
+            "same_trainable_params": a["trainable_params"] == b["trainable_params"],
+            "step_time": median(per_repeat),
+            "step_time_per_repeat": per_repeat,
+            "step_time_of_medians": a["median_step_s"] / b["median_step_s"],
+            "images_per_s": a["images_per_s"] / b["images_per_s"],
+            "peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"],
+        }
+        if "cuda_peak_mib" in a and "cuda_peak_mib" in b:
+            row["cuda_peak_memory"] = a["cuda_peak_mib"] / b["cuda_peak_mib"]
+        row["targets"] = {metric: {"max": limit, "met": row[metric] <= limit} for metric, limit in pair.targets.items()}
+        ratios.append(row)
+    return {"contenders": contenders, "ratios": ratios}
+
+
+def run_interleaved(names: list[str], base_spec: dict, repeats: int, log=print, timeout: float = 600) -> dict:
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        for name in order:
+            spec = dict(base_spec, contender=name)
+            result = run_worker(spec, timeout=timeout)
+            runs[name].append(result)
+            log(f"  [{repeat + 1}/{repeats}] {name:24s} {result['median_step_s']:.4f} s/step  "
+                f"rss {result['ru_maxrss_mib']:.0f} MiB  setup {result['setup_s']:.1f} s  "
+                f"(process {result['process_wall_s']:.1f} s)")
+    # Each contender's repeats are ordered the same way, so zip() in summarize pairs neighbours in time.
+    return runs
+
+
+def write_json(data: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(RESULT_MARK + json.dumps(worker(json.loads(sys.argv[1]))), flush=True)
