@@ -1,7 +1,7 @@
 """The shared harness: contenders, one subprocess per measurement, interleaved repeats, medians, ratios.
 
 Each measurement is `python -m bench.harness SPEC_JSON` in a fresh process, so its peak RSS
-(ru_maxrss / VmHWM) is that contender's alone. The parent runs the contenders round-robin, rotating the
+(VmHWM) is that contender's alone. The parent runs the contenders round-robin, rotating the
 order each repeat, so slow phases of a shared machine hit every contender alike; ratios are taken per
 repeat (neighbours in time) and their median reported, next to the ratio of the medians.
 """
@@ -83,15 +83,35 @@ def build_contender(spec: dict):
 
 
 def peak_rss_mib() -> dict:
-    """Peak resident set of this process: ru_maxrss (KiB on Linux) and /proc's VmHWM."""
+    """Peak resident set of this process. VmHWM (/proc) is the one to use: on Linux, ru_maxrss also
+    counts the parent's RSS at fork time (exec records the forked address space's high-water mark), so a
+    child of a big parent reports the parent's peak. ru_maxrss is kept for reference."""
     out = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                out["vmhwm_mib"] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    hwm = read_vmhwm_mib("self")
+    if hwm is not None:
+        out["vmhwm_mib"] = hwm
+    out["peak_rss_mib"] = out.get("vmhwm_mib", out["ru_maxrss_mib"])
     return out
+
+
+def read_vmhwm_mib(pid) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def quiet_libraries() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def worker(spec: dict) -> dict:
@@ -99,6 +119,7 @@ def worker(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    quiet_libraries()
     cuda = torch.cuda.is_available() and spec.get("device", "cpu") == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     started = time.perf_counter()
@@ -107,14 +128,14 @@ def worker(spec: dict) -> dict:
     sync()
     setup_s = time.perf_counter() - started
     batches = contender.batches()
-    times, losses, data_s = [], [], 0.0
+    times, cpu_times, losses, data_s = [], [], [], 0.0
     for index in range(spec["warmup"] + spec["steps"]):
         if index == spec["warmup"]:
             contender.breakdown.clear()
             data_s = 0.0
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-        begin = time.perf_counter()
+        begin, cpu_begin = time.perf_counter(), time.process_time()
         batch = next(batches)
         fetched = time.perf_counter()
         losses.append(contender.step(batch))
@@ -122,7 +143,8 @@ def worker(spec: dict) -> dict:
         end = time.perf_counter()
         data_s += fetched - begin
         times.append(end - begin)
-    measured = times[spec["warmup"]:]
+        cpu_times.append(time.process_time() - cpu_begin)
+    measured, measured_cpu = times[spec["warmup"]:], cpu_times[spec["warmup"]:]
     export_started = time.perf_counter()
     exported = contender.export(run_dir / "export" / "adapter.safetensors")
     export_s = time.perf_counter() - export_started
@@ -133,7 +155,8 @@ def worker(spec: dict) -> dict:
     breakdown["data"] = data_s / spec["steps"]
     result = {
         "contender": spec["contender"], "setup_s": setup_s, "step_times_s": measured,
-        "median_step_s": statistics.median(measured), "losses": losses, "breakdown_s": breakdown,
+        "median_step_s": statistics.median(measured), "cpu_step_times_s": measured_cpu,
+        "median_cpu_step_s": statistics.median(measured_cpu), "losses": losses, "breakdown_s": breakdown,
         "adapted_modules": contender.adapted_modules(), "trainable_params": params,
         "export": {"bytes": file_bytes, "bytes_per_param": bytes_per_param,
                    "ratio_to_params_x_bytes": file_bytes / (params * bytes_per_param), "seconds": export_s},
@@ -168,8 +191,11 @@ def run_measured(cmd: list[str], threads: int | None, timeout: float, cwd: Path 
     out_path, err_path = log / f"{stamp}.out", log / f"{stamp}.err"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         process = subprocess.Popen(cmd, cwd=cwd, env=child_env(threads), stdout=out, stderr=err, text=True)
-        deadline = started + timeout
+        deadline, hwm = started + timeout, None
         while True:
+            # VmHWM only grows, so the last value read before the exit is the peak (bar the last 20 ms).
+            seen = read_vmhwm_mib(process.pid)
+            hwm = seen if seen is not None and (hwm is None or seen > hwm) else hwm
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
@@ -183,8 +209,8 @@ def run_measured(cmd: list[str], threads: int | None, timeout: float, cwd: Path 
     stdout, stderr = out_path.read_text(), err_path.read_text()
     out_path.unlink(missing_ok=True)
     err_path.unlink(missing_ok=True)
-    return {"returncode": process.returncode, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "stdout": stdout, "stderr": stderr}
+    return {"returncode": process.returncode, "wall_s": wall, "vmhwm_mib": hwm,
+            "ru_maxrss_mib": usage.ru_maxrss / 1024, "stdout": stdout, "stderr": stderr}
 
 
 def run_worker(spec: dict, timeout: float = 600) -> dict:
@@ -194,7 +220,7 @@ def run_worker(spec: dict, timeout: float = 600) -> dict:
         raise RuntimeError(f"worker {spec['contender']} failed ({done['returncode']}):\n{done['stderr'][-3000:]}")
     result = json.loads(lines[-1][len(RESULT_MARK):])
     result["process_wall_s"] = done["wall_s"]
-    result["wait4_peak_rss_mib"] = done["peak_rss_mib"]
+    result["polled_vmhwm_mib"] = done["vmhwm_mib"]
     return result
 
 
@@ -243,8 +269,9 @@ def summarize(runs: dict[str, list[dict]], batch_size: int, pairs=PAIRS) -> dict
             "median_step_s": step,
             "pooled_median_step_s": pooled,
             "per_repeat_step_s": [r["median_step_s"] for r in results],
+            "median_cpu_step_s": median([r["median_cpu_step_s"] for r in results]),
             "images_per_s": batch_size / step if step else None,
-            "peak_rss_mib": median([r["ru_maxrss_mib"] for r in results]),
+            "peak_rss_mib": median([r["peak_rss_mib"] for r in results]),
             "setup_s": median([r["setup_s"] for r in results]),
             "breakdown_s": {k: median([r["breakdown_s"].get(k) for r in results]) for k in keys},
             "adapted_modules": results[0]["adapted_modules"],
@@ -268,6 +295,7 @@ def summarize(runs: dict[str, list[dict]], batch_size: int, pairs=PAIRS) -> dict
             "step_time": median(per_repeat),
             "step_time_per_repeat": per_repeat,
             "step_time_of_medians": a["median_step_s"] / b["median_step_s"],
+            "cpu_step_time": median([x["median_cpu_step_s"] / y["median_cpu_step_s"] for x, y in zip(ours, peer)]),
             "images_per_s": a["images_per_s"] / b["images_per_s"],
             "peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"],
         }
@@ -278,18 +306,26 @@ def summarize(runs: dict[str, list[dict]], batch_size: int, pairs=PAIRS) -> dict
     return {"contenders": contenders, "ratios": ratios}
 
 
-def run_interleaved(names: list[str], base_spec: dict, repeats: int, log=print, timeout: float = 600) -> dict:
-    runs: dict[str, list[dict]] = {name: [] for name in names}
+def interleaved_order(groups: list[list[str]], repeat: int) -> list[str]:
+    """ABBA: a pair's members run next to each other, the first on even repeats goes last on odd ones,
+    and the groups swap places too, so a slow spell of the shared machine lands on both sides."""
+    blocks = [group if repeat % 2 == 0 else list(reversed(group)) for group in groups]
+    if repeat % 2:
+        blocks.reverse()
+    return [name for block in blocks for name in block]
+
+
+def run_interleaved(groups: list[list[str]], base_spec: dict, repeats: int, log=print, timeout: float = 600) -> dict:
+    runs: dict[str, list[dict]] = {name: [] for group in groups for name in group}
     for repeat in range(repeats):
-        order = names[repeat % len(names):] + names[:repeat % len(names)]
-        for name in order:
+        for name in interleaved_order(groups, repeat):
             spec = dict(base_spec, contender=name)
             result = run_worker(spec, timeout=timeout)
             runs[name].append(result)
-            log(f"  [{repeat + 1}/{repeats}] {name:24s} {result['median_step_s']:.4f} s/step  "
-                f"rss {result['ru_maxrss_mib']:.0f} MiB  setup {result['setup_s']:.1f} s  "
-                f"(process {result['process_wall_s']:.1f} s)")
-    # Each contender's repeats are ordered the same way, so zip() in summarize pairs neighbours in time.
+            log(f"  [{repeat + 1}/{repeats}] {name:24s} {result['median_step_s']:.4f} s/step "
+                f"(cpu {result['median_cpu_step_s']:.4f})  rss {result['peak_rss_mib']:.0f} MiB  "
+                f"setup {result['setup_s']:.1f} s  (process {result['process_wall_s']:.1f} s)", flush=True)
+    # Each contender has one result per repeat, so zip() in summarize pairs neighbours in time.
     return runs
 
 

@@ -4,9 +4,9 @@ the full SD1.5/SDXL configs for GPU mode, and FLOP counts (on the meta device, s
 The bench SD1 model keeps SD1.5's layout exactly (4 down blocks, CrossAttn x3 + Down, layers_per_block 2,
 attention_head_dim 8, cross-attention 768, 1x1 conv proj_in/out, quick_gelu CLIP) with block_out_channels
 scaled from (320, 640, 1280, 1280) to (32, 64, 128, 128). The VAE keeps SD1.5's layout with channels
-scaled by 1/8, so that at the bench resolution a VAE encode costs about what it costs next to the real
-UNet (1.4x the UNet forward in FLOPs, as for SD1.5 at 512 px): the caches sdlora relies on are then
-neither flattered nor penalised. The text encoder must output 768-d states (the cross-attention width),
+(128, 256, 512, 512) scaled to (14, 28, 56, 56): at 128 px one VAE encode then costs 0.63x a UNet LoRA
+step in FLOPs, as it does for SD1.5 at 512 px (0.65x), so the latent cache sdlora relies on is neither
+flattered nor penalised. The text encoder must output 768-d states (the cross-attention width),
 so it is CLIP with hidden size 768 and no transformer layer (token + position embedding and the final
 norm): SD1.5's text encoder is 0.5% of a no-cache step's FLOPs at 512 px, and even one 768-wide layer
 would be 14% here, which would flatter the text cache; with none it is ~0%, which slightly understates
@@ -26,7 +26,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 CONFIGS = REPO_ROOT / "trainer" / "assets" / "configs"
 SD1_BENCH_CHANNELS = (32, 64, 128, 128)
-SD1_BENCH_VAE_CHANNELS = (16, 32, 64, 64)
+SD1_BENCH_VAE_CHANNELS = (14, 28, 56, 56)
 SD1_BENCH_TEXT_ENCODER = dict(hidden_size=768, num_hidden_layers=0, num_attention_heads=12, intermediate_size=3072)
 MODELS = ("sd1", "sdxl", "tiny")  # the scaled SD1 bench model, the tiny SDXL, the tiny SD1 (tests)
 

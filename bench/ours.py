@@ -50,13 +50,16 @@ class SdloraContender:
     def setup(self) -> None:
         import trainer.loop as loop
 
+        original = loop.network_spec
         if self.target_modules:
-            original = loop.network_spec
             wanted = tuple(self.target_modules)
             loop.network_spec = lambda cfg: dataclasses.replace(original(cfg), target_modules=wanted)
-        self.trainer = loop.Trainer(self.cfg)
-        self.trainer.run.create()
-        self.trainer.setup()
+        try:
+            self.trainer = loop.Trainer(self.cfg)
+            self.trainer.run.create()
+            self.trainer.setup()
+        finally:
+            loop.network_spec = original
         self.steps_per_epoch = self.trainer.steps_per_epoch()
 
     def batches(self):

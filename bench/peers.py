@@ -193,8 +193,12 @@ class Recipe:
                 cast_training_params(self.unet, dtype=torch.float32)
             return [p for p in self.unet.parameters() if p.requires_grad]
         if self.adapter == "lycoris":
-            from lycoris.kohya import create_network
+            import logging
 
+            from lycoris.kohya import create_network
+            from lycoris.logging import logger
+
+            logger.setLevel(logging.WARNING)
             preset = (self.workdir or Path(".")) / "lycoris-locon-preset.toml"
             preset.parent.mkdir(parents=True, exist_ok=True)
             preset.write_text(LYCORIS_LOCON_PRESET)

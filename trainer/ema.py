@@ -82,11 +82,12 @@ class AdapterEMA:
         finally:
             self._ema.restore(self.params)
 
-    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The averaged weights in the file layout, without disturbing the live weights."""
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32, exact: bool = True) -> dict[str, torch.Tensor]:
+        """The averaged weights in the file layout (`exact` as LoraNetwork.kohya_state_dict), live weights
+        left as they are."""
         with self.swapped_in() as network:
             # Cloned: on the CPU in fp32, kohya_state_dict's tensors are the live parameters themselves.
-            return {key: value.clone() for key, value in network.kohya_state_dict(dtype).items()}
+            return {key: value.clone() for key, value in network.kohya_state_dict(dtype, exact=exact).items()}
 
 
 def ema_file(path: str | Path) -> Path:

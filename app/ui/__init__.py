@@ -23,7 +23,7 @@ __all__ = ["build_ui", "launch", "launch_options"]
 def build_ui(runs_dir: str | Path = "runs", trainer_command: list[str] | None = None) -> gr.Blocks:
     """The whole page; `trainer_command` replaces `python -m app.cli train` (tests use a fake trainer)."""
     ctx = UIContext.create(runs_dir, trainer_command)
-    with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
+    with gr.Blocks(title="sdlora", analytics_enabled=False, fill_width=True) as demo:
         gr.HTML(HEADER)
         with gr.Tabs(selected="dataset") as tabs:
             with gr.Tab("Dataset", id="dataset"):
@@ -57,16 +57,19 @@ def _wire(demo: gr.Blocks, tabs: gr.Tabs, dataset, train, runs) -> None:
             return gr.skip(), gr.skip(), gr.skip()
         return run, gr.Timer(active=True), gr.Tabs(selected="train")
 
-    runs.watch.click(watch, runs.selected, [train.watched, train.timer, tabs], api_visibility="private").then(
-        train.refresh, train.refresh_inputs, train.live_outputs, api_visibility="private", show_progress="hidden")
+    def show_watched(event):
+        event.then(train.refresh, train.refresh_inputs, train.live_outputs, api_visibility="private",
+                   show_progress="hidden").then(train.fill_from_run, train.watched, train.fill_outputs,
+                                                api_visibility="private", show_progress="hidden")
+
+    show_watched(runs.watch.click(watch, runs.selected, [train.watched, train.timer, tabs], api_visibility="private"))
 
     def on_load():
         preset, watched, timer = train.on_load()
         # A run still training after a refresh or a UI restart: show it straight away.
         return preset, watched, timer, gr.Tabs(selected="train") if watched else gr.skip()
 
-    demo.load(on_load, None, [*train.load_outputs, tabs], api_visibility="private").then(
-        train.refresh, train.refresh_inputs, train.live_outputs, api_visibility="private", show_progress="hidden")
+    show_watched(demo.load(on_load, None, [*train.load_outputs, tabs], api_visibility="private"))
     demo.load(runs.refresh, None, runs.refresh_outputs, api_visibility="private")
 
 

@@ -48,19 +48,19 @@ class ConfigForm:
         return widget
 
     def add_remaining(self) -> None:
-        """Every key not in the main form, one tab per config section (the Advanced accordion)."""
+        """Every key not in the main form, one accordion per config section (inside the Advanced one)."""
         remaining = [f for f in self.fields.values()
                      if f.key not in self.widgets and f.key not in SKIPPED_KEYS and f.key != PROMPTS_KEY]
         sections: dict[str, list[ConfigField]] = {}
         for field in remaining:
             sections.setdefault(section_of(field.key), []).append(field)
-        with gr.Tabs():
-            for section, fields in sections.items():
-                with gr.Tab(SECTION_TITLES.get(section, section.title())):
-                    for start in range(0, len(fields), PER_ROW):
-                        with gr.Row(equal_height=True):
-                            for field in fields[start:start + PER_ROW]:
-                                self.add(field.key)
+        for section, fields in sections.items():
+            title = f"{SECTION_TITLES.get(section, section.title())} ({len(fields)})"
+            with gr.Accordion(title, open=False, elem_id=f"advanced-{section or 'general'}"):
+                for start in range(0, len(fields), PER_ROW):
+                    with gr.Row(equal_height=True):
+                        for field in fields[start:start + PER_ROW]:
+                            self.add(field.key)
 
     # -- values ---------------------------------------------------------------------------------
     def to_config(self, preset: str | None, prompts_text: str, values: Sequence[Any]) -> TrainConfig:

@@ -124,7 +124,7 @@ class DatasetTab:
 
 def build(ctx: UIContext) -> DatasetTab:
     state = gr.State(None)  # {"folder", "images", "extension"} of the opened dataset
-    with gr.Row(equal_height=True):
+    with gr.Row(elem_classes="sd-align-end"):
         folder = gr.Textbox(label="Dataset folder", placeholder="/path/to/images", scale=5, elem_id="dataset-folder",
                             info="Images with a .txt caption beside each (cat.png + cat.txt); kohya "
                                  "'10_name' sub-folders work too.")
@@ -132,7 +132,7 @@ def build(ctx: UIContext) -> DatasetTab:
                                info="Training side in px.")
         open_button = gr.Button("Open", variant="primary", scale=1, min_width=100, elem_id="dataset-open")
     with gr.Accordion("No images yet? Create the demo dataset", open=False, elem_id="demo-accordion"):
-        with gr.Row(equal_height=True):
+        with gr.Row(elem_classes="sd-align-end"):
             demo_folder = gr.Textbox(str(ctx.free_demo_folder()), label="New folder", scale=5,
                                      elem_id="demo-folder")
             demo_count = gr.Number(12, label="Images", precision=0, scale=1, min_width=100)
@@ -158,8 +158,8 @@ def build(ctx: UIContext) -> DatasetTab:
                     replace_button = gr.Button("Replace all", scale=1, min_width=110)
     with gr.Row():
         stats = gr.Markdown(elem_id="dataset-stats")
-        buckets = gr.BarPlot(EMPTY_BUCKETS, x="bucket", y="images", title="Buckets", height=220,
-                             elem_id="bucket-plot", sort=None)
+        buckets = gr.BarPlot(EMPTY_BUCKETS, x="bucket", y="images", title="Images per bucket (w x h)", height=220,
+                             elem_id="bucket-plot", sort=None, y_lim=[0, None], visible=False)
     problems = gr.Markdown()
 
     view_outputs = [message, gallery, stats, buckets, problems, state]
@@ -168,7 +168,7 @@ def build(ctx: UIContext) -> DatasetTab:
         entries, shown = gallery_entries(result.images, result.extension)
         saved = {"folder": str(result.folder), "images": [str(p) for p in result.images], "shown": shown,
                  "extension": result.extension}
-        return (ok(note), entries, stats_markdown(result), bucket_frame(result.report),
+        return (ok(note), entries, stats_markdown(result), gr.BarPlot(bucket_frame(result.report), visible=True),
                 problems_markdown(result.report), saved)
 
     @guarded(len(view_outputs) + 1)

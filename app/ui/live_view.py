@@ -15,8 +15,6 @@ SMOOTHING = 0.9  # exponential moving average of the loss; single steps are nois
 SAMPLES_SHOWN = 12
 STATUS_LABELS = {"created": "created", "starting": "starting", "running": "training", "stopped": "stopped",
                  "finished": "finished", "error": "failed", "interrupted": "interrupted"}
-EMPTY_LOSS = pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
-                           "series": pd.Series(dtype="str")})
 
 
 def duration(seconds: float | None) -> str:
@@ -63,10 +61,14 @@ def header_markdown(info: RunInfo | None) -> str:
     return text
 
 
-def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
-    """Raw and smoothed loss per step, long format (one `series` column) for a two-line plot."""
+def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame | None:
+    """Raw and smoothed loss per step, long format (one `series` column) for a two-line plot.
+
+    No data is None, not an empty frame: a LinePlot created from an empty frame never draws the
+    lines it is given later (gradio 6 fixes the colour domain at the first value).
+    """
     if not losses:
-        return EMPTY_LOSS
+        return None
     steps = [s for s, _ in losses]
     raw = [v for _, v in losses]
     smooth, average = [], None
@@ -82,6 +84,13 @@ def sample_entries(progress: Progress | None) -> list[tuple[str, str]]:
     if progress is None:
         return []
     return [(str(path), caption) for path, caption in reversed(progress.samples[-SAMPLES_SHOWN:])]
+
+
+def log_html(text: str) -> str:
+    """The log tail in a box that stays scrolled to its newest line (column-reverse anchors the bottom)."""
+    if not text:
+        return '<div class="sd-log sd-muted">The trainer\'s output appears here.</div>'
+    return f'<div class="sd-log"><pre>{html.escape(text)}</pre></div>'
 
 
 def run_row(info: RunInfo) -> list:

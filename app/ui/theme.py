@@ -12,13 +12,26 @@ MONO = [gr.themes.Font("ui-monospace"), gr.themes.Font("SFMono-Regular"), gr.the
 def theme() -> gr.themes.Base:
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate", font=SANS,
                           font_mono=MONO, radius_size="md").set(
-        block_title_text_weight="600",
+        # Plain labels instead of the Soft theme's tinted chips: a form with 20 fields reads calmer.
+        block_title_background_fill="transparent",
+        block_title_background_fill_dark="transparent",
+        block_title_text_color="*neutral_800",
+        block_title_text_color_dark="*neutral_100",
+        block_title_padding="0",
+        block_title_text_size="*text_sm",
+        block_label_background_fill="*background_fill_primary",
+        block_label_background_fill_dark="*background_fill_primary",
+        block_label_text_color="*neutral_600",
+        block_label_text_color_dark="*neutral_300",
+        block_label_text_size="*text_sm",
+        block_label_padding="*spacing_xs *spacing_sm",
         button_large_text_weight="600",
     )
 
 
 CSS = """
-.gradio-container { max-width: 1480px !important; margin: 0 auto !important; }
+.gradio-container { max-width: 1560px !important; margin: 0 auto !important; }
+.sd-align-end { align-items: flex-end; }
 #sd-header { display: flex; align-items: baseline; gap: 14px; padding: 6px 2px 2px; }
 #sd-header h1 { font-size: 24px; font-weight: 700; margin: 0; letter-spacing: -0.02em; }
 #sd-header h1 span { color: var(--color-accent); }
@@ -52,7 +65,11 @@ CSS = """
 .sd-badge-starting, .sd-badge-created { background: #f1f5f9; color: #334155; }
 .sd-badge-running { animation: sd-pulse 1.6s ease-in-out infinite; }
 @keyframes sd-pulse { 50% { opacity: 0.6; } }
-.sd-log textarea { font-family: var(--font-mono) !important; font-size: 12px !important; line-height: 1.45 !important; }
+.sd-log { display: flex; flex-direction: column-reverse; max-height: 230px; min-height: 80px; overflow: auto;
+          padding: 8px 12px; border: 1px solid var(--border-color-primary); border-radius: 8px;
+          background: var(--background-fill-secondary); }
+.sd-log pre { margin: 0; font-family: var(--font-mono); font-size: 12px; line-height: 1.45; white-space: pre-wrap;
+              word-break: break-word; }
 .sd-confirm { padding: 8px 12px; border-radius: 8px; background: #fff7ed; border: 1px solid #fed7aa; align-items: center; }
 .dark .sd-confirm { background: #431407; border-color: #7c2d12; }
 footer { opacity: 0.7; }

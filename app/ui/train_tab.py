@@ -13,15 +13,15 @@ import gradio as gr
 from app.runs import ACTIVE, RESUMABLE
 from app.ui.config_form import ConfigForm, prompts_to_text
 from app.ui.context import UIContext
-from app.ui.live_view import EMPTY_LOSS, header_markdown, loss_frame, progress_html, sample_entries
+from app.ui.live_view import header_markdown, log_html, loss_frame, progress_html, sample_entries
 from app.ui.notices import guarded, notice, ok
 from networks.errors import SdloraError
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, load_config
 from trainer.presets import list_presets, load_preset, resolve_config, save_user_preset
 
 DEFAULT_PRESET = "demo"
 POLL_SECONDS = 1.0
-LOG_LINES = 30
+LOG_LINES = 80
 CONV_KEYS = ("network.conv_rank", "network.conv_alpha_ratio")
 ALPHA_KEYS = ("network.type", "network.rank", "network.alpha_ratio", "network.alpha", "network.conv_rank",
               "network.conv_alpha_ratio", "network.conv_alpha")
@@ -81,6 +81,8 @@ class TrainTab:
     timer: gr.Timer
     notice: gr.HTML
     refresh: object  # the live-view handler: (watched, fingerprint) -> live outputs
+    fill_from_run: object  # (watched) -> the form showing that run's config
+    fill_outputs: list
     refresh_inputs: list
     live_outputs: list
     load_outputs: list
@@ -139,13 +141,13 @@ def build(ctx: UIContext) -> TrainTab:
             header = gr.Markdown(header_markdown(None), elem_id="run-header")
             bar = gr.HTML(progress_html(None), elem_id="progress")
             run_message = gr.HTML(elem_id="run-notice")
-            loss = gr.LinePlot(EMPTY_LOSS, x="step", y="loss", color="series", title="Loss", height=260,
+            loss = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=260,
                                color_map={"loss": "#c7d2fe", "smoothed": "#4f46e5"}, elem_id="loss-plot",
                                x_title="step", y_title="loss")
             samples = gr.Gallery(label="Samples (newest first)", columns=4, height=250, object_fit="contain",
                                  elem_id="samples", preview=False)
-            log = gr.Textbox(label="Trainer log", lines=8, max_lines=8, interactive=False, autoscroll=True,
-                             elem_id="train-log", elem_classes="sd-log")
+            gr.Markdown("**Trainer log**", elem_classes="sd-muted")
+            log = gr.HTML(log_html(""), elem_id="train-log")
     watched = gr.State(None)
     fingerprint = gr.State(None)
     timer = gr.Timer(POLL_SECONDS, active=False)
@@ -164,6 +166,14 @@ def build(ctx: UIContext) -> TrainTab:
         cfg = preset_config(name, model, dataset, run_name)
         return (notice(), *form_values(cfg), prompts_to_text(cfg), preset_description(name))
 
+    @guarded(len(fill_outputs))
+    def fill_from_run(run):
+        """The form shows the config of the run being watched (after a reload or "Watch in Train tab")."""
+        if not run:
+            return tuple(gr.skip() for _ in fill_outputs)
+        cfg = load_config(ctx.runs.resolve(run) / "config.toml")
+        return (notice(), *form_values(cfg), prompts_to_text(cfg), gr.skip())
+
     alpha_inputs = [form.widgets[k] for k in ALPHA_KEYS]
     preset.input(on_preset, [preset, form.widgets["model.path"], form.widgets["dataset.path"], form.widgets["name"]],
                  fill_outputs, api_visibility="private").then(alpha_text, alpha_inputs, alpha, api_visibility="private")
@@ -177,7 +187,7 @@ def build(ctx: UIContext) -> TrainTab:
     live_outputs = [header, bar, run_message, loss, samples, log, start, stop, resume, timer, fingerprint]
 
     def idle(note: str = "") -> tuple:
-        return (header_markdown(None), progress_html(None), notice(note), EMPTY_LOSS, [], "",
+        return (header_markdown(None), progress_html(None), notice(note), None, [], log_html(""),
                 gr.Button(interactive=True), gr.Button(interactive=False), gr.Button(interactive=False),
                 gr.Timer(active=False), None)
 
@@ -200,7 +210,7 @@ def build(ctx: UIContext) -> TrainTab:
         error = notice(info.message) if info.status in ("error", "interrupted") and info.message else notice()
         return (header_markdown(info), progress_html(progress), error,
                 loss_frame(progress.losses) if new_loss else gr.skip(),
-                sample_entries(progress) if new_samples else gr.skip(), log_text,
+                sample_entries(progress) if new_samples else gr.skip(), log_html(log_text),
                 gr.Button(interactive=not active), gr.Button(interactive=active),
                 gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active), key)
 
@@ -252,8 +262,8 @@ def build(ctx: UIContext) -> TrainTab:
         active = ctx.runs.newest_active()
         return gr.Dropdown(choices=preset_choices()), active.folder if active else None, gr.Timer(active=active is not None)
 
-    return TrainTab(form, preset, watched, timer, message, refresh, refresh_inputs, live_outputs,
-                    [preset, watched, timer], on_load)
+    return TrainTab(form, preset, watched, timer, message, refresh, fill_from_run, fill_outputs, refresh_inputs,
+                    live_outputs, [preset, watched, timer], on_load)
 
 
 def _dotted(cfg: TrainConfig, key: str):

@@ -1,0 +1,213 @@
+"""The pre-flight check: steps as the loop counts them, caption and image findings, risky settings, estimates."""
+
+import argparse
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from app.check_command import add_check_subcommand, add_import_kohya_action
+from trainer.dataset import ImageDataset
+from trainer.demo_data import make_demo_dataset
+from trainer.loop import Trainer, dataset_options
+from trainer.preflight import (
+    ACTIVATION_BYTES_PER_PIXEL,
+    CHECKPOINTING_ACTIVATIONS,
+    estimate_resources,
+    model_parameters,
+    preflight_report,
+    step_plan,
+)
+from trainer.presets import resolve_config
+from trainer.tiny_models import demo_model_path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Demo images in several buckets, a kohya sub-folder with 3 repeats, one corrupt file."""
+    folder = tmp_path_factory.mktemp("pf")
+    make_demo_dataset(folder, count=5, seed=0)
+    make_demo_dataset(folder / "3_extra", count=3, seed=1)
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def config(data, *overrides, preset="style-lora"):
+    base = [f"dataset.path={data}", "dataset.resolution=128", "dataset.min_bucket_side=64",
+            "dataset.max_bucket_side=256", "model.path=demo:sd1"]
+    return resolve_config(preset, base + list(overrides))
+
+
+def loop_total(cfg, dataset, world):
+    """What Trainer computes, on a Trainer that has only what _total_steps/_epochs read."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.dataset = cfg, dataset
+    trainer.accelerator = SimpleNamespace(process_index=0, num_processes=world)
+    trainer.total_steps = trainer._total_steps()
+    return trainer.total_steps, trainer._epochs(), trainer.steps_per_epoch()
+
+
+@pytest.mark.parametrize("max_steps", [None, 7])
+def test_step_plan_agrees_with_the_training_loop(data, max_steps):
+    checked = 0
+    for batch in (1, 2, 3, 4):
+        for accum in (1, 2, 3):
+            for world in (1, 2, 3):
+                cfg = config(data, f"train.batch_size={batch}", f"train.gradient_accumulation_steps={accum}",
+                             "train.epochs=3", f"train.max_steps={max_steps or 'none'}", "dataset.resolution=256",
+                             "dataset.max_bucket_side=512")
+                dataset = ImageDataset.scan(dataset_options(cfg), seed=1)
+                per_bucket = {}
+                for item in dataset.items:
+                    per_bucket[item.bucket] = per_bucket.get(item.bucket, 0) + item.repeats
+                plan = step_plan(per_bucket, batch, accum, 3, max_steps, world)
+                assert (plan.total_steps, plan.epochs, plan.steps_per_epoch) == loop_total(cfg, dataset, world)
+                assert plan.batches_per_process == len(dataset.batches(0, batch, world - 1, world))
+                checked += 1
+    assert checked == 36 and len(per_bucket) > 1  # several buckets, so per-bucket rounding was exercised
+
+
+def test_per_bucket_rounding_counts():
+    plan = step_plan([3, 3, 1], batch_size=2, accumulation=1, epochs=10)
+    assert plan.batches_per_epoch == 5 and plan.rounding == 1 and plan.total_steps == 50  # not ceil(7/2)=4
+    assert step_plan(7, 2, epochs=10).total_steps == 40
+    two = step_plan([3, 3, 1], 2, accumulation=2, epochs=1, world_size=2)
+    assert (two.batches_per_process, two.steps_per_epoch, two.images_per_step) == (3, 2, 8)
+    assert "5 batches (1 more for partial batches per bucket)" in plan.words()
+
+
+def test_report_names_unreadable_images_missing_captions_and_buckets(data, tmp_path):
+    (data / "3_extra" / "demo_001.txt").unlink(missing_ok=True)
+    report = preflight_report(config(data))
+    assert report.ok
+    assert any("1 image(s) cannot be read and will be skipped: broken.png" in w for w in report.warnings)
+    assert any("1 of 8 images have no .txt caption" in w and "3_extra/demo_001.png" in w for w in report.warnings)
+    assert report.data["captions"]["without_caption"] == ["3_extra/demo_001.png"]
+    assert sum(b["images"] for b in report.data["buckets"]) == 8
+    # style-lora repeats the top-level images 5 times; the 3_extra folder says 3
+    assert sum(b["samples"] for b in report.data["buckets"]) == 5 * 5 + 3 * 3 == report.data["steps"]["samples_per_epoch"]
+    assert "Buckets:" in report.render() and "#" in report.render()
+    assert any("3 images x 3 repeats, 5 images x 5 repeats" in line for line in report.info)
+
+
+def test_captions_with_another_extension_give_the_fix(tmp_path):
+    make_demo_dataset(tmp_path, count=3, seed=2)
+    for caption in tmp_path.glob("*.txt"):
+        caption.rename(caption.with_suffix(".caption"))
+    report = preflight_report(config(tmp_path))
+    assert ("No image has a .txt caption, but 3 have .caption files next to them; use them with "
+            "--set dataset.caption_extension=.caption.") in report.warnings
+    fixed = preflight_report(config(tmp_path, "dataset.caption_extension=.caption"))
+    assert not [w for w in fixed.warnings if "caption" in w]
+    for caption in tmp_path.glob("*.caption"):
+        caption.unlink()
+    bare = preflight_report(config(tmp_path))
+    assert any(w.startswith("None of the 3 images has a caption (.txt); they train with empty captions") for w in bare.warnings)
+
+
+def test_each_risky_setting_gets_its_warning(tmp_path):
+    make_demo_dataset(tmp_path, count=3, seed=3)
+    sd1 = str(demo_model_path("sd1"))  # a diffusers folder: the family is read from its configs
+
+    def warned(*overrides, preset="style-lora", model=sd1):
+        cfg = config(tmp_path, f"model.path={model}", "dataset.resolution=64", *overrides, preset=preset)
+        return preflight_report(cfg, preset=preset).warnings
+
+    assert not warned()
+    assert any("alpha 1 with r 64 scales every update by 0.0156" in w for w in warned("network.rank=64", "network.alpha=1"))
+    assert any("fp16 on SDXL, whose VAE overflows in fp16" in w
+               for w in warned("train.mixed_precision=fp16", "model.family=sdxl", model="demo:sdxl"))
+    assert any("train.learning_rate 0.002 is 20x the style-lora preset's (0.0001" in w
+               for w in warned("train.learning_rate=2e-3"))
+    assert any("0.05x the style-lora preset's" in w and "learns nothing" in w for w in warned("train.learning_rate=5e-6"))
+    assert any("text-encoder learning rate 0.0005 is high" in w
+               for w in warned("network.train_text_encoder=true", "train.text_encoder_lr=5e-4"))
+    # the tiny folder model's UNet says 8 latents = 64 px
+    assert any("dataset.resolution 128 is far above this sd1 model's native 64 px" in w
+               for w in warned("dataset.resolution=128"))
+    # 3 images x 5 repeats x 100 epochs at batch 1 = 1500 steps: 500 views of each image
+    assert any("Each of the 3 images is seen about 500 times (100 epochs)" in w for w in warned("train.epochs=100"))
+    assert not any("seen about" in w for w in warned("train.epochs=40"))
+    assert any("prodigy" in w and "0.0001" in w for w in warned("train.optimizer=prodigy"))
+
+
+def test_blocking_errors(tmp_path):
+    make_demo_dataset(tmp_path, count=2, seed=4)
+    assert preflight_report(config(tmp_path, "model.path=/no/such/model.safetensors")).errors == [
+        "model.path /no/such/model.safetensors was not found; give a diffusers folder, a .safetensors/.ckpt file, "
+        "a hub id or demo:sd1."]
+    held = preflight_report(config(tmp_path, "validation.images=2", "validation.every_steps=5"))
+    assert not held.ok and "validation.images is 2 but the dataset has only 2 usable images" in held.errors[0]
+    empty = preflight_report(config(tmp_path, "dataset.path="))
+    assert empty.errors == ["dataset.path is empty; give the image folder with --data DIR."]
+    lora_as_model = tmp_path / "adapter.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(lora_as_model))
+    assert "is a LoRA/LyCORIS adapter, not a base model" in preflight_report(config(tmp_path, f"model.path={lora_as_model}")).errors[0]
+
+
+def test_estimate_follows_the_documented_formula(tmp_path):
+    params = model_parameters("sdxl")
+    assert params == {"unet": 2_567_463_684, "text_encoders": 123_060_480 + 694_659_840, "vae": 83_653_863}
+    assert model_parameters("sd1")["unet"] == 859_520_964 and model_parameters("sd2", "v_prediction")["text_encoders"] == 340_387_840
+    make_demo_dataset(tmp_path, count=1, seed=5)
+    cfg = config(tmp_path, "dataset.resolution=512", "dataset.max_bucket_side=1024", "train.mixed_precision=bf16")
+    est = estimate_resources(cfg, "sd1")
+    sd1 = model_parameters("sd1")
+    assert est.memory_bytes["weights"] == (sd1["unet"] + sd1["text_encoders"]) * 2
+    assert est.memory_bytes["vae"] == sd1["vae"] * 4
+    assert est.memory_bytes["activations"] == ACTIVATION_BYTES_PER_PIXEL["sd1"] * 512 * 512
+    # rank r on one SD1.5 transformer of width C: r(32C + 1536) (proj_in/out, attn1, attn2 with 768-wide
+    # context, GEGLU feed-forward); 5 at 320, 5 at 640, 6 at 1280
+    assert est.parameters["adapter"] == 16 * (5 * (32 * 320 + 1536) + 5 * (32 * 640 + 1536) + 6 * (32 * 1280 + 1536))
+    assert est.memory_bytes["adapter"] == est.parameters["adapter"] * 16  # weight, grad, AdamW's two moments
+    assert est.seconds_per_step == pytest.approx(1.73e12 / 20e12)
+    checkpointed = estimate_resources(config(tmp_path, "dataset.resolution=512", "dataset.max_bucket_side=1024",
+                                             "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
+                                             "train.batch_size=2"), "sd1")
+    assert checkpointed.memory_bytes["activations"] == est.memory_bytes["activations"] * 2 * CHECKPOINTING_ACTIVATIONS
+    assert checkpointed.seconds_per_step == pytest.approx(est.seconds_per_step * 2 * 4 / 3)
+    assert not est.calibrated and "uncalibrated" in est.words()
+
+
+def test_scale_is_explained_in_words(tmp_path):
+    make_demo_dataset(tmp_path, count=1, seed=6)
+    info = preflight_report(config(tmp_path, preset="style-locon")).info
+    assert ("Scale: alpha 8 / r 16 = 0.5; the update is multiplied by 0.5, so at the same learning rate it grows 2x "
+            "slower than with alpha = r; alpha follows r (alpha_ratio), so changing r keeps this scale.") in info
+    assert any(line.startswith("Scale: conv alpha 4 / conv r 8 = 0.5") for line in info)
+
+
+def parser():
+    top = argparse.ArgumentParser()
+    commands = top.add_subparsers()
+    add_check_subcommand(commands)
+    presets = commands.add_parser("presets").add_subparsers()
+    add_import_kohya_action(presets)
+    return top
+
+
+def test_check_command_exit_codes_and_json(tmp_path, capsys):
+    make_demo_dataset(tmp_path / "d", count=2, seed=7)
+    args = parser().parse_args(["check", "--data", str(tmp_path / "d"), "--preset", "demo", "--json"])
+    assert args.handler(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["ok"] and printed["steps"]["total_steps"] == 40 and printed["estimate"]["family"] == "sd1"
+    args = parser().parse_args(["check", "--data", str(tmp_path / "d"), "--preset", "demo",
+                                "--set", "validation.images=5"])
+    assert args.handler(args) == 1
+    assert "cannot train" in capsys.readouterr().out
+
+
+def test_import_kohya_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDLORA_HOME", str(tmp_path / "home"))
+    source = tmp_path / "k.json"
+    source.write_text(json.dumps({"LoRA_type": "Standard", "network_dim": 16, "network_alpha": 4, "clip_skip": 2}))
+    args = parser().parse_args(["presets", "import-kohya", str(source), "from-kohya"])
+    assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "network.alpha_ratio = 0.25" in out and "clip_skip=2" in out and "Saved preset 'from-kohya'" in out
+    assert math.isclose(resolve_config("from-kohya").network.resolved_alpha, 4.0)

@@ -1,0 +1,210 @@
+"""The UI in a real browser (Debian's Chromium through Playwright), against the real `sdlora train`.
+
+A person's first session: create the demo dataset, edit a caption, pick the demo model and preset, make
+two mistakes (r = 0, an empty folder) and read the sentence, train, watch the bar, the loss and the
+samples, reload the page mid-run, download the file and load it in diffusers; then a second run that
+is stopped. Screenshots go to test-artifacts/.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.ui_support import served_ui, wait_for
+from trainer.demo_data import make_demo_dataset
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("Debian's Chromium (/usr/bin/chromium) is not installed; apt-get install chromium",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui-browser")
+    with served_ui(root) as demo:
+        yield demo, root
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, ui):
+    demo, _ = ui
+    context = browser.new_context(viewport={"width": 1440, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(demo.local_url)
+    page.wait_for_selector("#dataset-open")
+    yield page
+    context.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def progress(page) -> tuple[str, int]:
+    bar = page.locator("#progress .sd-progress")
+    return bar.get_attribute("data-status"), int(bar.get_attribute("data-step") or 0)
+
+
+def field(page, elem_id: str):
+    return page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+
+
+def train_notice(page) -> str:
+    return page.locator("#train-notice").inner_text()
+
+
+def choose_preset(page, name: str) -> None:
+    page.locator("#preset input").click()
+    page.locator("ul[role=listbox] li", has_text=f"{name} ·").first.click()
+
+
+def open_section(page, section: str) -> None:
+    if not page.locator(f"#advanced-{section}").is_visible():
+        page.get_by_text("Advanced: every setting").click()
+    page.locator(f"#advanced-{section} > button").click()
+
+
+def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path):
+    demo, root = ui
+    # -- Dataset tab: the demo dataset, a caption edit ------------------------------------------------
+    page.get_by_text("No images yet? Create the demo dataset").click()
+    page.locator("#demo-create").click()
+    wait_for(lambda: page.locator("#dataset-gallery img").count() == 12, what="12 thumbnails")
+    assert "12 usable images" in page.locator("#dataset-stats").inner_text()
+    page.locator("#dataset-gallery img").nth(0).click()
+    caption = field(page, "caption-text")
+    wait_for(lambda: caption.input_value().startswith("sdlorastyle"), what="the caption of the first image")
+    caption.fill(caption.input_value() + ", edited in the browser")
+    page.locator("#caption-save").click()
+    dataset = root / "datasets" / "demo"
+    wait_for(lambda: "edited in the browser" in (dataset / "demo_000.txt").read_text(), what="the saved caption")
+    shot(page, "dataset.png")
+
+    # -- Train tab: model, preset, two mistakes ------------------------------------------------------
+    page.get_by_role("tab", name="Train").click()
+    assert field(page, "cfg-dataset-path").input_value() == str(dataset)
+    field(page, "cfg-model-path").fill("demo:sd1")
+    choose_preset(page, "style-lora")
+    wait_for(lambda: field(page, "cfg-network-rank").input_value() == "16", what="the style-lora rank")
+    choose_preset(page, "demo")
+    wait_for(lambda: field(page, "cfg-network-rank").input_value() == "8", what="the demo rank")
+    assert "alpha 8" in page.locator("#alpha-display").inner_text()
+    field(page, "cfg-network-rank").fill("4")  # the preset's alpha/r (1) is kept
+    wait_for(lambda: "alpha 4" in page.locator("#alpha-display").inner_text(), what="alpha following r")
+
+    field(page, "cfg-network-rank").fill("0")
+    page.locator("#train-start").click()
+    wait_for(lambda: "network.rank must be an integer >= 1 (got 0)." in train_notice(page), what="the r = 0 error")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    field(page, "cfg-network-rank").fill("8")
+    field(page, "cfg-dataset-path").fill(str(empty))
+    page.locator("#train-start").click()
+    wait_for(lambda: "has no images" in train_notice(page), what="the empty folder error")
+    assert "Traceback" not in page.content()
+    assert demo.sdlora.runs.list_runs() == []  # a mistake never creates a run
+    field(page, "cfg-dataset-path").fill(str(dataset))
+
+    field(page, "cfg-train-max_steps").fill(str(STEPS))
+    open_section(page, "sample")
+    field(page, "cfg-sample-every_steps").fill("10")
+    open_section(page, "save")
+    field(page, "cfg-save-every_steps").fill("10")
+    page.get_by_text("Advanced: every setting").click()  # closed again, for a compact screenshot
+
+    # -- Train: the bar moves, the loss and a sample appear -------------------------------------------
+    page.locator("#train-start").click()
+    wait_for(lambda: progress(page)[0] == "running" and progress(page)[1] >= 1, what="the first step")
+    first_step = progress(page)[1]
+    wait_for(lambda: progress(page)[1] > first_step, what="the bar moving")
+    wait_for(lambda: page.locator("#samples img").count() >= 1, what="a sample")
+    wait_for(lambda: page.locator("#loss-plot svg .mark-line path").count() >= 1, what="the loss curve")
+    shot(page, "train-running.png")
+
+    # -- Reload mid-run: the page reattaches to the run that kept training ----------------------------
+    status, before_reload = progress(page)
+    if status == "running" and before_reload < STEPS:
+        page.reload()
+        page.wait_for_selector("#progress .sd-progress[data-status='running'], "
+                               "#progress .sd-progress[data-status='finished']")
+        assert progress(page)[1] >= before_reload
+        assert page.get_by_role("tab", name="Train").get_attribute("aria-selected") == "true"
+        # The form shows the run being watched, not the defaults.
+        wait_for(lambda: field(page, "cfg-train-max_steps").input_value() == str(STEPS), what="the run's config")
+        assert field(page, "cfg-dataset-path").input_value() == str(dataset)
+    wait_for(lambda: progress(page)[0] in ("finished", "error"), timeout=300, what="the end of the run")
+    assert progress(page) == ("finished", STEPS)
+    assert page.locator("#samples img").count() >= 1
+    shot(page, "train-finished.png")
+
+    # -- Runs tab: download the file, load it in diffusers --------------------------------------------
+    page.get_by_role("tab", name="Runs").click()
+    page.locator('#runs-table [data-testid="cell-0-1"]').click()
+    download_button = page.locator("#run-download")
+    wait_for(lambda: "demo-lora.safetensors" in download_button.inner_text(), what="the download button")
+    with page.expect_download() as download:
+        download_button.click()
+    saved = tmp_path / "downloaded.safetensors"
+    download.value.save_as(saved)
+    shot(page, "runs.png")
+    assert_loads_in_diffusers(saved)
+
+
+def test_stop_saves_a_checkpoint_and_shows_stopped(page, ui):
+    demo, root = ui
+    dataset = root / "datasets" / "demo"
+    if not dataset.is_dir():  # the first test made it, unless this one runs alone
+        make_demo_dataset(dataset, count=8)
+    page.get_by_role("tab", name="Train").click()
+    field(page, "cfg-dataset-path").fill(str(dataset))
+    field(page, "cfg-name").fill("stopped-run")
+    field(page, "cfg-train-max_steps").fill("2000")
+    page.locator("#train-start").click()
+    wait_for(lambda: progress(page)[0] == "running" and progress(page)[1] >= 3, what="a few steps")
+    page.locator("#train-stop").click()
+    wait_for(lambda: progress(page)[0] == "stopped", timeout=120, what="the stopped state")
+    shot(page, "train-stopped.png")
+    step = progress(page)[1]
+    assert 3 <= step < 2000
+    assert page.locator("#train-resume").is_enabled()
+    run = next(r for r in demo.sdlora.runs.list_runs() if r.name == "stopped-run")
+    events = [json.loads(line) for line in (run.path / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "stopped" and events[-1]["step"] == step
+    assert (run.path / events[-1]["checkpoint"]).is_file()
+    assert (run.path / "state").is_dir()
+
+
+def assert_loads_in_diffusers(lora: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.tiny_models import demo_model_path
+
+    folder = lora.parent / "lora"
+    folder.mkdir()
+    shutil.copy(lora, folder / "demo-lora.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(demo_model_path("sd1"), safety_checker=None)
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = pipe.unet(sample, 500, context).sample
+        pipe.load_lora_weights(str(folder), weight_name="demo-lora.safetensors")
+        after = pipe.unet(sample, 500, context).sample
+    assert (after - before).abs().max() > 1e-4

@@ -1,0 +1,404 @@
+"""Import a kohya_ss GUI preset (presets/lora/*.json, or a saved kohya_ss config) as an sdlora preset.
+
+kohya_ss stores an absolute network_alpha; sdlora presets store alpha / r, so alpha follows r when the
+rank changes. The import keeps the preset's scale: alpha_ratio = network_alpha / network_dim (conv alike).
+kohya_ss writes many values as strings ("0.0001", "1234") and leaves unset ones as "": both are read as
+kohya_ss reads them. Keys with no sdlora counterpart are returned (and printed by the CLI), never dropped
+silently; a LoRA type or optimizer sdlora does not offer is an error, since the rest would not fit it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from networks.errors import SdloraError
+from trainer.config import config_from_dict
+
+NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon"}
+OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "prodigy": "prodigy",
+              "adafactor": "adafactor"}
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SAVE_PRECISION = {"fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32"}
+SAMPLERS = {"euler_a": "euler_a", "k_euler_a": "euler_a", "euler": "euler", "k_euler": "euler", "ddim": "ddim"}
+# kohya_ss keys for one run on one machine; a preset leaves them out (see trainer.presets.RUN_SPECIFIC_KEYS).
+RUN_SPECIFIC = ("pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "output_dir", "logging_dir",
+                "output_name", "model_list")
+
+
+@dataclass
+class KohyaImport:
+    config: dict  # a partial sdlora config (nested sections), validated
+    unmapped: dict[str, Any] = field(default_factory=dict)  # kohya key -> value, with no sdlora counterpart
+    notes: list[str] = field(default_factory=list)  # conversions worth knowing about, one sentence each
+
+    def text(self) -> str:
+        """What was imported and what was not, for the terminal."""
+        lines = [f"  {key} = {value!r}" for key, value in sorted(_flatten(self.config).items())]
+        lines = ["Imported:"] + lines
+        lines += [f"Note: {note}" for note in self.notes]
+        meaningful = {k: v for k, v in self.unmapped.items() if not _is_blank(v)}
+        blank = sorted(set(self.unmapped) - set(meaningful))
+        if meaningful:
+            lines.append("Not imported (no sdlora counterpart): "
+                         + ", ".join(f"{k}={v!r}" for k, v in sorted(meaningful.items())))
+        if blank:
+            lines.append(f"Not imported, empty or off: {', '.join(blank)}")
+        return "\n".join(lines)
+
+
+# -- reading kohya_ss's loosely typed values ------------------------------------------------------------
+def _is_blank(value: Any) -> bool:
+    return value is None or value == "" or value is False or value == 0 or value == "0"
+
+
+def _number(key: str, value: Any, source: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SdloraError(f"{key} in {source} is {value!r}, not a number; fix it in the file.") from None
+    if not math.isfinite(number):
+        raise SdloraError(f"{key} in {source} is {value!r}; use a finite number.")
+    return number
+
+
+def _integer(key: str, value: Any, source: str) -> int:
+    number = _number(key, value, source)
+    if not number.is_integer():
+        raise SdloraError(f"{key} in {source} is {value!r}, not a whole number; fix it in the file.")
+    return int(number)
+
+
+def _flag(key: str, value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "1"):
+        return True
+    if str(value).strip().lower() in ("false", "0", ""):
+        return False
+    raise SdloraError(f"{key} in {source} is {value!r}, not true or false; fix it in the file.")
+
+
+def _text(key: str, value: Any, source: str) -> str:
+    return str(value).strip()
+
+
+# kohya key -> (dotted sdlora key, reader). Keys needing more than a one-to-one copy are handled below.
+DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
+    "train_batch_size": ("train.batch_size", _integer),
+    "epoch": ("train.epochs", _integer),
+    "seed": ("train.seed", _integer),
+    "caption_extension": ("dataset.caption_extension", _text),
+    "shuffle_caption": ("dataset.shuffle_captions", _flag),
+    "keep_tokens": ("dataset.keep_tokens", _integer),
+    "flip_aug": ("dataset.flip", _flag),
+    "random_crop": ("dataset.random_crop", _flag),
+    "noise_offset": ("train.noise_offset", _number),
+    "gradient_checkpointing": ("train.gradient_checkpointing", _flag),
+    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", _integer),
+    "max_grad_norm": ("train.max_grad_norm", _number),
+    "caption_dropout_rate": ("dataset.caption_dropout", _number),
+    "caption_tag_dropout_rate": ("dataset.tag_dropout", _number),
+    "network_dropout": ("network.dropout", _number),
+    "rank_dropout": ("network.rank_dropout", _number),
+    "module_dropout": ("network.module_dropout", _number),
+    "enable_bucket": ("dataset.enable_buckets", _flag),
+    "min_bucket_reso": ("dataset.min_bucket_side", _integer),
+    "max_bucket_reso": ("dataset.max_bucket_side", _integer),
+    "bucket_reso_steps": ("dataset.bucket_step", _integer),
+    "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", _integer),
+    "lr_scheduler_power": ("train.lr_scheduler_power", _number),
+    "lr_warmup_steps": ("train.lr_warmup_steps", _integer),
+    "save_every_n_epochs": ("save.every_epochs", _integer),
+    "save_every_n_steps": ("save.every_steps", _integer),
+    "sample_every_n_steps": ("sample.every_steps", _integer),
+    "sample_every_n_epochs": ("sample.every_epochs", _integer),
+    "max_data_loader_n_workers": ("dataset.num_workers", _integer),
+}
+# Handled by the functions below (so not "unmapped" even when they end up not setting anything).
+SPECIAL = ("LoRA_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "learning_rate", "unet_lr",
+           "text_encoder_lr", "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup", "max_train_steps",
+           "max_train_epochs", "max_resolution", "min_snr_gamma", "mixed_precision", "save_precision",
+           "cache_latents", "cache_latents_to_disk", "v_parameterization", "sample_sampler")
+
+
+class _Builder:
+    """Collects the partial config, the unmapped keys and the notes while the keys are converted."""
+
+    def __init__(self, data: Mapping[str, Any], source: str):
+        self.data, self.source = data, source
+        self.config: dict = {}
+        self.unmapped: dict[str, Any] = {}
+        self.notes: list[str] = []
+
+    def given(self, key: str) -> bool:
+        value = self.data.get(key)
+        return value is not None and not (isinstance(value, str) and value.strip() == "")
+
+    def set(self, dotted: str, value: Any) -> None:
+        *sections, leaf = dotted.split(".")
+        node = self.config
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+
+
+def import_kohya_preset(data: Mapping[str, Any], source: str = "the kohya_ss preset") -> KohyaImport:
+    """Convert a kohya_ss preset dict into a validated partial sdlora config."""
+    if not isinstance(data, Mapping):
+        raise SdloraError(f"{source} is not a kohya_ss preset (a JSON object of settings expected).")
+    b = _Builder(data, source)
+    for key, (dotted, read) in DIRECT.items():
+        if b.given(key):
+            b.set(dotted, read(key, data[key], source))
+    for step in (_network, _learning_rates, _optimizer, _schedule, _length, _resolution, _precision,
+                 _caching, _prediction, _sampler):
+        step(b)
+    for key, value in data.items():
+        if key not in DIRECT and key not in SPECIAL:
+            b.unmapped[key] = value
+    _drop_zero_optional(b)
+    config_from_dict(b.config, source=f"the config imported from {source}")  # names the sdlora key at fault
+    return KohyaImport(b.config, b.unmapped, b.notes)
+
+
+def _network(b: _Builder) -> None:
+    kind = str(b.data.get("LoRA_type") or "Standard")
+    if kind not in NETWORK_TYPES:
+        raise SdloraError(f"LoRA_type {kind!r} in {b.source} is not supported; sdlora imports "
+                          f"{', '.join(repr(k) for k in NETWORK_TYPES)} presets.")
+    network = NETWORK_TYPES[kind]
+    dim = _integer("network_dim", b.data["network_dim"], b.source) if b.given("network_dim") else None
+    if dim is not None:
+        b.set("network.rank", dim)
+    if b.given("network_alpha"):
+        alpha = _number("network_alpha", b.data["network_alpha"], b.source)
+        if dim:
+            b.set("network.alpha_ratio", alpha / dim)
+        else:
+            b.unmapped["network_alpha"] = b.data["network_alpha"]
+            b.notes.append("network_alpha was not imported: without network_dim there is no alpha/r to keep.")
+    conv_dim = _integer("conv_dim", b.data["conv_dim"], b.source) if b.given("conv_dim") else None
+    if network == "locon" and conv_dim == 0:
+        network = "lora"
+        b.notes.append(f"LoRA_type {kind!r} with conv_dim 0 adapts no convolution: imported as a plain LoRA.")
+    b.set("network.type", network)
+    if network != "locon":
+        for key in ("conv_dim", "conv_alpha"):
+            if key in b.data:
+                b.unmapped[key] = b.data[key]  # kohya_ss itself ignores them for a Standard LoRA
+        return
+    if conv_dim:
+        b.set("network.conv_rank", conv_dim)
+        if b.given("conv_alpha"):
+            b.set("network.conv_alpha_ratio", _number("conv_alpha", b.data["conv_alpha"], b.source) / conv_dim)
+
+
+def _learning_rates(b: _Builder) -> None:
+    rates = {key: _number(key, b.data[key], b.source) if b.given(key) else 0.0
+             for key in ("learning_rate", "unet_lr", "text_encoder_lr")}
+    for key, value in rates.items():
+        if value:
+            b.set(f"train.{key}", value)
+    unet, text = rates["unet_lr"], rates["text_encoder_lr"]
+    # kohya_ss's rule: a zero text-encoder lr (with a UNet lr) trains the UNet only, and the reverse;
+    # both zero trains both at learning_rate, and so does sd-scripts when neither flag is given.
+    b.set("network.train_unet", not (text and not unet))
+    b.set("network.train_text_encoder", not (unet and not text))
+
+
+def _optimizer(b: _Builder) -> None:
+    if b.given("optimizer"):
+        name = str(b.data["optimizer"]).strip()
+        if name.lower() not in OPTIMIZERS:
+            raise SdloraError(f"optimizer {name!r} in {b.source} is not offered by sdlora; change it to AdamW, "
+                              "AdamW8bit, Lion, Prodigy or Adafactor in the file (and its learning rate with it).")
+        b.set("train.optimizer", OPTIMIZERS[name.lower()])
+    if b.given("optimizer_args"):
+        args, rest = _optimizer_args(b.data["optimizer_args"])
+        if "weight_decay" in args:
+            b.set("train.weight_decay", args.pop("weight_decay"))
+        if args:
+            b.set("train.optimizer_args", args)
+        if rest:
+            b.unmapped["optimizer_args"] = " ".join(rest)
+            b.notes.append(f"optimizer_args {' '.join(rest)!r} could not be read as key=value numbers or flags.")
+
+
+def _optimizer_args(raw: Any) -> tuple[dict[str, Any], list[str]]:
+    """'weight_decay=0.1 betas=0.9,0.99 relative_step=False' (or a list of such) -> typed values."""
+    tokens = raw if isinstance(raw, list) else str(raw).split()
+    args, rest = {}, []
+    for token in tokens:
+        key, sep, value = str(token).partition("=")
+        parsed = _arg_value(value.strip().strip("[]()")) if sep and key.strip() else None
+        if parsed is None:
+            rest.append(str(token))
+        else:
+            args[key.strip()] = parsed
+    return args, rest
+
+
+def _arg_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        numbers = [float(part) for part in text.split(",")]
+    except ValueError:
+        return None
+    return numbers if len(numbers) > 1 else numbers[0]
+
+
+def _schedule(b: _Builder) -> None:
+    if b.given("lr_scheduler"):
+        name = str(b.data["lr_scheduler"]).strip()
+        if name in SCHEDULERS:
+            b.set("train.lr_scheduler", name)
+        else:
+            b.unmapped["lr_scheduler"] = name
+            b.notes.append(f"lr_scheduler {name!r} has no sdlora counterpart; the preset keeps sdlora's "
+                           f"(choose one of {', '.join(SCHEDULERS)}).")
+    if not b.given("lr_warmup") or b.given("lr_warmup_steps"):
+        return
+    percent = _number("lr_warmup", b.data["lr_warmup"], b.source)
+    steps = _integer("max_train_steps", b.data["max_train_steps"], b.source) if b.given("max_train_steps") else 0
+    if percent and steps:
+        warmup = round(percent * steps / 100)  # kohya_ss's own conversion
+        b.set("train.lr_warmup_steps", warmup)
+        b.notes.append(f"lr_warmup {percent:g}% of max_train_steps {steps} became lr_warmup_steps {warmup}.")
+    elif percent:
+        b.unmapped["lr_warmup"] = b.data["lr_warmup"]
+        b.notes.append(f"lr_warmup is {percent:g}% of the total steps, which depend on the dataset; set "
+                       "train.lr_warmup_steps yourself (sdlora check shows the total).")
+
+
+def _length(b: _Builder) -> None:
+    if b.given("max_train_steps"):
+        steps = _integer("max_train_steps", b.data["max_train_steps"], b.source)
+        if steps > 0:
+            b.set("train.max_steps", steps)
+    if b.given("max_train_epochs"):
+        epochs = _integer("max_train_epochs", b.data["max_train_epochs"], b.source)
+        if epochs > 0:
+            b.set("train.epochs", epochs)  # sd-scripts: max_train_epochs overrides epoch
+
+
+def _resolution(b: _Builder) -> None:
+    if not b.given("max_resolution"):
+        return
+    raw = str(b.data["max_resolution"])
+    try:
+        sides = [int(float(part)) for part in raw.replace("x", ",").split(",") if part.strip()]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise SdloraError(f"max_resolution in {b.source} is {raw!r}; kohya_ss writes it as '512,512'.")
+    width, height = sides[0], sides[-1]
+    side = width if width == height else round(math.sqrt(width * height) / 64) * 64
+    if width != height:
+        b.notes.append(f"max_resolution {width}x{height} became dataset.resolution {side}: sdlora buckets keep "
+                       "about resolution^2 pixels, as kohya's do with width x height.")
+    b.set("dataset.resolution", side)
+
+
+def _precision(b: _Builder) -> None:
+    if b.given("mixed_precision"):
+        value = str(b.data["mixed_precision"]).strip()
+        if value in ("no", "fp16", "bf16"):
+            b.set("train.mixed_precision", value)
+        else:
+            b.unmapped["mixed_precision"] = value
+    if b.given("save_precision"):
+        value = str(b.data["save_precision"]).strip()
+        if value in SAVE_PRECISION:
+            b.set("save.precision", SAVE_PRECISION[value])
+        else:
+            b.unmapped["save_precision"] = value
+    if b.given("min_snr_gamma"):
+        gamma = _number("min_snr_gamma", b.data["min_snr_gamma"], b.source)
+        if gamma > 0:  # kohya's 0 means off, sdlora's "off" is an empty value
+            b.set("train.min_snr_gamma", gamma)
+
+
+def _caching(b: _Builder) -> None:
+    to_disk = b.given("cache_latents_to_disk") and _flag("cache_latents_to_disk", b.data["cache_latents_to_disk"], b.source)
+    in_memory = b.given("cache_latents") and _flag("cache_latents", b.data["cache_latents"], b.source)
+    if to_disk:
+        b.set("dataset.cache_latents", "disk")
+    elif in_memory:
+        b.set("dataset.cache_latents", "memory")
+    elif "cache_latents" in b.data:
+        b.notes.append("cache_latents = false was not imported: sdlora's latent cache is keyed by image content "
+                       "and crop, so it is never stale and stays on (random crops are encoded fresh anyway).")
+
+
+def _prediction(b: _Builder) -> None:
+    if b.given("v_parameterization") and _flag("v_parameterization", b.data["v_parameterization"], b.source):
+        b.set("model.prediction_type", "v_prediction")
+    for key in ("v2", "sdxl"):
+        if key in b.data:
+            b.unmapped[key] = b.data[key]
+    if b.data.get("sdxl") is True or b.data.get("v2") is True:
+        b.notes.append("v2/sdxl were not imported: sdlora detects the model family from the model you train on.")
+    for key in RUN_SPECIFIC:
+        if b.given(key):
+            b.notes.append(f"{key} is specific to one run; give it with --model/--data/--output/--name instead.")
+            break
+
+
+def _sampler(b: _Builder) -> None:
+    if b.given("sample_sampler"):
+        name = str(b.data["sample_sampler"]).strip()
+        if name in SAMPLERS:
+            b.set("sample.sampler", SAMPLERS[name])
+        else:
+            b.unmapped["sample_sampler"] = name
+
+
+def _drop_zero_optional(b: _Builder) -> None:
+    """kohya's 0 means "unset" for these; sdlora's bounds would reject a 0."""
+    dataset = b.config.get("dataset", {})
+    for key in ("min_bucket_side", "max_bucket_side"):
+        if dataset.get(key) == 0:
+            del dataset[key]
+    train = b.config.get("train", {})
+    for key in ("lr_scheduler_num_cycles", "gradient_accumulation_steps", "batch_size", "epochs"):
+        if train.get(key) == 0:
+            del train[key]
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "optimizer_args":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# -- files ----------------------------------------------------------------------------------------------
+def read_kohya_preset(path: str | os.PathLike) -> KohyaImport:
+    source = Path(path)
+    try:
+        data = json.loads(source.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise SdloraError(f"The kohya_ss preset {source} does not exist; check the path.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SdloraError(f"{source} is not a readable kohya_ss JSON preset ({error}); export it again from "
+                          "kohya_ss.") from None
+    return import_kohya_preset(data, source=source.name)
+
+
+def import_kohya_file(path: str | os.PathLike, name: str) -> tuple[Path, KohyaImport]:
+    """Convert a kohya_ss JSON preset and save it as the user preset `name`."""
+    from trainer.presets import save_user_preset
+
+    result = read_kohya_preset(path)
+    description = f"Imported from kohya_ss preset {Path(path).name}"
+    return save_user_preset(name, result.config, description=description), result
