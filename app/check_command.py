@@ -35,8 +35,11 @@ def add_import_kohya_action(preset_actions) -> argparse.ArgumentParser:
 
 def run_check(args) -> int:
     from app.cli import train_config
+    from networks.errors import SdloraError
     from trainer.preflight import preflight_report
 
+    if not (args.config or args.data or args.preset):
+        raise SdloraError("Give --data DIR (with --preset NAME and --model), or --config FILE.toml.")
     # train_config builds the same config `sdlora train` would (the run folder does not matter here).
     request = argparse.Namespace(resume=None, output=None, name=None, config=args.config, model=args.model,
                                  data=args.data, preset=args.preset, set=list(args.set))

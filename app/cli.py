@@ -11,9 +11,13 @@ import os
 import sys
 from pathlib import Path
 
+from app.check_command import add_check_subcommand, add_import_kohya_action
+from app.lora_commands import add_lora_subcommands
 from networks.errors import SdloraError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+# transformers warns on import that torchvision is absent (it never is needed here); keep stderr for us.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("name")
     save.add_argument("--from", dest="from_file", required=True, metavar="FILE.toml")
     save.set_defaults(handler=lambda a: _print(_presets().presets_save_text(a.name, a.from_file)))
+    add_import_kohya_action(preset_commands)
 
     _add_optional_commands(commands)
     return parser
@@ -94,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(commands) -> None:
     """Command groups that live in their own modules."""
-    from app.lora_commands import add_lora_subcommands
-
+    add_check_subcommand(commands)
     add_lora_subcommands(commands)
 
 

@@ -296,3 +296,33 @@ def test_tensorboard_without_the_package_is_one_sentence(tmp_path, data8, monkey
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(SdloraError, match=r"output.tensorboard = true needs the tensorboard package"):
         train(tiny_config(data8, tmp_path / "run", "output.tensorboard=true", "train.max_steps=1"), progress=False)
+
+
+def test_validation_ema_masks_and_load_checks_in_one_run(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    make_demo_dataset(data, count=6, seed=2)
+    first = sorted(data.glob("*.png"))[0]
+    rgba = Image.open(first).convert("RGBA")
+    alpha = Image.new("L", rgba.size, 255)
+    alpha.paste(0, (0, 0, rgba.size[0] // 2, rgba.size[1]))  # left half leaves the loss
+    rgba.putalpha(alpha)
+    rgba.save(first)
+    cfg = tiny_config(data, tmp_path / "run", "train.max_steps=4", "save.every_steps=2", "validation.images=2",
+                      "validation.every_steps=2", "ema.enabled=true", "ema.decay=0.9", "dataset.loss_mask=alpha")
+    final = train(cfg, progress=False)
+    log = events(tmp_path / "run")
+    validations = [e for e in log if e["event"] == "validation"]
+    assert [e["step"] for e in validations] == [2, 4]
+    assert all(e["loss"] > 0 and len(e["per_timestep"]) == 5 for e in validations)
+    assert log[0]["num_images"] == 4  # two held out
+    checks = [e for e in log if e["event"] == "load_check"]
+    assert {c["path"] for c in checks} == {"checkpoints/demo-lora-step-000002.safetensors",
+                                           "demo-lora.safetensors", "demo-lora-ema.safetensors"}
+    assert all(c["ok"] and c["problems"] == [] for c in checks)
+    assert log[-1]["ema_path"] == "demo-lora-ema.safetensors"
+    ema, plain = load_file(tmp_path / "run" / "demo-lora-ema.safetensors"), load_file(final)
+    assert ema.keys() == plain.keys()
+    assert any(not torch.equal(ema[k], plain[k]) for k in plain if k.endswith("lora_up.weight"))
+    assert load_in_diffusers("sd1", tmp_path / "run" / "demo-lora-ema.safetensors") == len(plain) // 3

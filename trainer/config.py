@@ -108,6 +108,10 @@ class DatasetSection(Section):
         "memory", description="Encode images with the VAE once and keep the latents in memory or on disk.")
     cache_text_encoder_outputs: bool = Field(
         True, description="Encode captions once; skipped when the text encoder trains or captions vary.")
+    loss_mask: Literal["none", "alpha", "folder"] = Field(
+        "none", description="Leave parts of images out of the loss: alpha uses each image's transparency, "
+                            "folder uses grayscale masks (white = train) named like the images.")
+    mask_folder: str | None = Field(None, description="Folder of masks for loss_mask = folder.")
     num_workers: int = Field(0, ge=0, le=64, description="Data-loading worker processes; 0 loads in the "
                                                          "training process.")
 
@@ -279,6 +283,12 @@ class ValidationSection(Section):
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
+class EmaSection(Section):
+    enabled: bool = Field(False, description="Also export an average of recent weights as NAME-ema.safetensors.")
+    decay: float = Field(0.999, gt=0, lt=1, description="Weight of the previous average at each step.")
+    warmup: bool = Field(True, description="Ramp the decay up from 0 (diffusers' EMA schedule).")
+
+
 class TrainConfig(Section):
     name: str = Field("my-lora", description="Name of the exported file (NAME.safetensors).")
     model: ModelSection = Field(default_factory=ModelSection, description="The base model.")
@@ -289,6 +299,7 @@ class TrainConfig(Section):
     save: SaveSection = Field(default_factory=SaveSection, description="Checkpoints and the exported file.")
     output: OutputSection = Field(default_factory=OutputSection, description="Where the run is written.")
     validation: ValidationSection = Field(default_factory=ValidationSection, description="Validation loss.")
+    ema: EmaSection = Field(default_factory=EmaSection, description="Exponential moving average of the weights.")
 
     @field_validator("name")
     @classmethod

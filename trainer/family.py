@@ -213,3 +213,14 @@ def detect_family(unet_config, text_encoder_configs: Sequence) -> ModelFamily:
     if act == "gelu" or _get(unet_config, "use_linear_projection", False):
         return SD2
     return SD1
+
+
+def unet_conditioning(family, encoded: dict, placements: Sequence, device, dtype):
+    """(encoder_hidden_states, added_cond_kwargs) for captions encoded like Trainer._encode_captions
+    ({"hidden", "pooled"?}) and each sample's placement as seen (mirrored for flipped samples)."""
+    pooled = encoded.get("pooled")
+    embeds = PromptEmbeds(encoded["hidden"].to(device, dtype), pooled.to(device, dtype) if pooled is not None else None)
+    added = family.unet_added_kwargs(embeds, original_sizes=[p.original_size[::-1] for p in placements],
+                                     crop_top_lefts=[p.crop_left_top[::-1] for p in placements],
+                                     target_sizes=[p.bucket[::-1] for p in placements])
+    return embeds.encoder_hidden_states, added

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from networks.errors import SdloraError
+from networks.load_check import check_lora_file
 from networks.lora_file import DTYPES, save_lora
 from networks.metadata import network_metadata
 from networks.network import LoraNetwork, NetworkSpec
@@ -23,8 +24,11 @@ from trainer.buckets import BucketSpec
 from trainer.captions import CaptionOptions
 from trainer.config import TrainConfig, save_config
 from trainer.dataset import DatasetOptions, ImageDataset
+from trainer.ema import AdapterEMA, ema_file
+from trainer.family import unet_conditioning
 from trainer.latent_cache import LatentCache, vae_identity
 from trainer.lora_init import initialise
+from trainer.loss_mask import LossMasks
 from trainer.model_loading import load_model
 from trainer.objective import diffusion_loss, sample_noise, sample_timesteps, training_target
 from trainer.optimizers import build_lr_scheduler, build_optimizer
@@ -34,6 +38,7 @@ from trainer.state import Position, load_state, save_state
 from trainer.stop import StopSignal
 from trainer.text_cache import TextEmbeddingCache, text_cache_allowed
 from trainer.tiny_models import cache_root
+from trainer.validation import ValidationSample, ValidationSet, unet_predictor, validation_items
 
 
 def dataset_options(cfg: TrainConfig) -> DatasetOptions:
@@ -74,7 +79,12 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         set_seed(cfg.train.seed)
-        self.dataset = ImageDataset.scan(dataset_options(cfg), seed=cfg.train.seed)
+        scanned = ImageDataset.scan(dataset_options(cfg), seed=cfg.train.seed)
+        # Held-out images leave the dataset before anything indexes it (caches, masks, the batch plan).
+        self.dataset, held_out = validation_items(scanned, cfg.validation.images, cfg.validation.folder,
+                                                  cfg.validation.seed)
+        self.loss_masks = LossMasks(self.dataset, cfg.dataset.loss_mask, cfg.dataset.mask_folder) \
+            if cfg.dataset.loss_mask != "none" else None
         self.model = load_model(cfg.model.path, family=cfg.model.family, prediction_type=cfg.model.prediction_type,
                                 config_dir=cfg.model.config_dir)
         self._place_models()
@@ -83,6 +93,8 @@ class Trainer:
                                           network_spec(cfg)).attach()
         self.network.to(self.accelerator.device)
         initialise(self)
+        # After the init (PiSSA/LoRA-GA change the starting weights), before checkpoint registration.
+        self.ema = AdapterEMA(self.network, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         optimizer = build_optimizer(self.network, cfg.train)
         self.total_steps = self._total_steps()
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.train, self.total_steps)
@@ -90,6 +102,9 @@ class Trainer:
         # and the schedule steps once per optimizer step, as it was built.
         self.optimizer = self.accelerator.prepare(optimizer)
         self.accelerator.register_for_checkpointing(self.network, self.lr_scheduler)
+        if self.ema is not None:
+            self.accelerator.register_for_checkpointing(self.ema)
+        self.validation = self._validation_set(held_out) if held_out and self.main else None
         self.tensorboard = open_tensorboard(self.run.root / "tensorboard") if cfg.output.tensorboard and self.main \
             else None
 
@@ -119,6 +134,27 @@ class Trainer:
         if cfg.dataset.cache_text_encoder_outputs and text_cache_allowed(dataset_options(cfg).captions,
                                                                           cfg.network.train_text_encoder):
             self.encode_text = TextEmbeddingCache(self._encode_captions, encoder_id=model.source)
+
+    def _validation_set(self, items) -> ValidationSet:
+        cfg, model = self.cfg, self.model
+        # get() encodes by item path, so the training dataset's pixel pipeline serves held-out items too.
+        cache = LatentCache(model.vae, self.dataset, vae_identity(model.vae, model.vae_identity))
+        samples = []
+        for item in items:
+            latents = cache.get(item)
+            mask = self.loss_masks.latent(item, False, item.placement, tuple(latents.shape[-2:])) \
+                if self.loss_masks else None
+            samples.append(ValidationSample(latents.cpu(), item.caption, item.placement, mask))
+        return ValidationSet(samples, model.noise_scheduler, model.prediction_type, cfg.validation.timesteps,
+                             cfg.validation.seed, batch_size=cfg.train.batch_size)
+
+    def _validate(self, step: int) -> None:
+        device = self.accelerator.device
+        predict = unet_predictor(self.model, self.encode_text, device, self.weight_dtype, self.accelerator.autocast)
+        result = self.validation.evaluate(predict, self.network, device=device, dtype=self.weight_dtype)
+        self.run.emit("validation", **result.event_fields(step))
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("validation_loss", result.loss, step)
 
     def _total_steps(self) -> int:
         if self.cfg.train.max_steps:
@@ -153,26 +189,20 @@ class Trainer:
         return (raw - shift) * vae.config.scaling_factor
 
     def micro_step_loss(self, batch) -> torch.Tensor:
-        from trainer.family import PromptEmbeds
-
         cfg, model, device = self.cfg, self.model, self.accelerator.device
         latents = self._batch_latents(batch).to(self.weight_dtype)
         encoded = self.encode_text([s.caption for s in batch.samples])
-        embeds = PromptEmbeds(encoded["hidden"].to(device, self.weight_dtype),
-                              encoded.get("pooled").to(device, self.weight_dtype) if "pooled" in encoded else None)
-        placements = [s.as_seen for s in batch.samples]
-        added = model.family.unet_added_kwargs(
-            embeds, original_sizes=[p.original_size[::-1] for p in placements],
-            crop_top_lefts=[p.crop_left_top[::-1] for p in placements],
-            target_sizes=[p.bucket[::-1] for p in placements])
+        hidden, added = unet_conditioning(model.family, encoded, [s.as_seen for s in batch.samples], device,
+                                          self.weight_dtype)
+        mask = self.loss_masks.batch(batch, tuple(latents.shape[-2:])) if self.loss_masks else None
         noise = sample_noise(latents, cfg.train.noise_offset)
         timesteps = sample_timesteps(latents.shape[0], model.noise_scheduler.config.num_train_timesteps, device)
         noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.accelerator.autocast():
-            prediction = model.unet(noisy, timesteps, embeds.encoder_hidden_states, added_cond_kwargs=added).sample
+            prediction = model.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         target = training_target(model.noise_scheduler, latents, noise, timesteps, model.prediction_type)
         return diffusion_loss(prediction, target, timesteps, model.noise_scheduler, model.prediction_type,
-                              cfg.train.min_snr_gamma)
+                              cfg.train.min_snr_gamma, mask=None if mask is None else mask.to(device))
 
     def optimizer_step(self, batches) -> float:
         """Accumulate gradients over `batches`, then one optimizer step; returns the mean loss."""
@@ -189,6 +219,8 @@ class Trainer:
             self.accelerator.clip_grad_norm_(self.network.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         return self._mean_across_processes(total)
 
@@ -301,6 +333,9 @@ class Trainer:
 
     def _after_step(self, position: Position) -> None:
         cfg = self.cfg
+        if self.validation is not None and cfg.validation.every_steps \
+                and position.step % cfg.validation.every_steps == 0:
+            self._validate(position.step)
         if cfg.sample.every_steps and position.step % cfg.sample.every_steps == 0:
             self._sample(position.step)
         if cfg.save.every_steps and position.step % cfg.save.every_steps == 0 \
@@ -328,7 +363,8 @@ class Trainer:
         self.run.emit("sample", step=step, paths=[self.run.relative(p) for p in paths],
                       prompts=[p.prompt for p in self.cfg.sample.prompts])
 
-    def _export(self, path: Path, position: Position) -> Path:
+    def _export(self, path: Path, position: Position, state: dict | None = None, title: str | None = None) -> Path:
+        """Write a LoRA file, then verify it loads the way generators read it (a `load_check` event)."""
         cfg, model = self.cfg, self.model
         training = {"ss_resolution": f"({cfg.dataset.resolution}, {cfg.dataset.resolution})",
                     "ss_steps": position.step,
@@ -336,13 +372,20 @@ class Trainer:
                     "ss_learning_rate": cfg.train.learning_rate, "ss_num_train_images": len(self.dataset),
                     "ss_seed": cfg.train.seed, "ss_tag_frequency": self._tag_frequency(),
                     "modelspec.resolution": f"{cfg.dataset.resolution}x{cfg.dataset.resolution}"}
-        state = self.network.kohya_state_dict(DTYPES[cfg.save.precision], exact=cfg.network.export == "exact")
+        if state is None:
+            state = self.network.kohya_state_dict(DTYPES[cfg.save.precision], exact=cfg.network.export == "exact")
         metadata = network_metadata(self.network, cfg.network.type, model.prediction_type == "v_prediction",
-                                    title=cfg.name, training=training, minimal=cfg.save.metadata == "minimal",
-                                    state=state)
+                                    title=title or cfg.name, training=training,
+                                    minimal=cfg.save.metadata == "minimal", state=state)
         if self.network.export_errors:  # PiSSA / LoRA-GA re-ranked to r: how far from the true change
             metadata["sdlora_rerank_max_relative_error"] = f"{max(self.network.export_errors.values()):.6g}"
-        return save_lora(path, state, metadata)
+        save_lora(path, state, metadata)
+        check = check_lora_file(path, model.family.name, model.unet, model.text_encoders)
+        self.run.emit("load_check", **check.event_fields(self.run.relative(path)))
+        if not check.ok:
+            raise SdloraError(f"{path.name} failed the load check ({check.problems[0]}); it is kept for "
+                              "inspection but is not a usable LoRA.")
+        return path
 
     def _tag_frequency(self) -> dict:
         counts: dict[str, int] = {}
@@ -371,8 +414,12 @@ class Trainer:
             if (cfg.sample.every_steps or cfg.sample.every_epochs) and self.last_sample_step != position.step:
                 self._sample(position.step)  # always show where the run ended
             self._export(final, position)
+            extra = {}
+            if self.ema is not None:
+                ema_state = self.ema.kohya_state_dict(DTYPES[cfg.save.precision], exact=cfg.network.export == "exact")
+                extra["ema_path"] = run.relative(self._export(ema_file(final), position, ema_state, cfg.name + "-ema"))
             save_state(self.accelerator, run.state, position)
-            run.emit("finished", step=position.step, path=run.relative(final))
+            run.emit("finished", step=position.step, path=run.relative(final), **extra)
         return final
 
     def _fail_non_finite(self, position: Position, value: float) -> None:

@@ -58,8 +58,11 @@ class LossMasks:
         """The mask file of an item: same relative path first (kohya sub-folders), then same stem."""
         if self.folder is None:
             return None
-        relative = item.path.relative_to(self.dataset.options.folder)
-        for stem in (relative.with_suffix(""), Path(item.path.stem)):
+        try:
+            relative = item.path.relative_to(self.dataset.options.folder).with_suffix("")
+        except ValueError:  # a validation-folder image: only its stem can match
+            relative = Path(item.path.stem)
+        for stem in dict.fromkeys((relative, Path(item.path.stem))):
             for extension in IMAGE_EXTENSIONS:
                 candidate = self.folder / stem.with_suffix(extension)
                 if candidate.is_file():

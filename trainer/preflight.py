@@ -242,20 +242,29 @@ def preflight_report(cfg: TrainConfig, preset: str | None = None) -> Report:
             plan = _plan(cfg, train_set, report)
             _check_dataset_size(cfg, train_set, plan, report)
     _explain_scale(cfg, report)
-    if getattr(cfg.network, "init", "kaiming") in ("pissa", "loraga") and getattr(cfg.network, "export", "") == "exact":
-        report.info.append(f"network.init {cfg.network.init} moves the base weights, so the exact export stores the "
-                           f"change at rank {2 * cfg.network.rank}: the file is twice the size of a rank "
-                           f"{cfg.network.rank} LoRA (network.export = \"svd\" re-ranks it to r).")
+    _explain_init(cfg, report)
     if family is not None:
         _estimate(cfg, family, prediction, report)
-        _check_resolution(cfg, family, prediction, report)
-        if family == "sdxl" and cfg.train.mixed_precision == "fp16":
-            report.warnings.append(
-                "train.mixed_precision is fp16 on SDXL, whose VAE overflows in fp16 (NaN latents): sdlora keeps "
-                "the VAE in fp32, but the SDXL UNet can overflow too; use bf16 if the GPU supports it.")
+        _check_resolution(cfg, family, report)
+        _check_precision(cfg, family, report)
     _check_learning_rates(cfg, preset, report)
     _check_sampling_and_saving(cfg, report)
     return report
+
+
+def _explain_init(cfg: TrainConfig, report: Report) -> None:
+    net = cfg.network
+    if getattr(net, "init", "kaiming") in ("pissa", "loraga") and getattr(net, "export", "") == "exact":
+        report.info.append(f"network.init {net.init} moves the base weights, so the exact export stores the change "
+                           f"at rank {2 * net.rank}: the file is twice the size of a rank {net.rank} LoRA "
+                           "(network.export = \"svd\" re-ranks it to r).")
+
+
+def _check_precision(cfg: TrainConfig, family: str, report: Report) -> None:
+    if family == "sdxl" and cfg.train.mixed_precision == "fp16":
+        report.warnings.append(
+            "train.mixed_precision is fp16 on SDXL, whose VAE overflows in fp16 (NaN latents): sdlora keeps the "
+            "VAE in fp32, but the SDXL UNet can overflow too; use bf16 if the GPU supports it.")
 
 
 def _check_model(cfg: TrainConfig, report: Report) -> tuple[str | None, str]:
@@ -302,7 +311,13 @@ def _check_model(cfg: TrainConfig, report: Report) -> tuple[str | None, str]:
 def _folder_family(folder: Path, detect_family) -> tuple[str, str, int | None]:
     def config(part: str, name: str = "config.json") -> dict | None:
         file = folder / part / name
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SdloraError(f"{file} is not a readable JSON config ({error}); repair or re-download the "
+                              "model.") from None
 
     unet = config("unet")
     if unet is None:
@@ -532,7 +547,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _check_resolution(cfg: TrainConfig, family: str, prediction: str, report: Report) -> None:
+def _check_resolution(cfg: TrainConfig, family: str, report: Report) -> None:
     native, side = report.data.get("model", {}).get("native_resolution"), cfg.dataset.resolution
     if cfg.model.path.startswith("demo:") or not native:
         return  # the tiny demo models try things out at any size

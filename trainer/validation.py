@@ -22,6 +22,7 @@ import torch
 from networks.errors import SdloraError
 from trainer.buckets import Placement
 from trainer.dataset import DatasetReport, ImageDataset, Item, scan_folder
+from trainer.family import unet_conditioning
 from trainer.objective import diffusion_loss, training_target
 
 DEFAULT_TIMESTEP_COUNT = 5
@@ -188,19 +189,6 @@ def _eval_mode(network: torch.nn.Module | None):
 
 
 # -- the UNet call, as the training step makes it ---------------------------------------------------------
-def unet_conditioning(family, encoded: dict, placements: Sequence[Placement], device, dtype):
-    """(encoder_hidden_states, added_cond_kwargs) for captions encoded like Trainer._encode_captions
-    ({"hidden", "pooled"?}) and each sample's placement as seen (mirrored for flipped samples)."""
-    from trainer.family import PromptEmbeds
-
-    pooled = encoded.get("pooled")
-    embeds = PromptEmbeds(encoded["hidden"].to(device, dtype), pooled.to(device, dtype) if pooled is not None else None)
-    added = family.unet_added_kwargs(embeds, original_sizes=[p.original_size[::-1] for p in placements],
-                                     crop_top_lefts=[p.crop_left_top[::-1] for p in placements],
-                                     target_sizes=[p.bucket[::-1] for p in placements])
-    return embeds.encoder_hidden_states, added
-
-
 def unet_predictor(model, encode_text: Callable[[list[str]], dict], device, dtype: torch.dtype,
                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Predict:
     """A `Predict` over a LoadedModel's UNet (adapters attached), encoding captions with `encode_text`."""

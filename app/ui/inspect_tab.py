@@ -62,7 +62,7 @@ def chosen_file(uploaded, typed: str, chosen: str):
 
 
 def build(ctx: UIContext):
-    with gr.Row(equal_height=True):
+    with gr.Row(elem_classes="sd-align-end"):
         chosen = gr.Dropdown(lora_choices(ctx), label="LoRA from a run", scale=3, elem_id="inspect-lora")
         typed = gr.Textbox(label="...or a file path", placeholder="/path/to/lora.safetensors", scale=3,
                            elem_id="inspect-path")

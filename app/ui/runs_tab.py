@@ -49,8 +49,8 @@ def build(ctx: UIContext) -> RunsTab:
             final = gr.DownloadButton("No final file yet", interactive=False, elem_id="run-download", scale=1)
             checkpoints = gr.File(label="Checkpoints", file_count="multiple", interactive=False, height=140,
                                   elem_id="run-checkpoints", scale=2)
-        samples = gr.Gallery(label="Samples (newest first)", columns=6, height=200, object_fit="contain",
-                             preview=False)
+        samples = gr.Gallery(label="Samples (newest first)", columns=8, height=220, object_fit="contain",
+                             preview=False, fit_columns=False)
         with gr.Accordion("config.toml", open=False):
             config = gr.Code(language=None, interactive=False, elem_id="run-config")
 

@@ -30,7 +30,7 @@ def theme() -> gr.themes.Base:
 
 
 CSS = """
-.gradio-container { max-width: 1560px !important; margin: 0 auto !important; }
+.gradio-container { width: 100% !important; max-width: 1560px !important; margin: 0 auto !important; }
 .sd-align-end { align-items: flex-end; }
 #sd-header { display: flex; align-items: baseline; gap: 14px; padding: 6px 2px 2px; }
 #sd-header h1 { font-size: 24px; font-weight: 700; margin: 0; letter-spacing: -0.02em; }
@@ -63,8 +63,6 @@ CSS = """
 .sd-badge-stopped, .sd-badge-interrupted { background: #fef3c7; color: #92400e; }
 .sd-badge-error { background: #fee2e2; color: #991b1b; }
 .sd-badge-starting, .sd-badge-created { background: #f1f5f9; color: #334155; }
-.sd-badge-running { animation: sd-pulse 1.6s ease-in-out infinite; }
-@keyframes sd-pulse { 50% { opacity: 0.6; } }
 .sd-log { display: flex; flex-direction: column-reverse; max-height: 230px; min-height: 80px; overflow: auto;
           padding: 8px 12px; border: 1px solid var(--border-color-primary); border-radius: 8px;
           background: var(--background-fill-secondary); }

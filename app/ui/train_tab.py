@@ -143,9 +143,9 @@ def build(ctx: UIContext) -> TrainTab:
             run_message = gr.HTML(elem_id="run-notice")
             loss = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=260,
                                color_map={"loss": "#c7d2fe", "smoothed": "#4f46e5"}, elem_id="loss-plot",
-                               x_title="step", y_title="loss")
-            samples = gr.Gallery(label="Samples (newest first)", columns=4, height=250, object_fit="contain",
-                                 elem_id="samples", preview=False)
+                               x_title="step", y_title="loss", x_axis_format="d")
+            samples = gr.Gallery(label="Samples (newest first)", columns=6, height=220, object_fit="contain",
+                                 elem_id="samples", preview=False, fit_columns=False)
             gr.Markdown("**Trainer log**", elem_classes="sd-muted")
             log = gr.HTML(log_html(""), elem_id="train-log")
     watched = gr.State(None)

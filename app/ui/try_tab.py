@@ -39,7 +39,7 @@ def build(ctx: UIContext):
         with gr.Column(scale=2, elem_classes="sd-panel"):
             model = gr.Textbox("demo:sd1", label="Base model", elem_id="try-model",
                                info="Diffusers folder, .safetensors/.ckpt, or demo:sd1.")
-            with gr.Row(equal_height=True):
+            with gr.Row(elem_classes="sd-align-end"):
                 lora = gr.Dropdown(lora_choices(ctx), label="LoRA from a run", scale=4, elem_id="try-lora",
                                    allow_custom_value=False)
                 refresh = gr.Button("Refresh", size="sm", scale=1, min_width=90)
