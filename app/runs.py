@@ -23,6 +23,7 @@ from app.security import run_folder, user_folder
 from networks.errors import SdloraError
 from trainer.config import TrainConfig, save_config
 from trainer.images import IMAGE_EXTENSIONS
+from trainer.preflight import Report, preflight_report
 
 try:
     import tomllib
@@ -66,12 +67,14 @@ class Progress:
 
     info: RunInfo
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     it_per_s: float | None = None
     eta_s: float | None = None
     epoch: int | None = None
     lr: float | None = None
     samples: list[tuple[Path, str]] = field(default_factory=list)  # (image, "step N: prompt"), oldest first
     checkpoints: list[Path] = field(default_factory=list)
+    ema_file: Path | None = None  # the EMA weights' export, when the run used EMA
     event_count: int = 0
 
 
@@ -174,8 +177,12 @@ class RunManager:
                     prompt = prompts[index] if index < len(prompts) else ""
                     if (run_dir / rel).is_file():
                         progress.samples.append((run_dir / rel, f"step {event.get('step')}: {prompt}"))
+            elif kind == "validation" and isinstance(event.get("loss"), (int, float)):
+                progress.validation.append((int(event["step"]), float(event["loss"])))
             elif kind in ("started", "stopped", "finished", "error"):
                 progress.it_per_s = progress.eta_s = None  # the rate of a finished segment means nothing now
+                ema = event.get("ema_path") if kind == "finished" else None
+                progress.ema_file = run_dir / ema if ema and (run_dir / ema).is_file() else None
         progress.checkpoints = self.checkpoints(run_dir)
         return progress
 
@@ -241,6 +248,8 @@ class RunManager:
         last = tail[-1] if tail else ""
         if last.startswith("error: "):
             return last[len("error: "):]
+        if last == "interrupted":  # the CLI's word for a Ctrl+C before training (and its stop handler) began
+            return "The trainer was stopped while loading, before its first step; start the run again."
         child = self._children.get(run_dir)
         crashed = child is not None and child.poll() not in (0, None)
         return last if crashed and not last.startswith("--- ") else ""
@@ -265,9 +274,18 @@ class RunManager:
         candidate.mkdir(parents=True)
         return candidate
 
-    def start(self, cfg: TrainConfig) -> Path:
-        """Write a new run folder with `cfg` as its config.toml and start the trainer on it."""
+    def check(self, cfg: TrainConfig, preset: str | None = None) -> tuple[TrainConfig, Report]:
+        """`cfg` with absolute paths and the pre-flight report (docs/PREFLIGHT.md) on it."""
         cfg = preflight(cfg)
+        return cfg, preflight_report(cfg, preset)
+
+    def start(self, cfg: TrainConfig, preset: str | None = None, report: Report | None = None) -> Path:
+        """Check `cfg` (unless `report` is the check of this very cfg), write a new run folder with it as
+        config.toml and start the trainer on it. A check that finds errors stops here, with the first."""
+        if report is None:
+            cfg, report = self.check(cfg, preset)
+        if not report.ok:
+            raise SdloraError(report.errors[0])
         with self._launch_lock:
             self._refuse_if_busy()
             run_dir = self.new_run_dir(cfg.name)
@@ -343,8 +361,8 @@ class RunManager:
 
 
 def preflight(cfg: TrainConfig) -> TrainConfig:
-    """A copy of `cfg` with absolute paths, after the checks that would otherwise fail seconds later in
-    the trainer: the dataset folder holds images and a model given as a path exists."""
+    """A copy of `cfg` with absolute paths, after the quick checks of what a user types: the dataset
+    folder holds images and a model given as a path exists (the full check is trainer.preflight)."""
     cfg = cfg.model_copy(deep=True)
     folder = user_folder(cfg.dataset.path, "dataset folder")
     if not _has_images(folder):

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import fmt, machine_info, run_measured, table, write_json
+from bench.harness import fmt, interleaved_order, machine_info, run_measured, table, write_json
 from bench.models import BENCH_DIR, dataset_path, model_path, work_dir
 
 CONTENDERS = {
@@ -31,9 +31,16 @@ CONTENDERS = {
     "diffusers-peft": ("peft", "lora"),
     "sdlora-locon": ("sdlora", "locon"),
     "lycoris-locon": ("lycoris", "locon"),
+    # --proposed: the CLI from the tree with bench/proposals/*.patch applied; the LoRA one adapts the
+    # recipe's modules (network.target_modules, which 03-network-target-modules.patch adds).
+    "sdlora-proposed": ("sdlora", "lora"),
+    "sdlora-locon-proposed": ("sdlora", "locon"),
 }
+GROUPS = (("sdlora", "diffusers-peft", "sdlora-proposed"), ("sdlora-locon", "lycoris-locon", "sdlora-locon-proposed"))
 PAIRS = (("sdlora", "diffusers-peft", {"wall_time": 0.6, "peak_rss": 1.0}),
-         ("sdlora-locon", "lycoris-locon", {"peak_rss": 1.0}))
+         ("sdlora-locon", "lycoris-locon", {"peak_rss": 1.0}),
+         ("sdlora-proposed", "diffusers-peft", {"wall_time": 0.6, "peak_rss": 1.0}),
+         ("sdlora-locon-proposed", "lycoris-locon", {"peak_rss": 1.0}))
 
 
 def sdlora_command() -> list[str]:
@@ -52,6 +59,8 @@ def command(name: str, args, model_dir: Path, data_dir: Path, run_dir: Path) -> 
                 "train.learning_rate": 1e-4, "train.weight_decay": 0.01, "train.max_grad_norm": 1.0,
                 "train.lr_scheduler": '"constant"', "train.seed": args.seed, "sample.every_steps": 0,
                 "sample.every_epochs": 0, "save.every_steps": 0, "save.every_epochs": 0}
+        if name == "sdlora-proposed" and getattr(args, "tree_has_target_modules", False):
+            sets["network.target_modules"] = '["to_q", "to_k", "to_v", "to_out.0"]'
         cmd = sdlora_command() + ["train", "--model", str(model_dir), "--data", str(data_dir), "--output",
                                   str(run_dir), "--name", "bench", "--no-progress"]
         for key, value in sets.items():
@@ -80,20 +89,23 @@ def file_facts(path: Path) -> dict:
             if key.endswith(".alpha"):
                 continue
             params += count
-            modules += key.endswith(("lora_down.weight", "lora_A.weight"))
+            modules += key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight"))
             bytes_per_param = {"F16": 2, "BF16": 2, "F32": 4}[handle.get_slice(key).get_dtype()]
     size = path.stat().st_size
     return {"bytes": size, "params": params, "modules": modules, "bytes_per_param": bytes_per_param,
             "ratio_to_params_x_bytes": size / (params * bytes_per_param)}
 
 
-def run_one(name: str, args, model_dir: Path, data_dir: Path, repeat: int) -> dict:
+def run_one(name: str, args, model_dir: Path, data_dir: Path, repeat: int, tree: Path | None = None) -> dict:
     run_dir = work_dir() / "e2e" / f"{name}-{repeat}-{os.getpid()}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    done = run_measured(command(name, args, model_dir, data_dir, run_dir), args.threads, timeout=args.timeout)
+    proposed = name.endswith("-proposed")
+    done = run_measured(command(name, args, model_dir, data_dir, run_dir), args.threads, timeout=args.timeout,
+                        tree=str(tree) if proposed else None)
     if done["returncode"] != 0:
         raise RuntimeError(f"{name} failed ({done['returncode']}):\n{done['stderr'][-3000:]}")
-    result = {"wall_s": done["wall_s"], "peak_rss_mib": done["vmhwm_mib"], "ru_maxrss_mib": done["ru_maxrss_mib"],
+    result = {"wall_s": done["wall_s"], "cpu_s": done["cpu_s"], "peak_rss_mib": done["vmhwm_mib"],
+              "ru_maxrss_mib": done["ru_maxrss_mib"],
               "file": file_facts(exported_file(name, run_dir))}
     events = run_dir / "events.jsonl"
     if events.is_file():
@@ -111,6 +123,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             "repeats": len(results),
             "wall_s": statistics.median(r["wall_s"] for r in results),
             "per_repeat_wall_s": [r["wall_s"] for r in results],
+            "cpu_s": statistics.median(r["cpu_s"] for r in results),
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in results if r["peak_rss_mib"]),
             "file": results[0]["file"],
         }
@@ -122,6 +135,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         row = {"ours": ours, "peer": peer, "wall_time": statistics.median(per_repeat),
                "wall_time_per_repeat": per_repeat,
                "wall_time_of_medians": contenders[ours]["wall_s"] / contenders[peer]["wall_s"],
+               "cpu_time": statistics.median(a["cpu_s"] / b["cpu_s"] for a, b in zip(runs[ours], runs[peer])),
                "peak_rss": contenders[ours]["peak_rss_mib"] / contenders[peer]["peak_rss_mib"],
                "modules": [contenders[ours]["file"]["modules"], contenders[peer]["file"]["modules"]]}
         row["targets"] = {m: {"max": limit, "met": row[m] <= limit} for m, limit in targets.items()}
@@ -135,24 +149,26 @@ def report(result: dict) -> str:
              f"thread(s) per process, torch {machine['versions']['torch']}",
              f"{s['model']}: {s['epochs']} epochs on {s['images']} images, batch {s['batch_size']}, {s['resolution']} px, "
              f"rank {s['rank']}, {s['repeats']} repeat(s)", ""]
-    rows = [[name, c["wall_s"], fmt(c["peak_rss_mib"], 0), c["file"]["modules"], c["file"]["params"], c["file"]["bytes"],
+    rows = [[name, c["wall_s"], c["cpu_s"], fmt(c["peak_rss_mib"], 0), c["file"]["modules"], c["file"]["params"], c["file"]["bytes"],
              fmt(c["file"]["ratio_to_params_x_bytes"], 4)] for name, c in result["contenders"].items()]
-    lines.append(table(rows, ["contender", "wall s", "peak RSS MiB", "modules", "params", "file bytes",
+    lines.append(table(rows, ["contender", "wall s", "cpu s", "peak RSS MiB", "modules", "params", "file bytes",
                               "file / (params x bytes)"]))
     lines.append("")
     ratio_rows = []
     for r in result["ratios"]:
         met = ", ".join(f"{m} {'met' if t['met'] else 'NOT met'} (<= {t['max']})" for m, t in r["targets"].items())
-        ratio_rows.append([f"{r['ours']} / {r['peer']}", r["wall_time"], r["wall_time_of_medians"], r["peak_rss"],
+        ratio_rows.append([f"{r['ours']} / {r['peer']}", r["wall_time"], r["cpu_time"], r["wall_time_of_medians"],
+                           r["peak_rss"],
                            f"{r['modules'][0]} vs {r['modules'][1]}", met])
-    lines.append(table(ratio_rows, ["ratio", "wall time", "wall (of medians)", "peak RSS", "modules", "targets"]))
+    lines.append(table(ratio_rows, ["ratio", "wall time", "cpu time", "wall (of medians)", "peak RSS", "modules",
+                                    "targets"]))
     return "\n".join(lines)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.end_to_end", description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="sd1", help="sd1 (the scaled SD1 bench model), sdxl or tiny")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--contenders", default="sdlora,diffusers-peft,sdlora-locon,lycoris-locon")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--resolution", type=int, default=64)
@@ -164,6 +180,8 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--keep", action="store_true", help="keep the run folders under bench/.work/e2e")
+    parser.add_argument("--proposed", action="store_true",
+                        help="also run the CLI with bench/proposals/*.patch applied (bench.proposed)")
     parser.add_argument("--out", help="JSON path (default bench/results/end_to_end.json)")
     return parser.parse_args(argv)
 
@@ -172,22 +190,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     names = args.contenders.split(",")
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {unknown}; choose from {', '.join(CONTENDERS)}")
     model_dir, data_dir = model_path(args.models), dataset_path(args.images)
+    tree, proposals = None, None
+    if args.proposed:
+        from bench.proposed import proposed_tree
+
+        tree, proposals = proposed_tree()
+        print("proposals: " + ", ".join(f"{k} {v}" for k, v in proposals.items()))
+        if tree is not None:
+            names += [f"{n}-proposed" for n in ("sdlora", "sdlora-locon") if n in names]
+            args.tree_has_target_modules = "target_modules" in (tree / "trainer" / "config.py").read_text()
+    names = [n for n in names if tree is not None or not n.endswith("-proposed")]
+    groups = [[n for n in group if n in names] for group in GROUPS]
+    groups = [g for g in groups if g] + [[n] for n in names if not any(n in g for g in GROUPS)]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     print(f"{args.models}: {', '.join(names)}; {args.repeats} repeat(s) of {args.epochs} epochs on {args.images} images")
     for repeat in range(args.repeats):
-        order = names[repeat % len(names):] + names[:repeat % len(names)]
-        for name in order:
-            result = run_one(name, args, model_dir, data_dir, repeat)
+        for name in interleaved_order(groups, repeat):
+            result = run_one(name, args, model_dir, data_dir, repeat, tree)
             runs[name].append(result)
-            print(f"  [{repeat + 1}/{args.repeats}] {name:16s} {result['wall_s']:.1f} s  "
+            print(f"  [{repeat + 1}/{args.repeats}] {name:16s} {result['wall_s']:.1f} s (cpu {result['cpu_s']:.1f} s)  "
                   f"rss {fmt(result['peak_rss_mib'], 0)} MiB", flush=True)
     result = {"benchmark": "end_to_end", "machine": machine_info(args.threads),
               "settings": {"model": args.models, "epochs": args.epochs, "images": args.images,
                            "resolution": args.resolution, "batch_size": args.batch_size, "rank": args.rank,
                            "conv_rank": args.conv_rank, "seed": args.seed, "repeats": args.repeats,
                            "threads": args.threads, "sdlora_command": sdlora_command()},
-              **summarize(runs), "runs": runs}
+              "proposals": proposals, **summarize(runs), "runs": runs}
     result["machine"]["load_average_at_end"] = os.getloadavg()
     result["wall_s"] = time.perf_counter() - started
     out = Path(args.out) if args.out else BENCH_DIR / "results" / "end_to_end.json"

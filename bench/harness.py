@@ -34,6 +34,7 @@ class Contender:
     cache: bool = False  # peers only: precomputed latents and text states (informative)
     target_modules: tuple[str, ...] | None = None  # sdlora only: restrict to these module names
     label: str = ""
+    proposed: bool = False  # sdlora only: run from the tree with bench/proposals/*.patch applied
 
 
 CONTENDERS = {c.name: c for c in (
@@ -43,6 +44,10 @@ CONTENDERS = {c.name: c for c in (
               label="same, latents + text precomputed (info)"),
     Contender("sdlora-locon", "sdlora", "locon", label="sdlora LoCon"),
     Contender("lycoris-locon", "lycoris", "locon", label="LyCORIS LoCon on the recipe loop"),
+    Contender("sdlora-proposed", "sdlora", "lora", target_modules=QKVO, proposed=True,
+              label="sdlora LoRA with bench/proposals applied"),
+    Contender("sdlora-locon-proposed", "sdlora", "locon", proposed=True,
+              label="sdlora LoCon with bench/proposals applied"),
 )}
 
 
@@ -58,6 +63,11 @@ PAIRS = (
     Pair("sdlora", "diffusers-peft", "LoRA vs diffusers+peft", {"step_time": 0.9, "peak_rss": 1.0}),
     Pair("sdlora-locon", "lycoris-locon", "LoCon vs LyCORIS", {"peak_rss": 1.0}),
     Pair("sdlora", "diffusers-peft-cached", "LoRA vs recipe with caches (adapter + loop only)", {}),
+    Pair("sdlora-proposed", "diffusers-peft", "LoRA with the proposals vs diffusers+peft",
+         {"step_time": 0.9, "peak_rss": 1.0}),
+    Pair("sdlora-locon-proposed", "lycoris-locon", "LoCon with the proposals vs LyCORIS", {"peak_rss": 1.0}),
+    Pair("sdlora-proposed", "sdlora", "the proposals' own effect", {}),
+    Pair("sdlora-locon-proposed", "sdlora-locon", "the proposals' own effect (LoCon)", {}),
 )
 
 
@@ -162,6 +172,9 @@ def worker(spec: dict) -> dict:
                    "ratio_to_params_x_bytes": file_bytes / (params * bytes_per_param), "seconds": export_s},
         **peak_rss_mib(),
     }
+    import trainer
+
+    result["code"] = str(Path(trainer.__file__).resolve().parent.parent)  # which tree ran (proposed or not)
     if cuda:
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["cuda_device"] = torch.cuda.get_device_name()
@@ -171,17 +184,19 @@ def worker(spec: dict) -> dict:
 # --- the parent -----------------------------------------------------------------------------------
 
 
-def child_env(threads: int | None) -> dict:
+def child_env(threads: int | None, tree: str | None = None) -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DIFFUSERS_VERBOSITY="error",
                TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    first = [str(tree)] if tree else []
+    env["PYTHONPATH"] = os.pathsep.join([*first, str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
-def run_measured(cmd: list[str], threads: int | None, timeout: float, cwd: Path = REPO_ROOT) -> dict:
+def run_measured(cmd: list[str], threads: int | None, timeout: float, cwd: Path = REPO_ROOT,
+                 tree: str | None = None) -> dict:
     """Run `cmd`; return its wall time, its output and its own peak RSS (reaped with os.wait4, whose
     rusage is that one child's, unlike RUSAGE_CHILDREN, a maximum over every child so far)."""
     started = time.perf_counter()
@@ -190,7 +205,8 @@ def run_measured(cmd: list[str], threads: int | None, timeout: float, cwd: Path 
     stamp = f"{os.getpid()}-{time.time_ns()}"
     out_path, err_path = log / f"{stamp}.out", log / f"{stamp}.err"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        process = subprocess.Popen(cmd, cwd=cwd, env=child_env(threads), stdout=out, stderr=err, text=True)
+        process = subprocess.Popen(cmd, cwd=tree or cwd, env=child_env(threads, tree), stdout=out, stderr=err,
+                                   text=True)
         deadline, hwm = started + timeout, None
         while True:
             # VmHWM only grows, so the last value read before the exit is the peak (bar the last 20 ms).
@@ -210,11 +226,16 @@ def run_measured(cmd: list[str], threads: int | None, timeout: float, cwd: Path 
     out_path.unlink(missing_ok=True)
     err_path.unlink(missing_ok=True)
     return {"returncode": process.returncode, "wall_s": wall, "vmhwm_mib": hwm,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
             "ru_maxrss_mib": usage.ru_maxrss / 1024, "stdout": stdout, "stderr": stderr}
 
 
 def run_worker(spec: dict, timeout: float = 600) -> dict:
-    done = run_measured([sys.executable, "-m", "bench.harness", json.dumps(spec)], spec.get("threads"), timeout)
+    tree = spec.get("tree") if CONTENDERS[spec["contender"]].proposed else None
+    if CONTENDERS[spec["contender"]].proposed and not tree:
+        raise RuntimeError(f"{spec['contender']} needs the proposed tree (bench.proposed); none was built")
+    done = run_measured([sys.executable, "-m", "bench.harness", json.dumps(spec)], spec.get("threads"), timeout,
+                        tree=tree)
     lines = [line for line in done["stdout"].splitlines() if line.startswith(RESULT_MARK)]
     if done["returncode"] != 0 or not lines:
         raise RuntimeError(f"worker {spec['contender']} failed ({done['returncode']}):\n{done['stderr'][-3000:]}")

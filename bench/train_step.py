@@ -31,7 +31,8 @@ from bench.harness import (
 from bench.models import BENCH_DIR, dataset_path, model_path, work_dir
 
 # Contenders that are compared run next to each other (see harness.interleaved_order).
-GROUPS = (("sdlora", "diffusers-peft", "diffusers-peft-cached"), ("sdlora-locon", "lycoris-locon"))
+GROUPS = (("sdlora", "diffusers-peft", "sdlora-proposed", "diffusers-peft-cached"),
+          ("sdlora-locon", "lycoris-locon", "sdlora-locon-proposed"))
 DEFAULT_CONTENDERS = {
     "sd1": ["sdlora", "diffusers-peft", "sdlora-locon", "lycoris-locon", "diffusers-peft-cached"],
     "sdxl": ["sdlora", "diffusers-peft"],
@@ -61,6 +62,8 @@ def parse_args(argv):
     parser.add_argument("--in-process", action="store_true",
                         help="run every contender in this process (fast, for tests; RSS is then shared)")
     parser.add_argument("--no-static", action="store_true", help="skip FLOP counts and real-shape file sizes")
+    parser.add_argument("--proposed", action="store_true",
+                        help="also run sdlora with bench/proposals/*.patch applied (bench.proposed)")
     parser.add_argument("--out", help="JSON path (default bench/results/train_step.json)")
     return parser.parse_args(argv)
 
@@ -73,16 +76,20 @@ def base_spec(args, model: str) -> dict:
                 workdir=str(work_dir()), device="cpu")
 
 
-def run_model(args, model: str, log=print) -> dict:
-    names = args.contenders.split(",") if args.contenders else DEFAULT_CONTENDERS[model]
+def run_model(args, model: str, log=print, tree=None) -> dict:
+    names = args.contenders.split(",") if args.contenders else list(DEFAULT_CONTENDERS[model])
+    if tree is not None and not args.contenders:
+        names += [f"{n}-proposed" for n in ("sdlora", "sdlora-locon") if n in names]
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise SystemExit(f"unknown contender(s) {unknown}; choose from {', '.join(CONTENDERS)}")
     spec = base_spec(args, model)
+    spec["tree"] = str(tree) if tree else None
     repeats = args.repeats or DEFAULT_REPEATS[model]
     log(f"{model}: {', '.join(names)}; {repeats} repeat(s) x ({spec['warmup']} warm-up + {spec['steps']} steps), "
         f"batch {spec['batch_size']} at {spec['resolution']} px, rank {spec['rank']}")
     if args.in_process:
+        names = [n for n in names if not CONTENDERS[n].proposed]  # another tree needs its own process
         runs = {name: [] for name in names}
         for name in names:
             for _ in range(repeats):
@@ -92,7 +99,7 @@ def run_model(args, model: str, log=print) -> dict:
         groups = [g for g in groups if g] + [[n] for n in names if not any(n in g for g in GROUPS)]
         runs = run_interleaved(groups, spec, repeats, log=log)
     summary = summarize(runs, spec["batch_size"])
-    summary["settings"] = {k: v for k, v in spec.items() if k not in ("workdir",)}
+    summary["settings"] = {k: v for k, v in spec.items() if k not in ("workdir", "tree")}
     summary["settings"].update(repeats=repeats, contenders=names, rss_shared=bool(args.in_process))
     summary["runs"] = {name: [{k: v for k, v in r.items()} for r in results] for name, results in runs.items()}
     return summary
@@ -176,8 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         return gpu.main(argv=[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--gpu"])
     started = time.perf_counter()
     result = {"benchmark": "train_step", "machine": machine_info(args.threads), "models": {}}
+    tree = None
+    if args.proposed:
+        from bench.proposed import proposed_tree
+
+        tree, result["proposals"] = proposed_tree()
+        print("proposals: " + ", ".join(f"{k} {v}" for k, v in result["proposals"].items()))
     for model in args.models.split(","):
-        result["models"][model] = run_model(args, model)
+        result["models"][model] = run_model(args, model, tree=tree)
     result["static"] = static_figures(args)
     import os
 

@@ -2,7 +2,8 @@
 
 The run manager's tests use it to exercise start / stop / resume / crash in a fraction of a second.
 Usage mirrors the real command: `fake_trainer.py --config RUN_DIR/config.toml` or `--resume RUN_DIR`.
-Knobs (config keys it reads): train.max_steps, save.every_steps, sample.every_steps, and the run name:
+Knobs (config keys it reads): train.max_steps, save.every_steps, sample.every_steps, validation.every_steps,
+ema.enabled, and the run name:
 "fail-early" exits with a one-sentence error before any event, "fail-late" writes an error event.
 FAKE_STEP_SECONDS sets the time per step (default 0.05); FAKE_LOAD_SECONDS and FAKE_EXIT_SECONDS add time
 before the `started` event (model loading) and after the last event (saving, cleanup).
@@ -71,6 +72,8 @@ def main() -> int:
     emit(run, "started", total_steps=total, epochs=1, start_step=start, name=name, num_images=4)
     save_every = int(cfg.get("save", {}).get("every_steps") or 0)
     sample_every = int(cfg.get("sample", {}).get("every_steps") or 0)
+    validation_every = int(cfg.get("validation", {}).get("every_steps") or 0)
+    ema = bool(cfg.get("ema", {}).get("enabled"))
     try:
         for step in range(start + 1, total + 1):
             time.sleep(delay)
@@ -79,6 +82,8 @@ def main() -> int:
                 return 1
             emit(run, "step", step=step, epoch=1, loss=1.0 / step, lr=1e-3, it_per_s=1 / delay,
                  eta_s=(total - step) * delay, total_steps=total)
+            if validation_every and step % validation_every == 0:
+                emit(run, "validation", step=step, loss=2.0 / step, per_timestep={"500": 2.0 / step})
             if sample_every and step % sample_every == 0:
                 emit(run, "sample", step=step, paths=[sample(run, step)], prompts=["a fake prompt"])
             if save_every and step % save_every == 0 and step < total:
@@ -87,7 +92,11 @@ def main() -> int:
                 emit(run, "stopped", step=step, checkpoint=save(run, name, step))
                 return 0
         (run / f"{name}.safetensors").write_bytes(b"fake")
-        emit(run, "finished", step=total, path=f"{name}.safetensors")
+        extra = {}
+        if ema:
+            (run / f"{name}-ema.safetensors").write_bytes(b"fake")
+            extra["ema_path"] = f"{name}-ema.safetensors"
+        emit(run, "finished", step=total, path=f"{name}.safetensors", **extra)
         return 0
     finally:
         time.sleep(float(os.environ.get("FAKE_EXIT_SECONDS", "0")))

@@ -62,6 +62,20 @@ def test_a_run_is_written_started_and_finishes(manager):
     assert "train --config" in manager.log_tail(run)
 
 
+def test_validation_loss_and_the_ema_file_are_read(manager):
+    run = manager.start(config(steps=4, **{"validation.every_steps": 2, "ema.enabled": "true"}))
+    manager.wait(run, timeout=20)
+    progress = manager.progress(run)
+    assert progress.validation == [(2, 1.0), (4, 0.5)]
+    assert progress.ema_file == run / "fake-ema.safetensors"
+
+    from app.ui.live_view import loss_frame
+
+    frame = loss_frame(progress.losses, progress.validation)
+    assert frame.groupby("series").size().to_dict() == {"loss": 4, "smoothed": 4, "validation": 2}
+    assert loss_frame([]) is None
+
+
 def test_stop_saves_and_resume_continues_from_the_stop(manager, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
     run = manager.start(config(steps=30))
@@ -222,6 +236,9 @@ def test_start_refuses_bad_inputs_before_creating_a_run(manager, tmp_path):
     for override, message in cases.items():
         with pytest.raises(SdloraError, match=message):
             manager.start(apply_overrides(config(), [override]))
+    # The trainer's pre-flight check runs too: more held-out validation images than the folder has.
+    with pytest.raises(SdloraError, match="validation"):
+        manager.start(apply_overrides(config(), ["validation.images=5", "validation.every_steps=2"]))
     assert manager.list_runs() == []
 
 

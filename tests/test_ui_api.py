@@ -5,6 +5,7 @@ start the `demo` preset on demo:sd1 with few steps, stop it, resume it, let it f
 is loaded in diffusers, inspected, and tried side by side.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +133,27 @@ def test_form_errors_show_in_the_page(ui, tmp_path):
     (tmp_path / "notes.txt").write_text("no images")
     outputs = client.predict(str(tmp_path), 512, api_name="/dataset_open")
     assert "No usable images in" in outputs[0]
+
+
+def test_the_browser_gets_files_from_the_runs_folder_only(ui, trained):
+    import httpx
+
+    demo, _, root = ui
+
+    def status(path) -> int:
+        return httpx.get(f"{demo.local_url}gradio_api/file={path}").status_code
+
+    assert status(trained["finished"]["final_file"]) == 200
+    assert status(root / "datasets" / "demo" / "demo_000.png") == 403  # shown as thumbnails only
+    assert status("/etc/passwd") == 403
+    assert status(Path(__file__).resolve()) == 403  # the working directory is not served either
+
+
+def test_a_login_is_required_when_auth_is_set(tmp_path):
+    with served_ui(tmp_path, auth="me:s3cret") as demo:
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises different types by version
+            Client(demo.local_url, verbose=False).predict(api_name="/list_runs")
+        assert Client(demo.local_url, auth=("me", "s3cret"), verbose=False).predict(api_name="/list_runs") == []
 
 
 def test_deleting_a_run_removes_its_folder(ui, trained):

@@ -23,7 +23,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Pyt
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-STEPS = 30
+STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -130,26 +130,24 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
     field(page, "cfg-save-every_steps").fill("10")
     page.get_by_text("Advanced: every setting").click()  # closed again, for a compact screenshot
 
-    # -- Train: the bar moves, the loss and a sample appear -------------------------------------------
+    # -- Train: the bar moves; a reload mid-run reattaches to the run, which never stopped ----------
     page.locator("#train-start").click()
     wait_for(lambda: progress(page)[0] == "running" and progress(page)[1] >= 1, what="the first step")
     first_step = progress(page)[1]
     wait_for(lambda: progress(page)[1] > first_step, what="the bar moving")
+    before_reload = progress(page)[1]
+    page.reload()
+    page.wait_for_selector("#progress .sd-progress[data-status='running']")
+    assert progress(page)[1] >= before_reload
+    assert page.get_by_role("tab", name="Train").get_attribute("aria-selected") == "true"
+    # The form shows the run being watched, not the defaults.
+    wait_for(lambda: field(page, "cfg-train-max_steps").input_value() == str(STEPS), what="the run's config")
+    assert field(page, "cfg-dataset-path").input_value() == str(dataset)
+
+    # -- The loss curve and a sample appear, the run finishes -----------------------------------------
     wait_for(lambda: page.locator("#samples img").count() >= 1, what="a sample")
     wait_for(lambda: page.locator("#loss-plot svg .mark-line path").count() >= 1, what="the loss curve")
     shot(page, "train-running.png")
-
-    # -- Reload mid-run: the page reattaches to the run that kept training ----------------------------
-    status, before_reload = progress(page)
-    if status == "running" and before_reload < STEPS:
-        page.reload()
-        page.wait_for_selector("#progress .sd-progress[data-status='running'], "
-                               "#progress .sd-progress[data-status='finished']")
-        assert progress(page)[1] >= before_reload
-        assert page.get_by_role("tab", name="Train").get_attribute("aria-selected") == "true"
-        # The form shows the run being watched, not the defaults.
-        wait_for(lambda: field(page, "cfg-train-max_steps").input_value() == str(STEPS), what="the run's config")
-        assert field(page, "cfg-dataset-path").input_value() == str(dataset)
     wait_for(lambda: progress(page)[0] in ("finished", "error"), timeout=300, what="the end of the run")
     assert progress(page) == ("finished", STEPS)
     assert page.locator("#samples img").count() >= 1
@@ -177,19 +175,45 @@ def test_stop_saves_a_checkpoint_and_shows_stopped(page, ui):
     field(page, "cfg-dataset-path").fill(str(dataset))
     field(page, "cfg-name").fill("stopped-run")
     field(page, "cfg-train-max_steps").fill("2000")
+    page.get_by_text("Save these settings as a preset").click()
+    field(page, "preset-name").fill("long-demo")
+    page.locator("#preset-save").click()
+    wait_for(lambda: "Saved preset long-demo" in train_notice(page), what="the saved preset")
+    assert "max_steps = 2000" in (root / "home" / "presets" / "long-demo.toml").read_text()
+
     page.locator("#train-start").click()
     wait_for(lambda: progress(page)[0] == "running" and progress(page)[1] >= 3, what="a few steps")
     page.locator("#train-stop").click()
     wait_for(lambda: progress(page)[0] == "stopped", timeout=120, what="the stopped state")
+    first_stop = progress(page)[1]
+    # Resume continues from the checkpoint; stop it again.
+    page.locator("#train-resume").click()
+    wait_for(lambda: progress(page)[0] == "running" and progress(page)[1] > first_stop, what="the resumed run")
+    page.locator("#train-stop").click()
+    wait_for(lambda: progress(page)[0] == "stopped", timeout=120, what="the second stop")
     shot(page, "train-stopped.png")
     step = progress(page)[1]
-    assert 3 <= step < 2000
+    assert first_stop < step < 2000
     assert page.locator("#train-resume").is_enabled()
     run = next(r for r in demo.sdlora.runs.list_runs() if r.name == "stopped-run")
     events = [json.loads(line) for line in (run.path / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"] in ("started", "stopped")] == ["started", "stopped"] * 2
     assert events[-1]["event"] == "stopped" and events[-1]["step"] == step
     assert (run.path / events[-1]["checkpoint"]).is_file()
     assert (run.path / "state").is_dir()
+
+    # -- Runs tab: its checkpoint is listed; deleting asks first --------------------------------------
+    page.get_by_role("tab", name="Runs").click()
+    row = page.locator("#runs-table [data-testid^='cell-'][data-testid$='-0']", has_text=run.folder)
+    row.click()
+    wait_for(lambda: Path(events[-1]["checkpoint"]).name in page.locator("#run-checkpoints").inner_text(),
+             what="the checkpoint link")
+    page.locator("#run-delete").click()
+    page.get_by_text("This cannot be undone.").wait_for()
+    assert run.path.is_dir()  # nothing is deleted before the confirmation
+    page.locator("#run-delete-confirm").click()
+    wait_for(lambda: not run.path.exists(), what="the deleted run folder")
+    wait_for(lambda: run.folder not in page.locator("#runs-table").inner_text(), what="the row to go")
 
 
 def assert_loads_in_diffusers(lora: Path) -> None:

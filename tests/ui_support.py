@@ -27,14 +27,14 @@ def wait_for(predicate, timeout: float = 180.0, interval: float = 0.5, what: str
 
 
 @contextlib.contextmanager
-def served_ui(root: Path, trainer_command: list[str] | None = None):
+def served_ui(root: Path, trainer_command: list[str] | None = None, auth: str | None = None):
     """The UI on 127.0.0.1:<free port> in a background thread, runs under root/runs, user presets under root."""
     from app.ui import launch
 
     previous = os.environ.get("SDLORA_HOME")
     os.environ["SDLORA_HOME"] = str(root / "home")  # "Save as preset" must not touch the real ~/.config
     demo = launch(host="127.0.0.1", port=free_port(), runs_dir=root / "runs", block=False,
-                  trainer_command=trainer_command)
+                  trainer_command=trainer_command, auth=auth)
     try:
         yield demo
     finally:

@@ -7,6 +7,7 @@ login, and the browser is served files from the runs folder only (docs: app/secu
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -42,7 +43,20 @@ def build_ui(runs_dir: str | Path = "runs", trainer_command: list[str] | None = 
         try_item.select(try_choices, None, try_dropdown, api_visibility="private")
         inspect_item.select(inspect_choices, None, inspect_dropdown, api_visibility="private")
     demo.sdlora = ctx  # for tests and embedding: the run manager behind this page
+    threading.Thread(target=_warm_up_checks, name="sdlora-warm-up", daemon=True).start()
     return demo
+
+
+def _warm_up_checks() -> None:
+    """The first pre-flight check builds model skeletons for its estimate (seconds); do it before the
+    first click on Train instead of during it. Failure here only means the first check is slower."""
+    from trainer.config import TrainConfig
+    from trainer.preflight import preflight_report
+
+    try:
+        preflight_report(TrainConfig())
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _wire(demo: gr.Blocks, tabs: gr.Tabs, dataset, train, runs) -> None:
@@ -94,6 +108,7 @@ def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | tuple[str, str
     demo.queue(default_concurrency_limit=4)
     try:
         demo.launch(prevent_thread_lock=not block, **options)
-    except OSError as error:
-        raise SdloraError(f"Cannot listen on {host}:{port} ({error}); choose another --port.") from None
+    except OSError:
+        raise SdloraError(f"Cannot listen on {host}:{port}: the port is in use or not allowed; choose another "
+                          "--port.") from None
     return demo

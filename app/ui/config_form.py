@@ -20,8 +20,10 @@ from trainer.presets import resolve_config
 PROMPTS_KEY = "sample.prompts"  # edited as one prompt per line in the main form
 SKIPPED_KEYS = ("output.dir",)  # the run manager sets it to the new run's folder
 SECTION_TITLES = {"": "General", "model": "Model", "dataset": "Dataset", "network": "Network", "train": "Training",
-                  "sample": "Samples", "save": "Saving", "output": "Output", "validation": "Validation"}
+                  "sample": "Samples", "save": "Saving", "output": "Output", "validation": "Validation",
+                  "ema": "EMA"}
 PER_ROW = 3
+OPTIONAL_NUMBERS = ("int | None", "float | None")
 
 
 class ConfigForm:
@@ -92,10 +94,14 @@ def make_widget(field: ConfigField, value: Any = None, label: str | None = None,
         return gr.Dropdown(choices=list(field.choices), value=value, **common)
     if kind == "bool":
         return gr.Checkbox(value=value, **common)
-    if kind in ("int", "int | None"):
+    if kind == "int":
         return gr.Number(value=value, precision=0, step=1, **common)
-    if kind in ("float", "float | None"):
+    if kind == "float":
         return gr.Number(value=value, step=_float_step(field), **common)
+    if kind in OPTIONAL_NUMBERS:
+        # A text box, because gradio's Number shows an empty value as 0 once it is on screen, and
+        # "empty" must stay "not set" (e.g. no max_steps: train all the epochs).
+        return gr.Textbox(value=value, placeholder="empty = not set", **common)
     if kind in ("str", "str | None"):
         return gr.Textbox(value=value, **common)
     return gr.Textbox(value=value, placeholder="JSON", **common)  # lists and tables
@@ -118,6 +124,8 @@ def to_widget(field: ConfigField, value: Any) -> Any:
         if value is None:
             return ""
         return json.dumps(value.model_dump() if hasattr(value, "model_dump") else value)
+    if field.type in OPTIONAL_NUMBERS:
+        return "" if value is None else str(value)
     if value is None and field.type in ("str", "str | None"):
         return ""
     return value
@@ -137,9 +145,19 @@ def from_widget(field: ConfigField, value: Any) -> Any:
                               f" (got {text[:40]!r}).") from None
     if isinstance(value, str) and optional and not value.strip():
         return None
+    if field.type in OPTIONAL_NUMBERS:
+        return _number(field, value)
     if isinstance(value, float) and field.type.startswith("int") and value.is_integer():
         return int(value)
     return value
+
+
+def _number(field: ConfigField, text: Any) -> int | float:
+    try:
+        number = float(str(text).strip())
+    except ValueError:
+        raise SdloraError(f"{field.key} must be a number or empty (got {str(text).strip()!r}).") from None
+    return int(number) if field.type.startswith("int") and number.is_integer() else number
 
 
 def prompts_from_text(text: str, template: Sequence[Any] = ()) -> list[dict]:

@@ -5,13 +5,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.runs import RunManager
+from app.ui.lora_preview import LoraPreview
 
 
 @dataclass
 class UIContext:
     runs: RunManager
     datasets_dir: Path  # default home of generated demo datasets: beside the runs folder
-    preview: object = field(default=None)  # app.ui.lora_preview.LoraPreview, created on first use
+    preview: LoraPreview = field(default_factory=LoraPreview)  # loads a model on first use only
 
     @classmethod
     def create(cls, runs_dir: str | Path, trainer_command: list[str] | None = None) -> UIContext:

@@ -24,7 +24,6 @@ from trainer.demo_data import make_demo_dataset
 
 GALLERY_LIMIT = 500  # thumbnails shown; stats always cover the whole folder
 LISTED_PROBLEMS = 20
-EMPTY_BUCKETS = pd.DataFrame({"bucket": [], "images": []})
 
 
 @dataclass
@@ -149,16 +148,16 @@ def build(ctx: UIContext) -> DatasetTab:
                                  elem_id="caption-text")
             save_caption = gr.Button("Save caption", elem_id="caption-save")
             with gr.Accordion("Edit all captions", open=False):
-                with gr.Row(equal_height=True):
+                with gr.Row(elem_classes="sd-align-end"):
                     trigger = gr.Textbox(label="Trigger word", placeholder="mystyle", scale=3)
                     add_trigger = gr.Button("Add to all", scale=1, min_width=110)
-                with gr.Row(equal_height=True):
+                with gr.Row(elem_classes="sd-align-end"):
                     find = gr.Textbox(label="Find", scale=2)
                     replace = gr.Textbox(label="Replace with", scale=2)
                     replace_button = gr.Button("Replace all", scale=1, min_width=110)
     with gr.Row():
         stats = gr.Markdown(elem_id="dataset-stats")
-        buckets = gr.BarPlot(EMPTY_BUCKETS, x="bucket", y="images", title="Images per bucket (w x h)", height=220,
+        buckets = gr.BarPlot(None, x="bucket", y="images", title="Images per bucket (w x h)", height=220,
                              elem_id="bucket-plot", sort=None, y_lim=[0, None], visible=False)
     problems = gr.Markdown()
 

@@ -1,8 +1,8 @@
 """Inspect tab: what a LoRA file holds (metadata, modules per block, rank and alpha, update norms)."""
 from __future__ import annotations
 
-import pandas as pd
 import gradio as gr
+import pandas as pd
 
 from app.security import user_file
 from app.ui.context import UIContext
@@ -12,7 +12,6 @@ from networks.errors import SdloraError
 from networks.inspect import inspect_lora
 
 LONG_VALUE = 200
-EMPTY_NORMS = pd.DataFrame({"block": [], "norm": []})
 
 
 def summary_markdown(report: dict) -> str:
@@ -63,16 +62,20 @@ def chosen_file(uploaded, typed: str, chosen: str):
 
 def build(ctx: UIContext):
     with gr.Row(elem_classes="sd-align-end"):
-        chosen = gr.Dropdown(lora_choices(ctx), label="LoRA from a run", scale=3, elem_id="inspect-lora")
-        typed = gr.Textbox(label="...or a file path", placeholder="/path/to/lora.safetensors", scale=3,
-                           elem_id="inspect-path")
-        uploaded = gr.File(label="...or upload", file_types=[".safetensors"], type="filepath", scale=2, height=90)
-        go = gr.Button("Inspect", variant="primary", scale=1, min_width=100, elem_id="inspect-go")
+        with gr.Column(scale=3):
+            chosen = gr.Dropdown(lora_choices(ctx), label="LoRA from a run", elem_id="inspect-lora")
+            typed = gr.Textbox(label="...or a file path", placeholder="/path/to/lora.safetensors",
+                               elem_id="inspect-path", info="Used instead of the list when filled.")
+        with gr.Column(scale=2):
+            uploaded = gr.File(label="...or upload a .safetensors file", file_types=[".safetensors"],
+                               type="filepath", height=150)
+            go = gr.Button("Inspect", variant="primary", elem_id="inspect-go")
     message = gr.HTML(elem_id="inspect-notice")
     summary = gr.Markdown()
     with gr.Row():
-        norms = gr.BarPlot(EMPTY_NORMS, x="block", y="norm", title="Update norm |scale x up @ down| per block",
-                           height=300, x_label_angle=-40, sort=None, elem_id="inspect-norms")
+        # Created empty (None, not an empty frame, which would keep the plot from drawing later data).
+        norms = gr.BarPlot(None, x="block", y="norm", title="Update norm |scale x up @ down| per block",
+                           height=300, x_label_angle=-40, sort=None, y_lim=[0, None], elem_id="inspect-norms")
         blocks = gr.Dataframe(label="Modules per block", interactive=False, max_height=300)
     with gr.Accordion("Every module", open=False):
         modules = gr.Dataframe(interactive=False, max_height=400)

@@ -6,6 +6,8 @@ tests all render a run the same way.
 from __future__ import annotations
 
 import html
+from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -61,22 +63,21 @@ def header_markdown(info: RunInfo | None) -> str:
     return text
 
 
-def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame | None:
-    """Raw and smoothed loss per step, long format (one `series` column) for a two-line plot.
+def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, float]] = ()) -> pd.DataFrame | None:
+    """Training loss, its moving average and the validation loss, long format (a `series` column).
 
     No data is None, not an empty frame: a LinePlot created from an empty frame never draws the
     lines it is given later (gradio 6 fixes the colour domain at the first value).
     """
     if not losses:
         return None
-    steps = [s for s, _ in losses]
-    raw = [v for _, v in losses]
     smooth, average = [], None
-    for value in raw:
+    for _, value in losses:
         average = value if average is None else SMOOTHING * average + (1 - SMOOTHING) * value
         smooth.append(average)
-    return pd.DataFrame({"step": steps * 2, "loss": raw + smooth,
-                         "series": ["loss"] * len(raw) + ["smoothed"] * len(raw)})
+    rows = [(s, v, "loss") for s, v in losses] + [(s, v, "smoothed") for (s, _), v in zip(losses, smooth)]
+    rows += [(s, v, "validation") for s, v in validation]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 def sample_entries(progress: Progress | None) -> list[tuple[str, str]]:
@@ -93,6 +94,24 @@ def log_html(text: str) -> str:
     return f'<div class="sd-log"><pre>{html.escape(text)}</pre></div>'
 
 
+def files_html(paths: list[Path], empty: str = "None yet.") -> str:
+    """Download links for files in the runs folder (served from there: it is in allowed_paths)."""
+    if not paths:
+        return f'<p class="sd-muted">{html.escape(empty)}</p>'
+    rows = "".join(
+        f'<tr><td><a href="gradio_api/file={quote(str(p))}" download="{html.escape(p.name)}">'
+        f'{html.escape(p.name)}</a></td><td class="sd-size">{_size(p)}</td></tr>' for p in paths)
+    return f'<table class="sd-files">{rows}</table>'
+
+
+def _size(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return ""
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} KB"
+
+
 def run_row(info: RunInfo) -> list:
     total = info.total_steps or "?"
     return [info.folder, info.name, STATUS_LABELS.get(info.status, info.status), f"{info.step} / {total}",
@@ -105,6 +124,8 @@ def run_dict(progress: Progress) -> dict:
     return {"run": info.folder, "run_dir": str(info.path), "name": info.name, "status": info.status,
             "step": info.step, "total_steps": info.total_steps, "message": info.message,
             "loss": progress.losses[-1][1] if progress.losses else None, "it_per_s": progress.it_per_s,
+            "validation_loss": progress.validation[-1][1] if progress.validation else None,
+            "ema_file": str(progress.ema_file) if progress.ema_file else None,
             "eta_s": progress.eta_s, "final_file": str(info.final_file) if info.final_file else None,
             "checkpoints": [str(p) for p in progress.checkpoints],
             "samples": [str(p) for p, _ in progress.samples],

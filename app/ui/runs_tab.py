@@ -7,7 +7,7 @@ import gradio as gr
 
 from app.runs import ACTIVE, RESUMABLE
 from app.ui.context import UIContext
-from app.ui.live_view import header_markdown, progress_html, run_row, sample_entries
+from app.ui.live_view import files_html, header_markdown, progress_html, run_row, sample_entries
 from app.ui.notices import guarded, notice, ok
 from networks.errors import SdloraError
 
@@ -47,8 +47,9 @@ def build(ctx: UIContext) -> RunsTab:
             cancel = gr.Button("Cancel", size="sm", scale=0, min_width=100)
         with gr.Row():
             final = gr.DownloadButton("No final file yet", interactive=False, elem_id="run-download", scale=1)
-            checkpoints = gr.File(label="Checkpoints", file_count="multiple", interactive=False, height=140,
-                                  elem_id="run-checkpoints", scale=2)
+            with gr.Column(scale=2):
+                gr.Markdown("**Checkpoints and other files**", elem_classes="sd-muted")
+                checkpoints = gr.HTML(elem_id="run-checkpoints")
         samples = gr.Gallery(label="Samples (newest first)", columns=8, height=220, object_fit="contain",
                              preview=False, fit_columns=False)
         with gr.Accordion("config.toml", open=False):
@@ -79,7 +80,8 @@ def build(ctx: UIContext) -> RunsTab:
         return (notice(info.message) if info.message else notice(), gr.Column(visible=True),
                 header_markdown(info), progress_html(progress),
                 gr.Button(interactive=info.status in RESUMABLE), gr.Button(interactive=info.status in ACTIVE),
-                download, [str(p) for p in progress.checkpoints] or None, sample_entries(progress),
+                download, files_html(([progress.ema_file] if progress.ema_file else []) + progress.checkpoints[::-1],
+                                     "No checkpoint yet."), sample_entries(progress),
                 ctx.runs.config_text(run_dir), run_dir.name, gr.Row(visible=False))
 
     def on_select(names, evt: gr.SelectData):

@@ -70,6 +70,20 @@ CSS = """
               word-break: break-word; }
 .sd-confirm { padding: 8px 12px; border-radius: 8px; background: #fff7ed; border: 1px solid #fed7aa; align-items: center; }
 .dark .sd-confirm { background: #431407; border-color: #7c2d12; }
+.sd-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+.sd-files { width: 100%; border-collapse: collapse; font-size: 14px; }
+.sd-files td { padding: 6px 10px; border-bottom: 1px solid var(--border-color-primary); }
+.sd-files td.sd-size { color: var(--body-text-color-subdued); text-align: right; font-variant-numeric: tabular-nums; }
+.sd-files a { color: var(--color-accent); text-decoration: none; font-weight: 500; }
+.sd-check { padding: 10px 14px; border: 1px solid var(--border-color-primary); border-radius: 10px;
+            font-size: 13px; line-height: 1.45; }
+.sd-check ul { margin: 4px 0 8px 18px; padding: 0; }
+.sd-check-verdict { font-weight: 600; font-size: 14px; margin-bottom: 6px; }
+.sd-check-verdict.sd-ok { color: #047857; }
+.sd-check-verdict.sd-bad { color: #b91c1c; }
+.sd-check-error b { color: #b91c1c; }
+.sd-check-warning b { color: #b45309; }
+.sd-check-info b { color: var(--body-text-color-subdued); }
 footer { opacity: 0.7; }
 """
 

@@ -15,12 +15,15 @@ from app.ui.config_form import ConfigForm, prompts_to_text
 from app.ui.context import UIContext
 from app.ui.live_view import header_markdown, log_html, loss_frame, progress_html, sample_entries
 from app.ui.notices import guarded, notice, ok
+from app.ui.preflight_view import report_html
 from networks.errors import SdloraError
 from trainer.config import TrainConfig, load_config
 from trainer.presets import list_presets, load_preset, resolve_config, save_user_preset
 
 DEFAULT_PRESET = "demo"
 POLL_SECONDS = 1.0
+DISCOVER_SECONDS = 5.0
+LOSS_COLOURS = {"loss": "#c7d2fe", "smoothed": "#4f46e5", "validation": "#f59e0b"}  # how soon a run started from the CLI or another tab shows up
 LOG_LINES = 80
 CONV_KEYS = ("network.conv_rank", "network.conv_alpha_ratio")
 ALPHA_KEYS = ("network.type", "network.rank", "network.alpha_ratio", "network.alpha", "network.conv_rank",
@@ -130,21 +133,24 @@ def build(ctx: UIContext) -> TrainTab:
                 form.add_remaining()
             with gr.Row():
                 start = gr.Button("Train", variant="primary", size="lg", elem_id="train-start", scale=2)
+                check = gr.Button("Check", size="lg", elem_id="train-check")
                 stop = gr.Button("Stop", variant="stop", size="lg", elem_id="train-stop", interactive=False)
                 resume = gr.Button("Resume", size="lg", elem_id="train-resume", interactive=False)
             message = gr.HTML(elem_id="train-notice")
+            report = gr.HTML(elem_id="preflight")
             with gr.Accordion("Save these settings as a preset", open=False):
-                with gr.Row(equal_height=True):
-                    preset_name = gr.Textbox(label="Preset name", placeholder="my-style", scale=3)
-                    save_preset = gr.Button("Save preset", scale=1, min_width=120)
+                with gr.Row(elem_classes="sd-align-end"):
+                    preset_name = gr.Textbox(label="Preset name", placeholder="my-style", scale=3,
+                                             elem_id="preset-name")
+                    save_preset = gr.Button("Save preset", scale=1, min_width=120, elem_id="preset-save")
         with gr.Column(scale=6, elem_classes="sd-panel"):
             header = gr.Markdown(header_markdown(None), elem_id="run-header")
             bar = gr.HTML(progress_html(None), elem_id="progress")
             run_message = gr.HTML(elem_id="run-notice")
             loss = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=260,
-                               color_map={"loss": "#c7d2fe", "smoothed": "#4f46e5"}, elem_id="loss-plot",
+                               color_map=LOSS_COLOURS, elem_id="loss-plot",
                                x_title="step", y_title="loss", x_axis_format="d")
-            samples = gr.Gallery(label="Samples (newest first)", columns=6, height=220, object_fit="contain",
+            samples = gr.Gallery(label="Samples (newest first)", columns=4, height=220, object_fit="contain",
                                  elem_id="samples", preview=False, fit_columns=False)
             gr.Markdown("**Trainer log**", elem_classes="sd-muted")
             log = gr.HTML(log_html(""), elem_id="train-log")
@@ -186,47 +192,50 @@ def build(ctx: UIContext) -> TrainTab:
     # -- the live view ----------------------------------------------------------------------------
     live_outputs = [header, bar, run_message, loss, samples, log, start, stop, resume, timer, fingerprint]
 
-    def idle(note: str = "") -> tuple:
-        return (header_markdown(None), progress_html(None), notice(note), None, [], log_html(""),
-                gr.Button(interactive=True), gr.Button(interactive=False), gr.Button(interactive=False),
-                gr.Timer(active=False), None)
-
     def refresh(run, seen):
-        if not run:
-            return idle() if seen is not None else tuple(gr.skip() for _ in live_outputs)
-        try:
-            run_dir = ctx.runs.resolve(run)
-        except SdloraError as error:
-            return idle(str(error))  # deleted meanwhile
-        progress = ctx.runs.progress(run_dir)
-        info, log_text = progress.info, ctx.runs.log_tail(run_dir, LOG_LINES)
-        key = [run, progress.event_count, len(progress.samples), info.status, len(log_text)]
-        if key == seen:
-            return tuple(gr.skip() for _ in live_outputs)
-        same_run = bool(seen) and seen[0] == run
-        active = info.status in ACTIVE
-        new_loss = not same_run or seen[1] != key[1]
-        new_samples = not same_run or seen[2] != key[2]
-        error = notice(info.message) if info.status in ("error", "interrupted") and info.message else notice()
-        return (header_markdown(info), progress_html(progress), error,
-                loss_frame(progress.losses) if new_loss else gr.skip(),
-                sample_entries(progress) if new_samples else gr.skip(), log_html(log_text),
-                gr.Button(interactive=not active), gr.Button(interactive=active),
-                gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active), key)
+        return live_update(ctx, run, seen)
 
     refresh_inputs = [watched, fingerprint]
     timer.tick(refresh, refresh_inputs, live_outputs, api_visibility="private", show_progress="hidden",
                concurrency_limit=None)
 
+    def discover(run):
+        """A run started elsewhere (the CLI, another browser tab) while this page shows nothing live."""
+        try:
+            if run and ctx.runs.info(ctx.runs.resolve(run)).status in ACTIVE:
+                return gr.skip(), gr.skip()
+        except SdloraError:
+            pass  # the watched run was deleted: look for another
+        active = ctx.runs.newest_active()
+        if active is None or active.folder == run:
+            return gr.skip(), gr.skip()
+        return active.folder, gr.Timer(active=True)
+
+    gr.Timer(DISCOVER_SECONDS).tick(discover, watched, [watched, timer],
+                                    api_visibility="private", show_progress="hidden", concurrency_limit=None) \
+        .then(refresh, refresh_inputs, live_outputs, api_visibility="private", show_progress="hidden")
+
     # -- control ----------------------------------------------------------------------------------
     control_outputs = [message, watched, timer]
 
-    @guarded(len(control_outputs))
+    @guarded(2)
+    def on_check(preset_name, prompts_text, *values):
+        _, checked = ctx.runs.check(form.to_config(preset_name, prompts_text, values), preset_name)
+        return notice(), report_html(checked)
+
+    check.click(on_check, [preset, prompts, *widgets], [message, report], api_name="train_check",
+                api_visibility="undocumented", show_progress="minimal")
+
+    @guarded(len(control_outputs) + 1)
     def on_start(preset_name, prompts_text, *values):
-        cfg = form.to_config(preset_name, prompts_text, values)
-        run_dir = ctx.runs.start(cfg)
+        cfg, checked = ctx.runs.check(form.to_config(preset_name, prompts_text, values), preset_name)
+        if not checked.ok:  # the whole report shows below; the first error is the sentence
+            gr.Warning(checked.errors[0])
+            return notice(checked.errors[0]), gr.skip(), gr.skip(), report_html(checked)
+        run_dir = ctx.runs.start(cfg, preset_name, checked)
+        shown = report_html(checked) if checked.warnings else ""  # warnings stay visible while it trains
         return ok(f"Started {run_dir.name}; it trains in its own process, so closing this page is safe."), \
-            run_dir.name, gr.Timer(active=True)
+            run_dir.name, gr.Timer(active=True), shown
 
     @guarded(len(control_outputs))
     def on_stop(run):
@@ -239,12 +248,12 @@ def build(ctx: UIContext) -> TrainTab:
         run_dir = ctx.runs.resume(ctx.runs.resolve(run))
         return ok(f"Resuming {run_dir.name} from its last checkpoint."), run, gr.Timer(active=True)
 
-    for button, handler, inputs, name in (
-        (start, on_start, [preset, prompts, *widgets], "train_start"),
-        (stop, on_stop, [watched], "train_stop"),
-        (resume, on_resume, [watched], "train_resume"),
+    for button, handler, inputs, outputs, name in (
+        (start, on_start, [preset, prompts, *widgets], [*control_outputs, report], "train_start"),
+        (stop, on_stop, [watched], control_outputs, "train_stop"),
+        (resume, on_resume, [watched], control_outputs, "train_resume"),
     ):
-        button.click(handler, inputs, control_outputs, api_name=name, api_visibility="undocumented",
+        button.click(handler, inputs, outputs, api_name=name, api_visibility="undocumented",
                      show_progress="minimal").then(refresh, refresh_inputs, live_outputs, api_visibility="private",
                                                    show_progress="hidden")
 
@@ -264,6 +273,40 @@ def build(ctx: UIContext) -> TrainTab:
 
     return TrainTab(form, preset, watched, timer, message, refresh, fill_from_run, fill_outputs, refresh_inputs,
                     live_outputs, [preset, watched, timer], on_load)
+
+
+LIVE_OUTPUTS = 11  # header, bar, run notice, loss, samples, log, start, stop, resume, timer, fingerprint
+
+
+def idle_update(note: str = "") -> tuple:
+    return (header_markdown(None), progress_html(None), notice(note), None, [], log_html(""),
+            gr.Button(interactive=True), gr.Button(interactive=False), gr.Button(interactive=False),
+            gr.Timer(active=False), None)
+
+
+def live_update(ctx: UIContext, run: str | None, seen: list | None) -> tuple:
+    """The live view's outputs for `run`; only what changed since `seen` (the last fingerprint) is sent."""
+    if not run:
+        return idle_update() if seen is not None else (gr.skip(),) * LIVE_OUTPUTS
+    try:
+        run_dir = ctx.runs.resolve(run)
+    except SdloraError as error:
+        return idle_update(str(error))  # deleted meanwhile
+    progress = ctx.runs.progress(run_dir)
+    info, log_text = progress.info, ctx.runs.log_tail(run_dir, LOG_LINES)
+    key = [run, progress.event_count, len(progress.samples), info.status, len(log_text)]
+    if key == seen:
+        return (gr.skip(),) * LIVE_OUTPUTS
+    same_run = bool(seen) and seen[0] == run
+    active = info.status in ACTIVE
+    new_loss = not same_run or seen[1] != key[1]
+    new_samples = not same_run or seen[2] != key[2]
+    error = notice(info.message) if info.status in ("error", "interrupted") and info.message else notice()
+    return (header_markdown(info), progress_html(progress), error,
+            loss_frame(progress.losses, progress.validation) if new_loss else gr.skip(),
+            sample_entries(progress) if new_samples else gr.skip(), log_html(log_text),
+            gr.Button(interactive=not active), gr.Button(interactive=active),
+            gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active), key)
 
 
 def _dotted(cfg: TrainConfig, key: str):

@@ -5,8 +5,7 @@ import gradio as gr
 
 from app.security import user_file
 from app.ui.context import UIContext
-from app.ui.lora_preview import LoraPreview
-from app.ui.notices import guarded, notice, ok
+from app.ui.notices import guarded, ok
 from networks.errors import SdloraError
 from trainer.demo_data import TRIGGER
 from trainer.sampling import SAMPLERS
@@ -59,8 +58,10 @@ def build(ctx: UIContext):
             message = gr.HTML(elem_id="try-notice")
         with gr.Column(scale=3):
             with gr.Row():
-                without = gr.Image(label="Without LoRA", interactive=False, height=360, elem_id="try-without")
-                with_lora = gr.Image(label="With LoRA", interactive=False, height=360, elem_id="try-with")
+                without = gr.Image(label="Without LoRA", interactive=False, height=360, elem_id="try-without",
+                                   elem_classes="sd-preview")
+                with_lora = gr.Image(label="With LoRA", interactive=False, height=360, elem_id="try-with",
+                                     elem_classes="sd-preview")
             timing = gr.Markdown(elem_classes="sd-muted")
 
     @guarded(4)
@@ -69,12 +70,10 @@ def build(ctx: UIContext):
         if not (prompt_text or "").strip():
             raise SdloraError("Enter a prompt.")
         check_settings(steps_value, guidance_value, size_value, weight_value)
-        path = user_file(typed.strip() or chosen, "LoRA file", suffixes=(".safetensors",)) \
-            if (typed or "").strip() or chosen else None
-        if path is None:
+        source = (typed or "").strip() or chosen
+        if not source:
             raise SdloraError("Choose a LoRA from a run or enter the path of a .safetensors file.")
-        if ctx.preview is None:
-            ctx.preview = LoraPreview()
+        path = user_file(source, "LoRA file", suffixes=(".safetensors",))
         result = ctx.preview.compare(model_spec, path, prompt_text, negative_text, int(seed_value or 0),
                                      int(steps_value), float(weight_value), float(guidance_value),
                                      int(size_value or 0), sampler_name)

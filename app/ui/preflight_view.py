@@ -1,0 +1,25 @@
+"""The pre-flight report (trainer/preflight.py, docs/PREFLIGHT.md) as a panel under the Train button."""
+from __future__ import annotations
+
+import html
+
+from trainer.preflight import Report
+
+SECTIONS = (("errors", "sd-check-error", "Errors (training cannot start)"),
+            ("warnings", "sd-check-warning", "Warnings (advice)"),
+            ("info", "sd-check-info", "Plan"))
+
+
+def report_html(report: Report | None) -> str:
+    if report is None:
+        return ""
+    verdict = "Ready to train" if report.ok else "Cannot train yet"
+    counts = f"{len(report.errors)} errors, {len(report.warnings)} warnings"
+    parts = [f'<div class="sd-check"><div class="sd-check-verdict sd-{"ok" if report.ok else "bad"}">'
+             f'{verdict} <span class="sd-muted">({counts})</span></div>']
+    for attribute, css, title in SECTIONS:
+        items = getattr(report, attribute)
+        if items:
+            rows = "".join(f"<li>{html.escape(item)}</li>" for item in items)
+            parts.append(f'<div class="{css}"><b>{title}</b><ul>{rows}</ul></div>')
+    return "".join(parts) + "</div>"

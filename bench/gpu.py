@@ -1,0 +1,205 @@
+"""GPU mode: the same harness on the full-size models, with peak CUDA memory and throughput against the
+GPU's FLOP limit.
+
+    python -m bench.train_step --gpu                       # every config below, ~10 min on an H100
+    python -m bench.train_step --gpu --configs sd15-512-bs8-bf16 --out bench/results/gpu.json   # one
+
+Configs: SD1.5 (trainer/assets/configs/sd15: UNet 860M, VAE, 12-layer CLIP) at 512 px, batch 1 and 8,
+fp16 and bf16; SDXL base (configs/sdxl-base) at 1024 px, batch 1, bf16. Weights are random (built once
+from the shipped configs into bench/.work/models; nothing is downloaded): speed and memory do not
+depend on their values. Contenders: sdlora's Trainer and the diffusers+peft recipe, LoRA r=16 on
+to_q/to_k/to_v/to_out.0, each config and contender in its own process, repeats interleaved.
+
+Throughput share of the FLOP limit ("MFU"): images/s x the FLOPs of one image's UNet LoRA step (forward
+and backward to the input, counted with torch's FlopCounterMode on the meta device; 1.73 TFLOP for
+SD1.5 at 512 px) / the GPU's dense fp16/bf16 tensor peak. The recipe's VAE encode and text encoder
+work is not counted as useful (sdlora caches it), so the figure is comparable across contenders.
+
+`--device cpu --configs tiny-64-bs1-no` runs the same code path on a CPU (a check that GPU mode works;
+tests/test_bench.py does this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.harness import fmt, machine_info, run_interleaved, summarize, table, worker, write_json
+from bench.models import BENCH_DIR, dataset_path, model_path, sd15_config, sdxl_config, unet_step_flops, work_dir
+
+DEFAULT_CONFIGS = ("sd15-512-bs1-fp16", "sd15-512-bs1-bf16", "sd15-512-bs8-fp16", "sd15-512-bs8-bf16",
+                   "sdxl-1024-bs1-bf16")
+# Dense fp16/bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name().
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("GH200", 989.4e12),
+              ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165.2e12),
+              ("3090", 71e12), ("V100", 125e12), ("T4", 65e12))
+
+
+def parse_config(name: str) -> dict:
+    """"sd15-512-bs8-bf16" -> model sd15, resolution 512, batch 8, mixed precision bf16."""
+    try:
+        model, resolution, batch, precision = name.split("-")
+        config = {"name": name, "model": model, "resolution": int(resolution), "batch_size": int(batch.removeprefix("bs")),
+                  "mixed_precision": precision}
+    except ValueError:
+        raise SystemExit(f"config {name!r} is not MODEL-RES-bsN-PRECISION like sd15-512-bs8-bf16") from None
+    if model not in ("sd15", "sdxl", "sd1", "tiny") or precision not in ("fp16", "bf16", "no"):
+        raise SystemExit(f"config {name!r}: model is sd15, sdxl (or sd1, tiny), precision fp16, bf16 or no")
+    return config
+
+
+def full_model_path(model: str) -> Path:
+    """The full-size SD1.5 or SDXL architecture with random weights, as a diffusers folder (fp16 files)."""
+    if model in ("sd1", "tiny"):
+        return model_path(model)
+    target = work_dir() / "models" / f"{model}-full-random"
+    if (target / "model_index.json").is_file():
+        return target
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trainer.tiny_models import OPENCLIP_PAD, load_clip_tokenizer
+
+    config = sd15_config if model == "sd15" else sdxl_config
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):  # random init of 0.9-2.6 B parameters is much faster on the GPU
+        unet = UNet2DConditionModel.from_config(config("unet")).half()
+        vae = AutoencoderKL.from_config(config("vae")).half()
+        te = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder"))).half()
+        parts = dict(unet=unet.cpu(), vae=vae.cpu(), text_encoder=te.cpu(), tokenizer=load_clip_tokenizer())
+        if model == "sdxl":
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config("text_encoder_2"))).half()
+            parts.update(text_encoder_2=te2.cpu(), tokenizer_2=load_clip_tokenizer(OPENCLIP_PAD))
+    if model == "sdxl":
+        pipeline = StableDiffusionXLPipeline(scheduler=EulerDiscreteScheduler.from_config(config("scheduler")), **parts)
+    else:
+        pipeline = StableDiffusionPipeline(scheduler=PNDMScheduler.from_config(config("scheduler")), safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False, **parts)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def step_flops_per_image(model: str, resolution: int) -> float:
+    if model == "sd15":
+        return unet_step_flops(sd15_config("unet"), resolution)["step"]
+    if model == "sdxl":
+        return unet_step_flops(sdxl_config("unet"), resolution, added_cond=True)["step"]
+    import json as _json
+
+    config = _json.loads((full_model_path(model) / "unet" / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return unet_step_flops(config, resolution, added_cond=config.get("addition_embed_type") == "text_time")["step"]
+
+
+def peak_flops(device_name: str | None, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    for key, value in PEAK_FLOPS:
+        if device_name and key in device_name:
+            return value
+    return None
+
+
+def run_config(args, config: dict, log=print) -> dict:
+    names = args.contenders.split(",")
+    spec = dict(model_dir=str(full_model_path(config["model"])), data_dir=str(dataset_path(args.images)),
+                resolution=config["resolution"], batch_size=config["batch_size"], rank=args.rank, alpha=None,
+                conv_rank=8, conv_alpha=None, seed=42, mixed_precision=config["mixed_precision"], threads=None,
+                warmup=args.warmup, steps=args.steps, workdir=str(work_dir()), device=args.device, tree=None)
+    log(f"{config['name']}: {', '.join(names)}; {args.repeats} repeat(s) x ({args.warmup} warm-up + {args.steps} steps)")
+    if args.in_process:
+        runs = {name: [worker(dict(spec, contender=name)) for _ in range(args.repeats)] for name in names}
+    else:
+        runs = run_interleaved([names], spec, args.repeats, log=log, timeout=args.timeout)
+    summary = summarize(runs, config["batch_size"])
+    flops = step_flops_per_image(config["model"], config["resolution"])
+    first = next(iter(runs.values()))[0]
+    peak = peak_flops(first.get("cuda_device"), args.peak_tflops)
+    for c in summary["contenders"].values():
+        c["useful_tflop_per_image"] = flops / 1e12
+        c["achieved_tflops"] = c["images_per_s"] * flops / 1e12
+        c["mfu"] = c["images_per_s"] * flops / peak if peak else None
+    summary["settings"] = {**config, "device": first.get("cuda_device", args.device), "peak_tflops": peak / 1e12 if peak else None,
+                           "repeats": args.repeats, "warmup": args.warmup, "steps": args.steps, "rank": args.rank}
+    summary["runs"] = runs
+    return summary
+
+
+def report(result: dict) -> str:
+    rows, ratio_rows = [], []
+    for name, summary in result["configs"].items():
+        for contender, c in summary["contenders"].items():
+            rows.append([name, contender, c["median_step_s"], fmt(c["images_per_s"], 2), fmt(c.get("cuda_peak_mib"), 0),
+                         fmt(c["peak_rss_mib"], 0), fmt(c["achieved_tflops"], 1),
+                         f"{c['mfu']:.1%}" if c.get("mfu") is not None else "-"])
+        for r in summary["ratios"]:
+            ratio_rows.append([name, f"{r['ours']} / {r['peer']}", r["step_time"], r["images_per_s"],
+                               r.get("cuda_peak_memory"), r["peak_rss"]])
+    device = next(iter(result["configs"].values()))["settings"]["device"] if result["configs"] else "-"
+    lines = [f"{result['machine']['date']}  {device}, torch {result['machine']['versions']['torch']}", ""]
+    lines.append(table(rows, ["config", "contender", "s/step", "img/s", "CUDA peak MiB", "peak RSS MiB",
+                              "TFLOP/s (UNet)", "MFU"]))
+    lines.append("")
+    lines.append(table(ratio_rows, ["config", "ratio", "step time", "img/s", "CUDA peak", "peak RSS"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_step --gpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma list of MODEL-RES-bsN-PRECISION")
+    parser.add_argument("--contenders", default="sdlora,diffusers-peft")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense fp16/bf16 peak, if not in the table")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--in-process", action="store_true")
+    parser.add_argument("--out", help="JSON path (default bench/results/gpu.json); configs already in it are kept")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA device: GPU mode needs a GPU (or --device cpu --configs tiny-64-bs1-no to check the "
+                  "code path)", file=sys.stderr)
+            return 2
+    started = time.perf_counter()
+    out = Path(args.out) if args.out else BENCH_DIR / "results" / "gpu.json"
+    result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "gpu", "configs": {}}
+    result["machine"] = machine_info(None)
+    for name in args.configs.split(","):
+        result["configs"][name] = run_config(args, parse_config(name))
+        write_json(result, out)  # after every config, so a cut-off run keeps what it measured
+    result["wall_s"] = time.perf_counter() - started
+    write_json(result, out)
+    print()
+    print(report(result))
+    print(f"\n{result['wall_s']:.0f} s; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The training form is a view of TrainConfig: every key has a widget, and values go back unchanged."""
+import gradio as gr
+import pytest
+
+from app.ui.config_form import PROMPTS_KEY, SKIPPED_KEYS, ConfigForm, from_widget, prompts_from_text
+from networks.errors import SdloraError
+from trainer.config import TrainConfig, config_field_table
+from trainer.presets import resolve_config
+
+
+def built_form(cfg: TrainConfig) -> ConfigForm:
+    with gr.Blocks():
+        form = ConfigForm(cfg)
+        form.add("network.rank", label="Rank r")  # a main-form widget, then everything else
+        form.add_remaining()
+    return form
+
+
+def test_every_config_key_gets_exactly_one_widget():
+    form = built_form(TrainConfig())
+    expected = [f.key for f in config_field_table() if f.key not in SKIPPED_KEYS and f.key != PROMPTS_KEY]
+    assert sorted(form.keys) == sorted(expected)
+    assert form.widgets["network.type"].choices == [("lora", "lora"), ("locon", "locon")]
+
+
+def test_values_read_back_as_the_same_config():
+    cfg = resolve_config("demo", ["dataset.path=/data", "network.type=locon", "train.optimizer_args={betas = [0.9, 0.99]}"])
+    form = built_form(cfg)
+    values = form.values(cfg)
+    assert values[form.keys.index("train.optimizer_args")] == '{"betas": [0.9, 0.99]}'
+    assert form.to_config("demo", "sdlorastyle, a coral circle\nsdlorastyle, a teal square and a mustard triangle",
+                          values) == cfg
+
+
+def test_a_cleared_optional_field_beats_the_preset():
+    cfg = resolve_config("demo", ["dataset.path=/data"])
+    form = built_form(cfg)
+    values = form.values(cfg)
+    assert values[form.keys.index("train.max_steps")] == "40"
+    values[form.keys.index("train.max_steps")] = ""  # the user emptied "Max steps": train the epochs
+    assert cfg.train.max_steps == 40 and form.to_config("demo", "", values).train.max_steps is None
+
+
+def test_bad_values_are_one_sentence_naming_the_key():
+    cfg = resolve_config("demo", ["dataset.path=/data"])
+    form = built_form(cfg)
+    values = form.values(cfg)
+    values[form.keys.index("network.rank")] = 0
+    with pytest.raises(SdloraError, match=r"^network.rank must be an integer >= 1 \(got 0\)\.$"):
+        form.to_config("demo", "", values)
+    values = form.values(cfg)
+    values[form.keys.index("train.optimizer_args")] = "{betas: 1"
+    with pytest.raises(SdloraError, match=r"^train.optimizer_args must be JSON"):
+        form.to_config("demo", "", values)
+
+
+def test_prompt_lines_keep_the_presets_sample_settings():
+    template = resolve_config("demo").sample.prompts
+    prompts = prompts_from_text("first\n\n  second  \nthird", template)
+    assert [p["prompt"] for p in prompts] == ["first", "second", "third"]
+    assert [p["seed"] for p in prompts] == [1, 2, 2]  # a third line copies the last preset prompt
+    assert prompts[0]["steps"] == 8 and prompts_from_text("", template) == []
+
+
+def test_numbers_from_the_browser_become_the_configs_types():
+    fields = {f.key: f for f in config_field_table()}
+    assert from_widget(fields["train.max_steps"], " 12 ") == 12
+    assert from_widget(fields["train.min_snr_gamma"], "5") == 5.0
+    assert from_widget(fields["train.max_steps"], "") is None
+    with pytest.raises(SdloraError, match=r"^train.max_steps must be a number or empty \(got 'many'\)\.$"):
+        from_widget(fields["train.max_steps"], "many")
+    assert from_widget(fields["train.epochs"], 3.0) == 3
+    assert from_widget(fields["model.config_dir"], "  ") is None
+    assert from_widget(fields["validation.timesteps"], "") is None
