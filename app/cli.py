@@ -146,9 +146,9 @@ def run_demo_data(args) -> int:
 
 
 def run_train(args) -> int:
+    cfg, resume = train_config(args)  # config errors show before the heavy imports below
     from trainer.loop import train
 
-    cfg, resume = train_config(args)
     final = train(cfg, resume=resume, progress=not args.no_progress)
     if final is None:
         print(f"Stopped; resume with: sdlora train --resume {cfg.output.dir}")

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,54 +46,12 @@ def parse_config(name: str) -> dict:
                   "mixed_precision": precision}
     except ValueError:
         raise SystemExit(f"config {name!r} is not MODEL-RES-bsN-PRECISION like sd15-512-bs8-bf16") from None
-    if model not in ("sd15", "sdxl", "sd1", "tiny") or precision not in ("fp16", "bf16", "no"):
+    if model not in GPU_MODELS or precision not in ("fp16", "bf16", "no"):
         raise SystemExit(f"config {name!r}: model is sd15, sdxl (or sd1, tiny), precision fp16, bf16 or no")
     return config
 
 
-def full_model_path(model: str) -> Path:
-    """The full-size SD1.5 or SDXL architecture with random weights, as a diffusers folder (fp16 files)."""
-    if model in ("sd1", "tiny"):
-        return model_path(model)
-    target = work_dir() / "models" / f"{model}-full-random"
-    if (target / "model_index.json").is_file():
-        return target
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from trainer.tiny_models import OPENCLIP_PAD, load_clip_tokenizer
-
-    config = sd15_config if model == "sd15" else sdxl_config
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):  # random init of 0.9-2.6 B parameters is much faster on the GPU
-        unet = UNet2DConditionModel.from_config(config("unet")).half()
-        vae = AutoencoderKL.from_config(config("vae")).half()
-        te = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder"))).half()
-        parts = dict(unet=unet.cpu(), vae=vae.cpu(), text_encoder=te.cpu(), tokenizer=load_clip_tokenizer())
-        if model == "sdxl":
-            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config("text_encoder_2"))).half()
-            parts.update(text_encoder_2=te2.cpu(), tokenizer_2=load_clip_tokenizer(OPENCLIP_PAD))
-    if model == "sdxl":
-        pipeline = StableDiffusionXLPipeline(scheduler=EulerDiscreteScheduler.from_config(config("scheduler")), **parts)
-    else:
-        pipeline = StableDiffusionPipeline(scheduler=PNDMScheduler.from_config(config("scheduler")), safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False, **parts)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        pipeline.save_pretrained(staging, safe_serialization=True)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+GPU_MODELS = {"sd15": "sd15", "sdxl": "sdxl-base", "sd1": "sd1", "tiny": "tiny"}  # config token -> bench model
 
 
 def step_flops_per_image(model: str, resolution: int) -> float:
@@ -106,7 +61,7 @@ def step_flops_per_image(model: str, resolution: int) -> float:
         return unet_step_flops(sdxl_config("unet"), resolution, added_cond=True)["step"]
     import json as _json
 
-    config = _json.loads((full_model_path(model) / "unet" / "config.json").read_text())
+    config = _json.loads((model_path(GPU_MODELS[model]) / "unet" / "config.json").read_text())
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     return unet_step_flops(config, resolution, added_cond=config.get("addition_embed_type") == "text_time")["step"]
 
@@ -122,7 +77,7 @@ def peak_flops(device_name: str | None, override_tflops: float | None) -> float 
 
 def run_config(args, config: dict, log=print) -> dict:
     names = args.contenders.split(",")
-    spec = dict(model_dir=str(full_model_path(config["model"])), data_dir=str(dataset_path(args.images)),
+    spec = dict(model_dir=str(model_path(GPU_MODELS[config["model"]])), data_dir=str(dataset_path(args.images)),
                 resolution=config["resolution"], batch_size=config["batch_size"], rank=args.rank, alpha=None,
                 conv_rank=8, conv_alpha=None, seed=42, mixed_precision=config["mixed_precision"], threads=None,
                 warmup=args.warmup, steps=args.steps, workdir=str(work_dir()), device=args.device, tree=None)

@@ -28,7 +28,9 @@ CONFIGS = REPO_ROOT / "trainer" / "assets" / "configs"
 SD1_BENCH_CHANNELS = (32, 64, 128, 128)
 SD1_BENCH_VAE_CHANNELS = (14, 28, 56, 56)
 SD1_BENCH_TEXT_ENCODER = dict(hidden_size=768, num_hidden_layers=0, num_attention_heads=12, intermediate_size=3072)
-MODELS = ("sd1", "sdxl", "tiny")  # the scaled SD1 bench model, the tiny SDXL, the tiny SD1 (tests)
+# The scaled SD1 bench model, the tiny SDXL, the tiny SD1 (tests), and the full-size SD1.5 and SDXL
+# architectures with random weights (GPU mode; sd15 also on CPU at a small resolution, for memory).
+MODELS = ("sd1", "sdxl", "tiny", "sd15", "sdxl-base")
 
 
 def work_dir() -> Path:
@@ -119,7 +121,42 @@ def model_path(model: str) -> Path:
         from trainer.tiny_models import demo_model_path
 
         return demo_model_path("sdxl" if model == "sdxl" else "sd1")
+    if model in ("sd15", "sdxl-base"):
+        return _build_once(work_dir() / "models" / f"{model}-full-random", lambda d: save_full_size_model(d, model))
     raise ValueError(f"unknown bench model {model!r}; use one of {', '.join(MODELS)}")
+
+
+def save_full_size_model(folder: Path, model: str) -> None:
+    """The real SD1.5 / SDXL-base architecture from the shipped configs, random weights, fp16 files."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trainer.tiny_models import OPENCLIP_PAD, load_clip_tokenizer
+
+    config = sd15_config if model == "sd15" else sdxl_config
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is much faster on a GPU
+        parts = dict(unet=UNet2DConditionModel.from_config(config("unet")).half().cpu(),
+                     vae=AutoencoderKL.from_config(config("vae")).half().cpu(),
+                     text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder"))).half().cpu(),
+                     tokenizer=load_clip_tokenizer())
+        if model == "sdxl-base":
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config("text_encoder_2")))
+            parts.update(text_encoder_2=te2.half().cpu(), tokenizer_2=load_clip_tokenizer(OPENCLIP_PAD))
+    if model == "sdxl-base":
+        pipeline = StableDiffusionXLPipeline(scheduler=EulerDiscreteScheduler.from_config(config("scheduler")), **parts)
+    else:
+        pipeline = StableDiffusionPipeline(scheduler=PNDMScheduler.from_config(config("scheduler")), safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False, **parts)
+    pipeline.save_pretrained(folder, safe_serialization=True)
 
 
 def dataset_path(count: int = 40) -> Path:

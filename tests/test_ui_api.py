@@ -52,6 +52,16 @@ def test_the_demo_dataset_is_written_beside_the_runs(ui, trained):
     assert trained["dataset"] == {"folder": str(root / "datasets" / "demo"), "images": 6}
 
 
+def test_the_check_reports_what_a_start_would_run(ui, trained):
+    _, client, _ = ui
+    report = client.predict(dataset=trained["dataset"]["folder"], preset="demo",
+                            overrides=["network.rank=64", "network.alpha=1"], api_name="/check_training")
+    assert report["ok"] and report["errors"] == []
+    assert any("alpha 1 with r 64" in warning for warning in report["warnings"])
+    assert any(line.startswith("Dataset: 6 usable images") for line in report["info"])
+    assert json.loads(report["report_json"])["warnings"] == report["warnings"]
+
+
 def test_stop_saves_a_checkpoint_and_resume_finishes_from_there(trained):
     assert trained["started"]["status"] == "starting"
     stopped, finished = trained["stopped"], trained["finished"]

@@ -122,6 +122,9 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
     assert "Traceback" not in page.content()
     assert demo.sdlora.runs.list_runs() == []  # a mistake never creates a run
     field(page, "cfg-dataset-path").fill(str(dataset))
+    page.locator("#train-check").click()
+    wait_for(lambda: "Ready to train" in page.locator("#preflight").inner_text(), what="the pre-flight report")
+    assert "Dataset: 12 usable images" in page.locator("#preflight").inner_text()
 
     field(page, "cfg-train-max_steps").fill(str(STEPS))
     open_section(page, "sample")

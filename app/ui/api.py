@@ -6,6 +6,7 @@ User errors come back as gradio's AppError carrying the one-sentence message.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gradio as gr
@@ -53,17 +54,31 @@ def register(ctx: UIContext) -> None:
                  "alpha_ratio": p.alpha_ratio, "description": p.description, "error": p.error}
                 for p in preset_infos()]
 
-    @api_errors
-    def start_training(dataset: str, preset: str = "demo", model: str = "", name: str = "",
-                       overrides: list[str] | None = None) -> dict:
-        """Start a run in a new run folder: the preset, then model/dataset/name, then KEY=VALUE overrides."""
+    def requested_config(dataset: str, preset: str, model: str, name: str, overrides: list[str] | None):
         base: dict = {"dataset": {"path": dataset}}
         if model:
             base["model"] = {"path": model}
         if name:
             base["name"] = name
-        cfg = resolve_config(preset or None, list(overrides or []), base)
-        return run_dict(runs.progress(runs.start(cfg)))
+        return resolve_config(preset or None, list(overrides or []), base)
+
+    @api_errors
+    def check_training(dataset: str, preset: str = "demo", model: str = "", name: str = "",
+                       overrides: list[str] | None = None) -> dict:
+        """The pre-flight report of what start_training would run: ok, errors, warnings, info, and the
+        whole report as `sdlora check --json` prints it, as a JSON string in `report_json` (gradio_client
+        would take its {"path": ...} entries for files to download)."""
+        _, report = runs.check(requested_config(dataset, preset, model, name, overrides), preset or None)
+        return {"ok": report.ok, "errors": report.errors, "warnings": report.warnings, "info": report.info,
+                "report_json": json.dumps(report.to_dict(), default=str)}
+
+    @api_errors
+    def start_training(dataset: str, preset: str = "demo", model: str = "", name: str = "",
+                       overrides: list[str] | None = None) -> dict:
+        """Start a run in a new run folder: the preset, then model/dataset/name, then KEY=VALUE overrides.
+        The pre-flight check runs first; its first error, if any, is the error returned."""
+        cfg = requested_config(dataset, preset, model, name, overrides)
+        return run_dict(runs.progress(runs.start(cfg, preset or None)))
 
     @api_errors
     def run_status(run: str = "") -> dict:
@@ -100,6 +115,6 @@ def register(ctx: UIContext) -> None:
         """Metadata, modules per block, rank/alpha per module and update norms of a LoRA file."""
         return inspect_file(user_file(path, "LoRA file", suffixes=(".safetensors",)))
 
-    for endpoint in (create_demo_dataset, scan_dataset, list_presets, start_training, run_status, stop_training,
-                     resume_training, list_runs, delete_run, inspect_lora):
+    for endpoint in (create_demo_dataset, scan_dataset, list_presets, check_training, start_training, run_status,
+                     stop_training, resume_training, list_runs, delete_run, inspect_lora):
         gr.api(endpoint, api_name=endpoint.__name__)

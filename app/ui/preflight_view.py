@@ -15,7 +15,7 @@ def report_html(report: Report | None) -> str:
         return ""
     verdict = "Ready to train" if report.ok else "Cannot train yet"
     counts = f"{len(report.errors)} errors, {len(report.warnings)} warnings"
-    parts = [f'<div class="sd-check"><div class="sd-check-verdict sd-{"ok" if report.ok else "bad"}">'
+    parts = [f'<div class="sd-check"><div class="sd-check-verdict sd-verdict-{"ok" if report.ok else "bad"}">'
              f'{verdict} <span class="sd-muted">({counts})</span></div>']
     for attribute, css, title in SECTIONS:
         items = getattr(report, attribute)

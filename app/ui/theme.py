@@ -79,8 +79,8 @@ CSS = """
             font-size: 13px; line-height: 1.45; }
 .sd-check ul { margin: 4px 0 8px 18px; padding: 0; }
 .sd-check-verdict { font-weight: 600; font-size: 14px; margin-bottom: 6px; }
-.sd-check-verdict.sd-ok { color: #047857; }
-.sd-check-verdict.sd-bad { color: #b91c1c; }
+.sd-verdict-ok { color: #047857; }
+.sd-verdict-bad { color: #b91c1c; }
 .sd-check-error b { color: #b91c1c; }
 .sd-check-warning b { color: #b45309; }
 .sd-check-info b { color: var(--body-text-color-subdued); }

@@ -132,10 +132,11 @@ def build(ctx: UIContext) -> TrainTab:
             with gr.Accordion("Advanced: every setting", open=False, elem_id="advanced"):
                 form.add_remaining()
             with gr.Row():
-                start = gr.Button("Train", variant="primary", size="lg", elem_id="train-start", scale=2)
-                check = gr.Button("Check", size="lg", elem_id="train-check")
-                stop = gr.Button("Stop", variant="stop", size="lg", elem_id="train-stop", interactive=False)
-                resume = gr.Button("Resume", size="lg", elem_id="train-resume", interactive=False)
+                start = gr.Button("Train", variant="primary", size="lg", elem_id="train-start", scale=2, min_width=90)
+                check = gr.Button("Check", size="lg", elem_id="train-check", min_width=80)
+                stop = gr.Button("Stop", variant="stop", size="lg", elem_id="train-stop", interactive=False,
+                                 min_width=80)
+                resume = gr.Button("Resume", size="lg", elem_id="train-resume", interactive=False, min_width=80)
             message = gr.HTML(elem_id="train-notice")
             report = gr.HTML(elem_id="preflight")
             with gr.Accordion("Save these settings as a preset", open=False):
