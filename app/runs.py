@@ -181,6 +181,11 @@ class RunManager:
                 progress.validation.append((int(event["step"]), float(event["loss"])))
             elif kind in ("started", "stopped", "finished", "error"):
                 progress.it_per_s = progress.eta_s = None  # the rate of a finished segment means nothing now
+                if kind == "started":
+                    # A resume after a crash replays the steps since the last checkpoint: keep the new ones.
+                    resumed_at = int(event.get("start_step") or 0)
+                    progress.losses = [point for point in progress.losses if point[0] <= resumed_at]
+                    progress.validation = [point for point in progress.validation if point[0] <= resumed_at]
                 ema = event.get("ema_path") if kind == "finished" else None
                 progress.ema_file = run_dir / ema if ema and (run_dir / ema).is_file() else None
         progress.checkpoints = self.checkpoints(run_dir)

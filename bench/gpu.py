@@ -28,7 +28,15 @@ import time
 from pathlib import Path
 
 from bench.harness import fmt, machine_info, run_interleaved, summarize, table, worker, write_json
-from bench.models import BENCH_DIR, dataset_path, model_path, sd15_config, sdxl_config, unet_step_flops, work_dir
+from bench.models import (
+    BENCH_DIR,
+    dataset_path,
+    model_path,
+    sd15_config,
+    sdxl_config,
+    unet_step_flops,
+    work_dir,
+)
 
 DEFAULT_CONFIGS = ("sd15-512-bs1-fp16", "sd15-512-bs1-bf16", "sd15-512-bs8-fp16", "sd15-512-bs8-bf16",
                    "sdxl-1024-bs1-bf16")

@@ -9,6 +9,7 @@ repeat (neighbours in time) and their median reported, next to the ratio of the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -105,9 +106,17 @@ def peak_rss_mib() -> dict:
 
 
 def read_vmhwm_mib(pid) -> float | None:
+    return _proc_status_mib(pid, "VmHWM:")
+
+
+def read_vmrss_mib(pid="self") -> float | None:
+    return _proc_status_mib(pid, "VmRSS:")
+
+
+def _proc_status_mib(pid, key: str) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError):
         return None
@@ -155,6 +164,7 @@ def worker(spec: dict) -> dict:
         times.append(end - begin)
         cpu_times.append(time.process_time() - cpu_begin)
     measured, measured_cpu = times[spec["warmup"]:], cpu_times[spec["warmup"]:]
+    steady_rss = read_vmrss_mib()  # what the run holds while training (the peak may be a load transient)
     export_started = time.perf_counter()
     exported = contender.export(run_dir / "export" / "adapter.safetensors")
     export_s = time.perf_counter() - export_started
@@ -167,6 +177,7 @@ def worker(spec: dict) -> dict:
         "contender": spec["contender"], "setup_s": setup_s, "step_times_s": measured,
         "median_step_s": statistics.median(measured), "cpu_step_times_s": measured_cpu,
         "median_cpu_step_s": statistics.median(measured_cpu), "losses": losses, "breakdown_s": breakdown,
+        "steady_rss_mib": steady_rss, "warmup_times_s": times[:spec["warmup"]],
         "adapted_modules": contender.adapted_modules(), "trainable_params": params,
         "export": {"bytes": file_bytes, "bytes_per_param": bytes_per_param,
                    "ratio_to_params_x_bytes": file_bytes / (params * bytes_per_param), "seconds": export_s},
@@ -293,12 +304,13 @@ def summarize(runs: dict[str, list[dict]], batch_size: int, pairs=PAIRS) -> dict
             "median_cpu_step_s": median([r["median_cpu_step_s"] for r in results]),
             "images_per_s": batch_size / step if step else None,
             "peak_rss_mib": median([r["peak_rss_mib"] for r in results]),
+            "steady_rss_mib": median([r.get("steady_rss_mib") for r in results]),
             "setup_s": median([r["setup_s"] for r in results]),
             "breakdown_s": {k: median([r["breakdown_s"].get(k) for r in results]) for k in keys},
             "adapted_modules": results[0]["adapted_modules"],
             "trainable_params": results[0]["trainable_params"],
             "export": results[0]["export"],
-            "loss_finite": all(l == l and abs(l) != float("inf") for r in results for l in r["losses"]),
+            "loss_finite": all(math.isfinite(loss) for r in results for loss in r["losses"]),
         }
         if "cuda_peak_mib" in results[0]:
             contenders[name]["cuda_peak_mib"] = median([r["cuda_peak_mib"] for r in results])
@@ -319,6 +331,8 @@ def summarize(runs: dict[str, list[dict]], batch_size: int, pairs=PAIRS) -> dict
             "cpu_step_time": median([x["median_cpu_step_s"] / y["median_cpu_step_s"] for x, y in zip(ours, peer)]),
             "images_per_s": a["images_per_s"] / b["images_per_s"],
             "peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"],
+            "steady_rss": a["steady_rss_mib"] / b["steady_rss_mib"] if a["steady_rss_mib"] and b["steady_rss_mib"]
+            else None,
         }
         if "cuda_peak_mib" in a and "cuda_peak_mib" in b:
             row["cuda_peak_memory"] = a["cuda_peak_mib"] / b["cuda_peak_mib"]

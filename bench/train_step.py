@@ -19,7 +19,6 @@ from pathlib import Path
 
 from bench.harness import (
     CONTENDERS,
-    PAIRS,
     fmt,
     machine_info,
     run_interleaved,
@@ -133,7 +132,7 @@ def report(result: dict) -> str:
         settings = summary["settings"]
         for name, c in summary["contenders"].items():
             rows.append([model, name, c["median_step_s"], c["median_cpu_step_s"], fmt(c["images_per_s"], 2),
-                         fmt(c["peak_rss_mib"], 0),
+                         fmt(c["peak_rss_mib"], 0), fmt(c.get("steady_rss_mib"), 0),
                          fmt(c["setup_s"], 1), c["adapted_modules"], c["trainable_params"], c["export"]["bytes"],
                          fmt(c["export"]["ratio_to_params_x_bytes"], 4)])
             b = c["breakdown_s"]
@@ -143,16 +142,16 @@ def report(result: dict) -> str:
         for r in summary["ratios"]:
             met = ", ".join(f"{m} {'met' if t['met'] else 'NOT met'} (<= {t['max']})" for m, t in r["targets"].items())
             ratio_rows.append([model, f"{r['ours']} / {r['peer']}", r["step_time"], r["cpu_step_time"],
-                               r["step_time_of_medians"], r["images_per_s"], r["peak_rss"], "yes" if r["same_adapted_modules"] else "NO",
-                               met or "-"])
+                               r["step_time_of_medians"], r["images_per_s"], r["peak_rss"], r.get("steady_rss"),
+                               "yes" if r["same_adapted_modules"] else "NO", met or "-"])
         lines.append(f"{model}: batch {settings['batch_size']}, {settings['resolution']} px, rank {settings['rank']}, "
                      f"{settings['repeats']} repeat(s) x {settings['steps']} steps after {settings['warmup']} warm-up")
     lines.append("")
-    lines.append(table(rows, ["model", "contender", "s/step", "cpu s/step", "img/s", "peak RSS MiB", "setup s", "modules",
+    lines.append(table(rows, ["model", "contender", "s/step", "cpu s/step", "img/s", "peak RSS MiB", "steady RSS MiB", "setup s", "modules",
                               "params", "file bytes", "file / (params x bytes)"]))
     lines.append("")
     lines.append(table(ratio_rows, ["model", "ratio", "step time", "cpu step time", "step (of medians)", "img/s",
-                                    "peak RSS",
+                                    "peak RSS", "steady RSS",
                                     "same modules", "targets"]))
     if breakdown_rows:
         lines.append("")

@@ -152,6 +152,9 @@ def test_a_killed_trainer_is_interrupted_and_its_stale_pid_is_never_signalled(ma
         fresh.resume(run)  # interrupted runs continue from their last checkpoint
         assert fresh.wait(run, timeout=30) == 0
         assert fresh.info(run).status == "finished"
+        # The steps after the last checkpoint ran twice; the loss curve keeps only the resumed ones.
+        steps = [step for step, _ in fresh.progress(run).losses]
+        assert steps == list(range(1, 101))
     finally:
         bystander.kill()
         bystander.wait()
@@ -188,6 +191,17 @@ def test_runs_are_listed_newest_first_with_their_state(manager):
     assert [(r.folder, r.name, r.status) for r in runs] == [(new.name, "new", "finished"),
                                                            ("old-run", "old", "interrupted")]
     assert runs[1].total_steps == 9 and runs[1].step == 0
+
+
+def test_a_replayed_stretch_after_a_crash_is_plotted_once(manager):
+    run = manager.runs_dir / "crashed"
+    run.mkdir()
+    events = [{"event": "started", "start_step": 0, "total_steps": 6}]
+    events += [{"event": "step", "step": s, "loss": 1.0} for s in range(1, 6)]  # killed after step 5
+    events += [{"event": "started", "start_step": 3, "total_steps": 6}]  # resumed from the step-3 checkpoint
+    events += [{"event": "step", "step": s, "loss": 0.5} for s in range(4, 7)]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert manager.progress(run).losses == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5), (5, 0.5), (6, 0.5)]
 
 
 def test_event_log_reads_only_complete_lines_and_notices_a_replaced_file(tmp_path):

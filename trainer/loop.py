@@ -458,6 +458,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             from tqdm import tqdm
 
             trainer.progress = tqdm(total=None, unit="step", dynamic_ncols=True)
+        else:  # no bars in logs (the UI's train.log): diffusers' loading bars too
+            import diffusers
+
+            diffusers.utils.logging.disable_progress_bar()
         return trainer.train()
     except SdloraError as error:
         if trainer.main and trainer.run.root.is_dir():

@@ -6,6 +6,7 @@ a UI restart reattaches to a run that never stopped (it is a separate process).
 """
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 
 import gradio as gr
@@ -22,8 +23,8 @@ from trainer.presets import list_presets, load_preset, resolve_config, save_user
 
 DEFAULT_PRESET = "demo"
 POLL_SECONDS = 1.0
-DISCOVER_SECONDS = 5.0
-LOSS_COLOURS = {"loss": "#c7d2fe", "smoothed": "#4f46e5", "validation": "#f59e0b"}  # how soon a run started from the CLI or another tab shows up
+DISCOVER_SECONDS = 5.0  # how soon a run started from the CLI or another tab shows up
+LOSS_COLOURS = {"loss": "#c7d2fe", "smoothed": "#4f46e5", "validation": "#f59e0b"}
 LOG_LINES = 80
 CONV_KEYS = ("network.conv_rank", "network.conv_alpha_ratio")
 ALPHA_KEYS = ("network.type", "network.rank", "network.alpha_ratio", "network.alpha", "network.conv_rank",
@@ -45,7 +46,7 @@ def preset_choices() -> list[tuple[str, str]]:
 
 def preset_description(name: str | None) -> str:
     info = next((p for p in list_presets() if p.name == name), None)
-    return f"<span class='sd-muted'>{info.description}</span>" if info and info.description else ""
+    return f"<span class='sd-muted'>{html.escape(info.description)}</span>" if info and info.description else ""
 
 
 def preset_config(name: str, model: str, dataset: str, run_name: str) -> TrainConfig:
@@ -60,20 +61,25 @@ def preset_config(name: str, model: str, dataset: str, run_name: str) -> TrainCo
 
 
 def alpha_text(kind, rank, ratio, alpha, conv_rank, conv_ratio, conv_alpha) -> str:
-    """The alpha the update will be scaled with, as the form stands."""
-    def resolved(absolute, r, k):
-        if absolute:
-            return float(absolute), f"set to {float(absolute):g}"
-        if r is None or k is None:
-            return None, ""
-        return float(k) * float(r), f"= {float(k):g} x {int(r)}"
-    value, how = resolved(alpha, rank, ratio)
+    """The alpha the update will be scaled with, as the form stands (half-typed values show as '-')."""
+    value, how = _resolved_alpha(alpha, rank, ratio)
     text = f"**alpha {value:g}** <span class='sd-muted'>({how})</span>" if value is not None else "alpha -"
     if kind == "locon":
-        conv_value, conv_how = resolved(conv_alpha, conv_rank, conv_ratio)
+        conv_value, conv_how = _resolved_alpha(conv_alpha, conv_rank, conv_ratio)
         if conv_value is not None:
             text += f"<br>**conv alpha {conv_value:g}** <span class='sd-muted'>({conv_how})</span>"
     return text
+
+
+def _resolved_alpha(absolute, rank, ratio) -> tuple[float | None, str]:
+    try:
+        if absolute not in (None, ""):
+            return float(absolute), f"set to {float(absolute):g}"
+        if rank is None or ratio is None:
+            return None, ""
+        return float(ratio) * float(rank), f"= {float(ratio):g} x {int(rank)}"
+    except (TypeError, ValueError):
+        return None, ""
 
 
 @dataclass
@@ -258,13 +264,15 @@ def build(ctx: UIContext) -> TrainTab:
                      show_progress="minimal").then(refresh, refresh_inputs, live_outputs, api_visibility="private",
                                                    show_progress="hidden")
 
-    @guarded(2)
+    @guarded(3)
     def on_save_preset(name, preset_name, prompts_text, *values):
         cfg = form.to_config(preset_name, prompts_text, values)
-        path = save_user_preset((name or "").strip(), cfg)
-        return ok(f"Saved preset {name.strip()} to {path}."), gr.Dropdown(choices=preset_choices(), value=name.strip())
+        name = (name or "").strip()
+        path = save_user_preset(name, cfg)
+        return (ok(f"Saved preset {name} to {path}."), gr.Dropdown(choices=preset_choices(), value=name),
+                preset_description(name))
 
-    save_preset.click(on_save_preset, [preset_name, preset, prompts, *widgets], [message, preset],
+    save_preset.click(on_save_preset, [preset_name, preset, prompts, *widgets], [message, preset, description],
                       api_name="train_save_preset", api_visibility="undocumented")
 
     # -- page load: presets may have changed on disk, and a run may be training ------------------
