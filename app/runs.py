@@ -7,6 +7,7 @@ SIGINT, which the trainer turns into "save a checkpoint, then exit".
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -50,7 +51,8 @@ class RunInfo:
     total_steps: int | None
     created: datetime
     message: str = ""  # the error sentence, when there is one
-    final_file: Path | None = None
+    final_file: Path | None = None  # only a file that passed its load check (or predates load checks)
+    final_check: dict | None = None  # the `load_check` event of the final file, when there is one
 
     @property
     def folder(self) -> str:
@@ -73,6 +75,11 @@ class Progress:
     epoch: int | None = None
     lr: float | None = None
     samples: list[tuple[Path, str]] = field(default_factory=list)  # (image, "step N: prompt"), oldest first
+    # The sample grid: step -> [(image or None, prompt)] by prompt index, steps in order of appearance.
+    sample_sets: dict[int, list[tuple[Path | None, str]]] = field(default_factory=dict)
+    load_checks: dict[str, dict] = field(default_factory=dict)  # relative path -> its latest `load_check` event
+    last_check: dict | None = None  # the newest `load_check` event of the run
+    validating: bool = False  # the config measures validation loss (its curve is expected)
     checkpoints: list[Path] = field(default_factory=list)
     ema_file: Path | None = None  # the EMA weights' export, when the run used EMA
     event_count: int = 0
@@ -158,12 +165,21 @@ class RunManager:
         total = next((e.get("total_steps") for e in reversed(events) if e.get("total_steps")), None)
         final = next((e.get("path") for e in reversed(events) if e["event"] == "finished"), None)
         final_file = run_dir / final if final and (run_dir / final).is_file() else None
+        final_check = next((e for e in reversed(events) if e["event"] == "load_check" and e.get("path") == final),
+                           None) if final else None
+        if final_check is not None and not final_check.get("ok"):
+            # A file that does not load is never presented as a finished LoRA.
+            problems = final_check.get("problems") or ["unknown problem"]
+            status, final_file = "error", None
+            message = f"{Path(final).name} failed the load check ({problems[0]}); it is kept for inspection " \
+                      "but is not a usable LoRA."
         return RunInfo(run_dir, _run_name(run_dir, started), status, step, total, _created(run_dir, events),
-                       message, final_file)
+                       message, final_file, final_check)
 
     def progress(self, run_dir: Path) -> Progress:
         events = self.events(run_dir)
-        progress = Progress(self._info(run_dir, events), event_count=len(events))
+        progress = Progress(self._info(run_dir, events), event_count=len(events),
+                            validating=_validating(run_dir / "config.toml"))
         for event in events:
             kind = event["event"]
             if kind == "step":
@@ -173,10 +189,19 @@ class RunManager:
                 progress.epoch, progress.lr = event.get("epoch"), event.get("lr")
             elif kind == "sample":
                 prompts = event.get("prompts") or []
+                row = []
                 for index, rel in enumerate(event.get("paths") or []):
                     prompt = prompts[index] if index < len(prompts) else ""
-                    if (run_dir / rel).is_file():
+                    present = isinstance(rel, str) and (run_dir / rel).is_file()
+                    row.append((run_dir / rel if present else None, str(prompt)))
+                    if present:
                         progress.samples.append((run_dir / rel, f"step {event.get('step')}: {prompt}"))
+                if isinstance(event.get("step"), int):
+                    progress.sample_sets.pop(event["step"], None)  # a resume replays it: keep the newest
+                    progress.sample_sets[event["step"]] = row
+            elif kind == "load_check" and isinstance(event.get("path"), str):
+                progress.load_checks[event["path"]] = event
+                progress.last_check = event
             elif kind == "validation" and isinstance(event.get("loss"), (int, float)):
                 progress.validation.append((int(event["step"]), float(event["loss"])))
             elif kind in ("started", "stopped", "finished", "error"):
@@ -409,6 +434,25 @@ def _run_name(run_dir: Path, started: dict | None) -> str:
             return str(tomllib.load(handle).get("name") or run_dir.name)
     except (OSError, tomllib.TOMLDecodeError):
         return run_dir.name
+
+
+def _validating(config: Path) -> bool:
+    """Whether the run's config measures validation loss (validation.every_steps with a source)."""
+    try:
+        stamp = config.stat().st_mtime_ns
+    except OSError:
+        return False
+    return _validating_cached(str(config), stamp)
+
+
+@functools.lru_cache(maxsize=256)
+def _validating_cached(config: str, _stamp: int) -> bool:
+    try:
+        with open(config, "rb") as handle:
+            section = tomllib.load(handle).get("validation") or {}
+        return bool(section.get("every_steps")) and bool(section.get("images") or section.get("folder"))
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return False
 
 
 def _created(run_dir: Path, events: list[dict]) -> datetime:

@@ -192,6 +192,38 @@ def worker(spec: dict) -> dict:
     return result
 
 
+def pair_worker(spec: dict) -> dict:
+    """Both contenders of a pair in one process, their steps alternating (A B, B A, A B...): each ratio
+    compares two steps taken within a second of each other, so the load of a shared machine, which drifts
+    over seconds to minutes, cancels out. (Peak RSS comes from the single-contender processes.)"""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    quiet_libraries()
+    names = spec["pair"]
+    contenders, batches = {}, {}
+    for name in names:
+        contenders[name], _ = build_contender(dict(spec, contender=name))
+        contenders[name].setup()
+        batches[name] = contenders[name].batches()
+    times = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for index in range(spec["warmup"] + spec["steps"]):
+        for name in (names if index % 2 == 0 else list(reversed(names))):
+            begin, cpu_begin = time.perf_counter(), time.process_time()
+            contenders[name].step(next(batches[name]))
+            times[name].append(time.perf_counter() - begin)
+            cpu[name].append(time.process_time() - cpu_begin)
+    ours, peer = names
+    keep = slice(spec["warmup"], None)
+    ratios = [a / b for a, b in zip(times[ours][keep], times[peer][keep])]
+    cpu_ratios = [a / b for a, b in zip(cpu[ours][keep], cpu[peer][keep])]
+    return {"pair": names, "step_times_s": {n: t[keep] for n, t in times.items()},
+            "cpu_step_times_s": {n: t[keep] for n, t in cpu.items()}, "ratios": ratios, "cpu_ratios": cpu_ratios,
+            "median_ratio": statistics.median(ratios), "median_cpu_ratio": statistics.median(cpu_ratios)}
+
+
 # --- the parent -----------------------------------------------------------------------------------
 
 
@@ -242,17 +274,20 @@ def run_measured(cmd: list[str], threads: int | None, timeout: float, cwd: Path 
 
 
 def run_worker(spec: dict, timeout: float = 600) -> dict:
-    tree = spec.get("tree") if CONTENDERS[spec["contender"]].proposed else None
-    if CONTENDERS[spec["contender"]].proposed and not tree:
-        raise RuntimeError(f"{spec['contender']} needs the proposed tree (bench.proposed); none was built")
+    names = spec.get("pair") or [spec["contender"]]
+    proposed = any(CONTENDERS[name].proposed for name in names)
+    tree = spec.get("tree") if proposed else None
+    if proposed and not tree:
+        raise RuntimeError(f"{names} needs the proposed tree (bench.proposed); none was built")
     done = run_measured([sys.executable, "-m", "bench.harness", json.dumps(spec)], spec.get("threads"), timeout,
                         tree=tree)
     lines = [line for line in done["stdout"].splitlines() if line.startswith(RESULT_MARK)]
     if done["returncode"] != 0 or not lines:
-        raise RuntimeError(f"worker {spec['contender']} failed ({done['returncode']}):\n{done['stderr'][-3000:]}")
+        raise RuntimeError(f"worker {names} failed ({done['returncode']}):\n{done['stderr'][-3000:]}")
     result = json.loads(lines[-1][len(RESULT_MARK):])
     result["process_wall_s"] = done["wall_s"]
-    result["polled_vmhwm_mib"] = done["vmhwm_mib"]
+    if "pair" not in spec:
+        result["polled_vmhwm_mib"] = done["vmhwm_mib"]
     return result
 
 
@@ -288,8 +323,9 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def summarize(runs: dict[str, list[dict]], batch_size: int, pairs=PAIRS) -> dict:
-    """Per contender medians, and per pair the ratios ours / peer (per repeat and of the medians)."""
+def summarize(runs: dict[str, list[dict]], batch_size: int, pairs=PAIRS, paired: dict | None = None) -> dict:
+    """Per contender medians, and per pair the ratios ours / peer: from the alternating in-process steps
+    (`paired`, the headline when measured), per repeat of the separate processes, and of the medians."""
     contenders = {}
     for name, results in runs.items():
         step = median([r["median_step_s"] for r in results])
@@ -321,11 +357,13 @@ def summarize(runs: dict[str, list[dict]], batch_size: int, pairs=PAIRS) -> dict
         ours, peer = runs[pair.ours], runs[pair.peer]
         per_repeat = [a["median_step_s"] / b["median_step_s"] for a, b in zip(ours, peer)]
         a, b = contenders[pair.ours], contenders[pair.peer]
+        alternating = (paired or {}).get((pair.ours, pair.peer), [])
         row = {
             "ours": pair.ours, "peer": pair.peer, "label": pair.label,
             "same_adapted_modules": a["adapted_modules"] == b["adapted_modules"],
             "same_trainable_params": a["trainable_params"] == b["trainable_params"],
             "step_time": median(per_repeat),
+            "step_time_source": "separate processes, median of per-repeat ratios",
             "step_time_per_repeat": per_repeat,
             "step_time_of_medians": a["median_step_s"] / b["median_step_s"],
             "cpu_step_time": median([x["median_cpu_step_s"] / y["median_cpu_step_s"] for x, y in zip(ours, peer)]),
@@ -334,10 +372,32 @@ def summarize(runs: dict[str, list[dict]], batch_size: int, pairs=PAIRS) -> dict
             "steady_rss": a["steady_rss_mib"] / b["steady_rss_mib"] if a["steady_rss_mib"] and b["steady_rss_mib"]
             else None,
         }
+        if alternating:
+            row["step_time_separate"] = row["step_time"]
+            row["step_time"] = median([x for r in alternating for x in r["ratios"]])
+            row["cpu_step_time_separate"] = row["cpu_step_time"]
+            row["cpu_step_time"] = median([x for r in alternating for x in r["cpu_ratios"]])
+            row["step_time_source"] = "alternating steps in one process, median of per-step ratios"
+            row["step_time_alternating_per_repeat"] = [r["median_ratio"] for r in alternating]
+            row["images_per_s"] = 1 / row["step_time"]
         if "cuda_peak_mib" in a and "cuda_peak_mib" in b:
             row["cuda_peak_memory"] = a["cuda_peak_mib"] / b["cuda_peak_mib"]
         row["targets"] = {metric: {"max": limit, "met": row[metric] <= limit} for metric, limit in pair.targets.items()}
         ratios.append(row)
+    # Two sdlora trees cannot alternate in one process; their step ratio is derived through a common peer
+    # ((new / peer) / (old / peer), both alternating), far steadier than the separate runs' ratio.
+    alternated = {(r["ours"], r["peer"]): r for r in ratios if "step_time_alternating_per_repeat" in r}
+    for row in ratios:
+        if row["ours"] == row["peer"] + "-proposed" and (row["ours"], row["peer"]) not in alternated:
+            for (ours, peer), via in alternated.items():
+                if ours == row["ours"] and (row["peer"], peer) in alternated:
+                    base = alternated[(row["peer"], peer)]
+                    row["step_time_separate"] = row["step_time"]
+                    row["step_time"] = via["step_time"] / base["step_time"]
+                    row["cpu_step_time"] = via["cpu_step_time"] / base["cpu_step_time"]
+                    row["images_per_s"] = 1 / row["step_time"]
+                    row["step_time_source"] = f"derived: ({ours} / {peer}) / ({row['peer']} / {peer}), both alternating"
+                    break
     return {"contenders": contenders, "ratios": ratios}
 
 
@@ -364,6 +424,24 @@ def run_interleaved(groups: list[list[str]], base_spec: dict, repeats: int, log=
     return runs
 
 
+def run_alternating(pairs, base_spec: dict, repeats: int, log=print, timeout: float = 600) -> dict:
+    """{(ours, peer): [pair_worker results]} for every pair, `repeats` times, the first mover alternating."""
+    results: dict = {}
+    for repeat in range(repeats):
+        for ours, peer in pairs:
+            names = [ours, peer] if repeat % 2 == 0 else [peer, ours]
+            result = run_worker(dict(base_spec, pair=names), timeout=timeout)
+            if names[0] != ours:  # keep every ratio as ours / peer
+                result["ratios"] = [1 / r for r in result["ratios"]]
+                result["cpu_ratios"] = [1 / r for r in result["cpu_ratios"]]
+                result["median_ratio"] = statistics.median(result["ratios"])
+                result["median_cpu_ratio"] = statistics.median(result["cpu_ratios"])
+            results.setdefault((ours, peer), []).append(result)
+            log(f"  [{repeat + 1}/{repeats}] {ours} / {peer}: {result['median_ratio']:.3f} "
+                f"(cpu {result['median_cpu_ratio']:.3f}) over {len(result['ratios'])} alternating steps", flush=True)
+    return results
+
+
 def write_json(data: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -388,4 +466,5 @@ def table(rows: list[list], header: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    print(RESULT_MARK + json.dumps(worker(json.loads(sys.argv[1]))), flush=True)
+    job = json.loads(sys.argv[1])
+    print(RESULT_MARK + json.dumps(pair_worker(job) if "pair" in job else worker(job)), flush=True)

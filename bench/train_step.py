@@ -19,8 +19,11 @@ from pathlib import Path
 
 from bench.harness import (
     CONTENDERS,
+    PAIRS,
     fmt,
     machine_info,
+    pair_worker,
+    run_alternating,
     run_interleaved,
     summarize,
     table,
@@ -37,8 +40,9 @@ DEFAULT_CONTENDERS = {
     "sdxl": ["sdlora", "diffusers-peft"],
     "tiny": ["sdlora", "diffusers-peft", "sdlora-locon", "lycoris-locon", "diffusers-peft-cached"],
 }
-DEFAULT_REPEATS = {"sd1": 3, "sdxl": 3, "tiny": 1}
-DEFAULT_STEPS = {"sd1": 8, "sdxl": 12, "tiny": 4}
+DEFAULT_REPEATS = {"sd1": 2, "sdxl": 2, "tiny": 1, "sd15": 1}
+DEFAULT_STEPS = {"sd1": 8, "sdxl": 12, "tiny": 4, "sd15": 4}
+DEFAULT_PAIR_STEPS = {"sd1": 10, "sdxl": 16, "tiny": 4, "sd15": 4}
 
 
 def parse_args(argv):
@@ -46,7 +50,10 @@ def parse_args(argv):
     parser.add_argument("--gpu", action="store_true", help="the GPU benchmark (bench.gpu) instead")
     parser.add_argument("--models", default="sd1,sdxl", help="comma list of sd1, sdxl, tiny")
     parser.add_argument("--contenders", help=f"comma list of {', '.join(CONTENDERS)} (default per model)")
-    parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; tiny 1)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats of the separate processes (default 2)")
+    parser.add_argument("--pair-repeats", type=int, default=2,
+                        help="runs of each pair alternating steps in one process (the step-time ratios); 0: none")
+    parser.add_argument("--pair-steps", type=int, help="measured steps per contender in a pair run")
     parser.add_argument("--steps", type=int, help="measured steps per run (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -97,9 +104,22 @@ def run_model(args, model: str, log=print, tree=None) -> dict:
         groups = [[n for n in group if n in names] for group in GROUPS]
         groups = [g for g in groups if g] + [[n] for n in names if not any(n in g for g in GROUPS)]
         runs = run_interleaved(groups, spec, repeats, log=log)
-    summary = summarize(runs, spec["batch_size"])
+    pairs = [(p.ours, p.peer) for p in PAIRS if p.ours in names and p.peer in names
+             and not (CONTENDERS[p.ours].proposed and CONTENDERS[p.peer].adapter == "sdlora")]
+    paired = {}
+    if args.pair_repeats and pairs:
+        pair_spec = dict(spec, steps=args.pair_steps or DEFAULT_PAIR_STEPS[model])
+        if args.in_process:
+            pairs = [pair for pair in pairs if not any(CONTENDERS[n].proposed for n in pair)]
+            paired = {pair: [pair_worker(dict(pair_spec, pair=list(pair))) for _ in range(args.pair_repeats)]
+                      for pair in pairs}
+        else:
+            paired = run_alternating(pairs, pair_spec, args.pair_repeats, log=log)
+    summary = summarize(runs, spec["batch_size"], paired=paired)
     summary["settings"] = {k: v for k, v in spec.items() if k not in ("workdir", "tree")}
-    summary["settings"].update(repeats=repeats, contenders=names, rss_shared=bool(args.in_process))
+    summary["settings"].update(repeats=repeats, contenders=names, rss_shared=bool(args.in_process),
+                               pair_repeats=args.pair_repeats, pair_steps=args.pair_steps or DEFAULT_PAIR_STEPS[model])
+    summary["alternating"] = {f"{a} / {b}": results for (a, b), results in paired.items()}
     summary["runs"] = {name: [{k: v for k, v in r.items()} for r in results] for name, results in runs.items()}
     return summary
 
@@ -142,15 +162,17 @@ def report(result: dict) -> str:
         for r in summary["ratios"]:
             met = ", ".join(f"{m} {'met' if t['met'] else 'NOT met'} (<= {t['max']})" for m, t in r["targets"].items())
             ratio_rows.append([model, f"{r['ours']} / {r['peer']}", r["step_time"], r["cpu_step_time"],
-                               r["step_time_of_medians"], r["images_per_s"], r["peak_rss"], r.get("steady_rss"),
-                               "yes" if r["same_adapted_modules"] else "NO", met or "-"])
+                               r.get("step_time_separate", r["step_time"]), r["images_per_s"], r["peak_rss"],
+                               r.get("steady_rss"), "yes" if r["same_adapted_modules"] else "NO", met or "-"])
         lines.append(f"{model}: batch {settings['batch_size']}, {settings['resolution']} px, rank {settings['rank']}, "
                      f"{settings['repeats']} repeat(s) x {settings['steps']} steps after {settings['warmup']} warm-up")
     lines.append("")
     lines.append(table(rows, ["model", "contender", "s/step", "cpu s/step", "img/s", "peak RSS MiB", "steady RSS MiB", "setup s", "modules",
                               "params", "file bytes", "file / (params x bytes)"]))
     lines.append("")
-    lines.append(table(ratio_rows, ["model", "ratio", "step time", "cpu step time", "step (of medians)", "img/s",
+    lines.append("Ratios sdlora / peer (step time: median of per-step ratios with the two alternating in one process, "
+                 "when measured; else of the separate runs):")
+    lines.append(table(ratio_rows, ["model", "ratio", "step time", "cpu step time", "step (separate runs)", "img/s",
                                     "peak RSS", "steady RSS",
                                     "same modules", "targets"]))
     if breakdown_rows:

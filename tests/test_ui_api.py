@@ -72,6 +72,9 @@ def test_stop_saves_a_checkpoint_and_resume_finishes_from_there(trained):
     events = [json.loads(line) for line in open(f"{finished['run_dir']}/events.jsonl")]
     assert [e["start_step"] for e in events if e["event"] == "started"] == [0, stopped["step"]]
     assert any(path.endswith(f"step-{STEPS:06d}-p0.png") for path in finished["samples"])
+    # The final file's load check, as the live view shows it.
+    assert finished["load_check"]["ok"] and finished["load_check"]["file"] == finished["final_file"]
+    assert finished["load_check"]["modules"] > 0
 
 
 def test_the_final_file_loads_in_diffusers_and_changes_the_unet(trained):

@@ -124,13 +124,19 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
     field(page, "cfg-dataset-path").fill(str(dataset))
     page.locator("#train-check").click()
     wait_for(lambda: "Ready to train" in page.locator("#preflight").inner_text(), what="the pre-flight report")
-    assert "Dataset: 12 usable images" in page.locator("#preflight").inner_text()
+    report = page.locator("#preflight").inner_text()
+    # The whole report before Start: the plan with steps, buckets and the (uncalibrated) memory estimate.
+    for line in ("Dataset: 12 usable images", "Steps: ", "Buckets (", "Estimated GPU memory", "uncalibrated"):
+        assert line in report, line
 
     field(page, "cfg-train-max_steps").fill(str(STEPS))
     open_section(page, "sample")
     field(page, "cfg-sample-every_steps").fill("10")
     open_section(page, "save")
     field(page, "cfg-save-every_steps").fill("10")
+    open_section(page, "validation")  # two held-out images, measured every 10 steps: the second curve
+    field(page, "cfg-validation-images").fill("2")
+    field(page, "cfg-validation-every_steps").fill("10")
     page.get_by_text("Advanced: every setting").click()  # closed again, for a compact screenshot
 
     # -- Train: the bar moves; a reload mid-run reattaches to the run, which never stopped ----------
@@ -147,14 +153,36 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
     wait_for(lambda: field(page, "cfg-train-max_steps").input_value() == str(STEPS), what="the run's config")
     assert field(page, "cfg-dataset-path").input_value() == str(dataset)
 
-    # -- The loss curve and a sample appear, the run finishes -----------------------------------------
-    wait_for(lambda: page.locator("#samples img").count() >= 1, what="a sample")
+    # -- The loss curves, the sample grid and the load checks appear, the run finishes ----------------
+    wait_for(lambda: page.locator("#samples .sd-grid img").count() >= 1, what="a sample")
     wait_for(lambda: page.locator("#loss-plot svg .mark-line path").count() >= 1, what="the loss curve")
+    wait_for(lambda: page.locator("#progress .sd-loadcheck[data-ok='true']").count() == 1,
+             what="a checkpoint's load check")
     shot(page, "train-running.png")
     wait_for(lambda: progress(page)[0] in ("finished", "error"), timeout=300, what="the end of the run")
     assert progress(page) == ("finished", STEPS)
-    assert page.locator("#samples img").count() >= 1
+    badge = page.locator("#progress .sd-loadcheck")
+    wait_for(lambda: "demo-lora.safetensors loads in A1111 / ComfyUI / diffusers" in badge.inner_text(),
+             what="the final file's load check")
+    assert badge.get_attribute("data-ok") == "true" and " modules" in badge.inner_text()
+    # Both loss curves, each with its legend entry.
+    wait_for(lambda: page.locator("#loss-plot svg .mark-line path").count() >= 3, what="three lines")
+    legend = page.locator("#loss-plot svg .role-legend").text_content()
+    assert all(name in legend for name in ("loss", "smoothed", "validation")), legend
+    # The grid: one row per prompt, one column per sampled step; an image opens full size from the run folder.
+    grid = page.locator("#samples .sd-grid")
+    sets = demo.sdlora.runs.progress(demo.sdlora.runs.list_runs()[0].path).sample_sets
+    assert {10, 20, 30, 40} <= set(sets)
+    prompts, columns = len(sets[STEPS]), len(sets)
+    assert grid.get_attribute("data-steps") == str(columns) and grid.get_attribute("data-prompts") == str(prompts)
+    assert page.locator("#samples .sd-grid img").count() == prompts * columns
+    link = page.locator("#samples .sd-grid a").last
+    assert link.get_attribute("target") == "_blank"
+    full = page.request.get(demo.local_url.rstrip("/") + "/" + link.get_attribute("href"))
+    assert full.ok and full.headers["content-type"].startswith("image/")
+    page.locator("#samples").scroll_into_view_if_needed()
     shot(page, "train-finished.png")
+    shot(page, "train-issue7.png")
 
     # -- Runs tab: download the file, load it in diffusers --------------------------------------------
     page.get_by_role("tab", name="Runs").click()
@@ -165,6 +193,9 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
         download_button.click()
     saved = tmp_path / "downloaded.safetensors"
     download.value.save_as(saved)
+    assert "loads in A1111" in page.locator(".sd-loadcheck[data-ok='true']").last.inner_text()
+    assert "✓ loads" in page.locator("#run-checkpoints").inner_text()
+    assert page.locator("#run-samples .sd-grid img").count() == prompts * columns
     shot(page, "runs.png")
     assert_loads_in_diffusers(saved)
 

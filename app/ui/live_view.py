@@ -14,7 +14,9 @@ import pandas as pd
 from app.runs import Progress, RunInfo
 
 SMOOTHING = 0.9  # exponential moving average of the loss; single steps are noisy at batch 1-4
-SAMPLES_SHOWN = 12
+SAMPLE_STEPS_SHOWN = 10  # columns of the sample grid: the newest steps
+PROBLEMS_SHOWN = 3
+TARGETS = "A1111 / ComfyUI / diffusers"
 STATUS_LABELS = {"created": "created", "starting": "starting", "running": "training", "stopped": "stopped",
                  "finished": "finished", "error": "failed", "interrupted": "interrupted"}
 
@@ -50,7 +52,35 @@ def progress_html(progress: Progress | None) -> str:
             f'<div class="sd-progress-top"><span class="sd-badge sd-badge-{info.status}">{label}</span>'
             f'<span class="sd-details">{" · ".join(details)}</span>'
             f'<span class="sd-percent">{percent:.0f}%</span></div>'
-            f'<div class="sd-bar"><div class="sd-fill" style="width:{percent:.1f}%"></div></div></div>')
+            f'<div class="sd-bar"><div class="sd-fill" style="width:{percent:.1f}%"></div></div>'
+            f'{load_check_html(shown_check(progress))}</div>')
+
+
+def shown_check(progress: Progress) -> dict | None:
+    """The load check the live view shows: the final file's, else the newest written file's."""
+    if progress.info.final_check is not None:
+        return progress.info.final_check
+    if progress.info.final_file is not None:
+        return None  # a run from before load checks: nothing to say
+    return progress.last_check
+
+
+def load_check_html(check: dict | None) -> str:
+    """A green or red line saying whether a written LoRA file loads the way generators read it."""
+    if not check:
+        return ""
+    name = html.escape(Path(str(check.get("path", ""))).name)
+    if check.get("ok"):
+        modules = check.get("modules")
+        count = f" · {int(modules)} modules" if isinstance(modules, int) else ""
+        return (f'<div class="sd-loadcheck sd-loadcheck-ok" data-ok="true" title="{name}">'
+                f'<span class="sd-loadcheck-mark">✓</span><b>{name}</b> loads in {TARGETS}{count}</div>')
+    problems = [str(p) for p in check.get("problems") or []] or ["unknown problem"]
+    listed = "; ".join(html.escape(p) for p in problems[:PROBLEMS_SHOWN])
+    more = f" (+{len(problems) - PROBLEMS_SHOWN} more)" if len(problems) > PROBLEMS_SHOWN else ""
+    return (f'<div class="sd-loadcheck sd-loadcheck-bad" data-ok="false" title="{name}">'
+            f'<span class="sd-loadcheck-mark">✗</span><b>{name}</b> does not load in {TARGETS}: '
+            f'{listed}{more}</div>')
 
 
 def header_markdown(info: RunInfo | None) -> str:
@@ -63,11 +93,14 @@ def header_markdown(info: RunInfo | None) -> str:
     return text
 
 
-def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, float]] = ()) -> pd.DataFrame | None:
+def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, float]] = (),
+               validating: bool = False) -> pd.DataFrame | None:
     """Training loss, its moving average and the validation loss, long format (a `series` column).
 
     No data is None, not an empty frame: a LinePlot created from an empty frame never draws the
-    lines it is given later (gradio 6 fixes the colour domain at the first value).
+    lines it is given later (gradio 6 fixes the colour domain at the first value). For the same reason
+    a run that measures validation loss gets an empty (NaN) validation point before its first
+    measurement, so the curve is drawn in its colour, with its legend entry, once it comes.
     """
     if not losses:
         return None
@@ -77,14 +110,41 @@ def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, floa
         smooth.append(average)
     rows = [(s, v, "loss") for s, v in losses] + [(s, v, "smoothed") for (s, _), v in zip(losses, smooth)]
     rows += [(s, v, "validation") for s, v in validation]
+    if validating and not validation:
+        rows.append((losses[0][0], float("nan"), "validation"))
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
-def sample_entries(progress: Progress | None) -> list[tuple[str, str]]:
-    """Newest samples first, each captioned with its step and prompt."""
-    if progress is None:
-        return []
-    return [(str(path), caption) for path, caption in reversed(progress.samples[-SAMPLES_SHOWN:])]
+def sample_grid_html(progress: Progress | None) -> str:
+    """Samples as a grid: one row per prompt, one column per step (the newest steps), each image a link
+    to the full-size file (served from the run folder, which is in allowed_paths)."""
+    if progress is None or not progress.sample_sets:
+        return '<div class="sd-grid-empty sd-muted">Samples appear here as the run draws them.</div>'
+    steps = list(progress.sample_sets)[-SAMPLE_STEPS_SHOWN:]
+    rows = max(len(progress.sample_sets[s]) for s in steps)
+    prompts = [""] * rows
+    for step in steps:  # the newest wording of each prompt
+        for index, (_, prompt) in enumerate(progress.sample_sets[step]):
+            prompts[index] = prompt or prompts[index]
+    head = '<th class="sd-grid-prompt">prompt</th>' + "".join(f"<th>step {s}</th>" for s in steps)
+    body = []
+    for index in range(rows):
+        cells = []
+        for step in steps:
+            row = progress.sample_sets[step]
+            path = row[index][0] if index < len(row) else None
+            if path is None:
+                cells.append('<td class="sd-grid-missing">-</td>')
+                continue
+            url = f"gradio_api/file={quote(str(path))}"
+            title = html.escape(f"step {step}: {prompts[index]}", quote=True)
+            cells.append(f'<td><a href="{url}" target="_blank" rel="noopener" title="{title} (open full size)">'
+                         f'<img src="{url}" alt="{title}" loading="lazy"></a></td>')
+        prompt = html.escape(prompts[index] or f"prompt {index + 1}")
+        body.append(f'<tr><th class="sd-grid-prompt" title="{prompt}">{prompt}</th>{"".join(cells)}</tr>')
+    return (f'<div class="sd-grid" data-steps="{len(steps)}" data-prompts="{rows}"><table>'
+            f'<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            f'<div class="sd-muted">Rows: prompts · columns: steps · click an image to open it full size.</div></div>')
 
 
 def log_html(text: str) -> str:
@@ -94,14 +154,46 @@ def log_html(text: str) -> str:
     return f'<div class="sd-log"><pre>{html.escape(text)}</pre></div>'
 
 
-def files_html(paths: list[Path], empty: str = "None yet.") -> str:
-    """Download links for files in the runs folder (served from there: it is in allowed_paths)."""
+def files_html(paths: list[Path], empty: str = "None yet.", checks: dict[str, dict] | None = None,
+               run_dir: Path | None = None) -> str:
+    """Download links for files in the runs folder (served from there: it is in allowed_paths), each with
+    its load check when `checks` (relative path -> `load_check` event) has one."""
     if not paths:
         return f'<p class="sd-muted">{html.escape(empty)}</p>'
-    rows = "".join(
-        f'<tr><td><a href="gradio_api/file={quote(str(p))}" download="{html.escape(p.name)}">'
-        f'{html.escape(p.name)}</a></td><td class="sd-size">{_size(p)}</td></tr>' for p in paths)
-    return f'<table class="sd-files">{rows}</table>'
+    rows = []
+    for p in paths:
+        check = _check_of(p, checks, run_dir)
+        link = (f'<a href="gradio_api/file={quote(str(p))}" download="{html.escape(p.name)}">'
+                f'{html.escape(p.name)}</a>')
+        if check is None:
+            verdict = ""
+        elif check.get("ok"):
+            verdict = '<span class="sd-chip sd-chip-ok" title="loads in ' + TARGETS + '">✓ loads</span>'
+        else:
+            problems = "; ".join(str(x) for x in (check.get("problems") or [])[:PROBLEMS_SHOWN])
+            verdict = (f'<span class="sd-chip sd-chip-bad" title="{html.escape(problems, quote=True)}">'
+                       '✗ fails the load check</span>')
+            link = f'<span class="sd-file-bad">{html.escape(p.name)}</span>'  # not offered as a usable file
+        rows.append(f'<tr><td>{link} {verdict}</td><td class="sd-size">{_size(p)}</td></tr>')
+    return f'<table class="sd-files">{"".join(rows)}</table>'
+
+
+def _check_of(path: Path, checks: dict[str, dict] | None, run_dir: Path | None) -> dict | None:
+    if not checks or run_dir is None:
+        return None
+    try:
+        return checks.get(path.relative_to(run_dir).as_posix())
+    except ValueError:
+        return None
+
+
+def _check_dict(run_dir: Path, check: dict | None) -> dict | None:
+    """A load check for the API: the file as an absolute `file` (a `path` key would make gradio_client
+    take the dict for a file to download)."""
+    if not check:
+        return None
+    return {"file": str(run_dir / str(check.get("path", ""))), "ok": bool(check.get("ok")),
+            "problems": list(check.get("problems") or []), "modules": check.get("modules")}
 
 
 def _size(path: Path) -> str:
@@ -126,6 +218,7 @@ def run_dict(progress: Progress) -> dict:
             "loss": progress.losses[-1][1] if progress.losses else None, "it_per_s": progress.it_per_s,
             "validation_loss": progress.validation[-1][1] if progress.validation else None,
             "ema_file": str(progress.ema_file) if progress.ema_file else None,
+            "load_check": _check_dict(info.path, shown_check(progress)),
             "eta_s": progress.eta_s, "final_file": str(info.final_file) if info.final_file else None,
             "checkpoints": [str(p) for p in progress.checkpoints],
             "samples": [str(p) for p, _ in progress.samples],

@@ -7,7 +7,7 @@ import gradio as gr
 
 from app.runs import ACTIVE, RESUMABLE
 from app.ui.context import UIContext
-from app.ui.live_view import files_html, header_markdown, progress_html, run_row, sample_entries
+from app.ui.live_view import files_html, header_markdown, progress_html, run_row, sample_grid_html
 from app.ui.notices import guarded, notice, ok
 from networks.errors import SdloraError
 
@@ -50,8 +50,8 @@ def build(ctx: UIContext) -> RunsTab:
             with gr.Column(scale=2):
                 gr.Markdown("**Checkpoints and other files**", elem_classes="sd-muted")
                 checkpoints = gr.HTML(elem_id="run-checkpoints")
-        samples = gr.Gallery(label="Samples (newest first)", columns=8, height=220, object_fit="contain",
-                             preview=False, fit_columns=False)
+        gr.Markdown("**Samples**", elem_classes="sd-muted")
+        samples = gr.HTML(elem_id="run-samples")
         with gr.Accordion("config.toml", open=False):
             config = gr.Code(language=None, interactive=False, elem_id="run-config")
 
@@ -74,14 +74,16 @@ def build(ctx: UIContext) -> RunsTab:
         progress = ctx.runs.progress(run_dir)
         info = progress.info
         final_file = info.final_file
+        failed = info.final_check is not None and not info.final_check.get("ok")
         download = (gr.DownloadButton(f"Download {final_file.name}", value=str(final_file), interactive=True,
                                       variant="primary") if final_file else
-                    gr.DownloadButton("No final file yet", value=None, interactive=False, variant="secondary"))
+                    gr.DownloadButton("The final file failed its load check" if failed else "No final file yet",
+                                      value=None, interactive=False, variant="secondary"))
         return (notice(info.message) if info.message else notice(), gr.Column(visible=True),
                 header_markdown(info), progress_html(progress),
                 gr.Button(interactive=info.status in RESUMABLE), gr.Button(interactive=info.status in ACTIVE),
                 download, files_html(([progress.ema_file] if progress.ema_file else []) + progress.checkpoints[::-1],
-                                     "No checkpoint yet."), sample_entries(progress),
+                                     "No checkpoint yet.", progress.load_checks, run_dir), sample_grid_html(progress),
                 ctx.runs.config_text(run_dir), run_dir.name, gr.Row(visible=False))
 
     def on_select(names, evt: gr.SelectData):

@@ -72,7 +72,9 @@ CSS = """
 .dark .sd-confirm { background: #431407; border-color: #7c2d12; }
 .sd-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 .sd-files { width: 100%; border-collapse: collapse; font-size: 14px; }
-.sd-files td { padding: 6px 10px; border-bottom: 1px solid var(--border-color-primary); }
+.sd-files, .sd-files tr { border: 0 !important; }
+.sd-files td { padding: 6px 10px !important; border: 0 !important;
+               border-bottom: 1px solid var(--border-color-primary) !important; }
 .sd-files td.sd-size { color: var(--body-text-color-subdued); text-align: right; font-variant-numeric: tabular-nums; }
 .sd-files a { color: var(--color-accent); text-decoration: none; font-weight: 500; }
 .sd-check { padding: 10px 14px; border: 1px solid var(--border-color-primary); border-radius: 10px;
@@ -84,6 +86,36 @@ CSS = """
 .sd-check-error b { color: #b91c1c; }
 .sd-check-warning b { color: #b45309; }
 .sd-check-info b { color: var(--body-text-color-subdued); }
+.sd-loadcheck { margin-top: 9px; padding: 5px 10px; border-radius: 8px; font-size: 13px; line-height: 1.4;
+                overflow-wrap: anywhere; }
+.sd-loadcheck b { font-weight: 600; margin-right: 4px; }
+.sd-loadcheck-mark { font-weight: 700; margin-right: 6px; }
+.sd-loadcheck-ok { background: #ecfdf5; color: #065f46; border: 1px solid #a7f3d0; }
+.sd-loadcheck-bad { background: #fef2f2; color: #991b1b; border: 1px solid #fecaca; }
+.dark .sd-loadcheck-ok { background: #052e16; color: #bbf7d0; border-color: #14532d; }
+.dark .sd-loadcheck-bad { background: #450a0a; color: #fecaca; border-color: #7f1d1d; }
+.sd-chip { font-size: 11px; font-weight: 600; padding: 1px 7px; border-radius: 999px; margin-left: 6px; }
+.sd-chip-ok { background: #d1fae5; color: #065f46; }
+.sd-chip-bad { background: #fee2e2; color: #991b1b; }
+.sd-file-bad { color: #991b1b; text-decoration: line-through; }
+.sd-grid { overflow-x: auto; }
+.sd-grid table { border-collapse: separate !important; border-spacing: 4px; width: auto !important;
+                 border: 0 !important; margin: 0 0 4px !important; }
+.sd-grid tr, .sd-grid th, .sd-grid td { border: 0 !important; background: transparent !important;
+                                        padding: 0 4px !important; vertical-align: middle; }
+.sd-grid th { font-size: 12px; font-weight: 600; color: var(--body-text-color-subdued); white-space: nowrap;
+              text-align: center; font-variant-numeric: tabular-nums; }
+.sd-grid th.sd-grid-prompt { text-align: left; min-width: 110px; max-width: 210px; white-space: normal;
+                             font-weight: 500; color: var(--body-text-color); line-height: 1.35; }
+.sd-grid td { padding: 0 !important; }
+.sd-grid img { display: block; width: 84px; height: 84px; object-fit: contain; border-radius: 6px;
+               image-rendering: pixelated; border: 1px solid var(--border-color-primary); cursor: zoom-in;
+               background: var(--background-fill-secondary); }
+.sd-grid a { display: block; line-height: 0; }
+.sd-grid img { margin: 0 !important; max-width: none !important; }
+.sd-grid img:hover { outline: 2px solid var(--color-accent); }
+.sd-grid td.sd-grid-missing { text-align: center; color: var(--body-text-color-subdued); }
+.sd-grid-empty { padding: 14px; border: 1px dashed var(--border-color-primary); border-radius: 8px; }
 footer { opacity: 0.7; }
 """
 

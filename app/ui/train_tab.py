@@ -14,7 +14,7 @@ import gradio as gr
 from app.runs import ACTIVE, RESUMABLE
 from app.ui.config_form import ConfigForm, prompts_to_text
 from app.ui.context import UIContext
-from app.ui.live_view import header_markdown, log_html, loss_frame, progress_html, sample_entries
+from app.ui.live_view import header_markdown, log_html, loss_frame, progress_html, sample_grid_html
 from app.ui.notices import guarded, notice, ok
 from app.ui.preflight_view import report_html
 from networks.errors import SdloraError
@@ -157,8 +157,8 @@ def build(ctx: UIContext) -> TrainTab:
             loss = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", height=260,
                                color_map=LOSS_COLOURS, elem_id="loss-plot",
                                x_title="step", y_title="loss", x_axis_format="d")
-            samples = gr.Gallery(label="Samples (newest first)", columns=4, height=220, object_fit="contain",
-                                 elem_id="samples", preview=False, fit_columns=False)
+            gr.Markdown("**Samples**", elem_classes="sd-muted")
+            samples = gr.HTML(sample_grid_html(None), elem_id="samples")
             gr.Markdown("**Trainer log**", elem_classes="sd-muted")
             log = gr.HTML(log_html(""), elem_id="train-log")
     watched = gr.State(None)
@@ -288,7 +288,7 @@ LIVE_OUTPUTS = 11  # header, bar, run notice, loss, samples, log, start, stop, r
 
 
 def idle_update(note: str = "") -> tuple:
-    return (header_markdown(None), progress_html(None), notice(note), None, [], log_html(""),
+    return (header_markdown(None), progress_html(None), notice(note), None, sample_grid_html(None), log_html(""),
             gr.Button(interactive=True), gr.Button(interactive=False), gr.Button(interactive=False),
             gr.Timer(active=False), None)
 
@@ -312,8 +312,8 @@ def live_update(ctx: UIContext, run: str | None, seen: list | None) -> tuple:
     new_samples = not same_run or seen[2] != key[2]
     error = notice(info.message) if info.status in ("error", "interrupted") and info.message else notice()
     return (header_markdown(info), progress_html(progress), error,
-            loss_frame(progress.losses, progress.validation) if new_loss else gr.skip(),
-            sample_entries(progress) if new_samples else gr.skip(), log_html(log_text),
+            loss_frame(progress.losses, progress.validation, progress.validating) if new_loss else gr.skip(),
+            sample_grid_html(progress) if new_samples else gr.skip(), log_html(log_text),
             gr.Button(interactive=not active), gr.Button(interactive=active),
             gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active), key)
 

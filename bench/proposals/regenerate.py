@@ -82,10 +82,23 @@ TARGETS_LOOP = [(
                        target_modules=tuple(net.target_modules) if net.target_modules else None)
 ''')]
 
+PLAN_ONCE = [(
+'''        try:
+            while position.step < self.total_steps:
+                plan = self._epoch_batches(position.epoch)
+''',
+'''        try:
+            plan_epoch, plan = None, []
+            while position.step < self.total_steps:
+                if plan_epoch != position.epoch:  # a pure function of (seed, epoch): built once per epoch, not per
+                    plan_epoch, plan = position.epoch, self._epoch_batches(position.epoch)  # step (O(images) each)
+''')]
+
 patches = {
     "01-fused-adamw.patch": edit("trainer/optimizers.py", FUSED),
     "02-release-cached-encoders.patch": edit("trainer/loop.py", RELEASE),
     "03-network-target-modules.patch": edit("trainer/config.py", TARGETS_CONFIG) + edit("trainer/loop.py", TARGETS_LOOP),
+    "04-epoch-plan-once.patch": edit("trainer/loop.py", PLAN_ONCE),
 }
 OUT.mkdir(parents=True, exist_ok=True)
 for name, text in patches.items():
