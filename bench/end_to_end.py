@@ -189,6 +189,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    machine = machine_info(args.threads)
     names = args.contenders.split(",")
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[name].append(result)
             print(f"  [{repeat + 1}/{args.repeats}] {name:16s} {result['wall_s']:.1f} s (cpu {result['cpu_s']:.1f} s)  "
                   f"rss {fmt(result['peak_rss_mib'], 0)} MiB", flush=True)
-    result = {"benchmark": "end_to_end", "machine": machine_info(args.threads),
+    result = {"benchmark": "end_to_end", "machine": machine,
               "settings": {"model": args.models, "epochs": args.epochs, "images": args.images,
                            "resolution": args.resolution, "batch_size": args.batch_size, "rank": args.rank,
                            "conv_rank": args.conv_rank, "seed": args.seed, "repeats": args.repeats,
