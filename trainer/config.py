@@ -173,6 +173,9 @@ class NetworkSection(Section):
     train_text_encoder: bool = Field(False, description="Attach adapters to the text encoder(s) too.")
     include_conv_in_out: bool = Field(False, description="Also adapt the UNet's first and last convolutions.")
     include_time_embedding: bool = Field(False, description="Also adapt the timestep embedding layers.")
+    target_modules: list[str] | None = Field(
+        None, description="Adapt only modules whose path ends with one of these (e.g. to_q, to_k, to_v, "
+                          "to_out.0); empty = every module the type adapts.")
 
     @property
     def resolved_alpha(self) -> float:

@@ -58,7 +58,8 @@ def network_spec(cfg: TrainConfig) -> NetworkSpec:
                        conv_alpha=net.resolved_conv_alpha, init=net.init, rslora=net.rslora, dropout=net.dropout,
                        rank_dropout=net.rank_dropout, module_dropout=net.module_dropout,
                        train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
-                       conv_in_out=net.include_conv_in_out, time_embedding=net.include_time_embedding)
+                       conv_in_out=net.include_conv_in_out, time_embedding=net.include_time_embedding,
+                       target_modules=tuple(net.target_modules) if net.target_modules else None)
 
 
 class Trainer:
