@@ -5,9 +5,9 @@
 
 Each contender is one process, timed from launch to exit: Python start-up, imports, model load, image
 preprocessing, sdlora's latent/text caching, the epochs, and the export. sdlora runs through its real
-CLI (`sdlora train --model FOLDER --data DIR --output RUN --set ...`), with its default LoRA (or LoCon)
-module set, since the CLI has no key to restrict modules (so sdlora trains more modules than the recipe's
-q,k,v,out: a handicap, not a help). The peers run `python -m bench.peers` (the diffusers recipe with peft,
+CLI (`sdlora train --model FOLDER --data DIR --output RUN --set ...`); its LoRA adapts the recipe's
+q,k,v,out through `network.target_modules` (on a tree without that key, its default, larger set: a
+handicap, not a help). The peers run `python -m bench.peers` (the diffusers recipe with peft,
 LyCORIS LoCon on that loop). No samples and no intermediate checkpoints for anyone; peak RSS is the
 process's VmHWM, polled every 20 ms.
 """
@@ -24,15 +24,14 @@ import time
 from pathlib import Path
 
 from bench.harness import fmt, interleaved_order, machine_info, run_measured, table, write_json
-from bench.models import BENCH_DIR, dataset_path, model_path, work_dir
+from bench.models import BENCH_DIR, REPO_ROOT, dataset_path, model_path, work_dir
 
 CONTENDERS = {
     "sdlora": ("sdlora", "lora"),
     "diffusers-peft": ("peft", "lora"),
     "sdlora-locon": ("sdlora", "locon"),
     "lycoris-locon": ("lycoris", "locon"),
-    # --proposed: the CLI from the tree with bench/proposals/*.patch applied; the LoRA one adapts the
-    # recipe's modules (network.target_modules, which 03-network-target-modules.patch adds).
+    # --proposed: the CLI from the tree with bench/proposals/*.patch applied.
     "sdlora-proposed": ("sdlora", "lora"),
     "sdlora-locon-proposed": ("sdlora", "locon"),
 }
@@ -48,6 +47,12 @@ def sdlora_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "app.cli"]
 
 
+def tree_has_target_modules(args, name: str) -> bool:
+    """Whether the sdlora that runs `name` has network.target_modules (to adapt the recipe's modules)."""
+    root = getattr(args, "tree", None) if name.endswith("-proposed") else None
+    return "target_modules" in ((root or REPO_ROOT) / "trainer" / "config.py").read_text()
+
+
 def command(name: str, args, model_dir: Path, data_dir: Path, run_dir: Path) -> list[str]:
     adapter, network = CONTENDERS[name]
     if adapter == "sdlora":
@@ -59,7 +64,7 @@ def command(name: str, args, model_dir: Path, data_dir: Path, run_dir: Path) -> 
                 "train.learning_rate": 1e-4, "train.weight_decay": 0.01, "train.max_grad_norm": 1.0,
                 "train.lr_scheduler": '"constant"', "train.seed": args.seed, "sample.every_steps": 0,
                 "sample.every_epochs": 0, "save.every_steps": 0, "save.every_epochs": 0}
-        if name == "sdlora-proposed" and getattr(args, "tree_has_target_modules", False):
+        if network == "lora" and tree_has_target_modules(args, name):
             sets["network.target_modules"] = '["to_q", "to_k", "to_v", "to_out.0"]'
         cmd = sdlora_command() + ["train", "--model", str(model_dir), "--data", str(data_dir), "--output",
                                   str(run_dir), "--name", "bench", "--no-progress"]
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print("proposals: " + ", ".join(f"{k} {v}" for k, v in proposals.items()))
         if tree is not None:
             names += [f"{n}-proposed" for n in ("sdlora", "sdlora-locon") if n in names]
-            args.tree_has_target_modules = "target_modules" in (tree / "trainer" / "config.py").read_text()
+            args.tree = tree
     names = [n for n in names if tree is not None or not n.endswith("-proposed")]
     groups = [[n for n in group if n in names] for group in GROUPS]
     groups = [g for g in groups if g] + [[n] for n in names if not any(n in g for g in GROUPS)]

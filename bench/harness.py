@@ -84,7 +84,8 @@ def build_contender(spec: dict):
     if contender.adapter == "sdlora":
         from bench.ours import SdloraContender, bench_config
 
-        cfg = bench_config(spec["model_dir"], spec["data_dir"], run_dir, epochs=1000, **common)
+        cfg = bench_config(spec["model_dir"], spec["data_dir"], run_dir, epochs=1000,
+                           target_modules=contender.target_modules, **common)
         return SdloraContender(cfg, contender.target_modules), run_dir
     from bench.peers import Recipe
 

@@ -2,9 +2,9 @@
 `Trainer.optimizer_step`, so the numbers measure sdlora's own loop, caches and adapters.
 
 Trainer.setup() runs unchanged (dataset scan, model load, LoraNetwork, optimizer, latent and text
-caches). The one addition: for a per-step comparison with peers that adapt only some modules, the
-NetworkSpec the config produces is given `target_modules` (a NetworkSpec field the config does not
-expose yet) by wrapping `trainer.loop.network_spec` in this process only.
+caches). To adapt only the peers' modules it sets `network.target_modules`; on a tree whose config has
+no such key yet, it gives the NetworkSpec `target_modules` by wrapping `trainer.loop.network_spec` in
+this process only.
 """
 
 from __future__ import annotations
@@ -13,10 +13,16 @@ import dataclasses
 from pathlib import Path
 
 
+def config_has_target_modules() -> bool:
+    from trainer.config import NetworkSection
+
+    return "target_modules" in NetworkSection.model_fields
+
+
 def bench_config(model_dir, data_dir, output_dir, resolution: int, batch_size: int, rank: int,
                  alpha: float | None = None, network: str = "lora", conv_rank: int = 8,
                  conv_alpha: float | None = None, learning_rate: float = 1e-4, seed: int = 42, epochs: int = 1,
-                 mixed_precision: str = "no", extra: dict | None = None):
+                 mixed_precision: str = "no", extra: dict | None = None, target_modules=None):
     """The TrainConfig matching the peers' settings: same rank/alpha (alpha = r, the recipe's
     lora_alpha), AdamW with weight decay 1e-2, clip 1.0, constant LR, square crops (no buckets, as the
     recipe's centre crop), no flips, no samples, no intermediate checkpoints."""
@@ -37,6 +43,8 @@ def bench_config(model_dir, data_dir, output_dir, resolution: int, batch_size: i
         "save": {"every_steps": 0, "every_epochs": 0},
         "output": {"dir": str(output_dir)},
     }
+    if target_modules and config_has_target_modules():
+        data["network"]["target_modules"] = list(target_modules)
     return config_from_dict(merge_dicts(data, extra or {}))
 
 
@@ -51,7 +59,7 @@ class SdloraContender:
         import trainer.loop as loop
 
         original = loop.network_spec
-        if self.target_modules:
+        if self.target_modules and not self.cfg.network.model_dump().get("target_modules"):
             wanted = tuple(self.target_modules)
             loop.network_spec = lambda cfg: dataclasses.replace(original(cfg), target_modules=wanted)
         try:

@@ -25,7 +25,7 @@ def build(args):
 
     cfg = bench_config(model_path(args.model), dataset_path(args.images), work_dir() / "runs" / "profile",
                        args.resolution, args.batch_size, args.rank, network=args.network, epochs=1000,
-                       extra={"train": {"mixed_precision": "no"}})
+                       target_modules=QKVO if args.network == "lora" else None)
     contender = SdloraContender(cfg, QKVO if args.network == "lora" else None)
     contender.setup()
     return contender

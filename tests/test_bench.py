@@ -26,7 +26,8 @@ def positive(value) -> bool:
 
 def test_train_step_reports_every_contender_and_ratio(tmp_path):
     out = tmp_path / "train_step.json"
-    assert train_step.main(["--models", "tiny", "--steps", "2", "--warmup", "0", "--repeats", "1", "--images", "4",
+    assert train_step.main(["--models", "tiny", "--steps", "1", "--warmup", "0", "--repeats", "1", "--images", "4",
+                            "--pair-repeats", "1", "--pair-steps", "1",
                             "--in-process", "--no-static", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert {"date", "cpu", "cores", "versions"} <= set(result["machine"])

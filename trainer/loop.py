@@ -86,8 +86,11 @@ class Trainer:
                                                   cfg.validation.seed)
         self.loss_masks = LossMasks(self.dataset, cfg.dataset.loss_mask, cfg.dataset.mask_folder) \
             if cfg.dataset.loss_mask != "none" else None
-        self.model = load_model(cfg.model.path, family=cfg.model.family, prediction_type=cfg.model.prediction_type,
-                                config_dir=cfg.model.config_dir)
+        # The main process first: it builds a missing demo model once (transformers saves weights only on
+        # rank 0 once torch.distributed is up), the others then load the finished folder.
+        with self.accelerator.main_process_first():
+            self.model = load_model(cfg.model.path, family=cfg.model.family,
+                                    prediction_type=cfg.model.prediction_type, config_dir=cfg.model.config_dir)
         self._place_models()
         self._build_caches()
         self.network = LoraNetwork.create(self.model.family.name, self.model.unet, self.model.text_encoders,

@@ -211,10 +211,19 @@ def _demo_fingerprint(family: str) -> str:
         _unet_config(family),
         _vae_config(family),
         _text_encoder_configs(family),
-        dict(_scheduler(family).config),
+        # diffusers' private keys (e.g. _use_default_values, built from a set) vary between processes
+        {k: v for k, v in _scheduler(family).config.items() if not k.startswith("_")},
     ]
     text = json.dumps(configs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _check_complete(folder: Path) -> None:
+    """Every model part has its weights: a partial folder must never become the cached demo model."""
+    for part in ("unet", "vae", "text_encoder"):
+        if not list((folder / part).glob("*.safetensors")):
+            raise SdloraError(f"Building the demo model wrote no weights to {folder / part}; check the disk "
+                              "and run again.")
 
 
 def demo_model_path(family: str) -> Path:
@@ -227,6 +236,7 @@ def demo_model_path(family: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
     try:
         save_demo_model(staging, family)
+        _check_complete(staging)
         os.replace(staging, target)
     except OSError:
         # Another process finished first (the target exists and is not empty): use its copy.

@@ -1,4 +1,4 @@
-"""Regenerate bench/proposals/*.patch against the current tree: python bench/proposals/regenerate.py (repo root).
+"""Regenerate bench/proposals/*.patch (01 fused AdamW and 03 network.target_modules were applied in 088e129) against the current tree: python bench/proposals/regenerate.py (repo root).
 
 Each patch is written from anchors in the current files, so it stays appliable while the files around
 the anchors change; an anchor that is gone fails loudly (then the proposal needs a look)."""
@@ -17,31 +17,6 @@ def edit(path, replacements):
         after = after.replace(old, new)
     return "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), f"a/{path}", f"b/{path}"))
 
-
-FUSED = [(
-'''    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=train.learning_rate, **args)
-''',
-'''    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=train.learning_rate, **{**_fused_adamw(groups, args), **args})
-'''), (
-'''def build_lr_scheduler(''',
-'''def _fused_adamw(groups: list[dict], args: dict) -> dict:
-    """AdamW's fused kernel: one call over all adapter tensors instead of torch's CPU default, a Python loop
-    per tensor (5x faster for 256 LoRA tensors, 4% of a bench step). Left to torch when the user sets
-    foreach/fused, a parameter lives elsewhere than CPU/CUDA, or torch is older than 2.4 on CPU."""
-    if "fused" in args or "foreach" in args:
-        return {}
-    params = [p for group in groups for p in group["params"]]
-    devices = {p.device.type for p in params}
-    if not params or not devices <= {"cpu", "cuda"} or not all(p.is_floating_point() for p in params):
-        return {}
-    if "cpu" in devices and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
-        return {}
-    return {"fused": True}
-
-
-def build_lr_scheduler(''')]
 
 RELEASE = [(
 '''        self.validation = self._validation_set(held_out) if held_out and self.main else None
@@ -67,21 +42,6 @@ RELEASE = [(
 
     def _validation_set(self, items) -> ValidationSet:''')]
 
-TARGETS_CONFIG = [(
-'''    include_time_embedding: bool = Field(False, description="Also adapt the timestep embedding layers.")
-''',
-'''    include_time_embedding: bool = Field(False, description="Also adapt the timestep embedding layers.")
-    target_modules: list[str] | None = Field(
-        None, description="Adapt only modules whose path ends with one of these (e.g. to_q, to_k, to_v, "
-                          "to_out.0); empty = every module the type adapts.")
-''')]
-TARGETS_LOOP = [(
-'''                       conv_in_out=net.include_conv_in_out, time_embedding=net.include_time_embedding)
-''',
-'''                       conv_in_out=net.include_conv_in_out, time_embedding=net.include_time_embedding,
-                       target_modules=tuple(net.target_modules) if net.target_modules else None)
-''')]
-
 PLAN_ONCE = [(
 '''        try:
             while position.step < self.total_steps:
@@ -95,9 +55,7 @@ PLAN_ONCE = [(
 ''')]
 
 patches = {
-    "01-fused-adamw.patch": edit("trainer/optimizers.py", FUSED),
     "02-release-cached-encoders.patch": edit("trainer/loop.py", RELEASE),
-    "03-network-target-modules.patch": edit("trainer/config.py", TARGETS_CONFIG) + edit("trainer/loop.py", TARGETS_LOOP),
     "04-epoch-plan-once.patch": edit("trainer/loop.py", PLAN_ONCE),
 }
 OUT.mkdir(parents=True, exist_ok=True)
