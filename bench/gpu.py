@@ -38,6 +38,7 @@ from bench.models import (
     work_dir,
 )
 
+GPU_MODELS = {"sd15": "sd15", "sdxl": "sdxl-base", "sd1": "sd1", "tiny": "tiny"}  # config token -> bench model
 DEFAULT_CONFIGS = ("sd15-512-bs1-fp16", "sd15-512-bs1-bf16", "sd15-512-bs8-fp16", "sd15-512-bs8-bf16",
                    "sdxl-1024-bs1-bf16")
 # Dense fp16/bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name().
@@ -57,9 +58,6 @@ def parse_config(name: str) -> dict:
     if model not in GPU_MODELS or precision not in ("fp16", "bf16", "no"):
         raise SystemExit(f"config {name!r}: model is sd15, sdxl (or sd1, tiny), precision fp16, bf16 or no")
     return config
-
-
-GPU_MODELS = {"sd15": "sd15", "sdxl": "sdxl-base", "sd1": "sd1", "tiny": "tiny"}  # config token -> bench model
 
 
 def step_flops_per_image(model: str, resolution: int) -> float:

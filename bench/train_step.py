@@ -47,7 +47,7 @@ DEFAULT_PAIR_STEPS = {"sd1": 10, "sdxl": 16, "tiny": 4, "sd15": 4}
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n")[0])
-    parser.add_argument("--gpu", action="store_true", help="the GPU benchmark (bench.gpu) instead")
+    parser.add_argument("--gpu", action="store_true", help="the GPU benchmark instead (options: --gpu --help)")
     parser.add_argument("--models", default="sd1,sdxl", help="comma list of sd1, sdxl, tiny")
     parser.add_argument("--contenders", help=f"comma list of {', '.join(CONTENDERS)} (default per model)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats of the separate processes (default 2)")
@@ -197,11 +197,12 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.gpu:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--gpu" in argv:  # GPU mode has its own options (bench.gpu)
         from bench import gpu
 
-        return gpu.main(argv=[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--gpu"])
+        return gpu.main([a for a in argv if a != "--gpu"])
+    args = parse_args(argv)
     started = time.perf_counter()
     result = {"benchmark": "train_step", "machine": machine_info(args.threads), "models": {}}
     tree = None
