@@ -76,6 +76,19 @@ def add_lora_subcommands(subparsers) -> argparse.ArgumentParser:
     similarity.add_argument("--json", action="store_true")
     similarity.set_defaults(handler=run_similarity)
 
+    experiment = actions.add_parser(
+        "rank-experiment", help="train the same data at two ranks (the LoRA paper's r 8 vs r 64) and save "
+                                "their subspace-similarity heatmap")
+    experiment.add_argument("--data", required=True, help="the image folder")
+    experiment.add_argument("--output", required=True, help="folder for both runs and the heatmap")
+    experiment.add_argument("--model", default="demo:sd1")
+    experiment.add_argument("--preset", default="demo")
+    experiment.add_argument("--ranks", type=int, nargs=2, default=(8, 64), metavar=("R1", "R2"))
+    experiment.add_argument("--steps", type=int, default=40)
+    experiment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    experiment.add_argument("--json", action="store_true")
+    experiment.set_defaults(handler=run_rank_experiment)
+
     spectrum = actions.add_parser("spectrum", help="singular values and effective ranks per module and block")
     spectrum.add_argument("file")
     spectrum.add_argument("--model", help="base model: adds each module's amplification factor")
@@ -233,6 +246,27 @@ def run_similarity(args) -> int:
     if args.png:
         save_heatmap_png(heatmap, args.png)
     return _emit(args, report, similarity_text(report) + (f"\nheatmap: {args.png}" if args.png else ""))
+
+
+def run_rank_experiment(args) -> int:
+    """Two trainings that differ only in r, then phi(A_r1, A_r2) as in the LoRA paper's section 7.2."""
+    from networks.analysis import subspace_similarity
+    from networks.lora_file import read_lora
+    from trainer.loop import train
+    from trainer.presets import resolve_config
+
+    out = Path(args.output)
+    files = []
+    for rank in args.ranks:
+        cfg = resolve_config(args.preset, [f"dataset.path={Path(args.data).resolve()}", f"model.path={args.model}",
+                                           f"output.dir={(out / f'r{rank}').resolve()}", f"network.rank={rank}",
+                                           f"train.max_steps={args.steps}", "sample.every_steps=0",
+                                           "save.every_steps=0", "save.precision=fp32", *args.set])
+        files.append(train(cfg, progress=False))
+    report = subspace_similarity(read_lora(files[0])[0], read_lora(files[1])[0], "down", str(files[0]),
+                                 str(files[1]))
+    png = save_heatmap_png(report["mean"], str(out / "similarity.png"))
+    return _emit(args, report, similarity_text(report) + f"\nheatmap: {png}")
 
 
 def similarity_text(report: dict) -> str:
