@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from trainer.tiny_models import build_folder_once
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 CONFIGS = REPO_ROOT / "trainer" / "assets" / "configs"
@@ -94,35 +96,18 @@ def build_sd1_bench_pipeline(seed: int = 0):
                                    requires_safety_checker=False)
 
 
-def _build_once(target: Path, build) -> Path:
-    """Build a folder atomically (parallel test workers may race), reuse it when it exists."""
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "model_index.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def model_path(model: str) -> Path:
     """The diffusers folder of a bench model: sd1 (scaled SD1.5), sdxl (tiny SDXL) or tiny (tiny SD1)."""
     if model == "sd1":
         key = _fingerprint(sd1_bench_unet_config(), sd1_bench_vae_config(), sd1_bench_text_encoder_config())
-        return _build_once(work_dir() / "models" / f"sd1-bench-{key}",
+        return build_folder_once(work_dir() / "models" / f"sd1-bench-{key}",
                            lambda d: build_sd1_bench_pipeline().save_pretrained(d, safe_serialization=True))
     if model in ("sdxl", "tiny"):
         from trainer.tiny_models import demo_model_path
 
         return demo_model_path("sdxl" if model == "sdxl" else "sd1")
     if model in ("sd15", "sdxl-base"):
-        return _build_once(work_dir() / "models" / f"{model}-full-random", lambda d: save_full_size_model(d, model))
+        return build_folder_once(work_dir() / "models" / f"{model}-full-random", lambda d: save_full_size_model(d, model))
     raise ValueError(f"unknown bench model {model!r}; use one of {', '.join(MODELS)}")
 
 

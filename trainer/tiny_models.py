@@ -230,16 +230,25 @@ def demo_model_path(family: str) -> Path:
     """The demo model's folder in the cache, built on first use (atomically, so concurrent runs are safe)."""
     _check_family(family)
     target = cache_root() / "demo-models" / f"{family}-{_demo_fingerprint(family)}"
+
+    def build(staging: Path) -> None:
+        save_demo_model(staging, family)
+        _check_complete(staging)
+
+    return build_folder_once(target, build)
+
+
+def build_folder_once(target: Path, build) -> Path:
+    """Run build(staging) in a temp folder beside `target`, then rename it into place; reuse `target` when
+    it exists. Parallel processes may race: the first rename wins and the others use its copy."""
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        save_demo_model(staging, family)
-        _check_complete(staging)
+        build(staging)
         os.replace(staging, target)
     except OSError:
-        # Another process finished first (the target exists and is not empty): use its copy.
         if not (target / "model_index.json").is_file():
             raise
     finally:
