@@ -326,3 +326,35 @@ def test_validation_ema_masks_and_load_checks_in_one_run(tmp_path):
     assert ema.keys() == plain.keys()
     assert any(not torch.equal(ema[k], plain[k]) for k in plain if k.endswith("lora_up.weight"))
     assert load_in_diffusers("sd1", tmp_path / "run" / "demo-lora-ema.safetensors") == len(plain) // 3
+
+
+def test_cached_runs_drop_the_text_encoder_and_vae_encoder_and_train_the_same(tmp_path, data8, monkeypatch):
+    released = Trainer(tiny_config(data8, tmp_path / "released", "train.max_steps=3"))
+    released_file = released.train()
+    assert released.model.text_encoders == []  # every caption is in the text cache
+    assert not hasattr(released.model.vae, "encoder") and hasattr(released.model.vae, "decoder")
+    assert len(released.encode_text._memory) == len({item.caption for item in released.dataset.items})
+
+    monkeypatch.setattr(Trainer, "_release_cached_encoders", lambda self, held_out: None)
+    kept = Trainer(tiny_config(data8, tmp_path / "kept", "train.max_steps=3"))
+    kept_file = kept.train()
+    assert len(kept.model.text_encoders) == 1 and hasattr(kept.model.vae, "encoder")
+    a, b = load_file(released_file), load_file(kept_file)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda run: [e["loss"] for e in events(run) if e["event"] == "step"]  # noqa: E731
+    assert losses(tmp_path / "released") == losses(tmp_path / "kept")
+
+
+@pytest.mark.parametrize("flags, keeps_text_encoder, keeps_vae_encoder", [
+    (["sample.every_steps=2"], True, False),  # previews encode their prompts
+    (["validation.images=2", "validation.every_steps=2"], True, False),
+    (["dataset.random_crop=true"], False, True),  # random crops are encoded when drawn
+    (["dataset.shuffle_captions=true"], True, False),  # varying captions are never cached
+    (["dataset.cache_latents=none", "dataset.cache_text_encoder_outputs=false"], True, True),
+])
+def test_encoders_stay_while_something_still_needs_them(tmp_path, data8, flags, keeps_text_encoder,
+                                                          keeps_vae_encoder):
+    trainer = Trainer(tiny_config(data8, tmp_path / "run", "train.max_steps=1", *flags))
+    trainer.setup()
+    assert bool(trainer.model.text_encoders) == keeps_text_encoder
+    assert hasattr(trainer.model.vae, "encoder") == keeps_vae_encoder

@@ -109,6 +109,7 @@ class Trainer:
         if self.ema is not None:
             self.accelerator.register_for_checkpointing(self.ema)
         self.validation = self._validation_set(held_out) if held_out and self.main else None
+        self._release_cached_encoders(held_out)
         self.tensorboard = open_tensorboard(self.run.root / "tensorboard") if cfg.output.tensorboard and self.main \
             else None
 
@@ -138,6 +139,19 @@ class Trainer:
         if cfg.dataset.cache_text_encoder_outputs and text_cache_allowed(dataset_options(cfg).captions,
                                                                           cfg.network.train_text_encoder):
             self.encode_text = TextEmbeddingCache(self._encode_captions, encoder_id=model.source)
+            self.encode_text.build(sorted({item.caption for item in self.dataset.items}))
+
+    def _release_cached_encoders(self, held_out) -> None:
+        """Drop what the caches made dead weight for the rest of the run (host RAM on CPU, VRAM on GPU): the
+        text encoder(s), as every caption is in the text cache, and the VAE's encoder half, as every latent is
+        in the latent cache (both built by _build_caches). Sample previews and validation encode new
+        prompts, so with either the text encoders stay; the VAE decoder always stays (previews decode)."""
+        cfg, model = self.cfg, self.model
+        sampling = bool(cfg.sample.prompts) and bool(cfg.sample.every_steps or cfg.sample.every_epochs)
+        if isinstance(self.encode_text, TextEmbeddingCache) and not sampling and not held_out:
+            model.text_encoders.clear()
+        if self.latents is not None and not cfg.dataset.random_crop:  # every latent was built above
+            del model.vae.encoder, model.vae.quant_conv
 
     def _validation_set(self, items) -> ValidationSet:
         cfg, model = self.cfg, self.model
@@ -282,8 +296,10 @@ class Trainer:
             self.progress.reset(total=self.total_steps)
             self.progress.update(position.step)
         try:
+            plan_epoch, plan = None, []
             while position.step < self.total_steps:
-                plan = self._epoch_batches(position.epoch)
+                if plan_epoch != position.epoch:  # a pure function of (seed, epoch): built once per epoch, not per
+                    plan_epoch, plan = position.epoch, self._epoch_batches(position.epoch)  # step (O(images) each)
                 if position.batch >= len(plan):
                     position.epoch, position.batch = position.epoch + 1, 0
                     self._after_epoch(position)

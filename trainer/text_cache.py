@@ -49,6 +49,17 @@ class TextEmbeddingCache:
             self._encode(missing)
         return _stack([self._memory[c] for c in captions], self.device)
 
+    def build(self, captions: list[str], batch_size: int = 16) -> int:
+        """Encode every caption not cached yet, `batch_size` per encoder call; returns how many.
+
+        Filling the cache up front in one fixed order makes each caption's states independent of which
+        batch first needed it (matmul results vary in the last bits with the batch shape), so a resumed
+        run sees the same states as an uninterrupted one."""
+        missing = [c for c in dict.fromkeys(captions) if self._lookup(c) is None]
+        for start in range(0, len(missing), batch_size):
+            self._encode(missing[start:start + batch_size])
+        return len(missing)
+
     def key(self, caption: str) -> str:
         return hashlib.sha256(f"{self.encoder_id}\0{caption}".encode()).hexdigest()
 
