@@ -358,3 +358,20 @@ def test_encoders_stay_while_something_still_needs_them(tmp_path, data8, flags, 
     trainer.setup()
     assert bool(trainer.model.text_encoders) == keeps_text_encoder
     assert hasattr(trainer.model.vae, "encoder") == keeps_vae_encoder
+
+
+def test_compiled_training_step_matches_the_eager_one(tmp_path, data8, monkeypatch):
+    import trainer.loop
+
+    monkeypatch.setattr(trainer.loop, "COMPILE_BACKEND", "eager")  # dynamo traces the LoRA hooks, no C++ build
+    compiled = Trainer(tiny_config(data8, tmp_path / "compiled", "train.max_steps=3", "train.compile=true"))
+    compiled_file = compiled.train()
+    assert compiled.training_unet is not compiled.model.unet
+    assert compiled.training_unet._orig_mod is compiled.model.unet  # one set of weights, adapters included
+    eager = Trainer(tiny_config(data8, tmp_path / "eager", "train.max_steps=3"))
+    eager_file = eager.train()
+    assert eager.training_unet is eager.model.unet
+    losses = lambda run: [e["loss"] for e in events(run) if e["event"] == "step"]  # noqa: E731
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+    a, b = load_file(compiled_file), load_file(eager_file)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -217,6 +217,9 @@ class TrainSection(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="Compute precision on GPU; bf16 needs an Ampere or newer card.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
+    compile: bool = Field(False, description="Compile the UNet's training step with torch.compile: faster steps "
+                                             "after a first one that takes minutes (and again per new bucket "
+                                             "shape); for long runs.")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise (about 0.05) helps very dark "
                                                              "and bright images.")
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5 is "

@@ -40,6 +40,8 @@ from trainer.text_cache import TextEmbeddingCache, text_cache_allowed
 from trainer.tiny_models import cache_root
 from trainer.validation import ValidationSample, ValidationSet, unet_predictor, validation_items
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests trace with "eager" (no C++ build)
+
 
 def dataset_options(cfg: TrainConfig) -> DatasetOptions:
     data = cfg.dataset
@@ -95,6 +97,10 @@ class Trainer:
         self._build_caches()
         self.network = LoraNetwork.create(self.model.family.name, self.model.unet, self.model.text_encoders,
                                           network_spec(cfg)).attach()
+        # Only the training forward is compiled (after the adapters' hooks are in, so they are traced):
+        # samples and validation call the plain UNet and cost no compile of their own shapes.
+        self.training_unet = torch.compile(self.model.unet, backend=COMPILE_BACKEND) if cfg.train.compile \
+            else self.model.unet
         self.network.to(self.accelerator.device)
         initialise(self)
         # After the init (PiSSA/LoRA-GA change the starting weights), before checkpoint registration.
@@ -217,7 +223,7 @@ class Trainer:
         timesteps = sample_timesteps(latents.shape[0], model.noise_scheduler.config.num_train_timesteps, device)
         noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.accelerator.autocast():
-            prediction = model.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+            prediction = self.training_unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         target = training_target(model.noise_scheduler, latents, noise, timesteps, model.prediction_type)
         return diffusion_loss(prediction, target, timesteps, model.noise_scheduler, model.prediction_type,
                               cfg.train.min_snr_gamma, mask=None if mask is None else mask.to(device))
