@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import fmt, interleaved_order, machine_info, run_measured, table, write_json
+from bench.harness import finish, fmt, interleaved_order, load_proposals, machine_info, run_measured, table
 from bench.models import BENCH_DIR, REPO_ROOT, dataset_path, model_path, work_dir
 
 CONTENDERS = {
@@ -202,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, data_dir = model_path(args.models), dataset_path(args.images)
     tree, proposals = None, None
     if args.proposed:
-        from bench.proposed import proposed_tree
-
-        tree, proposals = proposed_tree()
-        print("proposals: " + ", ".join(f"{k} {v}" for k, v in proposals.items()))
+        tree, proposals = load_proposals()
         if tree is not None:
             names += [f"{n}-proposed" for n in ("sdlora", "sdlora-locon") if n in names]
             args.tree = tree
@@ -226,14 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                            "conv_rank": args.conv_rank, "seed": args.seed, "repeats": args.repeats,
                            "threads": args.threads, "sdlora_command": sdlora_command()},
               "proposals": proposals, **summarize(runs), "runs": runs}
-    result["machine"]["load_average_at_end"] = os.getloadavg()
-    result["wall_s"] = time.perf_counter() - started
-    out = Path(args.out) if args.out else BENCH_DIR / "results" / "end_to_end.json"
-    write_json(result, out)
-    print()
-    print(report(result))
-    print(f"\n{result['wall_s']:.0f} s; wrote {out}")
-    return 0
+    return finish(result, Path(args.out) if args.out else BENCH_DIR / "results" / "end_to_end.json", report, started)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import fmt, machine_info, run_interleaved, summarize, table, worker, write_json
+from bench.harness import finish, fmt, machine_info, run_interleaved, summarize, table, worker, write_json
 from bench.models import (
     BENCH_DIR,
     dataset_path,
@@ -154,12 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs.split(","):
         result["configs"][name] = run_config(args, parse_config(name))
         write_json(result, out)  # after every config, so a cut-off run keeps what it measured
-    result["wall_s"] = time.perf_counter() - started
-    write_json(result, out)
-    print()
-    print(report(result))
-    print(f"\n{result['wall_s']:.0f} s; wrote {out}")
-    return 0
+    return finish(result, out, report, started)
 
 
 if __name__ == "__main__":

@@ -450,6 +450,26 @@ def write_json(data: dict, path: Path) -> Path:
     return path
 
 
+def finish(result: dict, out: Path, report, started: float) -> int:
+    """The end of every bench command: stamp load and duration, write the JSON, print the report."""
+    result.setdefault("machine", {})["load_average_at_end"] = os.getloadavg()
+    result["wall_s"] = time.perf_counter() - started
+    write_json(result, out)
+    print()
+    print(report(result))
+    print(f"\n{result['wall_s']:.0f} s; wrote {out}")
+    return 0
+
+
+def load_proposals() -> tuple[Path | None, dict]:
+    """--proposed: the tree with bench/proposals/*.patch applied (None when none applies) and each patch's status."""
+    from bench.proposed import proposed_tree
+
+    tree, status = proposed_tree()
+    print("proposals: " + (", ".join(f"{k} {v}" for k, v in status.items()) or "none in bench/proposals"))
+    return tree, status
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"

@@ -20,7 +20,9 @@ from pathlib import Path
 from bench.harness import (
     CONTENDERS,
     PAIRS,
+    finish,
     fmt,
+    load_proposals,
     machine_info,
     pair_worker,
     run_alternating,
@@ -28,7 +30,6 @@ from bench.harness import (
     summarize,
     table,
     worker,
-    write_json,
 )
 from bench.models import BENCH_DIR, dataset_path, model_path, work_dir
 
@@ -207,23 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "train_step", "machine": machine_info(args.threads), "models": {}}
     tree = None
     if args.proposed:
-        from bench.proposed import proposed_tree
-
-        tree, result["proposals"] = proposed_tree()
-        print("proposals: " + ", ".join(f"{k} {v}" for k, v in result["proposals"].items()))
+        tree, result["proposals"] = load_proposals()
     for model in args.models.split(","):
         result["models"][model] = run_model(args, model, tree=tree)
     result["static"] = static_figures(args)
-    import os
-
-    result["machine"]["load_average_at_end"] = os.getloadavg()
-    result["wall_s"] = time.perf_counter() - started
-    out = Path(args.out) if args.out else BENCH_DIR / "results" / "train_step.json"
-    write_json(result, out)
-    print()
-    print(report(result))
-    print(f"\n{result['wall_s']:.0f} s; wrote {out}")
-    return 0
+    return finish(result, Path(args.out) if args.out else BENCH_DIR / "results" / "train_step.json", report, started)
 
 
 if __name__ == "__main__":
