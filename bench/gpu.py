@@ -8,7 +8,9 @@ Configs: SD1.5 (trainer/assets/configs/sd15: UNet 860M, VAE, 12-layer CLIP) at 5
 fp16 and bf16; SDXL base (configs/sdxl-base) at 1024 px, batch 1, bf16. Weights are random (built once
 from the shipped configs into bench/.work/models; nothing is downloaded): speed and memory do not
 depend on their values. Contenders: sdlora's Trainer and the diffusers+peft recipe, LoRA r=16 on
-to_q/to_k/to_v/to_out.0, each config and contender in its own process, repeats interleaved.
+to_q/to_k/to_v/to_out.0, each config and contender in its own process, repeats interleaved. Add
+`--contenders sdlora,diffusers-peft,sdlora-compiled` (and `--warmup 10`) to measure `train.compile`,
+whose compiling happens in the warm-up steps.
 
 Throughput share of the FLOP limit ("MFU"): images/s x the FLOPs of one image's UNet LoRA step (forward
 and backward to the input, counted with torch's FlopCounterMode on the meta device; 1.73 TFLOP for

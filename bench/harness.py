@@ -36,6 +36,7 @@ class Contender:
     target_modules: tuple[str, ...] | None = None  # sdlora only: restrict to these module names
     label: str = ""
     proposed: bool = False  # sdlora only: run from the tree with bench/proposals/*.patch applied
+    compile: bool = False  # sdlora only: train.compile (minutes of compiling in the warm-up steps)
 
 
 CONTENDERS = {c.name: c for c in (
@@ -45,6 +46,8 @@ CONTENDERS = {c.name: c for c in (
               label="same, latents + text precomputed (info)"),
     Contender("sdlora-locon", "sdlora", "locon", label="sdlora LoCon"),
     Contender("lycoris-locon", "lycoris", "locon", label="LyCORIS LoCon on the recipe loop"),
+    Contender("sdlora-compiled", "sdlora", "lora", target_modules=QKVO, compile=True,
+              label="sdlora LoRA (q,k,v,out), train.compile"),
     Contender("sdlora-proposed", "sdlora", "lora", target_modules=QKVO, proposed=True,
               label="sdlora LoRA with bench/proposals applied"),
     Contender("sdlora-locon-proposed", "sdlora", "locon", proposed=True,
@@ -64,6 +67,8 @@ PAIRS = (
     Pair("sdlora", "diffusers-peft", "LoRA vs diffusers+peft", {"step_time": 0.9, "peak_rss": 1.0}),
     Pair("sdlora-locon", "lycoris-locon", "LoCon vs LyCORIS", {"peak_rss": 1.0}),
     Pair("sdlora", "diffusers-peft-cached", "LoRA vs recipe with caches (adapter + loop only)", {}),
+    Pair("sdlora-compiled", "diffusers-peft", "LoRA with train.compile vs diffusers+peft", {"step_time": 0.9}),
+    Pair("sdlora-compiled", "sdlora", "train.compile's own effect", {}),
     Pair("sdlora-proposed", "diffusers-peft", "LoRA with the proposals vs diffusers+peft",
          {"step_time": 0.9, "peak_rss": 1.0}),
     Pair("sdlora-locon-proposed", "lycoris-locon", "LoCon with the proposals vs LyCORIS", {"peak_rss": 1.0}),
@@ -85,7 +90,8 @@ def build_contender(spec: dict):
         from bench.ours import SdloraContender, bench_config
 
         cfg = bench_config(spec["model_dir"], spec["data_dir"], run_dir, epochs=1000,
-                           target_modules=contender.target_modules, **common)
+                           target_modules=contender.target_modules, **common,
+                           extra={"train": {"compile": True}} if contender.compile else None)
         return SdloraContender(cfg, contender.target_modules), run_dir
     from bench.peers import Recipe
 
