@@ -283,8 +283,9 @@ def similarity_text(report: dict) -> str:
 VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 
 
-def save_heatmap_png(matrix: list[list[float]], path: str, cell: int = 16) -> Path:
-    """phi as an image: row i (top to bottom), column j (left to right), each cell `cell` pixels, values in [0, 1]."""
+def heatmap_image(matrix: list[list[float]], cell: int = 16):
+    """phi as a PIL image: row i (top to bottom), column j (left to right), each cell `cell` pixels square,
+    values in [0, 1] coloured from dark purple (0) to yellow (1) along VIRIDIS."""
     import numpy as np
     from PIL import Image
 
@@ -294,10 +295,14 @@ def save_heatmap_png(matrix: list[list[float]], path: str, cell: int = 16) -> Pa
     frac = (values - low)[..., None]
     rgb = palette[low] * (1 - frac) + palette[low + 1] * frac
     image = Image.fromarray(rgb.round().astype(np.uint8), "RGB")
-    image = image.resize((image.width * cell, image.height * cell), Image.NEAREST)
+    return image.resize((image.width * cell, image.height * cell), Image.NEAREST)
+
+
+def save_heatmap_png(matrix: list[list[float]], path: str, cell: int = 16) -> Path:
+    """heatmap_image(matrix, cell) written as a PNG (parent folders created)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    image.save(target)
+    heatmap_image(matrix, cell).save(target)
     return target
 
 

@@ -266,3 +266,34 @@ def assert_loads_in_diffusers(lora: Path) -> None:
         pipe.load_lora_weights(str(folder), weight_name="demo-lora.safetensors")
         after = pipe.unet(sample, 500, context).sample
     assert (after - before).abs().max() > 1e-4
+
+
+def test_inspect_shows_the_spectrum_and_the_similarity_heatmap(page, tmp_path):
+    from tests.test_ui_inspect import tiny_sd1_pair
+
+    first, second = tiny_sd1_pair(tmp_path)  # rank 8, the second sharing each module's top 2 directions
+    page.get_by_role("tab", name="Inspect").click()
+    field(page, "inspect-path").fill(str(first))
+    page.locator("#inspect-go").click()
+    wait_for(lambda: page.locator("#inspect-ranks svg .mark-line path").count() == 4, what="4 effective-rank lines")
+    spectrum = page.locator("#inspect-spectrum svg")
+    wait_for(lambda: spectrum.locator(".mark-line path").count() == 3, what="a line per UNet block")
+    assert "unet mid_block" in spectrum.locator(".role-legend").text_content()
+    field(page, "inspect-path-b").fill(str(second))
+    page.locator("#inspect-compare").click()
+    wait_for(lambda: "90 common modules" in page.locator("#inspect-compare-notice").inner_text(), what="the comparison")
+    heatmap = page.locator("#inspect-heatmap img")
+    heatmap.wait_for()
+    assert heatmap.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [320, 320]  # 8 x 8 cells of 40 px
+    assert "mean phi(1,1) 1.000" in page.get_by_text("common modules; mean phi(1,1)").inner_text()
+    page.mouse.move(0, 0)
+    shot(page, "inspect.png")
+    # The text encoder's lines replace the UNet's, with their own legend; one module's heatmap replaces the mean.
+    page.locator("#inspect-component label", has_text="te").click()
+    wait_for(lambda: "te layers.2" in spectrum.locator(".role-legend").text_content(), what="the text encoder's lines")
+    assert spectrum.locator(".mark-line path").count() == 3 and "unet" not in spectrum.locator(".role-legend").text_content()
+    mean = heatmap.get_attribute("src")
+    page.locator("#inspect-module input").click()
+    page.locator("ul[role=listbox] li", has_text="lora_unet_mid_block_attentions_0_proj_in").first.click()
+    wait_for(lambda: heatmap.get_attribute("src") != mean, what="the module's heatmap")
+    assert "Traceback" not in page.content()
