@@ -332,7 +332,7 @@ def test_cached_runs_drop_the_text_encoder_and_vae_encoder_and_train_the_same(tm
     released = Trainer(tiny_config(data8, tmp_path / "released", "train.max_steps=3"))
     released_file = released.train()
     assert released.model.text_encoders == []  # every caption is in the text cache
-    assert not hasattr(released.model.vae, "encoder") and hasattr(released.model.vae, "decoder")
+    assert not hasattr(released.model.vae, "encoder") and not hasattr(released.model.vae, "decoder")  # no previews
     assert len(released.encode_text._memory) == len({item.caption for item in released.dataset.items})
 
     monkeypatch.setattr(Trainer, "_release_cached_encoders", lambda self, held_out: None)
@@ -345,19 +345,20 @@ def test_cached_runs_drop_the_text_encoder_and_vae_encoder_and_train_the_same(tm
     assert losses(tmp_path / "released") == losses(tmp_path / "kept")
 
 
-@pytest.mark.parametrize("flags, keeps_text_encoder, keeps_vae_encoder", [
-    (["sample.every_steps=2"], True, False),  # previews encode their prompts
-    (["validation.images=2", "validation.every_steps=2"], True, False),
-    (["dataset.random_crop=true"], False, True),  # random crops are encoded when drawn
-    (["dataset.shuffle_captions=true"], True, False),  # varying captions are never cached
-    (["dataset.cache_latents=none", "dataset.cache_text_encoder_outputs=false"], True, True),
+@pytest.mark.parametrize("flags, keeps_text_encoder, keeps_vae_encoder, keeps_vae_decoder", [
+    (["sample.every_steps=2"], True, False, True),  # previews encode their prompts and decode
+    (["validation.images=2", "validation.every_steps=2"], True, False, False),
+    (["dataset.random_crop=true"], False, True, False),  # random crops are encoded when drawn
+    (["dataset.shuffle_captions=true"], True, False, False),  # varying captions are never cached
+    (["dataset.cache_latents=none", "dataset.cache_text_encoder_outputs=false"], True, True, False),
 ])
 def test_encoders_stay_while_something_still_needs_them(tmp_path, data8, flags, keeps_text_encoder,
-                                                          keeps_vae_encoder):
+                                                          keeps_vae_encoder, keeps_vae_decoder):
     trainer = Trainer(tiny_config(data8, tmp_path / "run", "train.max_steps=1", *flags))
     trainer.setup()
     assert bool(trainer.model.text_encoders) == keeps_text_encoder
     assert hasattr(trainer.model.vae, "encoder") == keeps_vae_encoder
+    assert hasattr(trainer.model.vae, "decoder") == keeps_vae_decoder
 
 
 def test_compiled_training_step_matches_the_eager_one(tmp_path, data8, monkeypatch):

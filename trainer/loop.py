@@ -151,13 +151,16 @@ class Trainer:
         """Drop what the caches made dead weight for the rest of the run (host RAM on CPU, VRAM on GPU): the
         text encoder(s), as every caption is in the text cache, and the VAE's encoder half, as every latent is
         in the latent cache (both built by _build_caches). Sample previews and validation encode new
-        prompts, so with either the text encoders stay; the VAE decoder always stays (previews decode)."""
+        prompts, so with either the text encoders stay; only previews decode, so without them the VAE's
+        decoder half goes too (its config stays: latents are scaled by it)."""
         cfg, model = self.cfg, self.model
         sampling = bool(cfg.sample.prompts) and bool(cfg.sample.every_steps or cfg.sample.every_epochs)
         if isinstance(self.encode_text, TextEmbeddingCache) and not sampling and not held_out:
             model.text_encoders.clear()
         if self.latents is not None and not cfg.dataset.random_crop:  # every latent was built above
             del model.vae.encoder, model.vae.quant_conv
+        if not sampling:
+            del model.vae.decoder, model.vae.post_quant_conv
 
     def _validation_set(self, items) -> ValidationSet:
         cfg, model = self.cfg, self.model
