@@ -86,11 +86,13 @@ def test_overfitting_one_image_lowers_the_loss(tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
-def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, data8):
+@pytest.mark.parametrize("loading", [[], ["dataset.cache_latents=none", "dataset.num_workers=2"]],
+                         ids=["cached", "workers"])
+def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, data8, loading):
     flags = ["train.max_steps=6", "train.batch_size=2", "dataset.shuffle_captions=true",
              "dataset.caption_dropout=0.3", "dataset.flip=true", "network.rank_dropout=0.2",
              "dataset.resolution=128", "dataset.min_bucket_side=64", "dataset.max_bucket_side=256",
-             "train.lr_scheduler=cosine", "train.gradient_accumulation_steps=2"]
+             "train.lr_scheduler=cosine", "train.gradient_accumulation_steps=2", *loading]
     train(tiny_config(data8, tmp_path / "straight", *flags), progress=False)
 
     interrupted = Trainer(tiny_config(data8, tmp_path / "stopped", *flags))
@@ -376,3 +378,23 @@ def test_compiled_training_step_matches_the_eager_one(tmp_path, data8, monkeypat
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
     a, b = load_file(compiled_file), load_file(eager_file)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("flags", [["dataset.cache_latents=none"], ["dataset.random_crop=true"]])
+def test_worker_processes_load_the_same_pixels_ahead_of_the_step(tmp_path, data8, flags):
+    common = ["train.max_steps=5", "train.batch_size=2", "dataset.flip=true", *flags]  # 4 batches an epoch
+    workers = Trainer(tiny_config(data8, tmp_path / "workers", "dataset.num_workers=2", *common))
+    workers.train()
+    assert workers.prefetch.loader_pids and os.getpid() not in workers.prefetch.loader_pids
+    inline = Trainer(tiny_config(data8, tmp_path / "inline", *common))
+    inline.train()
+    assert inline.prefetch is None
+    losses = lambda run: [e["loss"] for e in events(run) if e["event"] == "step"]  # noqa: E731
+    assert len(losses(tmp_path / "workers")) == 5
+    assert losses(tmp_path / "workers") == losses(tmp_path / "inline")
+
+
+def test_cached_runs_start_no_workers(tmp_path, data8):
+    trainer = Trainer(tiny_config(data8, tmp_path / "run", "dataset.num_workers=2"))
+    trainer.setup()
+    assert trainer.prefetch is None  # every latent is in the cache: nothing to decode per step

@@ -112,8 +112,10 @@ class DatasetSection(Section):
         "none", description="Leave parts of images out of the loss: alpha uses each image's transparency, "
                             "folder uses grayscale masks (white = train) named like the images.")
     mask_folder: str | None = Field(None, description="Folder of masks for loss_mask = folder.")
-    num_workers: int = Field(0, ge=0, le=64, description="Data-loading worker processes; 0 loads in the "
-                                                         "training process.")
+    num_workers: int = Field(0, ge=0, le=64, description="Worker processes that decode the next batches' "
+                                                         "images while a step runs, when images are encoded every "
+                                                         "step (cache_latents = none, or random_crop); 0 loads "
+                                                         "them in the training process.")
 
     @field_validator("caption_extension", mode="before")
     @classmethod

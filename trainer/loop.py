@@ -32,6 +32,7 @@ from trainer.loss_mask import LossMasks
 from trainer.model_loading import load_model
 from trainer.objective import diffusion_loss, sample_noise, sample_timesteps, training_target
 from trainer.optimizers import build_lr_scheduler, build_optimizer
+from trainer.prefetch import PixelPrefetch, batch_pixels
 from trainer.run_dir import RunDir
 from trainer.sampling import build_pipeline, render_samples
 from trainer.state import Position, load_state, save_state
@@ -95,6 +96,8 @@ class Trainer:
                                     prediction_type=cfg.model.prediction_type, config_dir=cfg.model.config_dir)
         self._place_models()
         self._build_caches()
+        workers = cfg.dataset.num_workers
+        self.prefetch = PixelPrefetch(self.dataset, workers) if workers and self._encodes_every_step() else None
         self.network = LoraNetwork.create(self.model.family.name, self.model.unet, self.model.text_encoders,
                                           network_spec(cfg)).attach()
         # Only the training forward is compiled (after the adapters' hooks are in, so they are traced):
@@ -205,11 +208,14 @@ class Trainer:
             out["pooled"] = embeds.pooled
         return out
 
+    def _encodes_every_step(self) -> bool:
+        return self.latents is None or self.cfg.dataset.random_crop  # random crops are never cached
+
     def _batch_latents(self, batch) -> torch.Tensor:
-        if self.latents is not None:
+        if not self._encodes_every_step():
             return self.latents.get_batch(batch).to(self.accelerator.device)
         vae = self.model.vae
-        pixels = torch.stack([self.dataset.sample_pixels(s) for s in batch.samples])
+        pixels = self.prefetch.pixels(batch) if self.prefetch else batch_pixels(self.dataset, batch)
         with torch.no_grad():
             raw = vae.encode(pixels.to(vae.device)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -309,6 +315,8 @@ class Trainer:
             while position.step < self.total_steps:
                 if plan_epoch != position.epoch:  # a pure function of (seed, epoch): built once per epoch, not per
                     plan_epoch, plan = position.epoch, self._epoch_batches(position.epoch)  # step (O(images) each)
+                    if self.prefetch is not None:
+                        self.prefetch.start(plan, position.batch)
                 if position.batch >= len(plan):
                     position.epoch, position.batch = position.epoch + 1, 0
                     self._after_epoch(position)
@@ -332,6 +340,8 @@ class Trainer:
             return self._finish(position)
         finally:
             stop.uninstall()
+            if self.prefetch is not None:
+                self.prefetch.close()
 
     def _stop_requested(self, stop: StopSignal) -> bool:
         flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.accelerator.device)
@@ -357,6 +367,7 @@ class Trainer:
             self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
     progress = None
+    prefetch = None
     tensorboard = None
     last_sample_step = -1
 
