@@ -237,3 +237,27 @@ def test_disk_cache_survives_a_new_object_and_respects_encoder_identity(tmp_path
 )
 def test_text_cache_allowed(options, train_text_encoder, allowed):
     assert text_cache_allowed(options, train_text_encoder) is allowed
+
+
+def test_two_processes_each_encode_half_and_swap_entries(vae, dataset):
+    items = dataset.items
+    first, second = _cache(vae, dataset), _cache(vae, dataset)
+    assert first.build(items[0::2]) == 2 and second.build(items[1::2]) == 2
+    first.add(second.entries(items[1::2]))
+    second.add(first.entries(items[0::2]))
+    assert first.build() == 0 and second.build() == 0  # nothing left to encode in either
+    assert first.encode_count == second.encode_count == 2
+    for item in items:
+        assert torch.equal(first.get(item), second.get(item))
+    assert first.entries(items[1::2]).keys() == second.entries(items[1::2]).keys()
+
+
+def test_text_cache_build_encodes_missing_captions_in_fixed_chunks_and_shares_entries():
+    encoder = CountingEncoder()
+    cache = TextEmbeddingCache(encoder)
+    assert cache.build(["a", "bb", "a", "ccc"], batch_size=2) == 3
+    assert encoder.calls == [["a", "bb"], ["ccc"]]
+    other = TextEmbeddingCache(CountingEncoder())
+    other.add(cache.entries(["bb", "ccc", "never-encoded"]))
+    assert other.build(["bb", "ccc"]) == 0 and other.encoded_captions == 0
+    assert torch.equal(other(["ccc"])[0], cache(["ccc"])[0])

@@ -34,6 +34,10 @@ def data8(tmp_path_factory):
     return folder
 
 
+def captions(folder):
+    return {path.read_text() for path in Path(folder).glob("*.txt")}
+
+
 def events(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines()]
 
@@ -241,6 +245,8 @@ def test_two_cpu_processes_train_sharded_and_write_one_set_of_files(tmp_path, da
     log = events(out)
     assert [e["step"] for e in log if e["event"] == "step"] == [1, 2, 3, 4]
     assert sum(e["event"] == "started" for e in log) == 1 and log[-1]["event"] == "finished"
+    # each process encoded its half of the caches and received the other half
+    assert (log[0]["encoded_images"], log[0]["encoded_captions"]) == (4, len(captions(data8)) // 2)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["demo-lora-step-000002.safetensors"]
     assert load_in_diffusers("sd1", out / "demo-lora.safetensors") > 0
 
@@ -319,6 +325,7 @@ def test_validation_ema_masks_and_load_checks_in_one_run(tmp_path):
     assert [e["step"] for e in validations] == [2, 4]
     assert all(e["loss"] > 0 and len(e["per_timestep"]) == 5 for e in validations)
     assert log[0]["num_images"] == 4  # two held out
+    assert (log[0]["encoded_images"], log[0]["encoded_captions"]) == (4, 4)  # one process: every image
     checks = [e for e in log if e["event"] == "load_check"]
     assert {c["path"] for c in checks} == {"checkpoints/demo-lora-step-000002.safetensors",
                                            "demo-lora.safetensors", "demo-lora-ema.safetensors"}

@@ -91,6 +91,17 @@ class LatentCache:
                 self._encode(group[start : start + self.batch_size])
         return len(missing)
 
+    def entries(self, items: Iterable[Item], flips: Iterable[bool] | None = None) -> dict[str, torch.Tensor]:
+        """{key: raw latent} of these items as stored (what `add` takes in another process)."""
+        flips = tuple(flips) if flips is not None else (False, True) if self.dataset.options.flip else (False,)
+        keys = [self.key(item, flip) for item in items for flip in flips]
+        return {key: latent for key in keys if (latent := self._lookup(key)) is not None}
+
+    def add(self, entries: dict[str, torch.Tensor]) -> None:
+        """Take latents another process encoded (keys name content, crop and VAE, so they are valid here)."""
+        for key, latent in entries.items():
+            self._memory.setdefault(key, latent)
+
     def get(self, item: Item, flip: bool = False, placement: Placement | None = None) -> torch.Tensor:
         """CHW latents of the item, already scaled (and shifted) as the UNet expects; encodes on a miss."""
         placement = placement or item.placement

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from networks.errors import SdloraError
 from networks.load_check import check_lora_file
@@ -143,12 +143,24 @@ class Trainer:
             self.latents = LatentCache(model.vae, self.dataset, vae_identity(model.vae, model.vae_identity),
                                        folder=folder)
             if not cfg.dataset.random_crop:  # random crops are encoded when drawn, never the centre crop
-                self.latents.build()
+                self._build_shared(self.latents, self.dataset.items)
         self.encode_text = self._encode_captions
         if cfg.dataset.cache_text_encoder_outputs and text_cache_allowed(dataset_options(cfg).captions,
                                                                           cfg.network.train_text_encoder):
             self.encode_text = TextEmbeddingCache(self._encode_captions, encoder_id=model.source)
-            self.encode_text.build(sorted({item.caption for item in self.dataset.items}))
+            self._build_shared(self.encode_text, sorted({item.caption for item in self.dataset.items}))
+
+    def _build_shared(self, cache, keys: list) -> None:
+        """Fill a cache with every entry; with several processes each encodes its share and they swap
+        results, since the epoch plan may deal any image to any process (N times less encoding)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            cache.build(keys)
+            return
+        share = keys[acc.process_index::acc.num_processes]
+        cache.build(share)
+        for entries in gather_object([cache.entries(share)]):
+            cache.add(entries)
 
     def _release_cached_encoders(self, held_out) -> None:
         """Drop what the caches made dead weight for the rest of the run (host RAM on CPU, VRAM on GPU): the
@@ -304,7 +316,7 @@ class Trainer:
         accum = cfg.train.gradient_accumulation_steps
         if self.main:
             run.emit("started", total_steps=self.total_steps, epochs=self._epochs(), start_step=position.step,
-                     name=cfg.name, num_images=len(self.dataset))
+                     name=cfg.name, num_images=len(self.dataset), **self._encoded_counts())
         stop = self.stop.install()
         started, start_step = time.perf_counter(), position.step
         if self.progress is not None:
@@ -347,6 +359,13 @@ class Trainer:
         flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum") > 0) if self.accelerator.num_processes > 1 \
             else stop.requested
+
+    def _encoded_counts(self) -> dict:
+        """What this process ran through the VAE and text encoder for the caches (the rest came from disk or
+        from the other processes)."""
+        text = self.encode_text
+        return {"encoded_images": self.latents.encode_count if self.latents is not None else 0,
+                "encoded_captions": text.encoded_captions if isinstance(text, TextEmbeddingCache) else 0}
 
     def _epochs(self) -> int:
         return math.ceil(self.total_steps / max(1, self.steps_per_epoch()))

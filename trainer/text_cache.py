@@ -60,6 +60,14 @@ class TextEmbeddingCache:
             self._encode(missing[start:start + batch_size])
         return len(missing)
 
+    def entries(self, captions: list[str]) -> dict[str, Any]:
+        """{caption: states} as stored (what `add` takes in another process)."""
+        return {c: out for c in dict.fromkeys(captions) if (out := self._lookup(c)) is not None}
+
+    def add(self, entries: dict[str, Any]) -> None:
+        for caption, output in entries.items():
+            self._memory.setdefault(caption, output)
+
     def key(self, caption: str) -> str:
         return hashlib.sha256(f"{self.encoder_id}\0{caption}".encode()).hexdigest()
 
