@@ -2,7 +2,7 @@
 import gradio as gr
 import pytest
 
-from app.ui.config_form import PROMPTS_KEY, SKIPPED_KEYS, ConfigForm, from_widget, prompts_from_text
+from app.ui.config_form import PROMPTS_KEY, SKIPPED_KEYS, ConfigForm, from_widget, prompts_to_text
 from networks.errors import SdloraError
 from trainer.config import TrainConfig, config_field_table
 from trainer.presets import resolve_config
@@ -28,8 +28,7 @@ def test_values_read_back_as_the_same_config():
     form = built_form(cfg)
     values = form.values(cfg)
     assert values[form.keys.index("train.optimizer_args")] == '{"betas": [0.9, 0.99]}'
-    assert form.to_config("demo", "sdlorastyle, a coral circle\nsdlorastyle, a teal square and a mustard triangle",
-                          values) == cfg
+    assert form.to_config("demo", prompts_to_text(cfg), values) == cfg  # the prompt box as the UI fills it
 
 
 def test_a_cleared_optional_field_beats_the_preset():
@@ -52,14 +51,6 @@ def test_bad_values_are_one_sentence_naming_the_key():
     values[form.keys.index("train.optimizer_args")] = "{betas: 1"
     with pytest.raises(SdloraError, match=r"^train.optimizer_args must be JSON"):
         form.to_config("demo", "", values)
-
-
-def test_prompt_lines_keep_the_presets_sample_settings():
-    template = resolve_config("demo").sample.prompts
-    prompts = prompts_from_text("first\n\n  second  \nthird", template)
-    assert [p["prompt"] for p in prompts] == ["first", "second", "third"]
-    assert [p["seed"] for p in prompts] == [1, 2, 2]  # a third line copies the last preset prompt
-    assert prompts[0]["steps"] == 8 and prompts_from_text("", template) == []
 
 
 def test_numbers_from_the_browser_become_the_configs_types():

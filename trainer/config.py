@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from networks.errors import SdloraError
+from trainer.sample_prompts import OPTION_HELP, parse_prompt_line
 
 try:
     import tomllib
@@ -241,6 +242,18 @@ class SamplePrompt(Section):
                                description="Height in pixels; empty = dataset.resolution.")
 
 
+def _prompt_from_line(line: str) -> dict:
+    try:
+        prompt, ignored = parse_prompt_line(line, repr(line.strip()))
+    except SdloraError as error:
+        raise PydanticCustomError("sdlora_value", str(error).rstrip(".").replace("{", "(").replace("}", ")")) \
+            from None
+    if ignored:
+        raise PydanticCustomError("sdlora_value", f"uses --{ignored[0]}, which sdlora does not support "
+                                                  f"(options: {OPTION_HELP})")
+    return prompt
+
+
 class SampleSection(Section):
     every_steps: int = Field(0, ge=0, description="Draw samples every N steps; 0 disables.")
     every_epochs: int = Field(0, ge=0, description="Draw samples every N epochs; 0 disables.")
@@ -250,9 +263,10 @@ class SampleSection(Section):
     @field_validator("prompts", mode="before")
     @classmethod
     def _plain_strings(cls, prompts: Any) -> Any:
-        # `prompts = ["a cat", "a dog"]` is the short form of a list of {prompt = ...} tables.
+        # `prompts = ["a cat", "a dog --w 512 --d 3"]` is the short form of a list of {prompt = ...} tables,
+        # with kohya's inline options (trainer.sample_prompts).
         if isinstance(prompts, list):
-            return [{"prompt": p} if isinstance(p, str) else p for p in prompts]
+            return [_prompt_from_line(p) if isinstance(p, str) else p for p in prompts]
         return prompts
 
 

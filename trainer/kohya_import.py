@@ -19,6 +19,7 @@ from typing import Any
 
 from networks.errors import SdloraError
 from trainer.config import config_from_dict
+from trainer.sample_prompts import OPTION_HELP, parse_prompt_text
 
 NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon"}
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "prodigy": "prodigy",
@@ -124,7 +125,7 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
 SPECIAL = ("LoRA_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "learning_rate", "unet_lr",
            "text_encoder_lr", "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup", "max_train_steps",
            "max_train_epochs", "max_resolution", "min_snr_gamma", "mixed_precision", "save_precision",
-           "cache_latents", "cache_latents_to_disk", "v_parameterization", "sample_sampler")
+           "cache_latents", "cache_latents_to_disk", "v_parameterization", "sample_sampler", "sample_prompts")
 
 
 class _Builder:
@@ -157,7 +158,7 @@ def import_kohya_preset(data: Mapping[str, Any], source: str = "the kohya_ss pre
         if b.given(key):
             b.set(dotted, read(key, data[key], source))
     for step in (_network, _learning_rates, _optimizer, _schedule, _length, _resolution, _precision,
-                 _caching, _prediction, _sampler):
+                 _caching, _prediction, _sampler, _sample_prompts):
         step(b)
     for key, value in data.items():
         if key not in DIRECT and key not in SPECIAL:
@@ -358,6 +359,18 @@ def _sampler(b: _Builder) -> None:
             b.set("sample.sampler", SAMPLERS[name])
         else:
             b.unmapped["sample_sampler"] = name
+
+
+def _sample_prompts(b: _Builder) -> None:
+    """kohya_ss keeps the prompt lines themselves in its preset (written to prompt.txt at launch)."""
+    if not b.given("sample_prompts"):
+        return
+    prompts, ignored = parse_prompt_text(str(b.data["sample_prompts"]), f"sample_prompts in {b.source}")
+    if prompts:
+        b.set("sample.prompts", prompts)
+    if ignored:
+        b.notes.append(f"Sample prompt option(s) {', '.join('--' + name for name in ignored)} were left out: "
+                       f"sdlora reads {OPTION_HELP} (the sampler is sample.sampler, one per run).")
 
 
 def _drop_zero_optional(b: _Builder) -> None:

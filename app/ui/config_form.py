@@ -14,8 +14,9 @@ from typing import Any
 import gradio as gr
 
 from networks.errors import SdloraError
-from trainer.config import ConfigField, TrainConfig, config_field_table
+from trainer.config import ConfigField, SamplePrompt, TrainConfig, config_field_table
 from trainer.presets import resolve_config
+from trainer.sample_prompts import OPTION_HELP, format_prompt_line, parse_prompt_text
 
 PROMPTS_KEY = "sample.prompts"  # edited as one prompt per line in the main form
 SKIPPED_KEYS = ("output.dir",)  # the run manager sets it to the new run's folder
@@ -70,8 +71,7 @@ class ConfigForm:
         data: dict = {}
         for key, value in zip(self.keys, values):
             _set(data, key, from_widget(self.fields[key], value))
-        template = resolve_config(preset).sample.prompts if preset else []
-        _set(data, PROMPTS_KEY, prompts_from_text(prompts_text, template))
+        _set(data, PROMPTS_KEY, prompts_from_text(prompts_text))
         return resolve_config(preset or None, base=data)
 
     def values(self, cfg: TrainConfig) -> list[Any]:
@@ -160,18 +160,19 @@ def _number(field: ConfigField, text: Any) -> int | float:
     return int(number) if field.type.startswith("int") and number.is_integer() else number
 
 
-def prompts_from_text(text: str, template: Sequence[Any] = ()) -> list[dict]:
-    """One prompt per line; line i keeps the seed/steps/size of the preset's prompt i (or its last one)."""
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    prompts = []
-    for index, line in enumerate(lines):
-        base = template[min(index, len(template) - 1)].model_dump() if template else {}
-        prompts.append({**base, "prompt": line})
+def prompts_from_text(text: str) -> list[dict]:
+    """One prompt per line with kohya's options (--n, --w, --h, --d, --s, --l); what a line says is what is
+    drawn: an option left out takes its default (seed 0, 20 steps, CFG 7, dataset.resolution)."""
+    prompts, ignored = parse_prompt_text(text, "the sample prompts")
+    if ignored:
+        raise SdloraError(f"The sample prompts use --{ignored[0]}, which sdlora does not support; the options "
+                          f"are {OPTION_HELP}.")
     return prompts
 
 
 def prompts_to_text(cfg: TrainConfig) -> str:
-    return "\n".join(p.prompt for p in cfg.sample.prompts)
+    defaults = SamplePrompt(prompt="")
+    return "\n".join(format_prompt_line(p, defaults) for p in cfg.sample.prompts)
 
 
 def _set(data: dict, key: str, value: Any) -> None:

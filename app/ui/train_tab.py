@@ -133,7 +133,8 @@ def build(ctx: UIContext) -> TrainTab:
                 form.add("train.epochs", label="Epochs", info="Passes over the data.")
                 form.add("train.max_steps", label="Max steps", info="Empty = train all the epochs.")
             prompts = gr.Textbox(prompts_to_text(start_cfg), label="Sample prompts", lines=2, max_lines=6,
-                                 info="One per line; drawn every sample.every_steps steps (Advanced).",
+                                 info="One per line, kohya style: a cat --n blurry --w 512 --h 512 --d 1 --s 20 --l 7 "
+                                      "(negative, size, seed, steps, CFG). Drawn every sample.every_steps steps.",
                                  elem_id="sample-prompts")
             with gr.Accordion("Advanced: every setting", open=False, elem_id="advanced"):
                 form.add_remaining()
