@@ -5,7 +5,7 @@ GPU's FLOP limit.
     python -m bench.train_step --gpu --configs sd15-512-bs8-bf16 --out bench/results/gpu.json   # one
 
 Configs: SD1.5 (trainer/assets/configs/sd15: UNet 860M, VAE, 12-layer CLIP) at 512 px, batch 1 and 8,
-fp16 and bf16; SDXL base (configs/sdxl-base) at 1024 px, batch 1, bf16. Weights are random (built once
+fp16 and bf16, and batch 1 bf16 with gradient checkpointing (`-gc`, as memory targets are quoted); SDXL base (configs/sdxl-base) at 1024 px, batch 1, bf16. Weights are random (built once
 from the shipped configs into bench/.work/models; nothing is downloaded): speed and memory do not
 depend on their values. Contenders: sdlora's Trainer and the diffusers+peft recipe, LoRA r=16 on
 to_q/to_k/to_v/to_out.0, each config and contender in its own process, repeats interleaved. Add
@@ -41,8 +41,8 @@ from bench.models import (
 )
 
 GPU_MODELS = {"sd15": "sd15", "sdxl": "sdxl-base", "sd1": "sd1", "tiny": "tiny"}  # config token -> bench model
-DEFAULT_CONFIGS = ("sd15-512-bs1-fp16", "sd15-512-bs1-bf16", "sd15-512-bs8-fp16", "sd15-512-bs8-bf16",
-                   "sdxl-1024-bs1-bf16")
+DEFAULT_CONFIGS = ("sd15-512-bs1-fp16", "sd15-512-bs1-bf16", "sd15-512-bs1-bf16-gc", "sd15-512-bs8-fp16",
+                   "sd15-512-bs8-bf16", "sdxl-1024-bs1-bf16")
 # Dense fp16/bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("GH200", 989.4e12),
               ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165.2e12),
@@ -50,13 +50,16 @@ PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("G
 
 
 def parse_config(name: str) -> dict:
-    """"sd15-512-bs8-bf16" -> model sd15, resolution 512, batch 8, mixed precision bf16."""
+    """"sd15-512-bs8-bf16" -> model sd15, resolution 512, batch 8, mixed precision bf16; a "-gc" suffix turns
+    on gradient checkpointing (for sdlora and the recipe alike), the setting memory targets are quoted with."""
     try:
-        model, resolution, batch, precision = name.split("-")
+        model, resolution, batch, precision, *extra = name.split("-")
         config = {"name": name, "model": model, "resolution": int(resolution), "batch_size": int(batch.removeprefix("bs")),
-                  "mixed_precision": precision}
+                  "mixed_precision": precision, "gradient_checkpointing": extra == ["gc"]}
+        if extra not in ([], ["gc"]):
+            raise ValueError
     except ValueError:
-        raise SystemExit(f"config {name!r} is not MODEL-RES-bsN-PRECISION like sd15-512-bs8-bf16") from None
+        raise SystemExit(f"config {name!r} is not MODEL-RES-bsN-PRECISION[-gc] like sd15-512-bs8-bf16") from None
     if model not in GPU_MODELS or precision not in ("fp16", "bf16", "no"):
         raise SystemExit(f"config {name!r}: model is sd15, sdxl (or sd1, tiny), precision fp16, bf16 or no")
     return config
@@ -87,6 +90,7 @@ def run_config(args, config: dict, log=print) -> dict:
     names = args.contenders.split(",")
     spec = dict(model_dir=str(model_path(GPU_MODELS[config["model"]])), data_dir=str(dataset_path(args.images)),
                 resolution=config["resolution"], batch_size=config["batch_size"], rank=args.rank, alpha=None,
+                gradient_checkpointing=config["gradient_checkpointing"],
                 conv_rank=8, conv_alpha=None, seed=42, mixed_precision=config["mixed_precision"], threads=None,
                 warmup=args.warmup, steps=args.steps, workdir=str(work_dir()), device=args.device, tree=None)
     log(f"{config['name']}: {', '.join(names)}; {args.repeats} repeat(s) x ({args.warmup} warm-up + {args.steps} steps)")

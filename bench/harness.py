@@ -89,14 +89,15 @@ def build_contender(spec: dict):
     if contender.adapter == "sdlora":
         from bench.ours import SdloraContender, bench_config
 
+        train = {"compile": contender.compile, "gradient_checkpointing": spec.get("gradient_checkpointing", False)}
         cfg = bench_config(spec["model_dir"], spec["data_dir"], run_dir, epochs=1000,
-                           target_modules=contender.target_modules, **common,
-                           extra={"train": {"compile": True}} if contender.compile else None)
+                           target_modules=contender.target_modules, **common, extra={"train": train})
         return SdloraContender(cfg, contender.target_modules), run_dir
     from bench.peers import Recipe
 
     recipe = Recipe(spec["model_dir"], spec["data_dir"], adapter=contender.adapter, cache=contender.cache,
-                    epochs=1000, workdir=run_dir, **common)
+                    epochs=1000, workdir=run_dir, gradient_checkpointing=spec.get("gradient_checkpointing", False),
+                    **common)
     return recipe, run_dir
 
 

@@ -119,7 +119,7 @@ class Recipe:
     def __init__(self, model_dir, data_dir, resolution: int, batch_size: int, rank: int, alpha: float | None = None,
                  adapter: str = "peft", network: str = "lora", conv_rank: int = 8, conv_alpha: float | None = None,
                  learning_rate: float = 1e-4, seed: int = 42, mixed_precision: str = "no", cache: bool = False,
-                 epochs: int = 1, workdir: Path | None = None):
+                 epochs: int = 1, workdir: Path | None = None, gradient_checkpointing: bool = False):
         if adapter == "peft" and network != "lora":
             raise ValueError("the diffusers recipe trains LoRA on attention only")
         self.model_dir, self.data_dir = Path(model_dir), Path(data_dir)
@@ -130,6 +130,7 @@ class Recipe:
         self.adapter, self.network_type, self.learning_rate = adapter, network, learning_rate
         self.seed, self.mixed_precision, self.cache, self.epochs = seed, mixed_precision, cache, epochs
         self.workdir = Path(workdir) if workdir else None
+        self.gradient_checkpointing = gradient_checkpointing
         self.breakdown: dict[str, float] = {}
 
     # -- setup: as the script, in its order ---------------------------------------------------------
@@ -163,6 +164,8 @@ class Recipe:
         self.vae.to(device, dtype=torch.float32 if self.sdxl else self.weight_dtype)
         for encoder in self.text_encoders:
             encoder.to(device, dtype=self.weight_dtype)
+        if self.gradient_checkpointing:  # the script's --gradient_checkpointing
+            self.unet.enable_gradient_checkpointing()
         params = self._attach_adapter()
         self.params_to_clip = [p for group in params for p in group["params"]] if isinstance(params[0], dict) \
             else list(params)

@@ -58,12 +58,22 @@ def test_a_contender_runs_in_its_own_process(tmp_path):
 
 def test_gpu_mode_code_path_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    assert gpu.main(["--device", "cpu", "--configs", "tiny-64-bs1-no", "--steps", "1", "--warmup", "0",
+    assert gpu.main(["--device", "cpu", "--configs", "tiny-64-bs1-no-gc", "--steps", "1", "--warmup", "0",
                      "--images", "4", "--in-process", "--out", str(out)]) == 0
-    config = json.loads(out.read_text())["configs"]["tiny-64-bs1-no"]
+    config = json.loads(out.read_text())["configs"]["tiny-64-bs1-no-gc"]
+    assert config["settings"]["gradient_checkpointing"] is True
     for c in config["contenders"].values():
         assert positive(c["achieved_tflops"]) and positive(c["useful_tflop_per_image"])
     assert positive(config["ratios"][0]["step_time"])
+
+
+def test_gpu_config_names():
+    assert gpu.parse_config("sd15-512-bs8-bf16") == {"name": "sd15-512-bs8-bf16", "model": "sd15", "resolution": 512,
+                                                     "batch_size": 8, "mixed_precision": "bf16",
+                                                     "gradient_checkpointing": False}
+    assert gpu.parse_config("sd15-512-bs1-bf16-gc")["gradient_checkpointing"] is True
+    with pytest.raises(SystemExit, match=r"is not MODEL-RES-bsN-PRECISION\[-gc\]"):
+        gpu.parse_config("sd15-512-bs1-bf16-xx")
 
 
 def test_sd15_step_flops_match_the_published_estimate():
