@@ -232,21 +232,24 @@ def test_cli_error_is_one_line_on_stderr(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs fork-capable platforms")
-def test_two_cpu_processes_train_sharded_and_write_one_set_of_files(tmp_path, data8):
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_two_cpu_processes_train_sharded_and_write_one_set_of_files(tmp_path, data8, cache):
     out = tmp_path / "run"
-    demo_model_path("sd1")  # build the cached model before two processes race for it
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "app.cli", "train", "--data", str(data8), "--preset", "demo", "--output", str(out),
-           "--no-progress", "--set", "train.max_steps=4", "--set", "sample.every_steps=0",
-           "--set", "save.every_steps=2"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    model = demo_model_path("sd1")  # built once here, before two processes could race for it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29533 + (cache == "disk")), "-m", "app.cli", "train", "--data", str(data8), "--preset", "demo",
+           "--model", str(model), "--output", str(out), "--no-progress", "--set", "train.max_steps=4",
+           "--set", "sample.every_steps=0", "--set", "save.every_steps=2",
+           "--set", f'dataset.cache_latents="{cache}"']
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SDLORA_CACHE": str(tmp_path / "cache")}  # an empty disk cache
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     log = events(out)
     assert [e["step"] for e in log if e["event"] == "step"] == [1, 2, 3, 4]
     assert sum(e["event"] == "started" for e in log) == 1 and log[-1]["event"] == "finished"
-    # each process encoded its half of the caches and received the other half
+    # each process encoded its half of the caches and received the other half (through the disk, or sent)
     assert (log[0]["encoded_images"], log[0]["encoded_captions"]) == (4, len(captions(data8)) // 2)
+    assert len(list((tmp_path / "cache" / "latents").glob("*.safetensors"))) == (8 if cache == "disk" else 0)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["demo-lora-step-000002.safetensors"]
     assert load_in_diffusers("sd1", out / "demo-lora.safetensors") > 0
 

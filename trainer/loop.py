@@ -159,6 +159,10 @@ class Trainer:
             return
         share = keys[acc.process_index::acc.num_processes]
         cache.build(share)
+        if cache.folder is not None:  # a disk cache: the others' shares are files now (on a node that does
+            acc.wait_for_everyone()   # not share the disk, build encodes what is missing, as alone)
+            cache.build(keys)
+            return
         for entries in gather_object([cache.entries(share)]):
             cache.add(entries)
 
