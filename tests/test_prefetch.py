@@ -6,6 +6,7 @@ import signal
 import pytest
 import torch
 
+from networks.errors import SdloraError
 from trainer.buckets import BucketSpec
 from trainer.dataset import DatasetOptions, ImageDataset
 from trainer.demo_data import make_demo_dataset
@@ -43,3 +44,21 @@ def test_workers_survive_ctrl_c_so_the_step_can_finish(dataset):
         assert torch.equal(prefetch.pixels(batch), batch_pixels(dataset, batch))
     assert prefetch.loader_pids == {worker}
     prefetch.close()
+
+
+def test_an_unreadable_image_is_the_same_one_sentence_from_a_worker(tmp_path):
+    make_demo_dataset(tmp_path, count=2, seed=3)
+    buckets = BucketSpec(resolution=64, step=64, min_side=64, max_side=128)
+    data = ImageDataset.scan(DatasetOptions(folder=tmp_path, buckets=buckets), seed=0)
+    plan = data.batches(0, 1)
+    plan_path = data.items[plan[0].samples[0].item].path
+    plan_path.write_bytes(plan_path.read_bytes()[:100])  # damaged after the scan
+    with pytest.raises(SdloraError) as inline:
+        batch_pixels(data, plan[0])
+    prefetch = PixelPrefetch(data, workers=1)
+    prefetch.start(plan)
+    with pytest.raises(SdloraError) as from_worker:
+        prefetch.pixels(plan[0])
+    prefetch.close()
+    assert str(from_worker.value) == str(inline.value) and "\n" not in str(from_worker.value)
+    assert plan_path.name in str(from_worker.value)

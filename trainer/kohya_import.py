@@ -365,12 +365,30 @@ def _sample_prompts(b: _Builder) -> None:
     """kohya_ss keeps the prompt lines themselves in its preset (written to prompt.txt at launch)."""
     if not b.given("sample_prompts"):
         return
-    prompts, ignored = parse_prompt_text(str(b.data["sample_prompts"]), f"sample_prompts in {b.source}")
+    prompts, ignored = parse_prompt_text(str(b.data["sample_prompts"]), f"sample_prompts in {b.source}",
+                                         comments=True)
+    changed = [_as_kohya_draws(prompt) for prompt in prompts]
     if prompts:
         b.set("sample.prompts", prompts)
     if ignored:
         b.notes.append(f"Sample prompt option(s) {', '.join('--' + name for name in ignored)} were left out: "
                        f"sdlora reads {OPTION_HELP} (the sampler is sample.sampler, one per run).")
+    if any(changed):
+        b.notes.append("Sample prompt sizes were rounded down to a multiple of 8, steps kept to 1-500 and "
+                       "negative seeds dropped, as kohya draws them.")
+
+
+def _as_kohya_draws(prompt: dict) -> bool:
+    """kohya rounds sizes down to a multiple of 8 and treats a negative seed as random; True if changed."""
+    before = dict(prompt)
+    for side in ("width", "height"):
+        if side in prompt:
+            prompt[side] = max(64, prompt[side] // 8 * 8)
+    if "steps" in prompt:
+        prompt["steps"] = min(max(prompt["steps"], 1), 500)
+    if prompt.get("seed", 0) < 0:
+        del prompt["seed"]
+    return prompt != before
 
 
 def _drop_zero_optional(b: _Builder) -> None:

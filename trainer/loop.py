@@ -100,12 +100,14 @@ class Trainer:
         self.prefetch = PixelPrefetch(self.dataset, workers) if workers and self._encodes_every_step() else None
         self.network = LoraNetwork.create(self.model.family.name, self.model.unet, self.model.text_encoders,
                                           network_spec(cfg)).attach()
-        # Only the training forward is compiled (after the adapters' hooks are in, so they are traced):
-        # samples and validation call the plain UNet and cost no compile of their own shapes.
-        self.training_unet = torch.compile(self.model.unet, backend=COMPILE_BACKEND) if cfg.train.compile \
-            else self.model.unet
         self.network.to(self.accelerator.device)
+        self.training_unet = self.model.unet
         initialise(self)
+        # Only the training forward is compiled, after the adapters' hooks are in (so they are traced) and
+        # after LoRA-GA's gradient pass (base weights requiring grad would be a second compile); samples and
+        # validation call the plain UNet and cost no compile of their own shapes.
+        if cfg.train.compile:
+            self.training_unet = torch.compile(self.model.unet, backend=COMPILE_BACKEND)
         # After the init (PiSSA/LoRA-GA change the starting weights), before checkpoint registration.
         self.ema = AdapterEMA(self.network, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         optimizer = build_optimizer(self.network, cfg.train)
@@ -159,12 +161,14 @@ class Trainer:
             return
         share = keys[acc.process_index::acc.num_processes]
         cache.build(share)
-        if cache.folder is not None:  # a disk cache: the others' shares are files now (on a node that does
-            acc.wait_for_everyone()   # not share the disk, build encodes what is missing, as alone)
-            cache.build(keys)
-            return
-        for entries in gather_object([cache.entries(share)]):
-            cache.add(entries)
+        if cache.folder is not None:  # a disk cache: the others' shares are files now
+            acc.wait_for_everyone()
+        else:
+            for entries in gather_object([cache.entries(share)]):
+                cache.add(entries)
+        # Finds everything (from memory or disk) and keys every entry now, while the encoders are still
+        # here; a node that does not share the disk encodes what it lacks, as a single process would.
+        cache.build(keys)
 
     def _release_cached_encoders(self, held_out) -> None:
         """Drop what the caches made dead weight for the rest of the run (host RAM on CPU, VRAM on GPU): the
@@ -353,6 +357,8 @@ class Trainer:
                         run.emit("stopped", step=position.step,
                                  checkpoint=run.relative(run.checkpoint_path(cfg.name, position.step)))
                     return None
+            if self.prefetch is not None:
+                self.prefetch.close()  # no more batches: free the workers before samples and export
             return self._finish(position)
         finally:
             stop.uninstall()

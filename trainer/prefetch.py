@@ -15,6 +15,7 @@ import signal
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from networks.errors import SdloraError
 from trainer.dataset import Batch, ImageDataset
 
 
@@ -30,8 +31,11 @@ class _PlanPixels(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return batch_pixels(self.dataset, self.batches[index]), os.getpid()
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | SdloraError, int]:
+        try:
+            return batch_pixels(self.dataset, self.batches[index]), os.getpid()
+        except SdloraError as error:  # returned, not raised: torch would wrap it in a worker traceback
+            return error, os.getpid()
 
 
 def _ignore_interrupts(worker_id: int) -> None:
@@ -65,6 +69,8 @@ class PixelPrefetch:
             self._next += 1
             pixels, pid = next(self._iterator)
             self.loader_pids.add(pid)
+            if isinstance(pixels, SdloraError):
+                raise pixels
             return pixels
         return batch_pixels(self.dataset, batch)
 

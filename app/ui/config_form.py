@@ -165,8 +165,8 @@ def prompts_from_text(text: str) -> list[dict]:
     drawn: an option left out takes its default (seed 0, 20 steps, CFG 7, dataset.resolution)."""
     prompts, ignored = parse_prompt_text(text, "the sample prompts")
     if ignored:
-        raise SdloraError(f"The sample prompts use --{ignored[0]}, which sdlora does not support; the options "
-                          f"are {OPTION_HELP}.")
+        raise SdloraError(f"The sample prompts use --{ignored[0]}, which sdlora has no per-prompt setting for "
+                          f"(the sampler is sample.sampler, one per run); remove it. The options are {OPTION_HELP}.")
     return prompts
 
 
