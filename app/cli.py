@@ -150,6 +150,10 @@ def run_train(args) -> int:
     from trainer.loop import train
 
     final = train(cfg, resume=resume, progress=not args.no_progress)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one line per run, not per process
+        return 0
     if final is None:
         print(f"Stopped; resume with: sdlora train --resume {cfg.output.dir}")
     else:

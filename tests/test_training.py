@@ -252,6 +252,7 @@ def test_two_cpu_processes_train_sharded_and_write_one_set_of_files(tmp_path, da
     assert len(list((tmp_path / "cache" / "latents").glob("*.safetensors"))) == (8 if cache == "disk" else 0)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["demo-lora-step-000002.safetensors"]
     assert load_in_diffusers("sd1", out / "demo-lora.safetensors") > 0
+    assert result.stdout.count("Saved ") == 1
 
 
 def test_kill_9_resumes_from_the_last_checkpoint(tmp_path, data8):

@@ -160,10 +160,17 @@ class Trainer:
             cache.build(keys)
             return
         share = keys[acc.process_index::acc.num_processes]
-        cache.build(share)
-        if cache.folder is not None:  # a disk cache: the others' shares are files now
-            acc.wait_for_everyone()
-        else:
+        try:
+            cache.build(share)
+            problem = None
+        except SdloraError as error:
+            problem = str(error)
+        # Also the barrier after which a disk cache holds every share. A bad image is in one process's
+        # share only: every process stops with its sentence, so the main one can record it.
+        problems = [p for p in gather_object([problem]) if p]
+        if problems:
+            raise SdloraError(problems[0])
+        if cache.folder is None:
             for entries in gather_object([cache.entries(share)]):
                 cache.add(entries)
         # Finds everything (from memory or disk) and keys every entry now, while the encoders are still
