@@ -329,7 +329,7 @@ def test_validation_ema_masks_and_load_checks_in_one_run(tmp_path):
     assert [e["step"] for e in validations] == [2, 4]
     assert all(e["loss"] > 0 and len(e["per_timestep"]) == 5 for e in validations)
     assert log[0]["num_images"] == 4  # two held out
-    assert (log[0]["encoded_images"], log[0]["encoded_captions"]) == (4, 4)  # one process: every image
+    assert (log[0]["encoded_images"], log[0]["encoded_captions"]) == (4, 6)  # one process; 2 held-out captions too
     checks = [e for e in log if e["event"] == "load_check"]
     assert {c["path"] for c in checks} == {"checkpoints/demo-lora-step-000002.safetensors",
                                            "demo-lora.safetensors", "demo-lora-ema.safetensors"}
@@ -348,7 +348,7 @@ def test_cached_runs_drop_the_text_encoder_and_vae_encoder_and_train_the_same(tm
     assert not hasattr(released.model.vae, "encoder") and not hasattr(released.model.vae, "decoder")  # no previews
     assert len(released.encode_text._memory) == len({item.caption for item in released.dataset.items})
 
-    monkeypatch.setattr(Trainer, "_release_cached_encoders", lambda self, held_out: None)
+    monkeypatch.setattr(Trainer, "_release_cached_encoders", lambda self: None)
     kept = Trainer(tiny_config(data8, tmp_path / "kept", "train.max_steps=3"))
     kept_file = kept.train()
     assert len(kept.model.text_encoders) == 1 and hasattr(kept.model.vae, "encoder")
@@ -360,7 +360,7 @@ def test_cached_runs_drop_the_text_encoder_and_vae_encoder_and_train_the_same(tm
 
 @pytest.mark.parametrize("flags, keeps_text_encoder, keeps_vae_encoder, keeps_vae_decoder", [
     (["sample.every_steps=2"], True, False, True),  # previews encode their prompts and decode
-    (["validation.images=2", "validation.every_steps=2"], True, False, False),
+    (["validation.images=2", "validation.every_steps=2"], False, False, False),  # its captions are cached too
     (["dataset.random_crop=true"], False, True, False),  # random crops are encoded when drawn
     (["dataset.shuffle_captions=true"], True, False, False),  # varying captions are never cached
     (["dataset.cache_latents=none", "dataset.cache_text_encoder_outputs=false"], True, True, False),

@@ -120,7 +120,7 @@ class Trainer:
         if self.ema is not None:
             self.accelerator.register_for_checkpointing(self.ema)
         self.validation = self._validation_set(held_out) if held_out and self.main else None
-        self._release_cached_encoders(held_out)
+        self._release_cached_encoders()
         self.tensorboard = open_tensorboard(self.run.root / "tensorboard") if cfg.output.tensorboard and self.main \
             else None
 
@@ -177,23 +177,25 @@ class Trainer:
         # here; a node that does not share the disk encodes what it lacks, as a single process would.
         cache.build(keys)
 
-    def _release_cached_encoders(self, held_out) -> None:
+    def _release_cached_encoders(self) -> None:
         """Drop what the caches made dead weight for the rest of the run (host RAM on CPU, VRAM on GPU): the
-        text encoder(s), as every caption is in the text cache, and the VAE's encoder half, as every latent is
-        in the latent cache (both built by _build_caches). Sample previews and validation encode new
-        prompts, so with either the text encoders stay; only previews decode, so without them the VAE's
-        decoder half goes too (its config stays: latents are scaled by it)."""
+        text encoder(s), as every training and validation caption is in the text cache, and the VAE's encoder
+        half, as every latent is in the latent cache (both built at setup). Sample previews encode new
+        prompts and decode, so where they are drawn (the main process) the text encoders and the decoder stay;
+        the VAE config always stays (latents are scaled by it)."""
         cfg, model = self.cfg, self.model
-        sampling = bool(cfg.sample.prompts) and bool(cfg.sample.every_steps or cfg.sample.every_epochs)
-        if isinstance(self.encode_text, TextEmbeddingCache) and not sampling and not held_out:
+        previews = self.main and bool(cfg.sample.prompts) and bool(cfg.sample.every_steps or cfg.sample.every_epochs)
+        if isinstance(self.encode_text, TextEmbeddingCache) and not previews:
             model.text_encoders.clear()
         if self.latents is not None and not cfg.dataset.random_crop:  # every latent was built above
             del model.vae.encoder, model.vae.quant_conv
-        if not sampling:
+        if not previews:
             del model.vae.decoder, model.vae.post_quant_conv
 
     def _validation_set(self, items) -> ValidationSet:
         cfg, model = self.cfg, self.model
+        if isinstance(self.encode_text, TextEmbeddingCache):  # so the text encoders need not stay for it
+            self.encode_text.build(sorted({item.caption for item in items}))
         # get() encodes by item path, so the training dataset's pixel pipeline serves held-out items too.
         cache = LatentCache(model.vae, self.dataset, vae_identity(model.vae, model.vae_identity))
         samples = []
