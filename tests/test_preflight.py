@@ -211,3 +211,24 @@ def test_import_kohya_command(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "network.alpha_ratio = 0.25" in out and "clip_skip=2" in out and "Saved preset 'from-kohya'" in out
     assert math.isclose(resolve_config("from-kohya").network.resolved_alpha, 4.0)
+
+
+def test_compile_needs_its_compiler(monkeypatch):
+    import shutil
+
+    from trainer.preflight import Report, _check_compile
+
+    cfg = resolve_config("demo", ["train.compile=true"])
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    report = Report()
+    _check_compile(cfg, report, cuda=False)
+    assert report.warnings == ["train.compile is on but no C++ compiler (c++, g++, clang++ or cl) is on the PATH, "
+                               "so compiling will fail at the first step; install one or set train.compile = false."]
+    assert any(line.startswith("train.compile: the first step") for line in report.info)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    report = Report()
+    _check_compile(cfg, report, cuda=False)
+    assert report.warnings == []
+    report = Report()
+    _check_compile(resolve_config("demo"), report, cuda=False)
+    assert report.warnings == [] and report.info == []

@@ -249,7 +249,29 @@ def preflight_report(cfg: TrainConfig, preset: str | None = None) -> Report:
         _check_precision(cfg, family, report)
     _check_learning_rates(cfg, preset, report)
     _check_sampling_and_saving(cfg, report)
+    _check_compile(cfg, report)
     return report
+
+
+def _check_compile(cfg: TrainConfig, report: Report, cuda: bool | None = None) -> None:
+    """torch.compile's default backend builds kernels with Triton on a GPU and a C++ compiler on a CPU;
+    without them it fails only at the first step, with torch's own long error."""
+    if not cfg.train.compile:
+        return
+    import importlib.util
+    import shutil
+
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda and importlib.util.find_spec("triton") is None:
+        report.warnings.append("train.compile is on but Triton is not installed, so compiling will fail at the "
+                               "first step; install triton or set train.compile = false.")
+    elif not cuda and not any(shutil.which(c) for c in ("c++", "g++", "clang++", "cl")):
+        report.warnings.append("train.compile is on but no C++ compiler (c++, g++, clang++ or cl) is on the PATH, "
+                               "so compiling will fail at the first step; install one or set train.compile = false.")
+    report.info.append("train.compile: the first step (and the first of each new bucket shape) compiles the UNet, "
+                       "which takes minutes; later steps are faster, so it pays off on long runs.")
 
 
 def _explain_init(cfg: TrainConfig, report: Report) -> None:
