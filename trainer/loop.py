@@ -273,7 +273,7 @@ class Trainer:
         for batch in batches:
             loss = self.micro_step_loss(batch)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(float(loss))
+                raise NonFiniteLoss(float(loss.detach()))
             self.accelerator.backward(loss / len(batches))
             total += float(loss.detach()) / len(batches)
         self._sync_gradients()
