@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from networks.errors import SdloraError
-from trainer.buckets import BucketSpec, bucket_sizes, closest_bucket, place, render
+from trainer.buckets import BucketSpec, bucket_for, bucket_sizes, closest_bucket, place, render
 
 SPEC_512 = BucketSpec(resolution=512, step=64, min_side=256, max_side=1024)
 
@@ -133,3 +133,26 @@ def test_render_uses_the_placements_offset():
     left = left_crop.crop_left_top[0]
     out = np.asarray(render(gradient, left_crop))[:, :, 0]
     assert abs(int(out[10, 32]) - (left + 32)) <= 1
+
+
+NO_UPSCALE = BucketSpec(resolution=512, step=64, min_side=256, max_side=1024, no_upscale=True)
+
+
+@pytest.mark.parametrize("image_size, bucket", [
+    ((300, 200), (256, 192)),    # smaller than 512^2: its own size, sides cut to multiples of 64
+    ((512, 512), (512, 512)),
+    ((1024, 1024), (512, 512)),  # larger: scaled down to 512^2 pixels first, as without the option
+    ((2000, 500), (1024, 256)),  # ... and to max_bucket_side
+    ((40, 700), (64, 640)),      # a side under one step gets one step
+])
+def test_no_upscale_buckets_follow_the_image(image_size, bucket):
+    assert bucket_for(image_size, NO_UPSCALE, bucket_sizes(NO_UPSCALE)) == bucket
+    placement = place(image_size, bucket)
+    if image_size[0] >= bucket[0] and image_size[1] >= bucket[1]:
+        assert placement.resized_size[0] <= image_size[0] and placement.resized_size[1] <= image_size[1]
+
+
+def test_without_the_option_small_images_are_upscaled_to_the_table():
+    spec = BucketSpec(resolution=512, step=64, min_side=256, max_side=1024)
+    assert bucket_for((300, 200), spec, bucket_sizes(spec)) == closest_bucket((300, 200), bucket_sizes(spec))
+    assert place((300, 200), bucket_for((300, 200), spec, bucket_sizes(spec))).resized_size[0] > 300

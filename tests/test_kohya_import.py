@@ -56,6 +56,7 @@ def test_locon_preset_converts_with_alpha_over_rank_kept():
     assert data["caption_extension"] == ".caption" and data["keep_tokens"] == 1 and data["shuffle_captions"]
     assert data["resolution"] == 512 and data["min_bucket_side"] == 256 and data["max_bucket_side"] == 1024
     assert data["cache_latents"] == "memory" and data["caption_dropout"] == 0.05 and data["flip"]
+    assert data["bucket_no_upscale"] is True and "bucket_no_upscale" not in result.unmapped
     assert result.config["save"] == {"every_epochs": 2, "precision": "fp16"}
     # no counterpart: listed with their values, never dropped silently
     assert {"clip_skip", "xformers", "LyCORIS_preset", "noise_offset_type", "prior_loss_weight",

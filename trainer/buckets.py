@@ -24,6 +24,7 @@ class BucketSpec:
     min_side: int | None = None  # default resolution // 2 (kohya's 256 at 512)
     max_side: int | None = None  # default resolution * 2 (kohya's 1024 at 512)
     enabled: bool = True
+    no_upscale: bool = False  # kohya's bucket_no_upscale: see own_size_bucket
 
     @property
     def smallest(self) -> int:
@@ -76,6 +77,22 @@ def closest_bucket(image_size: Size, buckets: list[Size]) -> Size:
     a 1:2 portrait and a 2:1 landscape are treated alike; ties go to the larger bucket."""
     target = math.log(image_size[0] / image_size[1])
     return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - target), 9), -b[0] * b[1]))
+
+
+def own_size_bucket(image_size: Size, spec: BucketSpec) -> Size:
+    """kohya's bucket_no_upscale: the image's own size, scaled down (never up) to at most resolution^2 pixels
+    and max_bucket_side a side, each side then cut to a multiple of the step (at least one step), so the
+    picture is only ever cropped a little or shrunk, never enlarged (beyond one step for tiny images)."""
+    width, height = image_size
+    scale = min(1.0, math.sqrt(spec.resolution * spec.resolution / (width * height)),
+                spec.largest / max(width, height))
+    return tuple(max(spec.step, int(side * scale) // spec.step * spec.step) for side in (width, height))
+
+
+def bucket_for(image_size: Size, spec: BucketSpec, buckets: list[Size]) -> Size:
+    if spec.enabled and spec.no_upscale:
+        return own_size_bucket(image_size, spec)
+    return closest_bucket(image_size, buckets)
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,8 @@ class DatasetSection(Section):
     max_bucket_side: int | None = Field(None, ge=64, le=8192,
                                         description="Largest bucket side in pixels; empty = resolution x 2.")
     bucket_step: int = Field(64, ge=8, le=1024, multiple_of=8, description="Bucket sides are multiples of this.")
+    bucket_no_upscale: bool = Field(False, description="Images smaller than resolution train at their own size "
+                                                       "(sides cut to bucket_step multiples), never enlarged.")
     random_crop: bool = Field(False, description="Crop at a random place instead of the centre "
                                                  "(latents are then encoded every step, not cached).")
     flip: bool = Field(False, description="Randomly mirror images left-right; off for asymmetric subjects.")
@@ -695,7 +697,8 @@ _KNOWN_ALIASES = {
     "pretrained_model_name_or_path": "model.path", "shuffle_caption": "dataset.shuffle_captions",
     "flip_aug": "dataset.flip", "enable_bucket": "dataset.enable_buckets",
     "min_bucket_reso": "dataset.min_bucket_side", "max_bucket_reso": "dataset.max_bucket_side",
-    "bucket_reso_steps": "dataset.bucket_step", "sample_every_n_steps": "sample.every_steps",
+    "bucket_reso_steps": "dataset.bucket_step", "bucket_no_upscale": "dataset.bucket_no_upscale",
+    "sample_every_n_steps": "sample.every_steps",
     "sample_every_n_epochs": "sample.every_epochs", "sample_sampler": "sample.sampler",
     "caption_dropout_rate": "dataset.caption_dropout", "caption_tag_dropout_rate": "dataset.tag_dropout",
     "max_data_loader_n_workers": "dataset.num_workers", "v_parameterization": "model.prediction_type",

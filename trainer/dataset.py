@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from networks.errors import SdloraError
-from trainer.buckets import BucketSpec, Placement, Size, bucket_sizes, closest_bucket, place, render
+from trainer.buckets import BucketSpec, Placement, Size, bucket_for, bucket_sizes, place, render
 from trainer.captions import CaptionOptions, add_trigger, augment_caption, parse_kohya_folder
 from trainer.images import is_image_file, load_image, probe_image
 
@@ -240,7 +240,7 @@ def scan_folder(options: DatasetOptions) -> tuple[list[Item], DatasetReport]:
         if caption is None:
             report.captions_missing.append(name)
         caption = _final_caption(caption, class_word, options.prepend_class_word)
-        placement = place(info.size, closest_bucket(info.size, buckets))
+        placement = place(info.size, bucket_for(info.size, options.buckets, buckets))
         items.append(Item(len(items), path, caption, repeats, placement, info.has_alpha))
     if not items:
         raise SdloraError(f"No usable images in '{folder}': {_why_empty(report)}")

@@ -112,6 +112,7 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
     "min_bucket_reso": ("dataset.min_bucket_side", _integer),
     "max_bucket_reso": ("dataset.max_bucket_side", _integer),
     "bucket_reso_steps": ("dataset.bucket_step", _integer),
+    "bucket_no_upscale": ("dataset.bucket_no_upscale", _flag),
     "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", _integer),
     "lr_scheduler_power": ("train.lr_scheduler_power", _number),
     "lr_warmup_steps": ("train.lr_warmup_steps", _integer),

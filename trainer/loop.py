@@ -47,7 +47,8 @@ COMPILE_BACKEND = "inductor"  # torch.compile's default; tests trace with "eager
 def dataset_options(cfg: TrainConfig) -> DatasetOptions:
     data = cfg.dataset
     buckets = BucketSpec(resolution=data.resolution, step=data.bucket_step, min_side=data.resolved_min_bucket_side,
-                         max_side=data.resolved_max_bucket_side, enabled=data.enable_buckets)
+                         max_side=data.resolved_max_bucket_side, enabled=data.enable_buckets,
+                         no_upscale=data.bucket_no_upscale)
     captions = CaptionOptions(shuffle_tags=data.shuffle_captions, keep_tokens=data.keep_tokens,
                               caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout)
     return DatasetOptions(folder=Path(data.path), buckets=buckets, captions=captions,
