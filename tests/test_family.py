@@ -111,3 +111,46 @@ def test_prompt_embeds_with_attention_mask_equal_the_pipeline():
     # causal attention: text positions agree, padding positions differ, so the mask was really applied
     torch.testing.assert_close(unmasked[0, :7], ours.encoder_hidden_states[0, :7], atol=1e-6, rtol=0)
     assert not torch.allclose(unmasked[0, 7:], ours.encoder_hidden_states[0, 7:])
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_clip_skip_2_reads_the_penultimate_layer_through_the_final_norm(pipes, name):
+    import copy
+
+    pipe, family = pipes[name], get_family(name)
+    encoders, tokenizers = _parts(pipe, family)
+    shorter = copy.deepcopy(encoders[0])  # the same encoder without its last layer
+    layers = shorter.text_model.encoder.layers if hasattr(shorter, "text_model") else shorter.encoder.layers
+    del layers[-1]
+    skipped = family.encode_prompt(encoders, tokenizers, CAPTIONS, clip_skip=2).encoder_hidden_states
+    expected = family.encode_prompt([shorter], tokenizers, CAPTIONS).encoder_hidden_states
+    torch.testing.assert_close(skipped, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(skipped, family.encode_prompt(encoders, tokenizers, CAPTIONS).encoder_hidden_states)
+
+
+def test_sdxl_clip_skip_equals_the_pipelines_one_layer_up(pipes):
+    pipe = pipes["sdxl"]
+    ours = SDXL.encode_prompt(*_parts(pipe, SDXL), CAPTIONS, clip_skip=2)
+    embeds, _, pooled, _ = pipe.encode_prompt(CAPTIONS, device=torch.device("cpu"),
+                                              do_classifier_free_guidance=False, clip_skip=1)
+    torch.testing.assert_close(ours.encoder_hidden_states, embeds, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.pooled, pooled, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_sample_prompts_are_read_with_the_runs_clip_skip(pipes, name):
+    from trainer.config import SamplePrompt
+    from trainer.sampling import prompt_kwargs
+
+    pipe, family = pipes[name], get_family(name)
+    prompt = SamplePrompt(prompt="a cat", negative_prompt="blurry", steps=1, width=64, height=64)
+    assert prompt_kwargs(pipe, prompt, family, 1) == {"prompt": "a cat", "negative_prompt": "blurry"}
+    kwargs = prompt_kwargs(pipe, prompt, family, 2)
+    if name == "sdxl":
+        assert kwargs == {"prompt": "a cat", "negative_prompt": "blurry", "clip_skip": 1}
+    else:
+        states = family.encode_prompt(*_parts(pipe, family), ["a cat", "blurry"], clip_skip=2).encoder_hidden_states
+        assert torch.equal(kwargs["prompt_embeds"], states[:1]) and torch.equal(kwargs["negative_prompt_embeds"],
+                                                                                states[1:])
+    image = pipe(**kwargs, num_inference_steps=1, width=64, height=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)

@@ -59,12 +59,13 @@ def test_locon_preset_converts_with_alpha_over_rank_kept():
     assert data["bucket_no_upscale"] is True and "bucket_no_upscale" not in result.unmapped
     assert result.config["save"] == {"every_epochs": 2, "precision": "fp16"}
     # no counterpart: listed with their values, never dropped silently
-    assert {"clip_skip", "xformers", "LyCORIS_preset", "noise_offset_type", "prior_loss_weight",
+    assert {"xformers", "LyCORIS_preset", "noise_offset_type", "prior_loss_weight",
             "max_token_length", "color_aug", "v2", "lr_warmup"} <= set(result.unmapped)
-    assert result.unmapped["clip_skip"] == 2 and "learning_rate" not in result.unmapped
+    assert result.config["model"]["clip_skip"] == 2 and "clip_skip" not in result.unmapped
+    assert "learning_rate" not in result.unmapped
     assert any("lr_warmup is 10% of the total steps" in note for note in result.notes)
     text = result.text()
-    assert "clip_skip=2" in text and "network.alpha_ratio = 0.25" in text
+    assert "xformers='xformers'" in text and "model.clip_skip = 2" in text and "network.alpha_ratio = 0.25" in text
 
 
 def test_standard_sdxl_preset_unet_only_and_warmup_from_steps():

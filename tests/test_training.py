@@ -409,3 +409,15 @@ def test_cached_runs_start_no_workers(tmp_path, data8):
     trainer = Trainer(tiny_config(data8, tmp_path / "run", "dataset.num_workers=2"))
     trainer.setup()
     assert trainer.prefetch is None  # every latent is in the cache: nothing to decode per step
+
+
+def test_clip_skip_reaches_the_captions_and_the_file(tmp_path, data8):
+    from networks.lora_file import read_lora
+
+    trainer = Trainer(tiny_config(data8, tmp_path / "run", "train.max_steps=1", "model.clip_skip=2"))
+    final = trainer.train()
+    caption = trainer.dataset.items[0].caption
+    model = build_tiny_pipeline("sd1")
+    expected = trainer.model.family.encode_prompt([model.text_encoder], [model.tokenizer], [caption], clip_skip=2)
+    torch.testing.assert_close(trainer.encode_text([caption])["hidden"], expected.encoder_hidden_states)
+    assert read_lora(final)[1]["ss_clip_skip"] == "2"

@@ -67,6 +67,9 @@ class ModelSection(Section):
         "auto", description="What the UNet predicts; auto reads it from the model (v_prediction for SD2-768).")
     config_dir: str | None = Field(
         None, description="Diffusers config folder for a single-file model, instead of the shipped one.")
+    clip_skip: int = Field(1, ge=1, le=12, description="Read prompts from this text-encoder layer, counted "
+                                                       "from the end: 1 = last; 2 = penultimate (A1111's clip "
+                                                       "skip 2, usual for anime SD1 models).")
 
     @field_validator("path")
     @classmethod
@@ -698,7 +701,7 @@ _KNOWN_ALIASES = {
     "flip_aug": "dataset.flip", "enable_bucket": "dataset.enable_buckets",
     "min_bucket_reso": "dataset.min_bucket_side", "max_bucket_reso": "dataset.max_bucket_side",
     "bucket_reso_steps": "dataset.bucket_step", "bucket_no_upscale": "dataset.bucket_no_upscale",
-    "sample_every_n_steps": "sample.every_steps",
+    "sample_every_n_steps": "sample.every_steps", "clip_skip": "model.clip_skip",
     "sample_every_n_epochs": "sample.every_epochs", "sample_sampler": "sample.sampler",
     "caption_dropout_rate": "dataset.caption_dropout", "caption_tag_dropout_rate": "dataset.tag_dropout",
     "max_data_loader_n_workers": "dataset.num_workers", "v_parameterization": "model.prediction_type",

@@ -96,23 +96,30 @@ class ModelFamily:
         ]
 
     def encode_ids(
-        self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor]
+        self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor], clip_skip: int = 1
     ) -> PromptEmbeds:
-        # StableDiffusionPipeline.encode_prompt without clip_skip: the last hidden state (final norm applied).
-        # For SD2 that is already OpenCLIP's penultimate layer: diffusers' SD2 text encoder has 23 layers.
+        # StableDiffusionPipeline.encode_prompt: the last hidden state (final norm applied); with clip skip
+        # (A1111/kohya numbering: 2 = penultimate) that layer's states, then the final norm, as diffusers
+        # does with its clip_skip = ours - 1. For SD2 the last layer is already OpenCLIP's penultimate:
+        # diffusers' SD2 text encoder has 23 layers.
         (encoder,), (ids,) = text_encoders, input_ids
         mask = (
             _attention_mask(ids).to(_device_of(encoder))
             if getattr(encoder.config, "use_attention_mask", False)
             else None
         )
-        states = encoder(ids.to(_device_of(encoder)), attention_mask=mask)[0]
+        out = encoder(ids.to(_device_of(encoder)), attention_mask=mask, output_hidden_states=clip_skip > 1)
+        states = out[0]
+        if clip_skip > 1:  # transformers 5 flattened CLIPTextModel: final_layer_norm may sit on the model itself
+            final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+            states = final_norm(out.hidden_states[-clip_skip])
         return PromptEmbeds(states.to(encoder.dtype))
 
     def encode_prompt(
-        self, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence, captions: list[str]
+        self, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence, captions: list[str],
+        clip_skip: int = 1,
     ) -> PromptEmbeds:
-        return self.encode_ids(text_encoders, self.tokenize(tokenizers, captions))
+        return self.encode_ids(text_encoders, self.tokenize(tokenizers, captions), clip_skip)
 
     def unet_added_kwargs(
         self,
@@ -155,16 +162,17 @@ class SDXLFamily(ModelFamily):
         return {}
 
     def encode_ids(
-        self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor]
+        self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor], clip_skip: int = 1
     ) -> PromptEmbeds:
-        # StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states side by side,
-        # pooled = the first 2-D output, i.e. TE2's projected text_embeds.
+        # StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states side by side
+        # (clip skip moves up from there, as diffusers' clip_skip = ours - 1), pooled = the first 2-D
+        # output, i.e. TE2's projected text_embeds.
         states, pooled = [], None
         for encoder, ids in zip(text_encoders, input_ids):
             out = encoder(ids.to(_device_of(encoder)), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:
                 pooled = out[0]
-            states.append(out.hidden_states[-2])
+            states.append(out.hidden_states[-(clip_skip + 1)])
         dtype = text_encoders[-1].dtype
         return PromptEmbeds(torch.cat(states, dim=-1).to(dtype), pooled.to(dtype))
 

@@ -113,6 +113,7 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
     "max_bucket_reso": ("dataset.max_bucket_side", _integer),
     "bucket_reso_steps": ("dataset.bucket_step", _integer),
     "bucket_no_upscale": ("dataset.bucket_no_upscale", _flag),
+    "clip_skip": ("model.clip_skip", _integer),
     "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", _integer),
     "lr_scheduler_power": ("train.lr_scheduler_power", _number),
     "lr_warmup_steps": ("train.lr_warmup_steps", _integer),
