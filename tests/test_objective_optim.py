@@ -7,7 +7,14 @@ from diffusers import DDPMScheduler
 from networks.errors import SdloraError
 from networks.network import LoraNetwork, NetworkSpec
 from trainer.config import config_from_dict
-from trainer.objective import diffusion_loss, min_snr_weights, sample_noise, training_target
+from trainer.objective import (
+    debiased_weights,
+    diffusion_loss,
+    min_snr_weights,
+    perturbed_input_noise,
+    sample_noise,
+    training_target,
+)
 from trainer.optimizers import build_lr_scheduler, build_optimizer, parameter_groups
 from trainer.tiny_models import build_tiny_pipeline_components
 
@@ -114,3 +121,45 @@ def test_lr_schedule_comes_from_diffusers(name, expected_mid):
         optimizer.step()
         scheduler.step()
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-4 * expected_mid)
+
+
+def test_multires_noise_adds_coarse_structure_at_unit_std():
+    torch.manual_seed(0)
+    plain = sample_noise(torch.zeros(8, 4, 64, 64))
+    torch.manual_seed(0)
+    pyramid = sample_noise(torch.zeros(8, 4, 64, 64), multires_iterations=6, multires_discount=0.4)
+    assert pyramid.shape == plain.shape and pyramid.std().item() == pytest.approx(1.0, abs=1e-5)
+    # per-channel means: ~1/64 for iid noise, much larger once low frequencies are added
+    assert plain.mean((2, 3)).std() < 0.03 and pyramid.mean((2, 3)).std() > 3 * plain.mean((2, 3)).std()
+    torch.manual_seed(0)
+    assert torch.equal(sample_noise(torch.zeros(8, 4, 64, 64), multires_iterations=6, multires_discount=0.4),
+                       pyramid)  # from torch's RNG only: reproducible, so resumes stay exact
+
+
+def test_input_perturbation_noises_the_input_not_the_target():
+    noise = torch.randn(64, 4, 32, 32)
+    assert perturbed_input_noise(noise, None) is noise and perturbed_input_noise(noise, 0.0) is noise
+    extra = perturbed_input_noise(noise, 0.1) - noise
+    assert extra.std().item() == pytest.approx(0.1, rel=0.02)
+
+
+def test_debiased_weights_match_the_closed_form():
+    t = torch.tensor([0, 300, 900])
+    abar = SCHEDULER.alphas_cumprod[t]
+    snr = torch.clamp(abar / (1 - abar), max=1000)
+    torch.testing.assert_close(debiased_weights(SCHEDULER, t, "epsilon"), 1 / snr.sqrt())
+    torch.testing.assert_close(debiased_weights(SCHEDULER, t, "v_prediction"), 1 / (snr + 1))
+    prediction, target = torch.ones(3, 4, 2, 2), torch.zeros(3, 4, 2, 2)
+    loss = diffusion_loss(prediction, target, t, SCHEDULER, "epsilon", debiased=True)
+    torch.testing.assert_close(loss, (1 / snr.sqrt()).mean())
+
+
+def test_kohya_noise_settings_import():
+    from trainer.kohya_import import import_kohya_preset
+
+    result = import_kohya_preset({"multires_noise_iterations": "8", "multires_noise_discount": 0.3,
+                                  "ip_noise_gamma": 0.1, "debiased_estimation_loss": True})
+    assert result.config["train"] == {"multires_noise_iterations": 8, "multires_noise_discount": 0.3,
+                                      "ip_noise_gamma": 0.1, "debiased_estimation": True}
+    off = import_kohya_preset({"multires_noise_iterations": 0, "multires_noise_discount": 0})
+    assert off.config["train"] == {"multires_noise_iterations": 0}  # kohya's 0 discount means unset

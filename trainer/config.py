@@ -230,6 +230,13 @@ class TrainSection(Section):
                                              "shape); for long runs.")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise (about 0.05) helps very dark "
                                                              "and bright images.")
+    multires_noise_iterations: int = Field(0, ge=0, le=20, description="Multi-resolution (pyramid) noise "
+                                                                     "levels, kohya's; 6-10 is typical, 0 off.")
+    multires_noise_discount: float = Field(0.3, gt=0, le=1, description="Weight decay per multires noise level.")
+    ip_noise_gamma: float | None = Field(None, ge=0, le=1, description="Input perturbation noise (about 0.1) "
+                                                                       "against exposure bias; empty disables.")
+    debiased_estimation: bool = Field(False, description="Weight the loss by 1/sqrt(SNR) (debiased "
+                                                         "estimation, kohya's debiased_estimation_loss).")
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5 is "
                                                                 "typical); empty disables.")
     seed: int = Field(42, ge=0, le=SEED_MAX, description="Random seed for shuffling, noise and dropout.")
@@ -702,6 +709,9 @@ _KNOWN_ALIASES = {
     "min_bucket_reso": "dataset.min_bucket_side", "max_bucket_reso": "dataset.max_bucket_side",
     "bucket_reso_steps": "dataset.bucket_step", "bucket_no_upscale": "dataset.bucket_no_upscale",
     "sample_every_n_steps": "sample.every_steps", "clip_skip": "model.clip_skip",
+    "multires_noise_iterations": "train.multires_noise_iterations",
+    "multires_noise_discount": "train.multires_noise_discount", "ip_noise_gamma": "train.ip_noise_gamma",
+    "debiased_estimation_loss": "train.debiased_estimation",
     "sample_every_n_epochs": "sample.every_epochs", "sample_sampler": "sample.sampler",
     "caption_dropout_rate": "dataset.caption_dropout", "caption_tag_dropout_rate": "dataset.tag_dropout",
     "max_data_loader_n_workers": "dataset.num_workers", "v_parameterization": "model.prediction_type",

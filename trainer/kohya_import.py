@@ -114,6 +114,10 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
     "bucket_reso_steps": ("dataset.bucket_step", _integer),
     "bucket_no_upscale": ("dataset.bucket_no_upscale", _flag),
     "clip_skip": ("model.clip_skip", _integer),
+    "multires_noise_iterations": ("train.multires_noise_iterations", _integer),
+    "multires_noise_discount": ("train.multires_noise_discount", _number),
+    "ip_noise_gamma": ("train.ip_noise_gamma", _number),
+    "debiased_estimation_loss": ("train.debiased_estimation", _flag),
     "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", _integer),
     "lr_scheduler_power": ("train.lr_scheduler_power", _number),
     "lr_warmup_steps": ("train.lr_warmup_steps", _integer),
@@ -400,7 +404,8 @@ def _drop_zero_optional(b: _Builder) -> None:
         if dataset.get(key) == 0:
             del dataset[key]
     train = b.config.get("train", {})
-    for key in ("lr_scheduler_num_cycles", "gradient_accumulation_steps", "batch_size", "epochs"):
+    for key in ("lr_scheduler_num_cycles", "gradient_accumulation_steps", "batch_size", "epochs",
+                "multires_noise_discount"):
         if train.get(key) == 0:
             del train[key]
 

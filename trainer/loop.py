@@ -30,7 +30,13 @@ from trainer.latent_cache import LatentCache, vae_identity
 from trainer.lora_init import initialise
 from trainer.loss_mask import LossMasks
 from trainer.model_loading import load_model
-from trainer.objective import diffusion_loss, sample_noise, sample_timesteps, training_target
+from trainer.objective import (
+    diffusion_loss,
+    perturbed_input_noise,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
 from trainer.optimizers import build_lr_scheduler, build_optimizer
 from trainer.prefetch import PixelPrefetch, batch_pixels
 from trainer.run_dir import RunDir
@@ -259,14 +265,16 @@ class Trainer:
         hidden, added = unet_conditioning(model.family, encoded, [s.as_seen for s in batch.samples], device,
                                           self.weight_dtype)
         mask = self.loss_masks.batch(batch, tuple(latents.shape[-2:])) if self.loss_masks else None
-        noise = sample_noise(latents, cfg.train.noise_offset)
+        train = cfg.train
+        noise = sample_noise(latents, train.noise_offset, train.multires_noise_iterations, train.multires_noise_discount)
         timesteps = sample_timesteps(latents.shape[0], model.noise_scheduler.config.num_train_timesteps, device)
-        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy = model.noise_scheduler.add_noise(latents, perturbed_input_noise(noise, train.ip_noise_gamma), timesteps)
         with self.accelerator.autocast():
             prediction = self.training_unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         target = training_target(model.noise_scheduler, latents, noise, timesteps, model.prediction_type)
         return diffusion_loss(prediction, target, timesteps, model.noise_scheduler, model.prediction_type,
-                              cfg.train.min_snr_gamma, mask=None if mask is None else mask.to(device))
+                              train.min_snr_gamma, mask=None if mask is None else mask.to(device),
+                              debiased=train.debiased_estimation)
 
     def optimizer_step(self, batches) -> float:
         """Accumulate gradients over `batches`, then one optimizer step; returns the mean loss."""

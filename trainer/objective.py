@@ -9,13 +9,42 @@ from diffusers.training_utils import compute_snr
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0, multires_iterations: int = 0,
+                 multires_discount: float = 0.3) -> torch.Tensor:
     """Gaussian noise, drawn on the CPU from the global RNG so a run reproduces on any device;
-    noise offset adds a per-channel constant (helps very dark and very bright images)."""
+    noise offset adds a per-channel constant (helps very dark and very bright images); multires noise
+    adds coarser noise, as kohya does."""
     noise = torch.randn(latents.shape, dtype=torch.float32)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1)
+    if multires_iterations:
+        noise = multires_noise(noise, multires_iterations, multires_discount)
     return noise.to(latents.device, latents.dtype)
+
+
+def multires_noise(noise: torch.Tensor, iterations: int, discount: float) -> torch.Tensor:
+    """kohya's pyramid noise (Whitaker, "multi-resolution noise"): noise drawn at ever coarser random
+    scales (2-4x per level), upsampled and added with weight discount^level, then rescaled to unit std.
+    Hand-written: no library has it; the scale factors come from torch's RNG so resumes stay exact."""
+    batch, channels, height, width = noise.shape
+    noise = noise.clone()
+    for level in range(1, iterations + 1):
+        factor = (float(torch.rand(())) * 2 + 2) ** level
+        low_h, low_w = max(1, int(height / factor)), max(1, int(width / factor))
+        coarse = torch.randn(batch, channels, low_h, low_w, dtype=noise.dtype)
+        noise += torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear") * discount ** level
+        if low_h == 1 or low_w == 1:
+            break
+    return noise / noise.std()
+
+
+def perturbed_input_noise(noise: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023, kohya's ip_noise_gamma): the model sees latents noised with
+    noise + gamma * extra, but is still asked for `noise`."""
+    if not gamma:
+        return noise
+    extra = torch.randn(noise.shape, dtype=torch.float32).to(noise.device, noise.dtype)
+    return noise + gamma * extra
 
 
 def sample_timesteps(batch_size: int, num_train_timesteps: int, device) -> torch.Tensor:
@@ -33,8 +62,9 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
 
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
                    prediction_type: str, min_snr_gamma: float | None = None,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error per sample (masked pixels ignored), min-SNR weighted, averaged over the batch."""
+                   mask: torch.Tensor | None = None, debiased: bool = False) -> torch.Tensor:
+    """Mean squared error per sample (masked pixels ignored), min-SNR and/or debiased-estimation weighted,
+    averaged over the batch."""
     error = (prediction.float() - target.float()) ** 2
     if mask is not None:
         weight = mask.to(error.dtype).expand_as(error)
@@ -43,7 +73,16 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: to
         per_sample = error.flatten(1).mean(1)
     if min_snr_gamma:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, min_snr_gamma, prediction_type)
+    if debiased:
+        per_sample = per_sample * debiased_weights(scheduler, timesteps, prediction_type)
     return per_sample.mean()
+
+
+def debiased_weights(scheduler, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Debiased estimation (Yu et al. 2023) as kohya applies it: 1 / sqrt(SNR) (SNR capped at 1000), or
+    1 / (SNR + 1) for v-prediction."""
+    snr = torch.clamp(compute_snr(scheduler, timesteps), max=1000)
+    return 1 / (snr + 1) if prediction_type == "v_prediction" else 1 / torch.sqrt(snr)
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
