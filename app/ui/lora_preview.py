@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -19,7 +20,15 @@ from networks.inspect import lora_family
 from networks.lora_file import read_lora
 from networks.network import LoraNetwork
 from trainer.model_loading import LoadedModel, load_model
-from trainer.sampling import build_pipeline
+from trainer.sampling import build_pipeline, prompt_kwargs
+
+
+def clip_skip_of(metadata: dict) -> int:
+    """The file's ss_clip_skip (kohya writes "None" when unset), 1 when absent or unreadable."""
+    try:
+        return max(1, int(metadata.get("ss_clip_skip") or 1))
+    except ValueError:
+        return 1
 
 
 @dataclass
@@ -38,6 +47,7 @@ class LoraPreview:
         self._pipelines: dict[str, object] = {}
         self._lora_key: tuple | None = None
         self._network: LoraNetwork | None = None
+        self._clip_skip = 1
 
     def compare(self, model: str, lora: Path, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
                 weight: float = 1.0, guidance: float = 7.0, size: int = 0, sampler: str = "euler_a") -> Comparison:
@@ -53,10 +63,11 @@ class LoraPreview:
                 network.set_enabled(enabled)
                 network.set_multiplier(weight)
                 generator = torch.Generator("cpu").manual_seed(int(seed))
-                with torch.no_grad():
-                    images.append(pipeline(prompt, negative_prompt=negative or None, num_inference_steps=int(steps),
-                                           guidance_scale=float(guidance), width=side, height=side,
-                                           generator=generator).images[0])
+                text = SimpleNamespace(prompt=prompt, negative_prompt=negative)  # both images read the
+                with torch.no_grad():  # layer the LoRA was trained on (ss_clip_skip), as A1111's setting would
+                    images.append(pipeline(**prompt_kwargs(pipeline, text, loaded.family, self._clip_skip),
+                                           num_inference_steps=int(steps), guidance_scale=float(guidance),
+                                           width=side, height=side, generator=generator).images[0])
             network.set_enabled(True)
             done = time.perf_counter()
             return Comparison(images[0], images[1], loaded_at - started, done - loaded_at)
@@ -85,7 +96,7 @@ class LoraPreview:
                                   f"choose a {made_for} base model.")
             self._network = LoraNetwork.from_state_dict(model.family.name, model.unet, model.text_encoders,
                                                         state, source=path.name).attach().eval()
-            self._lora_key = key
+            self._lora_key, self._clip_skip = key, clip_skip_of(metadata)
         return self._network
 
     def _pipeline(self, model: LoadedModel, sampler: str):

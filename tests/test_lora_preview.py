@@ -1,0 +1,31 @@
+"""The Try tab's comparison reads prompts the way the LoRA was trained (its ss_clip_skip)."""
+
+import numpy as np
+
+from app.ui.lora_preview import LoraPreview, clip_skip_of
+from networks.lora_file import save_lora
+from networks.metadata import network_metadata
+from tests.helpers import attached, randomise_up
+
+
+def test_clip_skip_of_reads_kohya_and_sdlora_files():
+    assert clip_skip_of({"ss_clip_skip": "2"}) == 2
+    assert clip_skip_of({"ss_clip_skip": "None"}) == 1 and clip_skip_of({}) == 1 and clip_skip_of({"ss_clip_skip": "0"}) == 1
+
+
+def test_the_base_image_changes_with_the_files_clip_skip(tmp_path):
+    _, network = attached("sd1", "lora")
+    randomise_up(network)
+    files = {}
+    for skip in (1, 2):
+        files[skip] = tmp_path / f"skip{skip}.safetensors"
+        metadata = network_metadata(network, "lora", training={"ss_clip_skip": skip})
+        save_lora(files[skip], network.kohya_state_dict(), metadata)
+    preview = LoraPreview()
+    one = preview.compare("demo:sd1", files[1], "a red circle", steps=2, size=64)
+    assert preview._clip_skip == 1
+    two = preview.compare("demo:sd1", files[2], "a red circle", steps=2, size=64)
+    assert preview._clip_skip == 2
+    assert not np.array_equal(np.asarray(one.without), np.asarray(two.without))  # the base reads another layer
+    again = preview.compare("demo:sd1", files[1], "a red circle", steps=2, size=64)
+    assert np.array_equal(np.asarray(one.without), np.asarray(again.without))
