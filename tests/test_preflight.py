@@ -205,11 +205,13 @@ def test_check_command_exit_codes_and_json(tmp_path, capsys):
 def test_import_kohya_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SDLORA_HOME", str(tmp_path / "home"))
     source = tmp_path / "k.json"
-    source.write_text(json.dumps({"LoRA_type": "Standard", "network_dim": 16, "network_alpha": 4, "clip_skip": 2}))
+    source.write_text(json.dumps({"LoRA_type": "Standard", "network_dim": 16, "network_alpha": 4, "clip_skip": 2,
+                                  "xformers": "xformers"}))
     args = parser().parse_args(["presets", "import-kohya", str(source), "from-kohya"])
     assert args.handler(args) == 0
     out = capsys.readouterr().out
-    assert "network.alpha_ratio = 0.25" in out and "clip_skip=2" in out and "Saved preset 'from-kohya'" in out
+    assert "network.alpha_ratio = 0.25" in out and "model.clip_skip = 2" in out and "xformers=" in out
+    assert "Saved preset 'from-kohya'" in out
     assert math.isclose(resolve_config("from-kohya").network.resolved_alpha, 4.0)
 
 
