@@ -67,6 +67,17 @@ def field(page, elem_id: str):
     return page.locator(f"#{elem_id} input, #{elem_id} textarea").first
 
 
+def set_field(page, elem_id: str, value: str) -> None:
+    """Fill a field in a just-opened section and make sure the value holds: Gradio mounts a section's
+    inputs when it first opens, and on a loaded machine the mount can land after the typing and reset it."""
+    for _ in range(20):
+        field(page, elem_id).fill(value)
+        page.wait_for_timeout(250)
+        if field(page, elem_id).input_value() == value:
+            return
+    raise AssertionError(f"#{elem_id} did not keep {value!r}")
+
+
 def train_notice(page) -> str:
     return page.locator("#train-notice").inner_text()
 
@@ -130,13 +141,15 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
         assert line in report, line
 
     field(page, "cfg-train-max_steps").fill(str(STEPS))
-    open_section(page, "sample")
-    field(page, "cfg-sample-every_steps").fill("10")
-    open_section(page, "save")
-    field(page, "cfg-save-every_steps").fill("10")
-    open_section(page, "validation")  # two held-out images, measured every 10 steps: the second curve
-    field(page, "cfg-validation-images").fill("2")
-    field(page, "cfg-validation-every_steps").fill("10")
+    wanted = {"cfg-sample-every_steps": "10", "cfg-save-every_steps": "10",
+              "cfg-validation-images": "2", "cfg-validation-every_steps": "10"}  # validation: the second curve
+    for section in ("sample", "save", "validation"):
+        open_section(page, section)
+    for elem_id, value in wanted.items():
+        set_field(page, elem_id, value)
+    page.wait_for_timeout(1000)
+    for elem_id, value in wanted.items():  # still there once everything has settled
+        set_field(page, elem_id, value)
     page.get_by_text("Advanced: every setting").click()  # closed again, for a compact screenshot
 
     # -- Train: the bar moves; a reload mid-run reattaches to the run, which never stopped ----------
