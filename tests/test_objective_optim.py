@@ -163,3 +163,39 @@ def test_kohya_noise_settings_import():
                                       "ip_noise_gamma": 0.1, "debiased_estimation": True}
     off = import_kohya_preset({"multires_noise_iterations": 0, "multires_noise_discount": 0})
     assert off.config["train"] == {"multires_noise_iterations": 0}  # kohya's 0 discount means unset
+
+
+def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones():
+    from trainer.objective import pixel_loss
+
+    c = torch.tensor([0.1])
+    small, large = torch.full((1, 4), 0.001), torch.full((1, 4), 10.0)
+    zero = torch.zeros(1, 4)
+    small64, zero64 = small.double(), zero.double()  # float64: sqrt(d^2 + c^2) - c cancels in float32
+    torch.testing.assert_close(pixel_loss(small64, zero64, "huber", c), pixel_loss(small64, zero64, "l2"),
+                               rtol=1e-4, atol=0)
+    torch.testing.assert_close(pixel_loss(large, zero, "huber", c), 2 * 0.1 * (10.0 - 0.1) * torch.ones(1, 4),
+                               rtol=1e-4, atol=0)  # ~2c|d|: an outlier pulls linearly
+    torch.testing.assert_close(pixel_loss(large, zero, "smooth_l1", c),
+                               2 * (torch.sqrt(torch.tensor(100.0 + 0.01)) - 0.1) * torch.ones(1, 4))
+    assert torch.equal(pixel_loss(large, zero, "l2"), large ** 2)
+
+
+def test_huber_c_schedules():
+    from trainer.objective import huber_c_per_sample
+
+    t = torch.tensor([0, 999])
+    torch.testing.assert_close(huber_c_per_sample(SCHEDULER, t, 0.1, "constant"), torch.tensor([0.1, 0.1]))
+    exponential = huber_c_per_sample(SCHEDULER, t, 0.1, "exponential")
+    assert exponential[0].item() == pytest.approx(1.0) and exponential[1].item() == pytest.approx(0.1, rel=0.01)
+    snr = huber_c_per_sample(SCHEDULER, t, 0.1, "snr")
+    abar = SCHEDULER.alphas_cumprod[t]
+    torch.testing.assert_close(snr, 0.9 / (1 + ((1 - abar) / abar).sqrt()) ** 2 + 0.1)
+    assert snr[0] > 0.9 and snr[1] < 0.11  # near L2 where the noise is small, robust where it dominates
+
+
+def test_kohya_huber_settings_import():
+    from trainer.kohya_import import import_kohya_preset
+
+    result = import_kohya_preset({"loss_type": "huber", "huber_c": "0.2", "huber_schedule": "exponential"})
+    assert result.config["train"] == {"loss_type": "huber", "huber_c": 0.2, "huber_schedule": "exponential"}

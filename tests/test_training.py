@@ -97,7 +97,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, data
              "dataset.caption_dropout=0.3", "dataset.flip=true", "network.rank_dropout=0.2",
              "dataset.resolution=128", "dataset.min_bucket_side=64", "dataset.max_bucket_side=256",
              "train.lr_scheduler=cosine", "train.gradient_accumulation_steps=2", "train.multires_noise_iterations=4",
-             "train.ip_noise_gamma=0.1", "train.debiased_estimation=true", *loading]
+             "train.ip_noise_gamma=0.1", "train.debiased_estimation=true", "train.loss_type=huber", *loading]
     train(tiny_config(data8, tmp_path / "straight", *flags), progress=False)
 
     interrupted = Trainer(tiny_config(data8, tmp_path / "stopped", *flags))

@@ -237,6 +237,13 @@ class TrainSection(Section):
                                                                        "against exposure bias; empty disables.")
     debiased_estimation: bool = Field(False, description="Weight the loss by 1/sqrt(SNR) (debiased "
                                                          "estimation, kohya's debiased_estimation_loss).")
+    loss_type: Literal["l2", "huber", "smooth_l1"] = Field(
+        "l2", description="l2 (mean squared error), or kohya's pseudo-Huber / smooth L1, which outlier "
+                          "pixels pull on less.")
+    huber_c: float = Field(0.1, gt=0, le=1, description="Huber parameter: the error size where the loss turns "
+                                                        "from quadratic to linear.")
+    huber_schedule: Literal["snr", "exponential", "constant"] = Field(
+        "snr", description="How huber_c varies with the timestep (kohya's default: snr).")
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5 is "
                                                                 "typical); empty disables.")
     seed: int = Field(42, ge=0, le=SEED_MAX, description="Random seed for shuffling, noise and dropout.")
@@ -711,7 +718,8 @@ _KNOWN_ALIASES = {
     "sample_every_n_steps": "sample.every_steps", "clip_skip": "model.clip_skip",
     "multires_noise_iterations": "train.multires_noise_iterations",
     "multires_noise_discount": "train.multires_noise_discount", "ip_noise_gamma": "train.ip_noise_gamma",
-    "debiased_estimation_loss": "train.debiased_estimation",
+    "debiased_estimation_loss": "train.debiased_estimation", "loss_type": "train.loss_type",
+    "huber_c": "train.huber_c", "huber_schedule": "train.huber_schedule",
     "sample_every_n_epochs": "sample.every_epochs", "sample_sampler": "sample.sampler",
     "caption_dropout_rate": "dataset.caption_dropout", "caption_tag_dropout_rate": "dataset.tag_dropout",
     "max_data_loader_n_workers": "dataset.num_workers", "v_parameterization": "model.prediction_type",

@@ -274,7 +274,8 @@ class Trainer:
         target = training_target(model.noise_scheduler, latents, noise, timesteps, model.prediction_type)
         return diffusion_loss(prediction, target, timesteps, model.noise_scheduler, model.prediction_type,
                               train.min_snr_gamma, mask=None if mask is None else mask.to(device),
-                              debiased=train.debiased_estimation)
+                              debiased=train.debiased_estimation, loss_type=train.loss_type, huber_c=train.huber_c,
+                              huber_schedule=train.huber_schedule)
 
     def optimizer_step(self, batches) -> float:
         """Accumulate gradients over `batches`, then one optimizer step; returns the mean loss."""

@@ -60,12 +60,18 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+
+
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
                    prediction_type: str, min_snr_gamma: float | None = None,
-                   mask: torch.Tensor | None = None, debiased: bool = False) -> torch.Tensor:
-    """Mean squared error per sample (masked pixels ignored), min-SNR and/or debiased-estimation weighted,
-    averaged over the batch."""
-    error = (prediction.float() - target.float()) ** 2
+                   mask: torch.Tensor | None = None, debiased: bool = False, loss_type: str = "l2",
+                   huber_c: float = 0.1, huber_schedule: str = "snr") -> torch.Tensor:
+    """Squared error (or kohya's pseudo-Huber / smooth L1) per sample, masked pixels ignored, min-SNR and/or
+    debiased-estimation weighted, averaged over the batch."""
+    error = pixel_loss(prediction.float(), target.float(), loss_type,
+                       huber_c_per_sample(scheduler, timesteps, huber_c, huber_schedule) if loss_type != "l2" else None)
     if mask is not None:
         weight = mask.to(error.dtype).expand_as(error)
         per_sample = (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-8)
@@ -76,6 +82,38 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: to
     if debiased:
         per_sample = per_sample * debiased_weights(scheduler, timesteps, prediction_type)
     return per_sample.mean()
+
+
+def pixel_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str,
+               huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    """Elementwise loss. Pseudo-Huber (kohya's "huber", Khrapov et al. 2024): 2c(sqrt(d^2 + c^2) - c), quadratic
+    for small errors and linear for outliers; "smooth_l1" is the same without the factor c."""
+    squared = (prediction - target) ** 2
+    if loss_type == "l2":
+        return squared
+    c = huber_c.to(squared.device, squared.dtype).view(-1, *([1] * (squared.ndim - 1)))
+    robust = torch.sqrt(squared + c * c) - c
+    if loss_type == "huber":
+        return 2 * c * robust
+    if loss_type == "smooth_l1":
+        return 2 * robust
+    raise ValueError(f"unknown loss type {loss_type!r}")
+
+
+def huber_c_per_sample(scheduler, timesteps: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
+    """kohya's scheduled Huber parameter: "snr" (large c, near-L2, at noisy timesteps; c at clean ones),
+    "exponential" (c^(t/T)) or "constant"."""
+    t = timesteps.detach().cpu()
+    if schedule == "constant":
+        return torch.full(t.shape, float(huber_c))
+    if schedule == "exponential":
+        alpha = -torch.log(torch.tensor(float(huber_c))) / scheduler.config.num_train_timesteps
+        return torch.exp(-alpha * t.float())
+    if schedule == "snr":
+        alphas_cumprod = scheduler.alphas_cumprod[t].float()
+        sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
+    raise ValueError(f"unknown huber schedule {schedule!r}")
 
 
 def debiased_weights(scheduler, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
