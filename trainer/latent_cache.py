@@ -41,6 +41,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def scale_latents(raw: torch.Tensor, vae_config) -> torch.Tensor:
+    """The VAE's posterior as the UNet expects it: shifted (SD3-style VAEs) and scaled."""
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (raw - shift) * vae_config.scaling_factor
+
+
 class LatentCache:
     def __init__(
         self,
@@ -79,9 +85,7 @@ class LatentCache:
 
         Defaults: every item, and both mirror images when the dataset flips."""
         items = self.dataset.items if items is None else list(items)
-        if flips is None:
-            flips = (False, True) if self.dataset.options.flip else (False,)
-        wanted = [(item, flip) for item in items for flip in flips]
+        wanted = [(item, flip) for item in items for flip in self._flips(flips)]
         missing = [(item, flip) for item, flip in wanted if self._lookup(self.key(item, flip)) is None]
         by_bucket: dict[tuple[int, int], list[tuple[Item, bool, Placement]]] = {}
         for item, flip in missing:
@@ -93,9 +97,14 @@ class LatentCache:
 
     def entries(self, items: Iterable[Item], flips: Iterable[bool] | None = None) -> dict[str, torch.Tensor]:
         """{key: raw latent} of these items as stored (what `add` takes in another process)."""
-        flips = tuple(flips) if flips is not None else (False, True) if self.dataset.options.flip else (False,)
-        keys = [self.key(item, flip) for item in items for flip in flips]
+        keys = [self.key(item, flip) for item in items for flip in self._flips(flips)]
         return {key: latent for key in keys if (latent := self._lookup(key)) is not None}
+
+    def _flips(self, flips: Iterable[bool] | None) -> tuple[bool, ...]:
+        """The mirror images wanted: as given, or both when the dataset flips."""
+        if flips is not None:
+            return tuple(flips)
+        return (False, True) if self.dataset.options.flip else (False,)
 
     def add(self, entries: dict[str, torch.Tensor]) -> None:
         """Take latents another process encoded (keys name content, crop and VAE, so they are valid here)."""
@@ -108,16 +117,11 @@ class LatentCache:
         raw = self._lookup(self.key(item, flip, placement)) if placement == item.placement else None
         if raw is None:
             raw = self._encode([(item, flip, placement)])[0]
-        return self._scale(raw)
+        return scale_latents(raw, self.vae.config)
 
     def get_batch(self, batch: Batch) -> torch.Tensor:
         """(B, C, h, w) scaled latents of a batch, each sample with its own crop and flip."""
         return torch.stack([self.get(self.dataset.items[s.item], s.flip, s.placement) for s in batch.samples])
-
-    def _scale(self, raw: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        return (raw - shift) * config.scaling_factor
 
     @torch.no_grad()
     def _encode(self, requests: list[tuple[Item, bool, Placement]]) -> list[torch.Tensor]:

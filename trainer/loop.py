@@ -26,7 +26,7 @@ from trainer.config import TrainConfig, save_config
 from trainer.dataset import DatasetOptions, ImageDataset
 from trainer.ema import AdapterEMA, ema_file
 from trainer.family import unet_conditioning
-from trainer.latent_cache import LatentCache, vae_identity
+from trainer.latent_cache import LatentCache, scale_latents, vae_identity
 from trainer.lora_init import initialise
 from trainer.loss_mask import LossMasks
 from trainer.model_loading import load_model
@@ -255,8 +255,7 @@ class Trainer:
         pixels = self.prefetch.pixels(batch) if self.prefetch else batch_pixels(self.dataset, batch)
         with torch.no_grad():
             raw = vae.encode(pixels.to(vae.device)).latent_dist.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (raw - shift) * vae.config.scaling_factor
+        return scale_latents(raw, vae.config)
 
     def micro_step_loss(self, batch) -> torch.Tensor:
         cfg, model, device = self.cfg, self.model, self.accelerator.device
