@@ -25,6 +25,7 @@ NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "prodigy": "prodigy",
               "adafactor": "adafactor"}
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
 SAVE_PRECISION = {"fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32"}
 SAMPLERS = {"euler_a": "euler_a", "k_euler_a": "euler_a", "euler": "euler", "k_euler": "euler", "ddim": "ddim"}
 # kohya_ss keys for one run on one machine; a preset leaves them out (see trainer.presets.RUN_SPECIFIC_KEYS).
@@ -149,6 +150,15 @@ class _Builder:
     def given(self, key: str) -> bool:
         value = self.data.get(key)
         return value is not None and not (isinstance(value, str) and value.strip() == "")
+
+    def choose(self, key: str, dotted: str, choices: Mapping[str, str]) -> None:
+        """Set `dotted` to choices[value of `key`], or list the value as unmapped when sdlora has no such choice."""
+        if self.given(key):
+            value = str(self.data[key]).strip()
+            if value in choices:
+                self.set(dotted, choices[value])
+            else:
+                self.unmapped[key] = value
 
     def set(self, dotted: str, value: Any) -> None:
         *sections, leaf = dotted.split(".")
@@ -317,18 +327,8 @@ def _resolution(b: _Builder) -> None:
 
 
 def _precision(b: _Builder) -> None:
-    if b.given("mixed_precision"):
-        value = str(b.data["mixed_precision"]).strip()
-        if value in ("no", "fp16", "bf16"):
-            b.set("train.mixed_precision", value)
-        else:
-            b.unmapped["mixed_precision"] = value
-    if b.given("save_precision"):
-        value = str(b.data["save_precision"]).strip()
-        if value in SAVE_PRECISION:
-            b.set("save.precision", SAVE_PRECISION[value])
-        else:
-            b.unmapped["save_precision"] = value
+    b.choose("mixed_precision", "train.mixed_precision", MIXED_PRECISION)
+    b.choose("save_precision", "save.precision", SAVE_PRECISION)
     if b.given("min_snr_gamma"):
         gamma = _number("min_snr_gamma", b.data["min_snr_gamma"], b.source)
         if gamma > 0:  # kohya's 0 means off, sdlora's "off" is an empty value
@@ -362,12 +362,7 @@ def _prediction(b: _Builder) -> None:
 
 
 def _sampler(b: _Builder) -> None:
-    if b.given("sample_sampler"):
-        name = str(b.data["sample_sampler"]).strip()
-        if name in SAMPLERS:
-            b.set("sample.sampler", SAMPLERS[name])
-        else:
-            b.unmapped["sample_sampler"] = name
+    b.choose("sample_sampler", "sample.sampler", SAMPLERS)
 
 
 def _sample_prompts(b: _Builder) -> None:
