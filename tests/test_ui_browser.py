@@ -162,9 +162,10 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
     page.wait_for_selector("#progress .sd-progress[data-status='running']")
     assert progress(page)[1] >= before_reload
     assert page.get_by_role("tab", name="Train").get_attribute("aria-selected") == "true"
-    # The form shows the run being watched, not the defaults.
-    wait_for(lambda: field(page, "cfg-train-max_steps").input_value() == str(STEPS), what="the run's config")
-    assert field(page, "cfg-dataset-path").input_value() == str(dataset)
+    # The form shows the run being watched, not the defaults. (Wait on the dataset folder: the default
+    # preset's max_steps equals STEPS, so that field alone cannot tell the run's config from the defaults.)
+    wait_for(lambda: field(page, "cfg-dataset-path").input_value() == str(dataset), what="the run's config")
+    assert field(page, "cfg-train-max_steps").input_value() == str(STEPS)
 
     # -- The loss curves, the sample grid and the load checks appear, the run finishes ----------------
     wait_for(lambda: page.locator("#samples .sd-grid img").count() >= 1, what="a sample")
@@ -218,6 +219,8 @@ def test_stop_saves_a_checkpoint_and_shows_stopped(page, ui):
     dataset = root / "datasets" / "demo"
     if not dataset.is_dir():  # the first test made it, unless this one runs alone
         make_demo_dataset(dataset, count=8)
+    # A run left active by an earlier failure would be shown on load and refill the form under our typing.
+    assert demo.sdlora.runs.newest_active() is None, "a run from an earlier test is still active"
     page.get_by_role("tab", name="Train").click()
     field(page, "cfg-dataset-path").fill(str(dataset))
     field(page, "cfg-name").fill("stopped-run")
