@@ -6,11 +6,13 @@ import pytest
 
 from trainer.captions import (
     CaptionOptions,
+    Kept,
     add_trigger,
     augment_caption,
     drop_caption,
     drop_tags,
     join_tags,
+    mark_kept,
     parse_kohya_folder,
     shuffle_tags,
     split_tags,
@@ -140,3 +142,36 @@ def test_augment_caption_combines_ops_and_respects_kept_tokens():
         assert split_tags(result)[0] == "sks"
         assert set(split_tags(result)) <= set(split_tags(CAPTION))
     assert results == [augment_caption(CAPTION, options, random.Random(seed)) for seed in range(400)]
+
+
+@pytest.mark.parametrize(
+    "caption, plain, kept",
+    [
+        ("sks, flat ||| red, blue, green", "sks, flat, red, blue, green", Kept(2, 0)),
+        ("sks|||red, blue|||by me, 2024", "sks, red, blue, by me, 2024", Kept(1, 2)),
+        ("||| red, blue", "red, blue", Kept(0, 0)),
+        ("a ||| b ||| c ||| d", "a, b, c, d", Kept(1, 2)),  # a third separator never reaches the encoder
+        ("sks, red, blue", "sks, red, blue", None),  # no separator: keep_tokens decides
+    ],
+)
+def test_keep_tokens_separator_is_taken_out_and_counts_the_fixed_tags(caption, plain, kept):
+    assert mark_kept(caption, "|||") == (plain, kept)
+
+
+def test_separator_off_leaves_the_caption_alone():
+    assert mark_kept("a ||| b", "") == ("a ||| b", None)
+
+
+def test_kept_head_and_tail_never_move_or_drop_and_override_keep_tokens():
+    plain, kept = mark_kept("sks, flat ||| one, two, three, four, five ||| artist, 2024", "|||")
+    options = CaptionOptions(shuffle_tags=True, tag_dropout=0.3, keep_tokens=4)  # 4 is ignored: the caption says
+    middles = set()
+    for seed in range(60):
+        tags = split_tags(augment_caption(plain, options, random.Random(seed), kept))
+        assert tags[:2] == ["sks", "flat"] and tags[-2:] == ["artist", "2024"]
+        middle = tags[2:-2]
+        assert set(middle) <= {"one", "two", "three", "four", "five"}
+        middles.add(tuple(middle))
+    assert len(middles) > 20  # the middle is shuffled and thinned
+    # Fixed parts longer than the caption (a tail over the head) keep every tag in place.
+    assert shuffle_tags("a, b", Kept(2, 2), random.Random(0)) == "a, b"

@@ -91,6 +91,19 @@ def test_class_word_can_lead_every_caption(folder):
     assert captions["a.png"] == "red square, flat"  # root images have no class word
 
 
+def test_keep_tokens_separator_is_read_out_of_captions_and_keeps_the_marked_tags(folder):
+    (folder / "10_mystyle" / "d.txt").write_text("look ||| one, two, three, four ||| by me", encoding="utf-8")
+    options = CaptionOptions(shuffle_tags=True, keep_tokens_separator="|||")
+    dataset = _scan(folder, captions=options, prepend_class_word=True)
+    item = next(i for i in dataset.items if i.path.name == "d.png")
+    assert item.caption == "mystyle, look, one, two, three, four, by me"  # what the cache, validation, tags see
+    seen = {s.caption for e in range(3) for b in dataset.batches(e, 1) for s in b.samples if s.item == item.index}
+    assert len(seen) > 3
+    for caption in seen:
+        tags = split_tags(caption)
+        assert tags[:2] == ["mystyle", "look"] and tags[-1] == "by me" and "|||" not in caption
+
+
 def test_default_repeats_apply_to_root_images(folder):
     dataset = _scan(folder, default_repeats=3)
     assert {i.path.name: i.repeats for i in dataset.items}["a.png"] == 3

@@ -106,6 +106,18 @@ def test_captions_with_another_extension_give_the_fix(tmp_path):
     assert any(w.startswith("None of the 3 images has a caption (.txt); they train with empty captions") for w in bare.warnings)
 
 
+def test_kohya_separator_in_captions_is_flagged_until_it_is_configured(tmp_path):
+    make_demo_dataset(tmp_path, count=3, seed=2)
+    first = sorted(tmp_path.glob("*.txt"))[0]
+    first.write_text("sdlorastyle ||| red, blue", encoding="utf-8")
+    report = preflight_report(config(tmp_path))
+    assert (f"1 caption(s) contain kohya's ||| (e.g. {first.with_suffix('.png').name}) but "
+            "dataset.keep_tokens_separator is not '|||', so the text encoder reads it; set "
+            "--set dataset.keep_tokens_separator='|||'.") in report.warnings
+    fixed = preflight_report(config(tmp_path, "dataset.keep_tokens_separator=|||"))
+    assert not [w for w in fixed.warnings if "|||" in w]
+
+
 def test_each_risky_setting_gets_its_warning(tmp_path):
     make_demo_dataset(tmp_path, count=3, seed=3)
     sd1 = str(demo_model_path("sd1"))  # a diffusers folder: the family is read from its configs

@@ -1,7 +1,10 @@
 """Caption augmentation as pure functions: same caption + same `random.Random` state -> same result.
 
 Captions are comma-separated tags ("sdlorastyle, a red circle, white background"). The first
-`keep_tokens` tags (usually the trigger word) are never moved or dropped, as in kohya's trainer.
+`keep_tokens` tags (usually the trigger word) are never moved or dropped, as in kohya's trainer. A caption
+may instead mark its fixed parts with kohya's `keep_tokens_separator` ("fixed ||| shuffled ||| fixed end");
+the separator is taken out when the dataset is read (`mark_kept`), so the text encoder never sees it and
+every caption (cached, validated, counted) is the same plain text; the item keeps how many tags stay put.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ class CaptionOptions:
     keep_tokens: int = 0
     caption_dropout: float = 0.0  # probability that a sample trains with the empty caption
     tag_dropout: float = 0.0  # probability that each non-kept tag is left out
+    keep_tokens_separator: str = ""  # kohya's "|||": marks a caption's fixed head (and tail); "" = off
 
     @property
     def varies(self) -> bool:
@@ -36,17 +40,37 @@ def join_tags(tags: list[str]) -> str:
     return f"{SEPARATOR} ".join(tags)
 
 
-def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
-    kept, rest = _split_kept(caption, keep_tokens)
+@dataclass(frozen=True)
+class Kept:
+    """How many leading and trailing tags of a caption never move or drop out."""
+    head: int = 0
+    tail: int = 0
+
+
+def mark_kept(caption: str, separator: str) -> tuple[str, Kept | None]:
+    """kohya's keep_tokens_separator: "a, b ||| c, d ||| e" -> ("a, b, c, d, e", Kept(2, 1)).
+
+    None when the caption has no separator (then `keep_tokens` applies). A third separator, which kohya
+    leaves inside the tail's text, is taken out too: no separator ever reaches the text encoder."""
+    if not separator or separator not in caption:
+        return caption, None
+    head, _, rest = caption.partition(separator)
+    middle, _, tail = rest.partition(separator)
+    parts = [split_tags(part) for part in (head, middle, tail.replace(separator, SEPARATOR))]
+    return join_tags([tag for part in parts for tag in part]), Kept(len(parts[0]), len(parts[2]))
+
+
+def shuffle_tags(caption: str, kept: Kept | int, rng: random.Random) -> str:
+    head, rest, tail = _split_kept(caption, kept)
     rng.shuffle(rest)
-    return join_tags(kept + rest)
+    return join_tags(head + rest + tail)
 
 
-def drop_tags(caption: str, probability: float, keep_tokens: int, rng: random.Random) -> str:
-    kept, rest = _split_kept(caption, keep_tokens)
+def drop_tags(caption: str, probability: float, kept: Kept | int, rng: random.Random) -> str:
+    head, rest, tail = _split_kept(caption, kept)
     # One draw per tag even when p is 0, so the rng advances the same way whatever p is.
     survivors = [tag for tag in rest if rng.random() >= probability]
-    return join_tags(kept + survivors)
+    return join_tags(head + survivors + tail)
 
 
 def drop_caption(caption: str, probability: float, rng: random.Random) -> str:
@@ -60,17 +84,19 @@ def add_trigger(caption: str, trigger: str) -> str:
     return join_tags([trigger, *split_tags(caption)])
 
 
-def augment_caption(caption: str, options: CaptionOptions, rng: random.Random) -> str:
-    """Caption dropout, then tag dropout, then shuffle (kohya's order), all from one rng."""
+def augment_caption(caption: str, options: CaptionOptions, rng: random.Random, kept: Kept | None = None) -> str:
+    """Caption dropout, then tag dropout, then shuffle (kohya's order), all from one rng. `kept` is the
+    caption's own fixed head/tail (from `mark_kept`); without one the first `keep_tokens` tags stay."""
     if not options.varies:
         return caption
+    kept = Kept(head=options.keep_tokens) if kept is None else kept
     caption = drop_caption(caption, options.caption_dropout, rng)
     if not caption:
         return caption
     if options.tag_dropout > 0:
-        caption = drop_tags(caption, options.tag_dropout, options.keep_tokens, rng)
+        caption = drop_tags(caption, options.tag_dropout, kept, rng)
     if options.shuffle_tags:
-        caption = shuffle_tags(caption, options.keep_tokens, rng)
+        caption = shuffle_tags(caption, kept, rng)
     return caption
 
 
@@ -82,6 +108,10 @@ def parse_kohya_folder(name: str) -> tuple[int, str] | None:
     return int(match.group(1)), match.group(2).strip()
 
 
-def _split_kept(caption: str, keep_tokens: int) -> tuple[list[str], list[str]]:
+def _split_kept(caption: str, kept: Kept | int) -> tuple[list[str], list[str], list[str]]:
+    """(fixed head, movable middle, fixed tail); an int is `keep_tokens` (a head only)."""
+    kept = Kept(head=kept) if isinstance(kept, int) else kept
     tags = split_tags(caption)
-    return tags[:keep_tokens], tags[keep_tokens:]
+    head = tags[:kept.head]
+    tail_start = max(len(head), len(tags) - kept.tail)
+    return head, tags[len(head):tail_start], tags[tail_start:]

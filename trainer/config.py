@@ -108,6 +108,9 @@ class DatasetSection(Section):
     shuffle_captions: bool = Field(False, description="Shuffle comma-separated caption tags each step.")
     keep_tokens: int = Field(0, ge=0, le=255, description="Leading caption tags kept in place when shuffling "
                                                           "(1 keeps a trigger word first).")
+    keep_tokens_separator: str = Field("", max_length=16, description=(
+        "kohya's marker for a caption's fixed part, e.g. |||: 'trigger, look ||| shuffled tags ||| fixed end'. "
+        "The separator is removed from the text; empty = keep_tokens decides."))
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Chance of training an image with an empty caption.")
     tag_dropout: float = Field(0.0, ge=0, le=1, description="Chance of dropping each caption tag.")
     cache_latents: Literal["memory", "disk", "none"] = Field(

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from networks.errors import SdloraError
 from trainer.buckets import BucketSpec, Placement, Size, bucket_for, bucket_sizes, place, render
-from trainer.captions import CaptionOptions, add_trigger, augment_caption, parse_kohya_folder
+from trainer.captions import CaptionOptions, Kept, add_trigger, augment_caption, mark_kept, parse_kohya_folder
 from trainer.images import is_image_file, load_image, probe_image
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class Item:
     repeats: int
     placement: Placement  # the centred crop: what is cached, and what every epoch uses without random_crop
     has_alpha: bool
+    kept: Kept | None = None  # the caption's own fixed tags (keep_tokens_separator); None = keep_tokens
 
     @property
     def bucket(self) -> Size:
@@ -197,7 +198,8 @@ class ImageDataset:
 
     def _caption(self, epoch: int, index: int, repeat: int) -> str:
         rng = random.Random(f"caption:{self.seed}:{epoch}:{index}:{repeat}")
-        return augment_caption(self.items[index].caption, self.options.captions, rng)
+        item = self.items[index]
+        return augment_caption(item.caption, self.options.captions, rng, item.kept)
 
     def _crop(self, epoch: int, index: int, repeat: int) -> Placement:
         item = self.items[index]
@@ -239,9 +241,9 @@ def scan_folder(options: DatasetOptions) -> tuple[list[Item], DatasetReport]:
         caption = _read_caption(path, options.caption_suffix)
         if caption is None:
             report.captions_missing.append(name)
-        caption = _final_caption(caption, class_word, options.prepend_class_word)
+        caption, kept = _final_caption(caption, class_word, options)
         placement = place(info.size, bucket_for(info.size, options.buckets, buckets))
-        items.append(Item(len(items), path, caption, repeats, placement, info.has_alpha))
+        items.append(Item(len(items), path, caption, repeats, placement, info.has_alpha, kept))
     if not items:
         raise SdloraError(f"No usable images in '{folder}': {_why_empty(report)}")
     report.bucket_counts = dict(Counter(item.bucket for item in items))
@@ -277,10 +279,17 @@ def _read_caption(image_path: Path, suffix: str) -> str | None:
     return caption or None
 
 
-def _final_caption(caption: str | None, class_word: str, prepend_class_word: bool) -> str:
+def _final_caption(caption: str | None, class_word: str, options: DatasetOptions) -> tuple[str, Kept | None]:
+    """The caption every consumer sees (separator taken out, class word first if asked) and its kept tags."""
     if caption is None:
-        return class_word
-    return add_trigger(caption, class_word) if prepend_class_word else caption
+        return class_word, None
+    caption, kept = mark_kept(caption, options.captions.keep_tokens_separator)
+    if not options.prepend_class_word:
+        return caption, kept
+    with_class = add_trigger(caption, class_word)
+    if kept is not None and with_class != caption:
+        kept = Kept(kept.head + 1, kept.tail)  # the class word joins the fixed head
+    return with_class, kept
 
 
 def _why_empty(report: DatasetReport) -> str:

@@ -98,6 +98,7 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
     "caption_extension": ("dataset.caption_extension", _text),
     "shuffle_caption": ("dataset.shuffle_captions", _flag),
     "keep_tokens": ("dataset.keep_tokens", _integer),
+    "keep_tokens_separator": ("dataset.keep_tokens_separator", _text),
     "flip_aug": ("dataset.flip", _flag),
     "random_crop": ("dataset.random_crop", _flag),
     "noise_offset": ("train.noise_offset", _number),

@@ -56,7 +56,8 @@ def dataset_options(cfg: TrainConfig) -> DatasetOptions:
                          max_side=data.resolved_max_bucket_side, enabled=data.enable_buckets,
                          no_upscale=data.bucket_no_upscale)
     captions = CaptionOptions(shuffle_tags=data.shuffle_captions, keep_tokens=data.keep_tokens,
-                              caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout)
+                              caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout,
+                              keep_tokens_separator=data.keep_tokens_separator)
     return DatasetOptions(folder=Path(data.path), buckets=buckets, captions=captions,
                           caption_extension=data.caption_extension, default_repeats=data.default_repeats,
                           random_crop=data.random_crop, flip=data.flip)

@@ -22,6 +22,7 @@ from networks.errors import SdloraError
 from trainer.config import TrainConfig
 
 CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
+KOHYA_KEEP_SEPARATOR = "|||"  # the marker kohya_ss documents and its users write
 # Typical learning rates when no preset tells (Lion wants ~3-10x less than AdamW, Prodigy finds its own).
 TYPICAL_LR = {"adamw": 1e-4, "adamw8bit": 1e-4, "adafactor": 1e-4, "lion": 3e-5, "prodigy": 1.0}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -420,6 +421,11 @@ def _check_captions(dataset, report: Report) -> None:
         shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         report.warnings.append(f"{len(missing)} of {len(dataset.items)} images have no {extension} caption and "
                                f"train with the folder class word or an empty caption: {shown}.")
+    marked = [item.path.name for item in dataset.items if KOHYA_KEEP_SEPARATOR in item.caption]
+    if marked:  # only left in the text when dataset.keep_tokens_separator is off (or another marker)
+        report.warnings.append(f"{len(marked)} caption(s) contain kohya's {KOHYA_KEEP_SEPARATOR} (e.g. {marked[0]}) but "
+                               f"dataset.keep_tokens_separator is not {KOHYA_KEEP_SEPARATOR!r}, so the text encoder "
+                               f"reads it; set --set dataset.keep_tokens_separator='{KOHYA_KEEP_SEPARATOR}'.")
 
 
 def _check_masks(cfg: TrainConfig, dataset, report: Report) -> None:
