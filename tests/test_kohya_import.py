@@ -16,7 +16,7 @@ LOCON_SD15 = {
     "caption_extension": ".caption", "clip_skip": 2, "color_aug": False, "conv_alpha": 4, "conv_dim": 16,
     "enable_bucket": True, "epoch": 12, "flip_aug": True, "full_fp16": False,
     "gradient_accumulation_steps": 2.0, "gradient_checkpointing": False, "keep_tokens": "1",
-    "keep_tokens_separator": "|||",
+    "keep_tokens_separator": "|||", "scale_weight_norms": "1",
     "learning_rate": "0.0002", "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": "3",
     "lr_scheduler_power": "", "lr_warmup": "10", "max_bucket_reso": 1024, "max_data_loader_n_workers": "0",
     "max_resolution": "512,512", "max_token_length": "75", "max_train_epochs": "", "max_train_steps": "",
@@ -55,7 +55,7 @@ def test_locon_preset_converts_with_alpha_over_rank_kept():
     assert train["gradient_accumulation_steps"] == 2 and train["epochs"] == 12 and train["seed"] == 1234
     assert train["noise_offset"] == 0.05 and train["min_snr_gamma"] == 5 and train["mixed_precision"] == "bf16"
     assert data["caption_extension"] == ".caption" and data["keep_tokens"] == 1 and data["shuffle_captions"]
-    assert data["keep_tokens_separator"] == "|||"
+    assert data["keep_tokens_separator"] == "|||" and train["scale_weight_norms"] == 1.0
     assert data["resolution"] == 512 and data["min_bucket_side"] == 256 and data["max_bucket_side"] == 1024
     assert data["cache_latents"] == "memory" and data["caption_dropout"] == 0.05 and data["flip"]
     assert data["bucket_no_upscale"] is True and "bucket_no_upscale" not in result.unmapped

@@ -422,3 +422,20 @@ def test_clip_skip_reaches_the_captions_and_the_file(tmp_path, data8):
     expected = trainer.model.family.encode_prompt([model.text_encoder], [model.tokenizer], [caption], clip_skip=2)
     torch.testing.assert_close(trainer.encode_text([caption])["hidden"], expected.encoder_hidden_states)
     assert read_lora(final)[1]["ss_clip_skip"] == "2"
+
+
+def test_scale_weight_norms_caps_every_module_of_the_exported_file(tmp_path, data8):
+    from networks.lora_file import read_lora
+
+    limit = 0.01  # far below what 4 steps at lr 1e-2 reach, so modules are scaled every step
+    final = train(tiny_config(data8, tmp_path / "run", "train.max_steps=4", "train.learning_rate=1e-2",
+                              f"train.scale_weight_norms={limit}"), progress=False)
+    steps = [e for e in events(tmp_path / "run") if e["event"] == "step"]
+    assert all(e["keys_scaled"] > 0 and e["max_key_norm"] <= limit * (1 + 1e-5) for e in steps[1:])
+    state, metadata = read_lora(final)
+    assert metadata["ss_scale_weight_norms"] == str(limit)
+    for key in (k for k in state if k.endswith(".lora_down.weight")):
+        prefix = key[: -len(".lora_down.weight")]
+        up, down = state[f"{prefix}.lora_up.weight"].flatten(1), state[key].flatten(1)
+        scale = float(state[f"{prefix}.alpha"]) / down.shape[0]
+        assert float(torch.linalg.matrix_norm(up @ down)) * scale <= limit * (1 + 1e-4), prefix

@@ -225,6 +225,9 @@ class TrainSection(Section):
     lr_scheduler_num_cycles: int = Field(1, ge=1, le=1000, description="Restarts for cosine_with_restarts.")
     lr_scheduler_power: float = Field(1.0, gt=0, description="Power of the polynomial scheduler.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip gradients to this norm; 0 disables clipping.")
+    scale_weight_norms: float = Field(0.0, ge=0, description=(
+        "kohya's max-norm regularization: after each step, modules whose change (scale x up x down) has a norm "
+        "above this are scaled back to it (1 is usual); keeps a LoRA from overcooking. 0 = off."))
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="Compute precision on GPU; bf16 needs an Ampere or newer card.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
@@ -344,6 +347,14 @@ class TrainConfig(Section):
     output: OutputSection = Field(default_factory=OutputSection, description="Where the run is written.")
     validation: ValidationSection = Field(default_factory=ValidationSection, description="Validation loss.")
     ema: EmaSection = Field(default_factory=EmaSection, description="Exponential moving average of the weights.")
+
+    @model_validator(mode="after")
+    def _max_norm_needs_a_zero_start(self) -> TrainConfig:
+        if self.train.scale_weight_norms and self.network.init in ("pissa", "loraga"):
+            raise _rule(f"train.scale_weight_norms works on a LoRA that starts at zero, but network.init is "
+                        f"{self.network.init} (it starts from the base weight); use network.init kaiming or gaussian, "
+                        "or set train.scale_weight_norms to 0")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -105,6 +105,7 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
     "gradient_checkpointing": ("train.gradient_checkpointing", _flag),
     "gradient_accumulation_steps": ("train.gradient_accumulation_steps", _integer),
     "max_grad_norm": ("train.max_grad_norm", _number),
+    "scale_weight_norms": ("train.scale_weight_norms", _number),
     "caption_dropout_rate": ("dataset.caption_dropout", _number),
     "caption_tag_dropout_rate": ("dataset.tag_dropout", _number),
     "network_dropout": ("network.dropout", _number),

@@ -18,6 +18,7 @@ from accelerate.utils import gather_object, set_seed
 from networks.errors import SdloraError
 from networks.load_check import check_lora_file
 from networks.lora_file import DTYPES, save_lora
+from networks.max_norm import apply_max_norm
 from networks.metadata import network_metadata
 from networks.network import LoraNetwork, NetworkSpec
 from trainer.buckets import BucketSpec
@@ -291,6 +292,8 @@ class Trainer:
         if self.cfg.train.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.network.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()
+        if self.cfg.train.scale_weight_norms:  # on the weights just stepped, before EMA averages them
+            self.max_norm_stats = apply_max_norm(self.network.adapters, self.cfg.train.scale_weight_norms)
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update()
@@ -405,18 +408,24 @@ class Trainer:
         rate = done / max(time.perf_counter() - started, 1e-9)
         eta = (self.total_steps - position.step) / rate if rate > 0 else None
         lr = self.lr_scheduler.get_last_lr()[0]
+        norms = self.max_norm_stats
+        extra = {} if norms is None else {"keys_scaled": norms.keys_scaled, "max_key_norm": round(norms.max_norm, 6),
+                                          "mean_key_norm": round(norms.mean_norm, 6)}
         self.run.emit("step", step=position.step, epoch=position.epoch + 1, loss=round(loss, 6), lr=lr,
                       it_per_s=round(rate, 4), eta_s=round(eta, 1) if eta is not None else None,
-                      total_steps=self.total_steps)
+                      total_steps=self.total_steps, **extra)
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, position.step)
             self.tensorboard.add_scalar("lr", lr, position.step)
+            for key, value in extra.items():
+                self.tensorboard.add_scalar(key, value, position.step)
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
     progress = None
     prefetch = None
+    max_norm_stats = None  # of the last step, when train.scale_weight_norms is on
     tensorboard = None
     last_sample_step = -1
 
@@ -462,6 +471,7 @@ class Trainer:
                     "ss_learning_rate": cfg.train.learning_rate, "ss_num_train_images": len(self.dataset),
                     "ss_seed": cfg.train.seed, "ss_tag_frequency": self._tag_frequency(),
                     "ss_clip_skip": cfg.model.clip_skip,
+                    "ss_scale_weight_norms": cfg.train.scale_weight_norms or None,
                     "modelspec.resolution": f"{cfg.dataset.resolution}x{cfg.dataset.resolution}"}
         if state is None:
             state = self.network.kohya_state_dict(DTYPES[cfg.save.precision], exact=cfg.network.export == "exact")
