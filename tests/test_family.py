@@ -53,6 +53,28 @@ def test_sdxl_prompt_embeds_and_time_ids_equal_the_pipeline(pipes):
     assert out.shape == (2, 4, 8, 8)
 
 
+LONG = ", ".join(["red"] * 60)  # 119 CLIP tokens (60 words, 59 commas): a 75-token window and 44 more
+LONG_TAIL = ", " + ", ".join(["red"] * 22)  # tokens 76-119 of LONG: a comma first, then 22 words
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+def test_long_prompts_are_read_in_75_token_windows_side_by_side(pipes, name):
+    pipe, family = pipes[name], get_family(name)
+    parts = _parts(pipe, family)
+    two = family.encode_prompt(*parts, [LONG, "a cat"], chunks=2)
+    one = family.encode_prompt(*parts, [LONG, "a cat"])
+    rest = family.encode_prompt(*parts, [LONG_TAIL, ""])
+    states = two.encoder_hidden_states
+    assert states.shape == (2, 2 * 77, one.encoder_hidden_states.shape[-1])
+    # The first window is the prompt as one window reads it; the second reads what follows on its own
+    # (the empty prompt for a short caption), framed by its own start and end tokens.
+    torch.testing.assert_close(states[:, :77], one.encoder_hidden_states, atol=1e-6, rtol=0)
+    torch.testing.assert_close(states[:, 77:], rest.encoder_hidden_states, atol=1e-6, rtol=0)
+    assert not torch.allclose(states[0, 77:], states[1, 77:])  # the long caption's tail was not dropped
+    if family.is_sdxl:  # the pooled embedding is the first window's
+        torch.testing.assert_close(two.pooled, one.pooled, atol=1e-6, rtol=0)
+
+
 def test_metadata_names_per_family():
     assert [SD1.base_model_version(), SD2.base_model_version(), SD2.base_model_version("v_prediction")] == [
         "sd_v1",
@@ -152,5 +174,27 @@ def test_sample_prompts_are_read_with_the_runs_clip_skip(pipes, name):
         states = family.encode_prompt(*_parts(pipe, family), ["a cat", "blurry"], clip_skip=2).encoder_hidden_states
         assert torch.equal(kwargs["prompt_embeds"], states[:1]) and torch.equal(kwargs["negative_prompt_embeds"],
                                                                                 states[1:])
+    image = pipe(**kwargs, num_inference_steps=1, width=64, height=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_long_sample_prompts_reach_the_pipeline_in_windows(pipes, name):
+    from trainer.config import SamplePrompt
+    from trainer.sampling import prompt_kwargs
+
+    pipe, family = pipes[name], get_family(name)
+    prompt = SamplePrompt(prompt=LONG, negative_prompt="", steps=1, width=64, height=64)
+    kwargs = prompt_kwargs(pipe, prompt, family, 1, chunks=2)
+    expected = family.encode_prompt(*_parts(pipe, family), [LONG, ""], chunks=2)
+    assert kwargs["prompt_embeds"].shape[1] == 154
+    torch.testing.assert_close(kwargs["prompt_embeds"], expected.encoder_hidden_states[:1])
+    if name == "sdxl":
+        torch.testing.assert_close(kwargs["pooled_prompt_embeds"], expected.pooled[:1])
+        # An empty negative prompt is zeros, as the SDXL pipeline makes it (force_zeros_for_empty_prompt).
+        assert pipe.config.force_zeros_for_empty_prompt
+        assert not kwargs["negative_prompt_embeds"].any() and not kwargs["negative_pooled_prompt_embeds"].any()
+    else:
+        torch.testing.assert_close(kwargs["negative_prompt_embeds"], expected.encoder_hidden_states[1:])
     image = pipe(**kwargs, num_inference_steps=1, width=64, height=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3)

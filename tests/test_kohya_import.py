@@ -62,8 +62,9 @@ def test_locon_preset_converts_with_alpha_over_rank_kept():
     assert result.config["save"] == {"every_epochs": 2, "precision": "fp16"}
     # no counterpart: listed with their values, never dropped silently
     assert {"xformers", "LyCORIS_preset", "noise_offset_type", "prior_loss_weight",
-            "max_token_length", "color_aug", "v2", "lr_warmup"} <= set(result.unmapped)
+            "color_aug", "v2", "lr_warmup"} <= set(result.unmapped)
     assert result.config["model"]["clip_skip"] == 2 and "clip_skip" not in result.unmapped
+    assert result.config["model"]["max_token_length"] == 75 and "max_token_length" not in result.unmapped
     assert "learning_rate" not in result.unmapped
     assert any("lr_warmup is 10% of the total steps" in note for note in result.notes)
     text = result.text()

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from app.ui.lora_preview import LoraPreview, clip_skip_of
+from app.ui.lora_preview import LoraPreview, clip_skip_of, prompt_chunks_of
 from networks.lora_file import save_lora
 from networks.metadata import network_metadata
 from tests.helpers import attached, randomise_up
@@ -11,6 +11,11 @@ from tests.helpers import attached, randomise_up
 def test_clip_skip_of_reads_kohya_and_sdlora_files():
     assert clip_skip_of({"ss_clip_skip": "2"}) == 2
     assert clip_skip_of({"ss_clip_skip": "None"}) == 1 and clip_skip_of({}) == 1 and clip_skip_of({"ss_clip_skip": "0"}) == 1
+
+
+def test_prompt_windows_follow_the_files_max_token_length():
+    assert [prompt_chunks_of({"ss_max_token_length": v}) for v in ("225", "150", "75", "None")] == [3, 2, 1, 1]
+    assert prompt_chunks_of({}) == 1 and prompt_chunks_of({"ss_max_token_length": "900"}) == 3
 
 
 def test_the_base_image_changes_with_the_files_clip_skip(tmp_path):

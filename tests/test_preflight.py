@@ -118,6 +118,21 @@ def test_kohya_separator_in_captions_is_flagged_until_it_is_configured(tmp_path)
     assert not [w for w in fixed.warnings if "|||" in w]
 
 
+def test_captions_longer_than_the_token_window_name_the_setting_that_reads_them(tmp_path):
+    make_demo_dataset(tmp_path, count=3, seed=2)
+    first = sorted(tmp_path.glob("*.txt"))[0]
+    first.write_text(", ".join(["red"] * 40), encoding="utf-8")  # 40 words and 39 commas, a CLIP token each
+    image = first.with_suffix(".png").name
+    report = preflight_report(config(tmp_path))
+    assert (f"1 caption(s) are longer than the 75 tokens the text encoder reads (longest: {image}, 79 tokens), "
+            "so their ends are cut off; set model.max_token_length to 150.") in report.warnings
+    assert not [w for w in preflight_report(config(tmp_path, "model.max_token_length=150")).warnings
+                if "tokens the text encoder reads" in w]
+    first.write_text(", ".join(["red"] * 120), encoding="utf-8")  # 239 tokens
+    assert any("set model.max_token_length to 225 and shorten the longest." in w
+               for w in preflight_report(config(tmp_path)).warnings)
+
+
 def test_each_risky_setting_gets_its_warning(tmp_path):
     make_demo_dataset(tmp_path, count=3, seed=3)
     sd1 = str(demo_model_path("sd1"))  # a diffusers folder: the family is read from its configs

@@ -439,3 +439,22 @@ def test_scale_weight_norms_caps_every_module_of_the_exported_file(tmp_path, dat
         up, down = state[f"{prefix}.lora_up.weight"].flatten(1), state[key].flatten(1)
         scale = float(state[f"{prefix}.alpha"]) / down.shape[0]
         assert float(torch.linalg.matrix_norm(up @ down)) * scale <= limit * (1 + 1e-4), prefix
+
+
+def test_max_token_length_trains_on_every_window_and_is_written_to_the_file(tmp_path):
+    from networks.lora_file import read_lora
+
+    make_demo_dataset(tmp_path / "data", count=2, seed=1)
+    long_caption = ", ".join(["sdlorastyle"] + ["red circle"] * 40)  # well over 75 tokens
+    for caption in (tmp_path / "data").glob("*.txt"):
+        caption.write_text(long_caption, encoding="utf-8")
+    trainer = Trainer(tiny_config(tmp_path / "data", tmp_path / "run", "train.max_steps=1",
+                                  "model.max_token_length=225", "sample.every_steps=1"))
+    final = trainer.train()
+    model = build_tiny_pipeline("sd1")
+    expected = trainer.model.family.encode_prompt([model.text_encoder], [model.tokenizer], [long_caption], chunks=3)
+    cached = trainer.encode_text([long_caption])["hidden"]  # what the step was conditioned on
+    assert cached.shape[1] == 3 * 77
+    torch.testing.assert_close(cached, expected.encoder_hidden_states)
+    assert read_lora(final)[1]["ss_max_token_length"] == "225"
+    assert [e for e in events(tmp_path / "run") if e["event"] == "sample"]  # previews read 3 windows too

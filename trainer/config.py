@@ -70,6 +70,15 @@ class ModelSection(Section):
     clip_skip: int = Field(1, ge=1, le=12, description="Read prompts from this text-encoder layer, counted "
                                                        "from the end: 1 = last; 2 = penultimate (A1111's clip "
                                                        "skip 2, usual for anime SD1 models).")
+    max_token_length: Literal[75, 150, 225] = Field(
+        75, description="Caption tokens the text encoder reads: 75 (one CLIP window; longer captions are cut) "
+                        "or 150 / 225 (two or three windows side by side, as A1111 and ComfyUI read long prompts; "
+                        "kohya's max_token_length) for long tag lists.")
+
+    @property
+    def prompt_chunks(self) -> int:
+        """75-token windows per prompt."""
+        return self.max_token_length // 75
 
     @field_validator("path")
     @classmethod

@@ -38,6 +38,17 @@ def _attention_mask(ids: torch.Tensor) -> torch.Tensor:
     first_eos = eos.int().argmax(dim=1, keepdim=True)
     return (torch.arange(ids.shape[1]) <= first_eos).long()
 
+def _chunked_ids(tokenizer, captions: list[str], chunks: int) -> torch.Tensor:
+    """[batch, chunks, 77]: BOS + up to 75 caption tokens + EOS + padding per chunk (an empty chunk reads
+    as the empty prompt). Built by hand because tokenizers frame only the whole text, not its windows."""
+    window = tokenizer.model_max_length - 2
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    tokens = tokenizer(captions, add_special_tokens=False, truncation=True, max_length=window * chunks).input_ids
+    rows = [[bos, *part, eos] + [pad] * (window - len(part))
+            for ids in tokens for part in (ids[c * window:(c + 1) * window] for c in range(chunks))]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(captions), chunks, window + 2)
+
+
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -82,18 +93,10 @@ class ModelFamily:
         """Constructor arguments the family's diffusers pipeline needs besides the model parts."""
         return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-    def tokenize(self, tokenizers: Sequence, captions: list[str]) -> list[torch.Tensor]:
-        """One [batch, 77] id tensor per text encoder, padded and truncated as the pipeline does."""
-        return [
-            tok(
-                captions,
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            for tok in tokenizers
-        ]
+    def tokenize(self, tokenizers: Sequence, captions: list[str], chunks: int = 1) -> list[torch.Tensor]:
+        """One [batch, chunks, 77] id tensor per text encoder: each chunk is a window of 75 caption tokens
+        with its own start/end tokens and padding, exactly as the tokenizer frames a prompt that short."""
+        return [_chunked_ids(tok, captions, chunks) for tok in tokenizers]
 
     def encode_ids(
         self, text_encoders: Sequence[torch.nn.Module], input_ids: list[torch.Tensor], clip_skip: int = 1
@@ -117,9 +120,18 @@ class ModelFamily:
 
     def encode_prompt(
         self, text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence, captions: list[str],
-        clip_skip: int = 1,
+        clip_skip: int = 1, chunks: int = 1,
     ) -> PromptEmbeds:
-        return self.encode_ids(text_encoders, self.tokenize(tokenizers, captions), clip_skip)
+        """Per-token states [batch, 77 * chunks, dim] and, for SDXL, the pooled embedding. Long prompts are
+        read as A1111 and ComfyUI read them (kohya's max_token_length): each 75-token window is encoded on
+        its own and the windows' states are laid side by side; the pooled embedding is the first window's."""
+        ids = self.tokenize(tokenizers, captions, chunks)
+        batch = len(captions)
+        embeds = self.encode_ids(text_encoders, [i.flatten(0, 1) for i in ids], clip_skip)
+        states = embeds.encoder_hidden_states
+        states = states.reshape(batch, chunks * states.shape[1], states.shape[2])
+        pooled = None if embeds.pooled is None else embeds.pooled.reshape(batch, chunks, -1)[:, 0]
+        return PromptEmbeds(states, pooled)
 
     def unet_added_kwargs(
         self,

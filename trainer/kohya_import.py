@@ -117,6 +117,7 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
     "bucket_reso_steps": ("dataset.bucket_step", _integer),
     "bucket_no_upscale": ("dataset.bucket_no_upscale", _flag),
     "clip_skip": ("model.clip_skip", _integer),
+    "max_token_length": ("model.max_token_length", _integer),
     "multires_noise_iterations": ("train.multires_noise_iterations", _integer),
     "multires_noise_discount": ("train.multires_noise_discount", _number),
     "ip_noise_gamma": ("train.ip_noise_gamma", _number),

@@ -241,7 +241,7 @@ class Trainer:
     def _encode_captions(self, captions: list[str]) -> dict:
         with torch.set_grad_enabled(self.cfg.network.train_text_encoder and torch.is_grad_enabled()):
             embeds = self.model.family.encode_prompt(self.model.text_encoders, self.model.tokenizers, captions,
-                                                     clip_skip=self.cfg.model.clip_skip)
+                                                     self.cfg.model.clip_skip, self.cfg.model.prompt_chunks)
         out = {"hidden": embeds.encoder_hidden_states}
         if embeds.pooled is not None:
             out["pooled"] = embeds.pooled
@@ -458,7 +458,7 @@ class Trainer:
         pipeline = build_pipeline(self.model, self.cfg.sample.sampler)
         size = (self.cfg.dataset.resolution, self.cfg.dataset.resolution)
         paths = render_samples(pipeline, self.cfg.sample.prompts, size, self.run.samples, step, self.model.family,
-                               self.cfg.model.clip_skip)
+                               self.cfg.model.clip_skip, self.cfg.model.prompt_chunks)
         self.run.emit("sample", step=step, paths=[self.run.relative(p) for p in paths],
                       prompts=[p.prompt for p in self.cfg.sample.prompts])
 
@@ -470,7 +470,7 @@ class Trainer:
                     "ss_epoch": math.ceil(position.step / max(1, self.steps_per_epoch())),
                     "ss_learning_rate": cfg.train.learning_rate, "ss_num_train_images": len(self.dataset),
                     "ss_seed": cfg.train.seed, "ss_tag_frequency": self._tag_frequency(),
-                    "ss_clip_skip": cfg.model.clip_skip,
+                    "ss_clip_skip": cfg.model.clip_skip, "ss_max_token_length": cfg.model.max_token_length,
                     "ss_scale_weight_norms": cfg.train.scale_weight_norms or None,
                     "modelspec.resolution": f"{cfg.dataset.resolution}x{cfg.dataset.resolution}"}
         if state is None:

@@ -237,6 +237,7 @@ def preflight_report(cfg: TrainConfig, preset: str | None = None) -> Report:
     dataset = _check_dataset(cfg, report)
     if dataset is not None:
         _check_captions(dataset, report)
+        _check_caption_length(cfg, dataset, report)
         _check_masks(cfg, dataset, report)
         train_set = _check_validation(cfg, dataset, report)
         if train_set is not None:
@@ -426,6 +427,30 @@ def _check_captions(dataset, report: Report) -> None:
         report.warnings.append(f"{len(marked)} caption(s) contain kohya's {KOHYA_KEEP_SEPARATOR} (e.g. {marked[0]}) but "
                                f"dataset.keep_tokens_separator is not {KOHYA_KEEP_SEPARATOR!r}, so the text encoder "
                                f"reads it; set --set dataset.keep_tokens_separator='{KOHYA_KEEP_SEPARATOR}'.")
+
+
+def _check_caption_length(cfg: TrainConfig, dataset, report: Report) -> None:
+    limit = cfg.model.max_token_length
+    lengths = {}  # caption -> CLIP tokens (every family's tokenizers share CLIP's BPE)
+    for caption in {item.caption for item in dataset.items}:
+        lengths[caption] = len(_clip_tokenizer()(caption, add_special_tokens=False, verbose=False).input_ids)
+    long = [item for item in dataset.items if lengths[item.caption] > limit]
+    if not long:
+        return
+    worst = max(long, key=lambda item: lengths[item.caption])
+    fits = [n for n in (150, 225) if n > limit and n >= lengths[worst.caption]]
+    fix = (f"set model.max_token_length to {fits[0]}" if fits else "shorten them" if limit == 225
+           else "set model.max_token_length to 225 and shorten the longest")
+    report.warnings.append(f"{len(long)} caption(s) are longer than the {limit} tokens the text encoder reads "
+                           f"(longest: {worst.path.name}, {lengths[worst.caption]} tokens), so their ends are cut "
+                           f"off; {fix}.")
+
+
+@lru_cache(maxsize=1)
+def _clip_tokenizer():
+    from trainer.tiny_models import load_clip_tokenizer
+
+    return load_clip_tokenizer()
 
 
 def _check_masks(cfg: TrainConfig, dataset, report: Report) -> None:

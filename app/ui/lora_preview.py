@@ -25,10 +25,19 @@ from trainer.sampling import build_pipeline, prompt_kwargs
 
 def clip_skip_of(metadata: dict) -> int:
     """The file's ss_clip_skip (kohya writes "None" when unset), 1 when absent or unreadable."""
+    return max(1, _int_field(metadata, "ss_clip_skip", 1))
+
+
+def prompt_chunks_of(metadata: dict) -> int:
+    """75-token windows the LoRA was trained with (ss_max_token_length 75/150/225), 1 when absent."""
+    return min(3, max(1, _int_field(metadata, "ss_max_token_length", 75) // 75))
+
+
+def _int_field(metadata: dict, key: str, default: int) -> int:
     try:
-        return max(1, int(metadata.get("ss_clip_skip") or 1))
+        return int(metadata.get(key) or default)
     except ValueError:
-        return 1
+        return default
 
 
 @dataclass
@@ -47,7 +56,7 @@ class LoraPreview:
         self._pipelines: dict[str, object] = {}
         self._lora_key: tuple | None = None
         self._network: LoraNetwork | None = None
-        self._clip_skip = 1
+        self._clip_skip, self._chunks = 1, 1
 
     def compare(self, model: str, lora: Path, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
                 weight: float = 1.0, guidance: float = 7.0, size: int = 0, sampler: str = "euler_a") -> Comparison:
@@ -63,9 +72,11 @@ class LoraPreview:
                 network.set_enabled(enabled)
                 network.set_multiplier(weight)
                 generator = torch.Generator("cpu").manual_seed(int(seed))
-                text = SimpleNamespace(prompt=prompt, negative_prompt=negative)  # both images read the
-                with torch.no_grad():  # layer the LoRA was trained on (ss_clip_skip), as A1111's setting would
-                    images.append(pipeline(**prompt_kwargs(pipeline, text, loaded.family, self._clip_skip),
+                text = SimpleNamespace(prompt=prompt, negative_prompt=negative)
+                # Both images read the prompt as the LoRA was trained (ss_clip_skip, ss_max_token_length).
+                reading = prompt_kwargs(pipeline, text, loaded.family, self._clip_skip, self._chunks)
+                with torch.no_grad():
+                    images.append(pipeline(**reading,
                                            num_inference_steps=int(steps), guidance_scale=float(guidance),
                                            width=side, height=side, generator=generator).images[0])
             network.set_enabled(True)
@@ -96,7 +107,7 @@ class LoraPreview:
                                   f"choose a {made_for} base model.")
             self._network = LoraNetwork.from_state_dict(model.family.name, model.unet, model.text_encoders,
                                                         state, source=path.name).attach().eval()
-            self._lora_key, self._clip_skip = key, clip_skip_of(metadata)
+            self._lora_key, self._clip_skip, self._chunks = key, clip_skip_of(metadata), prompt_chunks_of(metadata)
         return self._network
 
     def _pipeline(self, model: LoadedModel, sampler: str):
