@@ -267,3 +267,60 @@ def test_bucket_no_upscale_from_the_config_keeps_small_images_at_their_size(tmp_
     cfg = resolve_config(None, [f"dataset.path={tmp_path}", "dataset.resolution=512"])
     assert {item.path.name: item.bucket for item in ImageDataset.scan(dataset_options(cfg)).items}["small.png"] \
         != (256, 192)
+
+
+@pytest.mark.parametrize("repeats, train_samples, balanced", [
+    ([1, 1, 1], 7, [3, 2, 2]),  # one pass is short: one more each, in order
+    ([5, 5, 5], 7, [5, 5, 0]),  # more than needed: the first ones, the last left out
+    ([2], 3, [3]),
+    ([10, 10], 5, [10, 0]),
+])
+def test_reg_images_are_balanced_to_the_training_samples_as_kohya_does(repeats, train_samples, balanced):
+    from trainer.dataset import balance_reg_repeats
+
+    assert balance_reg_repeats(repeats, train_samples) == balanced
+
+
+def test_reg_folder_joins_the_epoch_flagged_and_balanced(folder, tmp_path):
+    reg = tmp_path / "reg"
+    for i in range(3):
+        _image(reg / "1_person" / f"r{i}.png", (96, 96), (10 * i, 0, 0))
+    dataset = _scan(folder, reg_folder=reg)
+    train = [i for i in dataset.items if not i.is_reg]
+    regs = [i for i in dataset.items if i.is_reg]
+    assert [i.index for i in dataset.items] == list(range(len(dataset.items)))  # the plan addresses positions
+    train_samples = sum(i.repeats for i in train)  # 3 root images + 2 x 10 in 10_mystyle = 23
+    assert train_samples == 23 and sum(i.repeats for i in regs) == train_samples
+    assert [i.repeats for i in regs] == [8, 8, 7] and {i.caption for i in regs} == {"person"}
+    report = dataset.report
+    assert (report.reg_images, report.reg_used, report.reg_samples_per_epoch) == (3, 3, 23)
+    assert report.samples_per_epoch == 46 and report.usable == 5  # the training folder's own count
+    assert "Regularization: 3 of 3 images in" in report.summary()
+    planned = Counter(s.item for b in dataset.batches(0, 2) for s in b.samples)
+    assert sum(planned[i.index] for i in regs) == 23
+
+
+@pytest.mark.parametrize("contents, message", [
+    (None, "Regularization folder '{reg}' does not exist; point dataset.reg_path at a folder of class images "
+           "or leave it empty."),
+    ("empty", "No usable images in the regularization folder '{reg}': add .png/.jpg/.jpeg/.webp/.bmp files"),
+])
+def test_a_bad_reg_folder_is_one_sentence(folder, tmp_path, contents, message):
+    reg = tmp_path / "reg"
+    if contents == "empty":
+        reg.mkdir()
+    with pytest.raises(SdloraError) as error:
+        _scan(folder, reg_folder=reg)
+    assert str(error.value).startswith(message.format(reg=reg))
+
+
+def test_validation_never_holds_out_a_reg_image(folder, tmp_path):
+    from trainer.validation import split_dataset
+
+    for i in range(8):
+        _image(tmp_path / "reg" / "1_person" / f"r{i}.png", (96, 96))
+    dataset = _scan(folder, reg_folder=tmp_path / "reg")
+    for seed in range(10):
+        kept, held = split_dataset(dataset, 4, seed)
+        assert len(held) == 4 and not any(item.is_reg for item in held)
+        assert sum(item.is_reg for item in kept.items) == sum(item.is_reg for item in dataset.items)

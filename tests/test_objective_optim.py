@@ -54,6 +54,15 @@ def test_masked_loss_ignores_masked_pixels():
     assert diffusion_loss(changed, target, t, SCHEDULER, "epsilon") > before
 
 
+def test_prior_loss_weight_scales_each_samples_share_of_the_mean():
+    prediction, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([100, 200])
+    first, second = (((prediction[i] - target[i]) ** 2).mean() for i in range(2))
+    weighted = diffusion_loss(prediction, target, t, SCHEDULER, "epsilon", sample_weights=torch.tensor([1.0, 0.25]))
+    torch.testing.assert_close(weighted, (first + 0.25 * second) / 2)
+    torch.testing.assert_close(diffusion_loss(prediction, target, t, SCHEDULER, "epsilon"), (first + second) / 2)
+
+
 def test_noise_offset_adds_a_per_channel_constant():
     torch.manual_seed(0)
     plain = sample_noise(torch.zeros(64, 4, 16, 16))

@@ -133,6 +133,20 @@ def test_captions_longer_than_the_token_window_name_the_setting_that_reads_them(
                for w in preflight_report(config(tmp_path)).warnings)
 
 
+def test_reg_images_are_reported_apart_from_the_training_images(tmp_path):
+    make_demo_dataset(tmp_path / "data", count=3, seed=2)
+    make_demo_dataset(tmp_path / "reg" / "2_shape", count=5, seed=4)
+    (tmp_path / "reg" / "notes").mkdir()
+    report = preflight_report(config(tmp_path / "data", f"dataset.reg_path={tmp_path / 'reg'}",
+                                     "train.prior_loss_weight=0.5", "dataset.default_repeats=1"))
+    assert any(line.startswith("Dataset: 3 usable images") for line in report.info)
+    assert (f"Regularization: 2 of 5 images in '{tmp_path / 'reg'}', 4 samples per epoch (as many as the training "
+            "samples); the other 3 are not used (kohya's balance). Their loss weight is 0.5 "
+            "(train.prior_loss_weight).") in report.info
+    assert any(w.startswith("Regularization: notes is left out: name is not") for w in report.warnings)
+    assert not [w for w in report.warnings if "caption" in w]  # reg images have none, and need none
+
+
 def test_each_risky_setting_gets_its_warning(tmp_path):
     make_demo_dataset(tmp_path, count=3, seed=3)
     sd1 = str(demo_model_path("sd1"))  # a diffusers folder: the family is read from its configs

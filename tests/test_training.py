@@ -458,3 +458,21 @@ def test_max_token_length_trains_on_every_window_and_is_written_to_the_file(tmp_
     torch.testing.assert_close(cached, expected.encoder_hidden_states)
     assert read_lora(final)[1]["ss_max_token_length"] == "225"
     assert [e for e in events(tmp_path / "run") if e["event"] == "sample"]  # previews read 3 windows too
+
+
+def test_reg_images_double_the_epoch_and_prior_loss_weight_zero_makes_their_steps_free(tmp_path):
+    from networks.lora_file import read_lora
+
+    make_demo_dataset(tmp_path / "data", count=4, seed=1)
+    make_demo_dataset(tmp_path / "reg" / "1_shape", count=6, seed=2)
+    for caption in (tmp_path / "reg").rglob("*.txt"):
+        caption.unlink()  # reg images go by their class word
+    trainer = Trainer(tiny_config(tmp_path / "data", tmp_path / "run", "train.max_steps=8", "train.batch_size=1",
+                                  f"dataset.reg_path={tmp_path / 'reg'}", "train.prior_loss_weight=0"))
+    final = trainer.train()
+    losses = [e["loss"] for e in events(tmp_path / "run") if e["event"] == "step"]
+    assert trainer.steps_per_epoch() == len(losses) == 8  # 4 training samples + 4 of the 6 reg images
+    assert losses.count(0.0) == 4  # a reg-only batch weighs nothing at prior_loss_weight 0
+    metadata = read_lora(final)[1]
+    assert (metadata["ss_num_train_images"], metadata["ss_num_reg_images"]) == ("4", "4")
+    assert "shape" not in json.loads(metadata["ss_tag_frequency"])["data"]  # tags of the training images only

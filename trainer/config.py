@@ -130,6 +130,10 @@ class DatasetSection(Section):
         "none", description="Leave parts of images out of the loss: alpha uses each image's transparency, "
                             "folder uses grayscale masks (white = train) named like the images.")
     mask_folder: str | None = Field(None, description="Folder of masks for loss_mask = folder.")
+    reg_path: str | None = Field(None, description=(
+        "Folder of regularization images (kohya's reg_data_dir: pictures of the class, e.g. '1_person', made "
+        "by the base model); they keep the class from drifting. Each epoch holds as many of them as training "
+        "samples."))
     num_workers: int = Field(0, ge=0, le=64, description="Worker processes that decode the next batches' "
                                                          "images while a step runs, when images are encoded every "
                                                          "step (cache_latents = none, or random_crop); 0 loads "
@@ -234,6 +238,8 @@ class TrainSection(Section):
     lr_scheduler_num_cycles: int = Field(1, ge=1, le=1000, description="Restarts for cosine_with_restarts.")
     lr_scheduler_power: float = Field(1.0, gt=0, description="Power of the polynomial scheduler.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip gradients to this norm; 0 disables clipping.")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of regularization images "
+                                                             "(dataset.reg_path) against training images.")
     scale_weight_norms: float = Field(0.0, ge=0, description=(
         "kohya's max-norm regularization: after each step, modules whose change (scale x up x down) has a norm "
         "above this are scaled back to it (1 is usual); keeps a LoRA from overcooking. 0 = off."))

@@ -3,6 +3,8 @@
 Layout (kohya's): images straight in the folder train with `default_repeats`; a sub-folder named
 "<repeats>_<class words>" (e.g. "10_mystyle") trains its images that many times per epoch, and its class
 words stand in for a missing caption. Captions live next to the image: "cat.png" + "cat.txt".
+Regularization ("class") images from a second folder, laid out the same way, join the epoch as kohya
+mixes them: as many reg samples per epoch as training samples (see `balance_reg_repeats`).
 
 Everything random about an epoch (order, flips, random crops, caption augmentation) is a pure function
 of (seed, epoch), so a resumed run replays the same batches and N processes can split them.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,7 @@ class DatasetOptions:
     random_crop: bool = False  # a fresh crop per sample per epoch instead of the centre (never cached)
     flip: bool = False
     prepend_class_word: bool = False  # put the folder's class word first in every caption
+    reg_folder: Path | None = None  # regularization images (kohya's reg_data_dir)
 
     @property
     def caption_suffix(self) -> str:
@@ -53,6 +56,7 @@ class Item:
     placement: Placement  # the centred crop: what is cached, and what every epoch uses without random_crop
     has_alpha: bool
     kept: Kept | None = None  # the caption's own fixed tags (keep_tokens_separator); None = keep_tokens
+    is_reg: bool = False  # a regularization image: weighted by train.prior_loss_weight, never held out
 
     @property
     def bucket(self) -> Size:
@@ -80,7 +84,12 @@ class DatasetReport:
     ignored_folders: list[Skipped] = field(default_factory=list)
     captions_missing: list[str] = field(default_factory=list)
     bucket_counts: dict[Size, int] = field(default_factory=dict)  # usable images per bucket
-    samples_per_epoch: int = 0  # usable images times their repeats
+    samples_per_epoch: int = 0  # usable images times their repeats (regularization samples included)
+    reg_folder: Path | None = None
+    reg_images: int = 0  # usable regularization images
+    reg_used: int = 0  # of those, how many take part (the first ones, when there are more than needed)
+    reg_samples_per_epoch: int = 0
+    reg_problems: list[Skipped] = field(default_factory=list)  # unreadable reg images and ignored sub-folders
 
     @property
     def usable(self) -> int:
@@ -97,6 +106,11 @@ class DatasetReport:
             "captions_missing": list(self.captions_missing),
             "buckets": [{"width": w, "height": h, "images": n} for (w, h), n in sorted(self.bucket_counts.items())],
             "samples_per_epoch": self.samples_per_epoch,
+            "reg_folder": str(self.reg_folder) if self.reg_folder else None,
+            "reg_images": self.reg_images,
+            "reg_used": self.reg_used,
+            "reg_samples_per_epoch": self.reg_samples_per_epoch,
+            "reg_problems": [{"name": s.name, "reason": s.reason} for s in self.reg_problems],
         }
 
     def summary(self) -> str:
@@ -108,8 +122,16 @@ class DatasetReport:
         lines += [f"ignored folder {s.name}: {s.reason}" for s in self.ignored_folders]
         if self.captions_missing:
             lines.append(f"{len(self.captions_missing)} images have no {self.caption_extension} caption.")
+        if self.reg_folder is not None:
+            lines.append(self.reg_summary())
         lines += [f"bucket {w}x{h}: {n} images" for (w, h), n in sorted(self.bucket_counts.items())]
         return "\n".join(lines)
+
+    def reg_summary(self) -> str:
+        unused = self.reg_images - self.reg_used
+        rest = f"; the other {unused} are not used (kohya's balance)" if unused else ""
+        return (f"Regularization: {self.reg_used} of {self.reg_images} images in '{self.reg_folder}', "
+                f"{self.reg_samples_per_epoch} samples per epoch (as many as the training samples){rest}.")
 
 
 @dataclass(frozen=True)
@@ -228,8 +250,20 @@ def scan_folder(options: DatasetOptions) -> tuple[list[Item], DatasetReport]:
         raise SdloraError(f"dataset.default_repeats is {options.default_repeats}; use 1 or more.")
     if not folder.is_dir():
         raise SdloraError(f"Dataset folder '{folder}' does not exist; point dataset.path at a folder of images.")
-    buckets = bucket_sizes(options.buckets)
     report = DatasetReport(folder, options.caption_suffix)
+    items = _scan_images(folder, options, report)
+    if not items:
+        raise SdloraError(f"No usable images in '{folder}': {_why_empty(report)}")
+    if options.reg_folder is not None:
+        items += _scan_reg(Path(options.reg_folder), options, report, first_index=len(items),
+                           train_samples=sum(item.repeats for item in items))
+    report.bucket_counts = dict(Counter(item.bucket for item in items))
+    report.samples_per_epoch = sum(item.repeats for item in items)
+    return items, report
+
+
+def _scan_images(folder: Path, options: DatasetOptions, report: DatasetReport, first_index: int = 0) -> list[Item]:
+    buckets = bucket_sizes(options.buckets)
     items: list[Item] = []
     for path, repeats, class_word in _image_files(folder, options, report):
         report.images_found += 1
@@ -243,12 +277,45 @@ def scan_folder(options: DatasetOptions) -> tuple[list[Item], DatasetReport]:
             report.captions_missing.append(name)
         caption, kept = _final_caption(caption, class_word, options)
         placement = place(info.size, bucket_for(info.size, options.buckets, buckets))
-        items.append(Item(len(items), path, caption, repeats, placement, info.has_alpha, kept))
+        items.append(Item(first_index + len(items), path, caption, repeats, placement, info.has_alpha, kept))
+    return items
+
+
+def _scan_reg(folder: Path, options: DatasetOptions, report: DatasetReport, first_index: int,
+              train_samples: int) -> list[Item]:
+    if not folder.is_dir():
+        raise SdloraError(f"Regularization folder '{folder}' does not exist; point dataset.reg_path at a folder "
+                          "of class images or leave it empty.")
+    # Found in a report of their own: reg images usually have no captions (their class word stands in), and
+    # their problems are named with the reg folder.
+    found = DatasetReport(folder, options.caption_suffix)
+    items = _scan_images(folder, options, found, first_index)
     if not items:
-        raise SdloraError(f"No usable images in '{folder}': {_why_empty(report)}")
-    report.bucket_counts = dict(Counter(item.bucket for item in items))
-    report.samples_per_epoch = sum(item.repeats for item in items)
-    return items, report
+        raise SdloraError(f"No usable images in the regularization folder '{folder}': {_why_empty(found)}")
+    report.reg_problems = found.skipped + found.ignored_folders
+    repeats = balance_reg_repeats([item.repeats for item in items], train_samples)
+    used = [replace(item, repeats=r, is_reg=True) for item, r in zip(items, repeats) if r > 0]
+    used = [replace(item, index=first_index + i) for i, item in enumerate(used)]
+    report.reg_folder, report.reg_images, report.reg_used = folder, len(items), len(used)
+    report.reg_samples_per_epoch = sum(item.repeats for item in used)
+    return used
+
+
+def balance_reg_repeats(repeats: list[int], train_samples: int) -> list[int]:
+    """kohya's balance: reg images (in order, each with its folder's repeats) until the epoch holds as many
+    reg samples as training samples; if one pass is short, one more repeat each, in order, until it is
+    not; images past the point where the count is reached are left out."""
+    balanced, total = [0] * len(repeats), 0
+    for i, r in enumerate(repeats):
+        if total >= train_samples:
+            break
+        balanced[i], total = r, total + r
+    while total < train_samples:
+        for i in range(len(repeats)):
+            if total >= train_samples:
+                break
+            balanced[i], total = balanced[i] + 1, total + 1
+    return balanced
 
 
 def _image_files(folder: Path, options: DatasetOptions, report: DatasetReport):

@@ -106,6 +106,7 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
     "gradient_accumulation_steps": ("train.gradient_accumulation_steps", _integer),
     "max_grad_norm": ("train.max_grad_norm", _number),
     "scale_weight_norms": ("train.scale_weight_norms", _number),
+    "prior_loss_weight": ("train.prior_loss_weight", _number),
     "caption_dropout_rate": ("dataset.caption_dropout", _number),
     "caption_tag_dropout_rate": ("dataset.tag_dropout", _number),
     "network_dropout": ("network.dropout", _number),
@@ -358,10 +359,12 @@ def _prediction(b: _Builder) -> None:
             b.unmapped[key] = b.data[key]
     if b.data.get("sdxl") is True or b.data.get("v2") is True:
         b.notes.append("v2/sdxl were not imported: sdlora detects the model family from the model you train on.")
-    for key in RUN_SPECIFIC:
+    for key in (k for k in RUN_SPECIFIC if k != "reg_data_dir"):
         if b.given(key):
             b.notes.append(f"{key} is specific to one run; give it with --model/--data/--output/--name instead.")
             break
+    if b.given("reg_data_dir"):
+        b.notes.append("reg_data_dir is specific to one run; give it with --set dataset.reg_path=DIR instead.")
 
 
 def _sampler(b: _Builder) -> None:

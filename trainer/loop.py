@@ -61,7 +61,8 @@ def dataset_options(cfg: TrainConfig) -> DatasetOptions:
                               keep_tokens_separator=data.keep_tokens_separator)
     return DatasetOptions(folder=Path(data.path), buckets=buckets, captions=captions,
                           caption_extension=data.caption_extension, default_repeats=data.default_repeats,
-                          random_crop=data.random_crop, flip=data.flip)
+                          random_crop=data.random_crop, flip=data.flip,
+                          reg_folder=Path(data.reg_path) if data.reg_path else None)
 
 
 def network_spec(cfg: TrainConfig) -> NetworkSpec:
@@ -276,7 +277,13 @@ class Trainer:
         return diffusion_loss(prediction, target, timesteps, model.noise_scheduler, model.prediction_type,
                               train.min_snr_gamma, mask=None if mask is None else mask.to(device),
                               debiased=train.debiased_estimation, loss_type=train.loss_type, huber_c=train.huber_c,
-                              huber_schedule=train.huber_schedule)
+                              huber_schedule=train.huber_schedule, sample_weights=self._prior_weights(batch))
+
+    def _prior_weights(self, batch) -> torch.Tensor | None:
+        """train.prior_loss_weight for regularization samples, 1 for the rest; None when all are 1."""
+        weights = [self.cfg.train.prior_loss_weight if self.dataset.items[s.item].is_reg else 1.0
+                   for s in batch.samples]
+        return None if all(w == 1.0 for w in weights) else torch.tensor(weights)
 
     def optimizer_step(self, batches) -> float:
         """Accumulate gradients over `batches`, then one optimizer step; returns the mean loss."""
@@ -468,7 +475,9 @@ class Trainer:
         training = {"ss_resolution": f"({cfg.dataset.resolution}, {cfg.dataset.resolution})",
                     "ss_steps": position.step,
                     "ss_epoch": math.ceil(position.step / max(1, self.steps_per_epoch())),
-                    "ss_learning_rate": cfg.train.learning_rate, "ss_num_train_images": len(self.dataset),
+                    "ss_learning_rate": cfg.train.learning_rate,
+                    "ss_num_train_images": sum(1 for i in self.dataset.items if not i.is_reg),
+                    "ss_num_reg_images": sum(1 for i in self.dataset.items if i.is_reg),
                     "ss_seed": cfg.train.seed, "ss_tag_frequency": self._tag_frequency(),
                     "ss_clip_skip": cfg.model.clip_skip, "ss_max_token_length": cfg.model.max_token_length,
                     "ss_scale_weight_norms": cfg.train.scale_weight_norms or None,
@@ -490,7 +499,7 @@ class Trainer:
 
     def _tag_frequency(self) -> dict:
         counts: dict[str, int] = {}
-        for item in self.dataset.items:
+        for item in (i for i in self.dataset.items if not i.is_reg):  # what the LoRA learned, not its anchors
             for tag in (t.strip() for t in item.caption.split(",")):
                 if tag:
                     counts[tag] = counts.get(tag, 0) + 1

@@ -67,9 +67,11 @@ HUBER_SCHEDULES = ("snr", "exponential", "constant")
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
                    prediction_type: str, min_snr_gamma: float | None = None,
                    mask: torch.Tensor | None = None, debiased: bool = False, loss_type: str = "l2",
-                   huber_c: float = 0.1, huber_schedule: str = "snr") -> torch.Tensor:
+                   huber_c: float = 0.1, huber_schedule: str = "snr",
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error (or kohya's pseudo-Huber / smooth L1) per sample, masked pixels ignored, min-SNR and/or
-    debiased-estimation weighted, averaged over the batch."""
+    debiased-estimation weighted, times `sample_weights` (regularization images' prior loss weight),
+    averaged over the batch."""
     error = pixel_loss(prediction.float(), target.float(), loss_type,
                        huber_c_per_sample(scheduler, timesteps, huber_c, huber_schedule) if loss_type != "l2" else None)
     if mask is not None:
@@ -81,6 +83,8 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: to
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, min_snr_gamma, prediction_type)
     if debiased:
         per_sample = per_sample * debiased_weights(scheduler, timesteps, prediction_type)
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample)
     return per_sample.mean()
 
 

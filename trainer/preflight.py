@@ -386,9 +386,14 @@ def _check_dataset(cfg: TrainConfig, report: Report):
         return None
     found = dataset.report
     report.data["dataset"] = found.to_dict()
-    repeats = Counter(item.repeats for item in dataset.items)
+    repeats = Counter(item.repeats for item in dataset.items if not item.is_reg)
     parts = [f"{n} image{'s' if n > 1 else ''} x {r} repeat{'s' if r > 1 else ''}" for r, n in sorted(repeats.items())]
     report.info.append(f"Dataset: {found.usable} usable images in {found.folder} ({', '.join(parts)}).")
+    if found.reg_folder is not None:
+        report.info.append(found.reg_summary() + f" Their loss weight is {cfg.train.prior_loss_weight:g} "
+                                                 "(train.prior_loss_weight).")
+    for problem in found.reg_problems:
+        report.warnings.append(f"Regularization: {problem.name} is left out: {problem.reason}.")
     if found.skipped:
         names = ", ".join(f"{s.name} ({s.reason})" for s in found.skipped[:10])
         more = f" and {len(found.skipped) - 10} more" if len(found.skipped) > 10 else ""
@@ -401,26 +406,27 @@ def _check_dataset(cfg: TrainConfig, report: Report):
 def _check_captions(dataset, report: Report) -> None:
     found, extension = dataset.report, dataset.options.caption_suffix
     missing = set(found.captions_missing)
-    others = {ext: sum(1 for item in dataset.items if item.path.with_suffix(ext).is_file())
+    items = [item for item in dataset.items if not item.is_reg]  # reg images usually go by their class word
+    others = {ext: sum(1 for item in items if item.path.with_suffix(ext).is_file())
               for ext in CAPTION_EXTENSIONS if ext != extension}
     others = {ext: n for ext, n in others.items() if n}
-    with_caption = len(dataset.items) - len(missing)
+    with_caption = len(items) - len(missing)
     report.data["captions"] = {"extension": extension, "with_caption": with_caption,
                                "without_caption": sorted(missing), "other_extensions": others}
-    report.info.append(f"Captions: {with_caption} of {len(dataset.items)} images have a {extension} caption.")
+    report.info.append(f"Captions: {with_caption} of {len(items)} images have a {extension} caption.")
     if with_caption == 0 and others:
         ext, count = max(others.items(), key=lambda kv: kv[1])
         report.warnings.append(f"No image has a {extension} caption, but {count} have {ext} files next to them; "
                                f"use them with --set dataset.caption_extension={ext}.")
     elif with_caption == 0:
-        class_words = {item.caption for item in dataset.items if item.caption}
+        class_words = {item.caption for item in items if item.caption}
         fallback = (f"they train with the folder class word ({', '.join(sorted(class_words)[:3])})"
                     if class_words else "they train with empty captions")
-        report.warnings.append(f"None of the {len(dataset.items)} images has a caption ({extension}); {fallback}, so "
+        report.warnings.append(f"None of the {len(items)} images has a caption ({extension}); {fallback}, so "
                                "prompts cannot steer what the LoRA learns: add a caption file next to each image.")
     elif missing:
         shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        report.warnings.append(f"{len(missing)} of {len(dataset.items)} images have no {extension} caption and "
+        report.warnings.append(f"{len(missing)} of {len(items)} images have no {extension} caption and "
                                f"train with the folder class word or an empty caption: {shown}.")
     marked = [item.path.name for item in dataset.items if KOHYA_KEEP_SEPARATOR in item.caption]
     if marked:  # only left in the text when dataset.keep_tokens_separator is off (or another marker)
@@ -523,8 +529,9 @@ def _world_size() -> int:
 
 
 def _check_dataset_size(cfg: TrainConfig, dataset, plan: StepPlan, report: Report) -> None:
-    images = len(dataset.items)
-    views = plan.total_steps * plan.images_per_step / max(1, images)
+    images = sum(1 for item in dataset.items if not item.is_reg)
+    train_share = 1 - dataset.report.reg_samples_per_epoch / max(1, plan.samples_per_epoch)  # reg takes the rest
+    views = plan.total_steps * plan.images_per_step * train_share / max(1, images)
     report.data["views_per_image"] = round(views, 1)
     if images < 10 and views > 300:
         report.warnings.append(f"Each of the {images} images is seen about {views:.0f} times ({plan.epochs} epochs); "

@@ -41,7 +41,8 @@ def held_out_indices(count: int, images: int, seed: int) -> list[int]:
 
 def split_dataset(dataset: ImageDataset, images: int, seed: int) -> tuple[ImageDataset, list[Item]]:
     """(the dataset without the held-out items, the held-out items)."""
-    held = set(held_out_indices(len(dataset.items), images, seed))
+    # Only training images are held out (regularization images come after them and are never validated).
+    held = set(held_out_indices(sum(1 for item in dataset.items if not item.is_reg), images, seed))
     if not held:
         return dataset, []
     # Items are re-numbered: the batch plan addresses items by their position.
