@@ -146,6 +146,29 @@ class LoraNetwork(nn.Module):
                               "only lora_down, lora_up and alpha are portable.")
         return cls(family, adapters, roles, paths)
 
+    @classmethod
+    def continue_from(cls, family: str, unet: nn.Module | None, text_encoders: list[nn.Module],
+                      spec: NetworkSpec, state: dict[str, torch.Tensor], source: str = "the file") -> LoraNetwork:
+        """kohya's network_weights: the spec's network, with every module the file holds taken from it at
+        the file's own rank, alpha and weights (a LoCon file's conv modules included); modules the file
+        lacks start fresh from the spec. The file's parts must all be trained by this spec."""
+        for role, prefixes, trained in (("UNet", ("lora_unet_",), spec.train_unet),
+                                        ("text encoder", ("lora_te_", "lora_te1_", "lora_te2_"),
+                                         spec.train_text_encoder)):
+            if not trained and any(key.startswith(prefixes) for key in state):
+                flag = "train_unet" if role == "UNet" else "train_text_encoder"
+                raise SdloraError(f"{source} adapts the {role}, but network.{flag} is false; set it to true to "
+                                  "continue those modules.")
+        network = cls.create(family, unet, text_encoders, spec)
+        parts = (unet if spec.train_unet else None, text_encoders if spec.train_text_encoder else [])
+        loaded = cls.from_state_dict(family, *parts, state, source=source)
+        for name, adapter in loaded.adapters.items():
+            adapter.dropout, adapter.rank_dropout = spec.dropout, spec.rank_dropout
+            adapter.module_dropout = spec.module_dropout
+            network.adapters[name] = adapter
+            network.roles[name], network.paths[name] = loaded.roles[name], loaded.paths[name]
+        return network
+
     # -- attaching ---------------------------------------------------------------------------
     def attach(self) -> LoraNetwork:
         for adapter in self.adapters.values():

@@ -152,3 +152,41 @@ def test_target_modules_restricts_to_named_attention_projections():
     components = build_tiny_pipeline_components("sd1")
     network = LoraNetwork.create("sd1", components["unet"], [], NetworkSpec(target_modules=("to_q", "to_v")))
     assert {p.rsplit(".", 1)[1] for p in network.paths.values()} == {"to_q", "to_v"}
+
+
+def test_continuing_a_file_keeps_its_modules_ranks_and_weights_and_starts_the_rest_fresh():
+    components, locon = attached("sd1", "locon")  # the file: LoCon at rank 4, conv rank 2
+    randomise_up(locon)
+    state = locon.kohya_state_dict()
+    locon.detach()
+    spec = NetworkSpec(type="lora", rank=2, alpha_ratio=1.0, train_text_encoder=True, dropout=0.1)
+    fresh = LoraNetwork.create("sd1", components["unet"], text_encoders(components), spec)
+    network = LoraNetwork.continue_from("sd1", components["unet"], text_encoders(components), spec, state)
+    from_file = {key.split(".", 1)[0] for key in state}
+    assert set(network.adapters) == set(fresh.adapters) | from_file  # the file's conv modules come along
+    assert from_file - set(fresh.adapters)  # (there are some: the spec is plain LoRA)
+    for name, adapter in network.items():
+        if name in from_file:
+            up = adapter.lora_up.weight
+            assert torch.equal(up, state[f"{name}.lora_up.weight"].reshape(up.shape))
+            assert adapter.alpha == float(state[f"{name}.alpha"]) and adapter.dropout == 0.1
+        else:
+            assert adapter.rank == 2 and not adapter.lora_up.weight.any()
+    # Continuing changes nothing before the first step: the model is base + the file's LoRA.
+    reference = LoraNetwork.from_state_dict("sd1", components["unet"], text_encoders(components), state).attach()
+    expected = unet_out(components)
+    reference.detach()
+    network.attach().eval()  # eval: the spec's dropout is off outside training
+    torch.testing.assert_close(unet_out(components), expected)
+
+
+def test_continuing_a_file_whose_parts_are_not_trained_is_one_sentence():
+    components, network = attached("sd1", "lora")
+    state = network.kohya_state_dict()
+    network.detach()
+    spec = NetworkSpec(type="lora", rank=4, train_text_encoder=False)
+    with pytest.raises(SdloraError) as error:
+        LoraNetwork.continue_from("sd1", components["unet"], text_encoders(components), spec, state,
+                                  "old.safetensors")
+    assert str(error.value) == ("old.safetensors adapts the text encoder, but network.train_text_encoder is false; "
+                                "set it to true to continue those modules.")

@@ -147,6 +147,28 @@ def test_reg_images_are_reported_apart_from_the_training_images(tmp_path):
     assert not [w for w in report.warnings if "caption" in w]  # reg images have none, and need none
 
 
+def test_a_continued_lora_file_is_checked_before_training(tmp_path):
+    from networks.lora_file import save_lora
+    from networks.network import LoraNetwork, NetworkSpec
+    from trainer.tiny_models import build_tiny_pipeline_components
+
+    make_demo_dataset(tmp_path / "data", count=3, seed=2)
+    parts = build_tiny_pipeline_components("sd1")
+    network = LoraNetwork.create("sd1", parts["unet"], [parts["text_encoder"]], NetworkSpec(rank=4))
+    save_lora(tmp_path / "old.safetensors", network.kohya_state_dict(), {"ss_base_model_version": "sd_v1"})
+    modules = len(network.adapters)
+    report = preflight_report(config(tmp_path / "data", f"network.weights={tmp_path / 'old.safetensors'}"))
+    assert (f"Continues old.safetensors: {modules} modules at rank 4, kept at their own rank and alpha; modules it "
+            "lacks start fresh.") in report.info and not report.errors
+    wrong = preflight_report(config(tmp_path / "data", f"network.weights={tmp_path / 'old.safetensors'}",
+                                    "model.path=demo:sdxl"))
+    assert ("network.weights old.safetensors was made for sd1 but the base model is sdxl; continue it on a sd1 "
+            "model.") in wrong.errors
+    missing = preflight_report(config(tmp_path / "data", f"network.weights={tmp_path / 'gone.safetensors'}"))
+    assert f"network.weights: LoRA file '{tmp_path / 'gone.safetensors'}' does not exist; check the path." \
+        in missing.errors
+
+
 def test_each_risky_setting_gets_its_warning(tmp_path):
     make_demo_dataset(tmp_path, count=3, seed=3)
     sd1 = str(demo_model_path("sd1"))  # a diffusers folder: the family is read from its configs

@@ -476,3 +476,30 @@ def test_reg_images_double_the_epoch_and_prior_loss_weight_zero_makes_their_step
     metadata = read_lora(final)[1]
     assert (metadata["ss_num_train_images"], metadata["ss_num_reg_images"]) == ("4", "4")
     assert "shape" not in json.loads(metadata["ss_tag_frequency"])["data"]  # tags of the training images only
+
+
+def test_network_weights_continues_a_finished_lora(tmp_path, data8):
+    from networks.lora_file import read_lora
+
+    first = train(tiny_config(data8, tmp_path / "first", "train.max_steps=3", "train.learning_rate=1e-2"),
+                  progress=False)
+    state = read_lora(first)[0]
+    trainer = Trainer(tiny_config(data8, tmp_path / "second", "train.max_steps=2", "network.rank=8",
+                                  f"network.weights={first}"))
+    trainer.setup()
+    continued = trainer.network.kohya_state_dict()
+    assert continued.keys() == state.keys()  # the same modules, at the file's rank 4 (not 8)
+    for key in state:
+        assert torch.equal(continued[key], state[key]), key
+    final = trainer.train()
+    assert read_lora(final)[0]["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"].shape[0] == 4
+
+
+def test_network_weights_for_another_model_family_is_one_sentence(tmp_path, data8):
+    first = train(tiny_config(data8, tmp_path / "first", "train.max_steps=1"), progress=False)
+    cfg = tiny_config(data8, tmp_path / "second", "train.max_steps=1", "model.path=demo:sdxl",
+                      f"network.weights={first}")
+    with pytest.raises(SdloraError) as error:
+        train(cfg, progress=False)
+    assert str(error.value) == (f"network.weights {first.name} was made for sd1 but the base model is sdxl; "
+                                "continue it on a sd1 model.")

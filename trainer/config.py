@@ -190,6 +190,9 @@ class NetworkSection(Section):
     rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r (exported "
                                             "with alpha x sqrt(r), so every generator loads it right).")
     loraga_batches: int = Field(4, ge=1, le=256, description="Batches whose gradient initialises LoRA-GA.")
+    weights: str | None = Field(None, description=(
+        "Continue training this LoRA file (kohya's network_weights): its modules keep their ranks, alphas and "
+        "weights; modules it lacks start fresh with rank and alpha above."))
     export: Literal["exact", "svd"] = Field(
         "exact", description="After a PiSSA/LoRA-GA init: export the true change at rank 2r (exact) or "
                              "re-ranked to r by SVD (the error is reported).")
@@ -213,6 +216,9 @@ class NetworkSection(Section):
     def _trains_something(self) -> NetworkSection:
         if not (self.train_unet or self.train_text_encoder):
             raise _rule("network.train_unet and network.train_text_encoder are both false; enable at least one")
+        if self.weights and self.init in ("pissa", "loraga"):
+            raise _rule(f"network.weights continues a LoRA file, but network.init {self.init} would start from the "
+                        "base weight instead; use network.init kaiming or gaussian")
         return self
 
 

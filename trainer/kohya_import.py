@@ -30,7 +30,8 @@ SAVE_PRECISION = {"fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32
 SAMPLERS = {"euler_a": "euler_a", "k_euler_a": "euler_a", "euler": "euler", "k_euler": "euler", "ddim": "ddim"}
 # kohya_ss keys for one run on one machine; a preset leaves them out (see trainer.presets.RUN_SPECIFIC_KEYS).
 RUN_SPECIFIC = ("pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "output_dir", "logging_dir",
-                "output_name", "model_list")
+                "output_name", "model_list", "network_weights")
+SET_PATHS = {"reg_data_dir": "dataset.reg_path=DIR", "network_weights": "network.weights=FILE"}  # no CLI flag
 
 
 @dataclass
@@ -139,7 +140,8 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
 SPECIAL = ("LoRA_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "learning_rate", "unet_lr",
            "text_encoder_lr", "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup", "max_train_steps",
            "max_train_epochs", "max_resolution", "min_snr_gamma", "mixed_precision", "save_precision",
-           "cache_latents", "cache_latents_to_disk", "v_parameterization", "sample_sampler", "sample_prompts")
+           "cache_latents", "cache_latents_to_disk", "v_parameterization", "sample_sampler", "sample_prompts",
+           "dim_from_weights")  # sdlora always continues a file at its own ranks
 
 
 class _Builder:
@@ -359,12 +361,13 @@ def _prediction(b: _Builder) -> None:
             b.unmapped[key] = b.data[key]
     if b.data.get("sdxl") is True or b.data.get("v2") is True:
         b.notes.append("v2/sdxl were not imported: sdlora detects the model family from the model you train on.")
-    for key in (k for k in RUN_SPECIFIC if k != "reg_data_dir"):
+    for key in (k for k in RUN_SPECIFIC if k not in SET_PATHS):
         if b.given(key):
             b.notes.append(f"{key} is specific to one run; give it with --model/--data/--output/--name instead.")
             break
-    if b.given("reg_data_dir"):
-        b.notes.append("reg_data_dir is specific to one run; give it with --set dataset.reg_path=DIR instead.")
+    for key, how in SET_PATHS.items():
+        if b.given(key):
+            b.notes.append(f"{key} is specific to one run; give it with --set {how} instead.")
 
 
 def _sampler(b: _Builder) -> None:

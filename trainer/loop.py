@@ -16,8 +16,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from networks.errors import SdloraError
+from networks.inspect import lora_family
 from networks.load_check import check_lora_file
-from networks.lora_file import DTYPES, save_lora
+from networks.lora_file import DTYPES, read_lora, save_lora
 from networks.max_norm import apply_max_norm
 from networks.metadata import network_metadata
 from networks.network import LoraNetwork, NetworkSpec
@@ -65,6 +66,20 @@ def dataset_options(cfg: TrainConfig) -> DatasetOptions:
                           reg_folder=Path(data.reg_path) if data.reg_path else None)
 
 
+def build_network(cfg: TrainConfig, model) -> LoraNetwork:
+    """The spec's adapters, or the spec's continued from network.weights (not attached yet)."""
+    parts = (model.family.name, model.unet, model.text_encoders, network_spec(cfg))
+    if not cfg.network.weights:
+        return LoraNetwork.create(*parts)
+    path = Path(cfg.network.weights).expanduser()
+    state, metadata = read_lora(path)
+    made_for = lora_family(state, metadata)
+    if made_for and made_for != model.family.name:
+        raise SdloraError(f"network.weights {path.name} was made for {made_for} but the base model is "
+                          f"{model.family.name}; continue it on a {made_for} model.")
+    return LoraNetwork.continue_from(*parts, state, source=path.name)
+
+
 def network_spec(cfg: TrainConfig) -> NetworkSpec:
     net = cfg.network
     return NetworkSpec(type=net.type, rank=net.rank, alpha=net.resolved_alpha, conv_rank=net.conv_rank,
@@ -108,8 +123,7 @@ class Trainer:
         self._build_caches()
         workers = cfg.dataset.num_workers
         self.prefetch = PixelPrefetch(self.dataset, workers) if workers and self._encodes_every_step() else None
-        self.network = LoraNetwork.create(self.model.family.name, self.model.unet, self.model.text_encoders,
-                                          network_spec(cfg)).attach()
+        self.network = build_network(cfg, self.model).attach()
         self.network.to(self.accelerator.device)
         self.training_unet = self.model.unet
         initialise(self)

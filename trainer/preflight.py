@@ -234,6 +234,7 @@ def preflight_report(cfg: TrainConfig, preset: str | None = None) -> Report:
     """Check `cfg` before training; `preset` (its name) is what learning rates are compared against."""
     report = Report()
     family, prediction = _check_model(cfg, report)
+    _check_network_weights(cfg, family, report)
     dataset = _check_dataset(cfg, report)
     if dataset is not None:
         _check_captions(dataset, report)
@@ -370,6 +371,31 @@ def _file_family(path: Path) -> tuple[str | None, str, str]:
                           "Diffusion checkpoint.") from None
     family = detect_checkpoint_family(keys, path)
     return family.name, guess_prediction_type(family, path, keys), "read from the checkpoint's weight names"
+
+
+def _check_network_weights(cfg: TrainConfig, family: str | None, report: Report) -> None:
+    """The LoRA file a run continues: readable, made for this model family, its ranks named."""
+    if not cfg.network.weights:
+        return
+    from networks.inspect import lora_family
+    from networks.lora_file import read_lora
+
+    path = Path(cfg.network.weights).expanduser()
+    try:
+        state, metadata = read_lora(path)
+    except SdloraError as error:
+        report.errors.append(f"network.weights: {error}")
+        return
+    made_for = lora_family(state, metadata)
+    if family and made_for and made_for != family:
+        report.errors.append(f"network.weights {path.name} was made for {made_for} but the base model is {family}; "
+                             f"continue it on a {made_for} model.")
+        return
+    ranks = sorted({int(t.shape[0]) for k, t in state.items() if k.endswith(".lora_down.weight")})
+    modules = sum(1 for k in state if k.endswith(".lora_down.weight"))
+    shown = ", ".join(map(str, ranks[:6])) + (" ..." if len(ranks) > 6 else "")
+    report.info.append(f"Continues {path.name}: {modules} modules at rank {shown}, kept at their own rank and "
+                       "alpha; modules it lacks start fresh.")
 
 
 def _check_dataset(cfg: TrainConfig, report: Report):

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 # Keys that describe one run on one machine, not a recipe: a saved preset leaves them out, or it would
 # point every later run at the first run's data and folder.
-RUN_SPECIFIC_KEYS = ("name", "dataset.path", "output.dir", "validation.folder", "dataset.mask_folder")
+RUN_SPECIFIC_KEYS = ("name", "dataset.path", "output.dir", "validation.folder", "dataset.mask_folder",
+                     "network.weights")
 
 
 @dataclass(frozen=True)
