@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from networks.errors import SdloraError
+from tests.ui_support import free_port
 from trainer.demo_data import make_demo_dataset
 from trainer.loop import Trainer, train
 from trainer.presets import resolve_config
@@ -120,15 +121,6 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, data
         assert torch.equal(straight[key], resumed[key]), key
     losses = lambda run: [e["loss"] for e in events(run) if e["event"] == "step"]  # noqa: E731
     assert losses(tmp_path / "straight") == losses(tmp_path / "stopped")
-
-
-def _free_port() -> int:
-    """A port nothing listens on now: a fixed one collides with another torchrun on the machine."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _toml(path):
@@ -247,7 +239,7 @@ def test_two_cpu_processes_train_sharded_and_write_one_set_of_files(tmp_path, da
     out = tmp_path / "run"
     model = demo_model_path("sd1")  # built once here, before two processes could race for it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "app.cli", "train", "--data", str(data8), "--preset", "demo",
+           str(free_port()), "-m", "app.cli", "train", "--data", str(data8), "--preset", "demo",
            "--model", str(model), "--output", str(out), "--no-progress", "--set", "train.max_steps=4",
            "--set", "sample.every_steps=0", "--set", "save.every_steps=2",
            "--set", f'dataset.cache_latents="{cache}"']
