@@ -152,13 +152,7 @@ class LoraNetwork(nn.Module):
         """kohya's network_weights: the spec's network, with every module the file holds taken from it at
         the file's own rank, alpha and weights (a LoCon file's conv modules included); modules the file
         lacks start fresh from the spec. The file's parts must all be trained by this spec."""
-        for role, prefixes, trained in (("UNet", ("lora_unet_",), spec.train_unet),
-                                        ("text encoder", ("lora_te_", "lora_te1_", "lora_te2_"),
-                                         spec.train_text_encoder)):
-            if not trained and any(key.startswith(prefixes) for key in state):
-                flag = "train_unet" if role == "UNet" else "train_text_encoder"
-                raise SdloraError(f"{source} adapts the {role}, but network.{flag} is false; set it to true to "
-                                  "continue those modules.")
+        check_parts_trained(state, spec, source)
         network = cls.create(family, unet, text_encoders, spec)
         parts = (unet if spec.train_unet else None, text_encoders if spec.train_text_encoder else [])
         loaded = cls.from_state_dict(family, *parts, state, source=source)
@@ -246,6 +240,16 @@ class LoraNetwork(nn.Module):
         for name, adapter in self.adapters.items():
             _load_adapter_weights(adapter, name, state[f"{name}.lora_down.weight"],
                                   state[f"{name}.lora_up.weight"], source)
+
+
+def check_parts_trained(state: dict[str, torch.Tensor], spec: NetworkSpec, source: str = "the file") -> None:
+    """A continued file's UNet / text-encoder modules need that part trained (kohya would silently drop them)."""
+    for role, prefixes, trained in (("UNet", ("lora_unet_",), spec.train_unet),
+                                    ("text encoder", ("lora_te_", "lora_te1_", "lora_te2_"), spec.train_text_encoder)):
+        if not trained and any(key.startswith(prefixes) for key in state):
+            flag = "train_unet" if role == "UNet" else "train_text_encoder"
+            raise SdloraError(f"{source} adapts the {role}, but network.{flag} is false; set it to true to "
+                              "continue those modules.")
 
 
 def _select_targets(parts: list[Component], spec: NetworkSpec) -> list[AdaptedModule]:

@@ -324,3 +324,13 @@ def test_validation_never_holds_out_a_reg_image(folder, tmp_path):
         kept, held = split_dataset(dataset, 4, seed)
         assert len(held) == 4 and not any(item.is_reg for item in held)
         assert sum(item.is_reg for item in kept.items) == sum(item.is_reg for item in dataset.items)
+
+
+def test_a_validation_folder_is_validated_as_is_without_reg_images(folder, tmp_path):
+    from trainer.validation import validation_items
+
+    _image(tmp_path / "reg" / "1_person" / "r0.png", (96, 96))
+    _image(tmp_path / "val" / "v0.png", (96, 96))
+    dataset = _scan(folder, reg_folder=tmp_path / "reg")
+    kept, held = validation_items(dataset, folder=str(tmp_path / "val"))
+    assert [item.path.name for item in held] == ["v0.png"] and kept is dataset

@@ -92,3 +92,21 @@ def test_swapped_in_exports_averages_and_restores_live_weights(tmp_path):
     assert torch.equal(read_lora(path)[0]["lora_unet_toy.lora_down.weight"], state["lora_unet_toy.lora_down.weight"])
     ema.copy_to()
     assert all(torch.allclose(p, torch.full_like(p, expected)) for p in network.parameters())
+
+
+def test_the_exported_average_is_capped_like_the_live_weights():
+    from networks.max_norm import delta_norm
+
+    network = toy_network()
+    ema = AdapterEMA(network, decay=0.5, warmup=False)
+    set_weights(network, 1.0)
+    ema.update()
+    live = {k: v.clone() for k, v in network.state_dict().items()}
+    adapter = network.adapters["lora_unet_toy"]
+    uncapped = ema.kohya_state_dict()
+    capped = ema.kohya_state_dict(max_norm=0.1)
+    up, down = capped["lora_unet_toy.lora_up.weight"], capped["lora_unet_toy.lora_down.weight"]
+    assert float(torch.linalg.matrix_norm(up @ down)) * adapter.scale == pytest.approx(0.1, rel=1e-5)
+    assert float(delta_norm(adapter)) > 0.1  # the live weights are left alone ...
+    assert all(torch.equal(v, live[k]) for k, v in network.state_dict().items())
+    assert all(torch.equal(v, ema.kohya_state_dict()[k]) for k, v in uncapped.items())  # ... and so is the average

@@ -17,7 +17,7 @@ LOCON_SD15 = {
     "enable_bucket": True, "epoch": 12, "flip_aug": True, "full_fp16": False,
     "gradient_accumulation_steps": 2.0, "gradient_checkpointing": False, "keep_tokens": "1",
     "keep_tokens_separator": "|||", "scale_weight_norms": "1", "reg_data_dir": "C:/kohya/reg",
-    "network_weights": "C:/loras/old.safetensors", "dim_from_weights": True,
+    "lora_network_weights": "C:/loras/old.safetensors", "dim_from_weights": True,
     "learning_rate": "0.0002", "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": "3",
     "lr_scheduler_power": "", "lr_warmup": "10", "max_bucket_reso": 1024, "max_data_loader_n_workers": "0",
     "max_resolution": "512,512", "max_token_length": "75", "max_train_epochs": "", "max_train_steps": "",
@@ -65,7 +65,8 @@ def test_locon_preset_converts_with_alpha_over_rank_kept():
     assert {"xformers", "LyCORIS_preset", "noise_offset_type", "color_aug", "v2", "lr_warmup"} <= set(result.unmapped)
     assert train["prior_loss_weight"] == 1.0 and "prior_loss_weight" not in result.unmapped
     assert "reg_data_dir is specific to one run; give it with --set dataset.reg_path=DIR instead." in result.notes
-    assert "network_weights is specific to one run; give it with --set network.weights=FILE instead." in result.notes
+    assert ("lora_network_weights is specific to one run; give it with --set network.weights=FILE instead."
+            in result.notes)
     assert "dim_from_weights" not in result.unmapped
     assert result.config["model"]["clip_skip"] == 2 and "clip_skip" not in result.unmapped
     assert result.config["model"]["max_token_length"] == 75 and "max_token_length" not in result.unmapped

@@ -98,3 +98,19 @@ def test_mask_folder_same_stem_grayscale_any_size(tmp_path):
 def test_latent_mask_keeps_the_mean():
     pixels = torch.rand(64, 48)
     assert latent_mask(pixels, (8, 6)).mean().item() == pytest.approx(pixels.mean().item(), rel=1e-5)
+
+
+def test_reg_images_never_take_a_training_images_mask(tmp_path):
+    data, reg, masks_dir = tmp_path / "data", tmp_path / "reg" / "1_person", tmp_path / "masks"
+    for folder in (data, reg, masks_dir):
+        folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(data / "0.png")
+    Image.new("RGB", (64, 64)).save(reg / "0.png")  # the same name as the training image
+    Image.new("RGB", (64, 64)).save(reg / "1.png")
+    Image.new("L", (64, 64), 0).save(masks_dir / "0.png")
+    dataset = ImageDataset.scan(DatasetOptions(folder=data, buckets=BucketSpec(resolution=64, step=64),
+                                               reg_folder=tmp_path / "reg"))
+    masks = LossMasks(dataset, "folder", masks_dir)
+    train, reg_item = (next(i for i in dataset.items if i.is_reg is flag) for flag in (False, True))
+    assert masks.pixel_mask(train) is not None and masks.pixel_mask(reg_item) is None
+    assert missing_masks(masks) == []  # reg images train on every pixel, and are not reported

@@ -112,7 +112,7 @@ def test_kohya_separator_in_captions_is_flagged_until_it_is_configured(tmp_path)
     first.write_text("sdlorastyle ||| red, blue", encoding="utf-8")
     report = preflight_report(config(tmp_path))
     assert (f"1 caption(s) contain kohya's ||| (e.g. {first.with_suffix('.png').name}) but "
-            "dataset.keep_tokens_separator is not '|||', so the text encoder reads it; set "
+            "dataset.keep_tokens_separator is not '|||', so the text encoder reads it; add "
             "--set dataset.keep_tokens_separator='|||'.") in report.warnings
     fixed = preflight_report(config(tmp_path, "dataset.keep_tokens_separator=|||"))
     assert not [w for w in fixed.warnings if "|||" in w]
@@ -141,7 +141,7 @@ def test_reg_images_are_reported_apart_from_the_training_images(tmp_path):
                                      "train.prior_loss_weight=0.5", "dataset.default_repeats=1"))
     assert any(line.startswith("Dataset: 3 usable images") for line in report.info)
     assert (f"Regularization: 2 of 5 images in '{tmp_path / 'reg'}', 4 samples per epoch (as many as the training "
-            "samples); the other 3 are not used (kohya's balance). Their loss weight is 0.5 "
+            "folder's); the other 3 are not used (kohya's balance). Their loss weight is 0.5 "
             "(train.prior_loss_weight).") in report.info
     assert any(w.startswith("Regularization: notes is left out: name is not") for w in report.warnings)
     assert not [w for w in report.warnings if "caption" in w]  # reg images have none, and need none
@@ -162,8 +162,15 @@ def test_a_continued_lora_file_is_checked_before_training(tmp_path):
             "lacks start fresh.") in report.info and not report.errors
     wrong = preflight_report(config(tmp_path / "data", f"network.weights={tmp_path / 'old.safetensors'}",
                                     "model.path=demo:sdxl"))
-    assert ("network.weights old.safetensors was made for sd1 but the base model is sdxl; continue it on a sd1 "
+    assert ("network.weights old.safetensors was made for sd1 but the base model is sdxl; continue it on an sd1 "
             "model.") in wrong.errors
+    with_te = LoraNetwork.create("sd1", parts["unet"], [parts["text_encoder"]],
+                                 NetworkSpec(rank=4, train_text_encoder=True))
+    save_lora(tmp_path / "te.safetensors", with_te.kohya_state_dict(), {"ss_base_model_version": "sd_v1"})
+    untrained = preflight_report(config(tmp_path / "data", f"network.weights={tmp_path / 'te.safetensors'}",
+                                        "network.train_text_encoder=false"))
+    assert untrained.errors == ["te.safetensors adapts the text encoder, but network.train_text_encoder is false; "
+                                "set it to true to continue those modules."]
     missing = preflight_report(config(tmp_path / "data", f"network.weights={tmp_path / 'gone.safetensors'}"))
     assert f"network.weights: LoRA file '{tmp_path / 'gone.safetensors'}' does not exist; check the path." \
         in missing.errors

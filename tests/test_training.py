@@ -458,7 +458,7 @@ def test_max_token_length_trains_on_every_window_and_is_written_to_the_file(tmp_
     assert cached.shape[1] == 3 * 77
     torch.testing.assert_close(cached, expected.encoder_hidden_states)
     assert read_lora(final)[1]["ss_max_token_length"] == "225"
-    assert [e for e in events(tmp_path / "run") if e["event"] == "sample"]  # previews read 3 windows too
+    assert [e for e in events(tmp_path / "run") if e["event"] == "sample"]  # previews draw (test_family: windows)
 
 
 def test_reg_images_double_the_epoch_and_prior_loss_weight_zero_makes_their_steps_free(tmp_path):
@@ -503,4 +503,4 @@ def test_network_weights_for_another_model_family_is_one_sentence(tmp_path, data
     with pytest.raises(SdloraError) as error:
         train(cfg, progress=False)
     assert str(error.value) == (f"network.weights {first.name} was made for sd1 but the base model is sdxl; "
-                                "continue it on a sd1 model.")
+                                "continue it on an sd1 model.")

@@ -131,7 +131,7 @@ class DatasetReport:
         unused = self.reg_images - self.reg_used
         rest = f"; the other {unused} are not used (kohya's balance)" if unused else ""
         return (f"Regularization: {self.reg_used} of {self.reg_images} images in '{self.reg_folder}', "
-                f"{self.reg_samples_per_epoch} samples per epoch (as many as the training samples){rest}.")
+                f"{self.reg_samples_per_epoch} samples per epoch (as many as the training folder's){rest}.")
 
 
 @dataclass(frozen=True)

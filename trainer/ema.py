@@ -22,6 +22,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from networks.errors import SdloraError
+from networks.max_norm import apply_max_norm
 from networks.network import LoraNetwork
 
 
@@ -82,10 +83,14 @@ class AdapterEMA:
         finally:
             self._ema.restore(self.params)
 
-    def kohya_state_dict(self, dtype: torch.dtype = torch.float32, exact: bool = True) -> dict[str, torch.Tensor]:
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32, exact: bool = True,
+                         max_norm: float = 0.0) -> dict[str, torch.Tensor]:
         """The averaged weights in the file layout (`exact` as LoraNetwork.kohya_state_dict), live weights
-        left as they are."""
+        left as they are; `max_norm` caps each module as train.scale_weight_norms capped the live ones (an
+        average of capped B and A is not capped itself)."""
         with self.swapped_in() as network:
+            if max_norm:
+                apply_max_norm(network.adapters, max_norm)  # on the swapped-in copy; the average is kept
             # Cloned: on the CPU in fp32, kohya_state_dict's tensors are the live parameters themselves.
             return {key: value.clone() for key, value in network.kohya_state_dict(dtype, exact=exact).items()}
 

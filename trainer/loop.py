@@ -76,7 +76,7 @@ def build_network(cfg: TrainConfig, model) -> LoraNetwork:
     made_for = lora_family(state, metadata)
     if made_for and made_for != model.family.name:
         raise SdloraError(f"network.weights {path.name} was made for {made_for} but the base model is "
-                          f"{model.family.name}; continue it on a {made_for} model.")
+                          f"{model.family.name}; continue it on an {made_for} model.")
     return LoraNetwork.continue_from(*parts, state, source=path.name)
 
 
@@ -540,7 +540,8 @@ class Trainer:
             self._export(final, position)
             extra = {}
             if self.ema is not None:
-                ema_state = self.ema.kohya_state_dict(DTYPES[cfg.save.precision], exact=cfg.network.export == "exact")
+                ema_state = self.ema.kohya_state_dict(DTYPES[cfg.save.precision], exact=cfg.network.export == "exact",
+                                                      max_norm=cfg.train.scale_weight_norms)
                 extra["ema_path"] = run.relative(self._export(ema_file(final), position, ema_state, cfg.name + "-ema"))
             save_state(self.accelerator, run.state, position)
             run.emit("finished", step=position.step, path=run.relative(final), **extra)

@@ -50,8 +50,8 @@ class LossMasks:
         """HW float32 in [0, 1] in the item's bucket, or None when the whole image counts."""
         if self.source == "alpha":
             return self.dataset.alpha(item, flip, placement) if item.has_alpha else None
-        if self.source == "folder":
-            return folder_mask(self.mask_path(item), item, flip, placement)
+        if self.source == "folder":  # a mask folder is made for the training images, not the reg images
+            return None if item.is_reg else folder_mask(self.mask_path(item), item, flip, placement)
         return None
 
     def mask_path(self, item: Item) -> Path | None:
@@ -114,4 +114,5 @@ def missing_masks(masks: LossMasks) -> list[str]:
     if masks.source != "folder":
         return []
     folder = masks.dataset.options.folder
-    return [item.path.relative_to(folder).as_posix() for item in masks.dataset.items if masks.mask_path(item) is None]
+    return [item.path.relative_to(folder).as_posix() for item in masks.dataset.items
+            if not item.is_reg and masks.mask_path(item) is None]

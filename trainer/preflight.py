@@ -379,6 +379,8 @@ def _check_network_weights(cfg: TrainConfig, family: str | None, report: Report)
         return
     from networks.inspect import lora_family
     from networks.lora_file import read_lora
+    from networks.network import check_parts_trained
+    from trainer.loop import network_spec
 
     path = Path(cfg.network.weights).expanduser()
     try:
@@ -389,7 +391,12 @@ def _check_network_weights(cfg: TrainConfig, family: str | None, report: Report)
     made_for = lora_family(state, metadata)
     if family and made_for and made_for != family:
         report.errors.append(f"network.weights {path.name} was made for {made_for} but the base model is {family}; "
-                             f"continue it on a {made_for} model.")
+                             f"continue it on an {made_for} model.")
+        return
+    try:
+        check_parts_trained(state, network_spec(cfg), path.name)
+    except SdloraError as error:
+        report.errors.append(str(error))
         return
     ranks = sorted({int(t.shape[0]) for k, t in state.items() if k.endswith(".lora_down.weight")})
     modules = sum(1 for k in state if k.endswith(".lora_down.weight"))
@@ -458,7 +465,7 @@ def _check_captions(dataset, report: Report) -> None:
     if marked:  # only left in the text when dataset.keep_tokens_separator is off (or another marker)
         report.warnings.append(f"{len(marked)} caption(s) contain kohya's {KOHYA_KEEP_SEPARATOR} (e.g. {marked[0]}) but "
                                f"dataset.keep_tokens_separator is not {KOHYA_KEEP_SEPARATOR!r}, so the text encoder "
-                               f"reads it; set --set dataset.keep_tokens_separator='{KOHYA_KEEP_SEPARATOR}'.")
+                               f"reads it; add --set dataset.keep_tokens_separator='{KOHYA_KEEP_SEPARATOR}'.")
 
 
 def _check_caption_length(cfg: TrainConfig, dataset, report: Report) -> None:

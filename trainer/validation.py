@@ -62,7 +62,7 @@ def validation_items(dataset: ImageDataset, images: int = 0, folder: str | None 
                      seed: int = 1234) -> tuple[ImageDataset, list[Item]]:
     """(the training dataset, the validation items) for the config's validation.images / folder."""
     if folder:
-        items, _ = scan_folder(replace(dataset.options, folder=folder))
+        items, _ = scan_folder(replace(dataset.options, folder=folder, reg_folder=None))  # validated as is
         return dataset, items
     return split_dataset(dataset, images, seed)
 
