@@ -175,3 +175,10 @@ def test_kept_head_and_tail_never_move_or_drop_and_override_keep_tokens():
     assert len(middles) > 20  # the middle is shuffled and thinned
     # Fixed parts longer than the caption (a tail over the head) keep every tag in place.
     assert shuffle_tags("a, b", Kept(2, 2), random.Random(0)) == "a, b"
+
+
+def test_every_nth_epoch_trains_every_caption_empty_as_kohya_counts_epochs():
+    options = CaptionOptions(dropout_every_n_epochs=3)
+    assert options.varies  # so the text cache steps aside
+    captions = [augment_caption(CAPTION, options, random.Random(0), epoch=epoch) for epoch in range(7)]
+    assert captions == [CAPTION, CAPTION, "", CAPTION, CAPTION, "", CAPTION]  # kohya's epochs 3 and 6

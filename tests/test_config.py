@@ -85,6 +85,8 @@ def test_unknown_key_messages(data, message):
     ({"dataset": {"resolution": 2048, "max_bucket_side": 1024}},
      "dataset.min_bucket_side (1024) <= dataset.resolution (2048) <= dataset.max_bucket_side (1024) must "
      "hold; change the bucket sides or leave them empty."),
+    ({"train": {"min_timestep": 500, "max_timestep": 500}},
+     "train.min_timestep (500) must be below train.max_timestep (500)."),
     ({"train": {"optimizer_args": {"betas": {"a": 1}}}},
      "train.optimizer_args.betas must be a number, an integer, true or false, text in quotes or a list of "
      "numbers (got a table)."),

@@ -18,6 +18,9 @@ LOCON_SD15 = {
     "gradient_accumulation_steps": 2.0, "gradient_checkpointing": False, "keep_tokens": "1",
     "keep_tokens_separator": "|||", "scale_weight_norms": "1", "reg_data_dir": "C:/kohya/reg",
     "lora_network_weights": "C:/loras/old.safetensors", "dim_from_weights": True,
+    "noise_offset_random_strength": True, "adaptive_noise_scale": 0.005, "ip_noise_gamma_random_strength": False,
+    "min_timestep": 0, "max_timestep": 900, "v_pred_like_loss": 0, "scale_v_pred_loss_like_noise_pred": False,
+    "masked_loss": True, "sdxl_no_half_vae": True,
     "learning_rate": "0.0002", "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": "3",
     "lr_scheduler_power": "", "lr_warmup": "10", "max_bucket_reso": 1024, "max_data_loader_n_workers": "0",
     "max_resolution": "512,512", "max_token_length": "75", "max_train_epochs": "", "max_train_steps": "",
@@ -68,6 +71,10 @@ def test_locon_preset_converts_with_alpha_over_rank_kept():
     assert ("lora_network_weights is specific to one run; give it with --set network.weights=FILE instead."
             in result.notes)
     assert "dim_from_weights" not in result.unmapped
+    assert train["noise_offset_random_strength"] and train["adaptive_noise_scale"] == 0.005
+    assert (train["min_timestep"], train["max_timestep"]) == (0, 900)
+    assert data["loss_mask"] == "alpha" and any(n.startswith("masked_loss is imported as") for n in result.notes)
+    assert not {"masked_loss", "sdxl_no_half_vae", "v_pred_like_loss", "min_timestep"} & set(result.unmapped)
     assert result.config["model"]["clip_skip"] == 2 and "clip_skip" not in result.unmapped
     assert result.config["model"]["max_token_length"] == 75 and "max_token_length" not in result.unmapped
     assert "learning_rate" not in result.unmapped
@@ -86,7 +93,7 @@ def test_standard_sdxl_preset_unet_only_and_warmup_from_steps():
     assert train["optimizer"] == "adafactor" and "min_snr_gamma" not in train  # kohya's 0 = off
     assert train["optimizer_args"] == {"scale_parameter": False, "relative_step": False, "warmup_init": False}
     assert result.config["dataset"]["cache_latents"] == "disk" and result.config["dataset"]["resolution"] == 1024
-    assert "seed" not in train and "sdxl" in result.unmapped and "sdxl_no_half_vae" in result.unmapped
+    assert "seed" not in train and "sdxl" in result.unmapped and "sdxl_no_half_vae" not in result.unmapped  # fp32 VAE
 
 
 def test_saved_as_a_user_preset_that_resolves(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from trainer.objective import (
     min_snr_weights,
     perturbed_input_noise,
     sample_noise,
+    sample_timesteps,
     training_target,
 )
 from trainer.optimizers import build_lr_scheduler, build_optimizer, parameter_groups
@@ -208,3 +209,47 @@ def test_kohya_huber_settings_import():
 
     result = import_kohya_preset({"loss_type": "huber", "huber_c": "0.2", "huber_schedule": "exponential"})
     assert result.config["train"] == {"loss_type": "huber", "huber_c": 0.2, "huber_schedule": "exponential"}
+
+
+def test_timesteps_stay_in_kohyas_min_max_range():
+    t = sample_timesteps(4000, 1000, "cpu", low=200, high=400)
+    assert int(t.min()) == 200 and int(t.max()) == 399
+    assert int(sample_timesteps(4000, 1000, "cpu").max()) == 999
+
+
+def test_random_strength_scales_the_noise_offset_and_input_perturbation_by_one_draw():
+    latents = torch.zeros(2, 4, 8, 8)
+    torch.manual_seed(0)
+    offset = sample_noise(latents, 0.1, offset_random_strength=True)
+    torch.manual_seed(0)
+    plain, strength, channel = torch.randn(latents.shape), torch.rand(()), torch.randn(2, 4, 1, 1)
+    torch.testing.assert_close(offset, plain + 0.1 * strength * channel)
+    torch.manual_seed(1)
+    perturbed = perturbed_input_noise(plain, 0.1, random_strength=True)
+    torch.manual_seed(1)
+    gamma = 0.1 * float(torch.rand(()))
+    torch.testing.assert_close(perturbed, plain + gamma * torch.randn(plain.shape))
+
+
+def test_adaptive_noise_grows_the_offset_with_each_channels_brightness():
+    latents = torch.zeros(1, 4, 8, 8)
+    latents[0, 1] = 2.0  # a bright channel: |mean| 2
+    latents[0, 2] = -1.0  # a dark one: |mean| 1
+    torch.manual_seed(0)
+    noise = sample_noise(latents, 0.05, adaptive_noise_scale=0.5)
+    torch.manual_seed(0)
+    plain, channel = torch.randn(latents.shape), torch.randn(1, 4, 1, 1)
+    per_channel = torch.tensor([0.05, 0.05 + 0.5 * 2, 0.05 + 0.5 * 1, 0.05]).view(1, 4, 1, 1)
+    torch.testing.assert_close(noise, plain + per_channel * channel)
+
+
+def test_v_pred_loss_scales_follow_kohyas_snr_over_snr_plus_one():
+    prediction, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    per_sample = ((prediction - target) ** 2).flatten(1).mean(1)
+    snr = SCHEDULER.alphas_cumprod[t] / (1 - SCHEDULER.alphas_cumprod[t])
+    scale = snr / (snr + 1)
+    scaled = diffusion_loss(prediction, target, t, SCHEDULER, "v_prediction", scale_v_like_noise=True)
+    torch.testing.assert_close(scaled, (per_sample * scale).mean())
+    added = diffusion_loss(prediction, target, t, SCHEDULER, "epsilon", v_pred_like_loss=0.1)
+    torch.testing.assert_close(added, (per_sample + per_sample / scale * 0.1).mean())

@@ -25,11 +25,13 @@ class CaptionOptions:
     caption_dropout: float = 0.0  # probability that a sample trains with the empty caption
     tag_dropout: float = 0.0  # probability that each non-kept tag is left out
     keep_tokens_separator: str = ""  # kohya's "|||": marks a caption's fixed head (and tail); "" = off
+    dropout_every_n_epochs: int = 0  # every n-th epoch (1-based, as kohya counts) trains with empty captions
 
     @property
     def varies(self) -> bool:
         """True when a caption can differ between epochs, so text-encoder outputs cannot be cached."""
-        return self.shuffle_tags or self.caption_dropout > 0 or self.tag_dropout > 0
+        return (self.shuffle_tags or self.caption_dropout > 0 or self.tag_dropout > 0
+                or self.dropout_every_n_epochs > 0)
 
 
 def split_tags(caption: str) -> list[str]:
@@ -84,11 +86,16 @@ def add_trigger(caption: str, trigger: str) -> str:
     return join_tags([trigger, *split_tags(caption)])
 
 
-def augment_caption(caption: str, options: CaptionOptions, rng: random.Random, kept: Kept | None = None) -> str:
+def augment_caption(caption: str, options: CaptionOptions, rng: random.Random, kept: Kept | None = None,
+                    epoch: int = 0) -> str:
     """Caption dropout, then tag dropout, then shuffle (kohya's order), all from one rng. `kept` is the
-    caption's own fixed head/tail (from `mark_kept`); without one the first `keep_tokens` tags stay."""
+    caption's own fixed head/tail (from `mark_kept`); without one the first `keep_tokens` tags stay.
+    `epoch` counts from 0."""
     if not options.varies:
         return caption
+    every = options.dropout_every_n_epochs
+    if every and (epoch + 1) % every == 0:
+        return ""
     kept = Kept(head=options.keep_tokens) if kept is None else kept
     caption = drop_caption(caption, options.caption_dropout, rng)
     if not caption:

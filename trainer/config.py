@@ -121,6 +121,8 @@ class DatasetSection(Section):
         "kohya's marker for a caption's fixed part, e.g. |||: 'trigger, look ||| shuffled tags ||| fixed end'. "
         "The separator is removed from the text; empty = keep_tokens decides."))
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Chance of training an image with an empty caption.")
+    caption_dropout_every_n_epochs: int = Field(0, ge=0, description="Every n-th epoch trains every image with "
+                                                                     "an empty caption (kohya's); 0 = never.")
     tag_dropout: float = Field(0.0, ge=0, le=1, description="Chance of dropping each caption tag.")
     cache_latents: Literal["memory", "disk", "none"] = Field(
         "memory", description="Encode images with the VAE once and keep the latents in memory or on disk.")
@@ -257,11 +259,25 @@ class TrainSection(Section):
                                              "shape); for long runs.")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise (about 0.05) helps very dark "
                                                              "and bright images.")
+    noise_offset_random_strength: bool = Field(False, description="Scale the noise offset by a random 0-1 each "
+                                                                  "step (kohya's).")
+    adaptive_noise_scale: float = Field(0.0, ge=-1, le=1, description=(
+        "kohya's adaptive noise: add this times each channel's |mean latent| to the noise offset (needs "
+        "noise_offset; about noise_offset / 10); 0 = off."))
     multires_noise_iterations: int = Field(0, ge=0, le=20, description="Multi-resolution (pyramid) noise "
                                                                      "levels, kohya's; 6-10 is typical, 0 off.")
     multires_noise_discount: float = Field(0.3, gt=0, le=1, description="Weight decay per multires noise level.")
     ip_noise_gamma: float | None = Field(None, ge=0, le=1, description="Input perturbation noise (about 0.1) "
                                                                        "against exposure bias; empty disables.")
+    ip_noise_gamma_random_strength: bool = Field(False, description="Scale ip_noise_gamma by a random 0-1 each "
+                                                                    "step (kohya's).")
+    min_timestep: int = Field(0, ge=0, le=999, description="Lowest noise timestep trained (kohya's; 0 = all).")
+    max_timestep: int = Field(1000, ge=1, le=1000, description="Timesteps below this are trained (kohya's, "
+                                                               "exclusive; 1000 = all).")
+    scale_v_pred_loss_like_noise_pred: bool = Field(False, description=(
+        "v-prediction models: weight the loss by SNR/(SNR+1) so it behaves like an epsilon model's (kohya's)."))
+    v_pred_like_loss: float = Field(0.0, ge=0, description="Add this much of a v-prediction-like loss (kohya's; "
+                                                           "about 0.1); 0 = off.")
     debiased_estimation: bool = Field(False, description="Weight the loss by 1/sqrt(SNR) (debiased "
                                                          "estimation, kohya's debiased_estimation_loss).")
     loss_type: Literal["l2", "huber", "smooth_l1"] = Field(
@@ -368,6 +384,13 @@ class TrainConfig(Section):
     output: OutputSection = Field(default_factory=OutputSection, description="Where the run is written.")
     validation: ValidationSection = Field(default_factory=ValidationSection, description="Validation loss.")
     ema: EmaSection = Field(default_factory=EmaSection, description="Exponential moving average of the weights.")
+
+    @model_validator(mode="after")
+    def _timestep_range(self) -> TrainConfig:
+        if self.train.min_timestep >= self.train.max_timestep:
+            raise _rule(f"train.min_timestep ({self.train.min_timestep}) must be below train.max_timestep "
+                        f"({self.train.max_timestep})")
+        return self
 
     @model_validator(mode="after")
     def _max_norm_needs_a_zero_start(self) -> TrainConfig:

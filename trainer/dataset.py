@@ -221,7 +221,7 @@ class ImageDataset:
     def _caption(self, epoch: int, index: int, repeat: int) -> str:
         rng = random.Random(f"caption:{self.seed}:{epoch}:{index}:{repeat}")
         item = self.items[index]
-        return augment_caption(item.caption, self.options.captions, rng, item.kept)
+        return augment_caption(item.caption, self.options.captions, rng, item.kept, epoch)
 
     def _crop(self, epoch: int, index: int, repeat: int) -> Placement:
         item = self.items[index]

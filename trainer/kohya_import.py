@@ -111,6 +111,14 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
     "max_grad_norm": ("train.max_grad_norm", _number),
     "scale_weight_norms": ("train.scale_weight_norms", _number),
     "prior_loss_weight": ("train.prior_loss_weight", _number),
+    "noise_offset_random_strength": ("train.noise_offset_random_strength", _flag),
+    "adaptive_noise_scale": ("train.adaptive_noise_scale", _number),
+    "ip_noise_gamma_random_strength": ("train.ip_noise_gamma_random_strength", _flag),
+    "min_timestep": ("train.min_timestep", _integer),
+    "max_timestep": ("train.max_timestep", _integer),
+    "scale_v_pred_loss_like_noise_pred": ("train.scale_v_pred_loss_like_noise_pred", _flag),
+    "v_pred_like_loss": ("train.v_pred_like_loss", _number),
+    "caption_dropout_every_n_epochs": ("dataset.caption_dropout_every_n_epochs", _integer),
     "caption_dropout_rate": ("dataset.caption_dropout", _number),
     "caption_tag_dropout_rate": ("dataset.tag_dropout", _number),
     "network_dropout": ("network.dropout", _number),
@@ -144,7 +152,9 @@ SPECIAL = ("LoRA_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha"
            "text_encoder_lr", "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup", "max_train_steps",
            "max_train_epochs", "max_resolution", "min_snr_gamma", "mixed_precision", "save_precision",
            "cache_latents", "cache_latents_to_disk", "v_parameterization", "sample_sampler", "sample_prompts",
-           "dim_from_weights")  # sdlora always continues a file at its own ranks
+           "dim_from_weights",  # sdlora always continues a file at its own ranks
+           "sdxl_no_half_vae",  # sdlora's VAE is always fp32
+           "masked_loss")
 
 
 class _Builder:
@@ -186,7 +196,7 @@ def import_kohya_preset(data: Mapping[str, Any], source: str = "the kohya_ss pre
         if b.given(key):
             b.set(dotted, read(key, data[key], source))
     for step in (_network, _learning_rates, _optimizer, _schedule, _length, _resolution, _precision,
-                 _caching, _prediction, _sampler, _sample_prompts):
+                 _caching, _prediction, _sampler, _sample_prompts, _masked_loss):
         step(b)
     for key, value in data.items():
         if key not in DIRECT and key not in SPECIAL:
@@ -373,6 +383,13 @@ def _prediction(b: _Builder) -> None:
             b.notes.append(f"{key} is specific to one run; give it with --set {how} instead.")
 
 
+def _masked_loss(b: _Builder) -> None:
+    if b.given("masked_loss") and _flag("masked_loss", b.data["masked_loss"], b.source):
+        b.set("dataset.loss_mask", "alpha")
+        b.notes.append("masked_loss is imported as dataset.loss_mask = alpha (each image's transparency); for a "
+                       "folder of mask images use loss_mask = folder with dataset.mask_folder.")
+
+
 def _sampler(b: _Builder) -> None:
     b.choose("sample_sampler", "sample.sampler", SAMPLERS)
 
@@ -415,7 +432,7 @@ def _drop_zero_optional(b: _Builder) -> None:
             del dataset[key]
     train = b.config.get("train", {})
     for key in ("lr_scheduler_num_cycles", "gradient_accumulation_steps", "batch_size", "epochs",
-                "multires_noise_discount"):
+                "multires_noise_discount", "max_timestep"):
         if train.get(key) == 0:
             del train[key]
 

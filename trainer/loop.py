@@ -59,7 +59,8 @@ def dataset_options(cfg: TrainConfig) -> DatasetOptions:
                          no_upscale=data.bucket_no_upscale)
     captions = CaptionOptions(shuffle_tags=data.shuffle_captions, keep_tokens=data.keep_tokens,
                               caption_dropout=data.caption_dropout, tag_dropout=data.tag_dropout,
-                              keep_tokens_separator=data.keep_tokens_separator)
+                              keep_tokens_separator=data.keep_tokens_separator,
+                              dropout_every_n_epochs=data.caption_dropout_every_n_epochs)
     return DatasetOptions(folder=Path(data.path), buckets=buckets, captions=captions,
                           caption_extension=data.caption_extension, default_repeats=data.default_repeats,
                           random_crop=data.random_crop, flip=data.flip,
@@ -282,16 +283,22 @@ class Trainer:
                                           self.weight_dtype)
         mask = self.loss_masks.batch(batch, tuple(latents.shape[-2:])) if self.loss_masks else None
         train = cfg.train
-        noise = sample_noise(latents, train.noise_offset, train.multires_noise_iterations, train.multires_noise_discount)
-        timesteps = sample_timesteps(latents.shape[0], model.noise_scheduler.config.num_train_timesteps, device)
-        noisy = model.noise_scheduler.add_noise(latents, perturbed_input_noise(noise, train.ip_noise_gamma), timesteps)
+        noise = sample_noise(latents, train.noise_offset, train.multires_noise_iterations, train.multires_noise_discount,
+                             train.noise_offset_random_strength, train.adaptive_noise_scale)
+        timesteps = sample_timesteps(latents.shape[0], model.noise_scheduler.config.num_train_timesteps, device,
+                                     train.min_timestep, train.max_timestep)
+        noisy = model.noise_scheduler.add_noise(
+            latents, perturbed_input_noise(noise, train.ip_noise_gamma, train.ip_noise_gamma_random_strength), timesteps)
         with self.accelerator.autocast():
             prediction = self.training_unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         target = training_target(model.noise_scheduler, latents, noise, timesteps, model.prediction_type)
         return diffusion_loss(prediction, target, timesteps, model.noise_scheduler, model.prediction_type,
                               train.min_snr_gamma, mask=None if mask is None else mask.to(device),
                               debiased=train.debiased_estimation, loss_type=train.loss_type, huber_c=train.huber_c,
-                              huber_schedule=train.huber_schedule, sample_weights=self._prior_weights(batch))
+                              huber_schedule=train.huber_schedule, sample_weights=self._prior_weights(batch),
+                              scale_v_like_noise=train.scale_v_pred_loss_like_noise_pred
+                              and model.prediction_type == "v_prediction",  # kohya refuses it for epsilon
+                              v_pred_like_loss=train.v_pred_like_loss)
 
     def _prior_weights(self, batch) -> torch.Tensor | None:
         """train.prior_loss_weight for regularization samples, 1 for the rest; None when all are 1."""

@@ -10,13 +10,21 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0, multires_iterations: int = 0,
-                 multires_discount: float = 0.3) -> torch.Tensor:
+                 multires_discount: float = 0.3, offset_random_strength: bool = False,
+                 adaptive_noise_scale: float = 0.0) -> torch.Tensor:
     """Gaussian noise, drawn on the CPU from the global RNG so a run reproduces on any device;
-    noise offset adds a per-channel constant (helps very dark and very bright images); multires noise
-    adds coarser noise, as kohya does."""
+    noise offset adds a per-channel constant (helps very dark and very bright images), at a random
+    strength per step and/or grown by each channel's |mean latent| (kohya's adaptive noise); multires
+    noise adds coarser noise, as kohya does."""
     noise = torch.randn(latents.shape, dtype=torch.float32)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1)
+        offset = torch.tensor(noise_offset)
+        if offset_random_strength:
+            offset = offset * torch.rand(())
+        if adaptive_noise_scale:
+            brightness = latents.detach().float().mean(dim=(2, 3), keepdim=True).abs().cpu()
+            offset = (offset + adaptive_noise_scale * brightness).clamp_min(0)
+        noise = noise + offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1)
     if multires_iterations:
         noise = multires_noise(noise, multires_iterations, multires_discount)
     return noise.to(latents.device, latents.dtype)
@@ -38,17 +46,23 @@ def multires_noise(noise: torch.Tensor, iterations: int, discount: float) -> tor
     return noise / noise.std()
 
 
-def perturbed_input_noise(noise: torch.Tensor, gamma: float | None) -> torch.Tensor:
+def perturbed_input_noise(noise: torch.Tensor, gamma: float | None, random_strength: bool = False) -> torch.Tensor:
     """Input perturbation (Ning et al. 2023, kohya's ip_noise_gamma): the model sees latents noised with
-    noise + gamma * extra, but is still asked for `noise`."""
+    noise + gamma * extra, but is still asked for `noise`; `random_strength` draws gamma from [0, gamma)
+    each step."""
     if not gamma:
         return noise
+    if random_strength:
+        gamma = gamma * float(torch.rand(()))
     extra = torch.randn(noise.shape, dtype=torch.float32).to(noise.device, noise.dtype)
     return noise + gamma * extra
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, device) -> torch.Tensor:
-    return torch.randint(0, num_train_timesteps, (batch_size,)).long().to(device)
+def sample_timesteps(batch_size: int, num_train_timesteps: int, device, low: int = 0,
+                     high: int | None = None) -> torch.Tensor:
+    """Uniform in [low, high) (kohya's min_timestep / max_timestep), all of them by default."""
+    high = num_train_timesteps if high is None else min(high, num_train_timesteps)
+    return torch.randint(low, high, (batch_size,)).long().to(device)
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -68,7 +82,8 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: to
                    prediction_type: str, min_snr_gamma: float | None = None,
                    mask: torch.Tensor | None = None, debiased: bool = False, loss_type: str = "l2",
                    huber_c: float = 0.1, huber_schedule: str = "snr",
-                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   sample_weights: torch.Tensor | None = None, scale_v_like_noise: bool = False,
+                   v_pred_like_loss: float = 0.0) -> torch.Tensor:
     """Squared error (or kohya's pseudo-Huber / smooth L1) per sample, masked pixels ignored, min-SNR and/or
     debiased-estimation weighted, times `sample_weights` (regularization images' prior loss weight),
     averaged over the batch."""
@@ -83,6 +98,15 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: to
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, min_snr_gamma, prediction_type)
     if debiased:
         per_sample = per_sample * debiased_weights(scheduler, timesteps, prediction_type)
+    if scale_v_like_noise or v_pred_like_loss:
+        # kohya's SNR/(SNR+1) scale: a v-prediction loss times it weighs timesteps like an epsilon loss;
+        # an epsilon loss divided by it weighs them like a v loss.
+        snr = torch.clamp(compute_snr(scheduler, timesteps), max=1000).to(per_sample)
+        scale = snr / (snr + 1)
+        if scale_v_like_noise:
+            per_sample = per_sample * scale
+        if v_pred_like_loss:
+            per_sample = per_sample + per_sample / scale * v_pred_like_loss
     if sample_weights is not None:
         per_sample = per_sample * sample_weights.to(per_sample)
     return per_sample.mean()

@@ -235,6 +235,9 @@ def preflight_report(cfg: TrainConfig, preset: str | None = None) -> Report:
     report = Report()
     family, prediction = _check_model(cfg, report)
     _check_network_weights(cfg, family, report)
+    if cfg.train.scale_v_pred_loss_like_noise_pred and prediction == "epsilon":
+        report.warnings.append("train.scale_v_pred_loss_like_noise_pred is for v-prediction models and this one "
+                               "predicts epsilon, so it is not applied; turn it off (or use v_pred_like_loss).")
     dataset = _check_dataset(cfg, report)
     if dataset is not None:
         _check_captions(dataset, report)
