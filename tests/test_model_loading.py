@@ -171,3 +171,50 @@ def test_vae_identity_tracks_encoder_weights(folders):
     with torch.no_grad():
         b.vae.encoder.conv_in.weight.add_(1e-3)
     assert vae_identity(b.vae) != a.vae_identity
+
+
+@pytest.mark.parametrize("form", ["a1111-file", "ldm-file", "diffusers-folder"])
+def test_another_vae_replaces_the_models_own(folders, tmp_path, form):
+    from trainer.single_file import vae_to_original
+
+    other = load_model(str(folders["sd1"]))
+    with torch.no_grad():
+        for p in other.vae.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    if form == "diffusers-folder":
+        spec = tmp_path / "vae"
+        other.vae.save_pretrained(spec)
+    else:
+        state = vae_to_original(other.vae.state_dict(), other.vae.config)  # first_stage_model.* keys
+        if form == "a1111-file":  # A1111's VAE files carry the bare names
+            state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}
+        spec = tmp_path / "vae.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, spec)
+    base = load_model(str(folders["sd1"]))
+    swapped = load_model(str(folders["sd1"]), vae=str(spec))
+    for name, tensor in other.vae.state_dict().items():
+        torch.testing.assert_close(swapped.vae.state_dict()[name], tensor, msg=name)
+    from trainer.model_loading import vae_identity
+
+    assert swapped.vae_identity == vae_identity(other.vae) != base.vae_identity  # caches key on the new VAE
+    torch.testing.assert_close(_unet_out(swapped), _unet_out(base))  # nothing else changed
+
+
+def test_preflight_names_a_missing_vae(tmp_path):
+    from trainer.config import config_from_dict
+    from trainer.preflight import preflight_report
+
+    cfg = config_from_dict({"dataset": {"path": str(tmp_path)}, "model": {"vae": str(tmp_path / "gone.pt")}})
+    assert (f"model.vae {tmp_path / 'gone.pt'} was not found; give a VAE .safetensors file or a diffusers VAE "
+            "folder, or leave it empty.") in preflight_report(cfg).errors
+
+
+def test_a_vae_that_does_not_fit_is_one_sentence(folders, tmp_path):
+    sdxl = load_model(str(folders["sdxl"]))
+    sdxl.vae.save_pretrained(tmp_path / "xl-vae")
+    save_file({"encoder.conv_in.weight": torch.zeros(3, 3, 3, 3)}, tmp_path / "broken.safetensors")
+    for spec, start in ((tmp_path / "broken.safetensors", "model.vae {} does not fit this sd1 model's VAE ("),
+                        (tmp_path / "nothing.safetensors", "model.vae {} was not found;")):
+        with pytest.raises(SdloraError) as error:
+            load_model(str(folders["sd1"]), vae=str(spec))
+        assert str(error.value).startswith(start.format(spec)), str(error.value)

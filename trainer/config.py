@@ -67,6 +67,9 @@ class ModelSection(Section):
         "auto", description="What the UNet predicts; auto reads it from the model (v_prediction for SD2-768).")
     config_dir: str | None = Field(
         None, description="Diffusers config folder for a single-file model, instead of the shipped one.")
+    vae: str | None = Field(None, description="Another VAE for latents and previews (kohya's vae): an A1111-style "
+                                              ".safetensors/.ckpt/.pt file or a diffusers VAE folder; empty = the "
+                                              "model's own.")
     clip_skip: int = Field(1, ge=1, le=12, description="Read prompts from this text-encoder layer, counted "
                                                        "from the end: 1 = last; 2 = penultimate (A1111's clip "
                                                        "skip 2, usual for anime SD1 models).")

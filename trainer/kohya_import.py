@@ -30,11 +30,11 @@ SAVE_PRECISION = {"fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32
 SAMPLERS = {"euler_a": "euler_a", "k_euler_a": "euler_a", "euler": "euler", "k_euler": "euler", "ddim": "ddim"}
 # kohya_ss keys for one run on one machine; a preset leaves them out (see trainer.presets.RUN_SPECIFIC_KEYS).
 RUN_SPECIFIC = ("pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "output_dir", "logging_dir",
-                "output_name", "model_list", "network_weights", "lora_network_weights")
+                "output_name", "model_list", "network_weights", "lora_network_weights", "vae")
 # Paths with no CLI flag of their own. kohya_ss's GUI names the LoRA to continue lora_network_weights,
 # sd-scripts network_weights.
 SET_PATHS = {"reg_data_dir": "dataset.reg_path=DIR", "lora_network_weights": "network.weights=FILE",
-             "network_weights": "network.weights=FILE"}
+             "network_weights": "network.weights=FILE", "vae": "model.vae=FILE"}
 
 
 @dataclass

@@ -119,7 +119,8 @@ class Trainer:
         # rank 0 once torch.distributed is up), the others then load the finished folder.
         with self.accelerator.main_process_first():
             self.model = load_model(cfg.model.path, family=cfg.model.family,
-                                    prediction_type=cfg.model.prediction_type, config_dir=cfg.model.config_dir)
+                                    prediction_type=cfg.model.prediction_type, config_dir=cfg.model.config_dir,
+                                    vae=cfg.model.vae)
         self._place_models()
         self._build_caches()
         workers = cfg.dataset.num_workers

@@ -19,7 +19,7 @@ import importlib
 import json
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import diffusers
@@ -75,8 +75,15 @@ def load_model(
     prediction_type: str = "auto",
     dtype: torch.dtype = torch.float32,
     config_dir: str | Path | None = None,
+    vae: str | Path | None = None,
 ) -> LoadedModel:
-    """Load `spec`; `config_dir` (a diffusers folder) replaces the shipped config for single files."""
+    """Load `spec`; `config_dir` (a diffusers folder) replaces the shipped config for single files; `vae`
+    (kohya's --vae: a VAE file or folder) replaces the model's own VAE."""
+    model = _load_base(spec, family, prediction_type, dtype, config_dir)
+    return with_vae(model, vae, dtype, config_dir) if vae else model
+
+
+def _load_base(spec, family, prediction_type, dtype, config_dir) -> LoadedModel:
     if prediction_type not in ("auto", *PREDICTION_TYPES):
         raise SdloraError(f"Unknown prediction type {prediction_type!r}; use auto, epsilon or v_prediction.")
     wanted = None if family == "auto" else get_family(family)
@@ -267,6 +274,44 @@ def _load_single_file(path: Path, wanted, prediction_type: str, dtype, config_di
     tokenizers = [load_clip_tokenizer(pad) for pad in family.tokenizer_pad_tokens]
     scheduler_config = dict(DDPMScheduler.load_config(str(config), subfolder="scheduler"))
     return _assemble(unet, vae, encoders, tokenizers, family, prediction_type, str(path), scheduler_config)
+
+
+def with_vae(model: LoadedModel, spec: str | Path, dtype=torch.float32, config_dir=None) -> LoadedModel:
+    """`model` with another VAE: a diffusers folder (its own or a model's vae/), or a single file in the
+    original layout (A1111's .safetensors/.ckpt/.pt VAEs, with or without the first_stage_model. prefix),
+    read with the base model's VAE config."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise SdloraError(f"model.vae {path} is a folder without config.json; give a VAE .safetensors file or "
+                              "a diffusers VAE folder.")
+        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    elif path.is_file():
+        state = read_checkpoint(path)
+        root = _vae_config_root(model, config_dir)
+        try:
+            vae = AutoencoderKL.from_single_file(state, config=str(root), subfolder="vae", dtype=dtype,
+                                                 local_files_only=True)
+        except (ValueError, RuntimeError, KeyError, OSError,
+                diffusers.loaders.single_file_utils.SingleFileComponentError) as error:
+            raise SdloraError(f"model.vae {path} does not fit this {model.family.name} model's VAE "
+                              f"({_first_line(error)}); choose a VAE made for {model.family.name}.") from None
+        _check_complete(vae, "VAE", path)
+    else:
+        raise SdloraError(f"model.vae {spec} was not found; give a VAE .safetensors file or a diffusers VAE folder.")
+    return replace(model, vae=vae, vae_identity=vae_identity(vae))
+
+
+def _vae_config_root(model: LoadedModel, config_dir) -> Path:
+    """Where the base model's VAE config lives: config_dir, the model's own folder, or the shipped one."""
+    if config_dir:
+        return Path(config_dir)
+    source = demo_model_path(model.source.removeprefix("demo:")) if model.source.startswith("demo:") \
+        else Path(model.source)
+    if (source / "vae" / "config.json").is_file():
+        return source
+    return SHIPPED_CONFIGS / model.family.shipped_config_name(model.prediction_type)
 
 
 def _check_complete(module: torch.nn.Module, name: str, path: Path) -> None:

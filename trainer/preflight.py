@@ -234,6 +234,9 @@ def preflight_report(cfg: TrainConfig, preset: str | None = None) -> Report:
     """Check `cfg` before training; `preset` (its name) is what learning rates are compared against."""
     report = Report()
     family, prediction = _check_model(cfg, report)
+    if cfg.model.vae and not Path(cfg.model.vae).expanduser().exists():
+        report.errors.append(f"model.vae {cfg.model.vae} was not found; give a VAE .safetensors file or a diffusers "
+                             "VAE folder, or leave it empty.")
     _check_network_weights(cfg, family, report)
     if cfg.train.scale_v_pred_loss_like_noise_pred and prediction == "epsilon":
         report.warnings.append("train.scale_v_pred_loss_like_noise_pred is for v-prediction models and this one "
