@@ -1,6 +1,6 @@
 """The Try tab's comparison reads prompts the way the LoRA was trained (its ss_clip_skip)."""
-
 import numpy as np
+import torch
 
 from app.ui.lora_preview import LoraPreview, clip_skip_of, prompt_chunks_of
 from networks.lora_file import save_lora
@@ -34,3 +34,23 @@ def test_the_base_image_changes_with_the_files_clip_skip(tmp_path):
     assert not np.array_equal(np.asarray(one.without), np.asarray(two.without))  # the base reads another layer
     again = preview.compare("demo:sd1", files[1], "a red circle", steps=2, size=64)
     assert np.array_equal(np.asarray(one.without), np.asarray(again.without))
+
+
+def test_the_try_tab_renders_on_the_gpu_in_fp16_when_there_is_one(monkeypatch):
+    from app.ui.lora_preview import preview_placement
+
+    assert preview_placement() == ("cpu", torch.float32)  # this machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert preview_placement() == ("cuda", torch.float16)
+
+
+def test_a_model_that_does_not_fit_beside_a_training_run_is_one_sentence():
+    from app.ui.lora_preview import GPU_HEADROOM, gpu_room_problem
+
+    weights = 5e9  # an SDXL model in fp16
+    assert gpu_room_problem(int(weights + GPU_HEADROOM), int(weights), training=True) is None
+    assert gpu_room_problem(int(4e9), int(weights), training=True) == (
+        "The GPU has 4.0 GB free and this model needs about 7.5 GB; a training run is using this GPU: try again "
+        "when it has finished, or stop it.")
+    assert gpu_room_problem(int(4e9), int(weights), training=False).endswith(
+        "close what else uses the GPU, or try a smaller model.")

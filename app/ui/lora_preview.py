@@ -3,6 +3,8 @@
 Loading a model is the slow part, so the pipeline is kept (one at a time: an SDXL model is several GB)
 and reused while the model path stays the same; the LoRA is attached once per file and switched off and
 on between the two images (set_enabled / set_multiplier), never by reloading or merging weights.
+With a GPU the model renders there in fp16 (an SDXL image takes minutes on a CPU), after a check that the
+GPU has room beside a training run, which would otherwise be the one to run out of memory.
 """
 from __future__ import annotations
 
@@ -21,6 +23,23 @@ from networks.lora_file import read_lora
 from networks.network import LoraNetwork
 from trainer.model_loading import LoadedModel, load_model
 from trainer.sampling import build_pipeline, prompt_kwargs
+
+GPU_HEADROOM = 2.5e9  # bytes beyond the weights: a 1024 px SDXL denoising step in fp16 and the CUDA context
+
+
+def preview_placement() -> tuple[str, torch.dtype]:
+    """(device, dtype) the Try tab renders with: the GPU in fp16 when there is one, else the CPU in fp32."""
+    return ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+def gpu_room_problem(free: int, weights: int, training: bool) -> str | None:
+    """The sentence to show when a model of `weights` bytes does not fit the GPU's `free` bytes, else None."""
+    need = weights + GPU_HEADROOM
+    if free >= need:
+        return None
+    fix = ("a training run is using this GPU: try again when it has finished, or stop it" if training
+           else "close what else uses the GPU, or try a smaller model")
+    return f"The GPU has {free / 1e9:.1f} GB free and this model needs about {need / 1e9:.1f} GB; {fix}."
 
 
 def clip_skip_of(metadata: dict) -> int:
@@ -59,10 +78,12 @@ class LoraPreview:
         self._clip_skip, self._chunks = 1, 1
 
     def compare(self, model: str, lora: Path, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
-                weight: float = 1.0, guidance: float = 7.0, size: int = 0, sampler: str = "euler_a") -> Comparison:
+                weight: float = 1.0, guidance: float = 7.0, size: int = 0, sampler: str = "euler_a",
+                training: bool = False) -> Comparison:
+        """`training`: a run is active, so the GPU is shared (the room check names it)."""
         with self._lock:
             started = time.perf_counter()
-            loaded = self._load_model(model)
+            loaded = self._load_model(model, training)
             network = self._load_lora(lora, loaded)
             pipeline = self._pipeline(loaded, sampler)
             loaded_at = time.perf_counter()
@@ -83,14 +104,21 @@ class LoraPreview:
             done = time.perf_counter()
             return Comparison(images[0], images[1], loaded_at - started, done - loaded_at)
 
-    def _load_model(self, spec: str) -> LoadedModel:
+    def _load_model(self, spec: str, training: bool = False) -> LoadedModel:
         spec = spec.strip() or "demo:sd1"
         if spec != self._model_key:
             self._drop()
-            self._model = load_model(spec)
-            self._model_key = spec
-            for module in (self._model.unet, self._model.vae, *self._model.text_encoders):
-                module.eval().requires_grad_(False)
+            device, dtype = preview_placement()
+            model = load_model(spec, dtype=dtype)
+            modules = (model.unet, model.vae, *model.text_encoders)
+            if device == "cuda":
+                weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+                problem = gpu_room_problem(torch.cuda.mem_get_info()[0], weights, training)
+                if problem:
+                    raise SdloraError(problem)
+            for module in modules:
+                module.to(device).eval().requires_grad_(False)
+            self._model, self._model_key = model, spec
         return self._model
 
     def _load_lora(self, path: Path, model: LoadedModel) -> LoraNetwork:

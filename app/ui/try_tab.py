@@ -76,7 +76,8 @@ def build(ctx: UIContext):
         path = user_file(source, "LoRA file", suffixes=(".safetensors",))
         result = ctx.preview.compare(model_spec, path, prompt_text, negative_text, int(seed_value or 0),
                                      int(steps_value), float(weight_value), float(guidance_value),
-                                     int(size_value or 0), sampler_name)
+                                     int(size_value or 0), sampler_name,
+                                     training=ctx.runs.newest_active() is not None)
         loaded = f"loaded in {result.load_seconds:.1f} s, " if result.load_seconds > 0.05 else ""
         return (ok(f"{path.name} at weight {float(weight_value):g}."), result.without, result.with_lora,
                 f"{loaded}2 images in {result.render_seconds:.1f} s")
