@@ -507,3 +507,24 @@ def test_network_weights_for_another_model_family_is_one_sentence(tmp_path, data
         train(cfg, progress=False)
     assert str(error.value) == (f"network.weights {first.name} was made for sd1 but the base model is sdxl; "
                                 "continue it on an sd1 model.")
+
+
+def test_a_continued_run_resumes_after_its_network_weights_file_is_gone(tmp_path, data8):
+    first = train(tiny_config(data8, tmp_path / "first", "train.max_steps=2"), progress=False)
+    moved = first.rename(tmp_path / "old.safetensors")
+    flags = ["train.max_steps=4", f"network.weights={moved}", "save.every_steps=2"]
+    train(tiny_config(data8, tmp_path / "straight", *flags), progress=False)
+    interrupted = Trainer(tiny_config(data8, tmp_path / "second", *flags))
+    original = interrupted._after_step
+
+    def stop_after_second(position):
+        original(position)
+        if position.step == 2:
+            interrupted.stop.requested = True
+    interrupted._after_step = stop_after_second
+    assert interrupted.train() is None
+    moved.unlink()  # the user cleaned up the file the run continued
+    resumed = train(resolve_config(None, [f"output.dir={tmp_path / 'second'}"],
+                                   base=_toml(tmp_path / "second" / "config.toml")), resume=True, progress=False)
+    straight = load_file(tmp_path / "straight" / "demo-lora.safetensors")
+    assert all(torch.equal(straight[key], tensor) for key, tensor in load_file(resumed).items())

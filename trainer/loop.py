@@ -67,12 +67,16 @@ def dataset_options(cfg: TrainConfig) -> DatasetOptions:
                           reg_folder=Path(data.reg_path) if data.reg_path else None)
 
 
-def build_network(cfg: TrainConfig, model) -> LoraNetwork:
-    """The spec's adapters, or the spec's continued from network.weights (not attached yet)."""
+def build_network(cfg: TrainConfig, model, resumed_from: Path | None = None) -> LoraNetwork:
+    """The spec's adapters, or the spec's continued from network.weights (not attached yet). A resumed run
+    whose network.weights file has gone since takes the same shapes from its own last checkpoint
+    (`resumed_from`); the resumed state then sets every weight."""
     parts = (model.family.name, model.unet, model.text_encoders, network_spec(cfg))
     if not cfg.network.weights:
         return LoraNetwork.create(*parts)
     path = Path(cfg.network.weights).expanduser()
+    if not path.exists() and resumed_from is not None:
+        path = resumed_from
     state, metadata = read_lora(path)
     made_for = lora_family(state, metadata)
     if made_for and made_for != model.family.name:
@@ -125,7 +129,8 @@ class Trainer:
         self._build_caches()
         workers = cfg.dataset.num_workers
         self.prefetch = PixelPrefetch(self.dataset, workers) if workers and self._encodes_every_step() else None
-        self.network = build_network(cfg, self.model).attach()
+        checkpoints = self.run.list_checkpoints() if self.resume else []
+        self.network = build_network(cfg, self.model, checkpoints[-1] if checkpoints else None).attach()
         self.network.to(self.accelerator.device)
         self.training_unet = self.model.unet
         initialise(self)
