@@ -104,18 +104,9 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, data
              "train.v_pred_like_loss=0.1", "dataset.caption_dropout_every_n_epochs=2", *loading]
     train(tiny_config(data8, tmp_path / "straight", *flags), progress=False)
 
-    interrupted = Trainer(tiny_config(data8, tmp_path / "stopped", *flags))
-    original = interrupted._after_step
-
-    def stop_after_third(position):
-        original(position)
-        if position.step == 3:
-            interrupted.stop.requested = True
-    interrupted._after_step = stop_after_third
-    assert interrupted.train() is None
+    assert stopped_after(Trainer(tiny_config(data8, tmp_path / "stopped", *flags)), 3).train() is None
     assert [e["event"] for e in events(tmp_path / "stopped")][-1] == "stopped"
-    train(resolve_config(None, [f"output.dir={tmp_path / 'stopped'}"],
-                         base=_toml(tmp_path / "stopped" / "config.toml")), resume=True, progress=False)
+    resume_run(tmp_path / "stopped")
 
     straight = load_file(tmp_path / "straight" / "demo-lora.safetensors")
     resumed = load_file(tmp_path / "stopped" / "demo-lora.safetensors")
@@ -124,6 +115,23 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, data
         assert torch.equal(straight[key], resumed[key]), key
     losses = lambda run: [e["loss"] for e in events(run) if e["event"] == "step"]  # noqa: E731
     assert losses(tmp_path / "straight") == losses(tmp_path / "stopped")
+
+
+def stopped_after(trainer: Trainer, step: int) -> Trainer:
+    """`trainer`, set to stop (as Stop / Ctrl+C would) once `step` is done."""
+    original = trainer._after_step
+
+    def after_step(position):
+        original(position)
+        if position.step == step:
+            trainer.stop.requested = True
+    trainer._after_step = after_step
+    return trainer
+
+
+def resume_run(run_dir):
+    return train(resolve_config(None, [f"output.dir={run_dir}"], base=_toml(run_dir / "config.toml")),
+                 resume=True, progress=False)
 
 
 def _toml(path):
@@ -514,17 +522,8 @@ def test_a_continued_run_resumes_after_its_network_weights_file_is_gone(tmp_path
     moved = first.rename(tmp_path / "old.safetensors")
     flags = ["train.max_steps=4", f"network.weights={moved}", "save.every_steps=2"]
     train(tiny_config(data8, tmp_path / "straight", *flags), progress=False)
-    interrupted = Trainer(tiny_config(data8, tmp_path / "second", *flags))
-    original = interrupted._after_step
-
-    def stop_after_second(position):
-        original(position)
-        if position.step == 2:
-            interrupted.stop.requested = True
-    interrupted._after_step = stop_after_second
-    assert interrupted.train() is None
+    assert stopped_after(Trainer(tiny_config(data8, tmp_path / "second", *flags)), 2).train() is None
     moved.unlink()  # the user cleaned up the file the run continued
-    resumed = train(resolve_config(None, [f"output.dir={tmp_path / 'second'}"],
-                                   base=_toml(tmp_path / "second" / "config.toml")), resume=True, progress=False)
+    resumed = resume_run(tmp_path / "second")
     straight = load_file(tmp_path / "straight" / "demo-lora.safetensors")
     assert all(torch.equal(straight[key], tensor) for key, tensor in load_file(resumed).items())
