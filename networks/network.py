@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .block_lr import block_index, block_weights
 from .errors import SdloraError
 from .lora import INITS, LoraModule
 from .naming import Component, alias_names, components_for, kohya_name
@@ -42,6 +43,15 @@ class NetworkSpec:
     time_embedding: bool = False
     # Restrict to modules whose path ends with one of these (e.g. "to_q", "ff.net.2"); None = the table.
     target_modules: tuple[str, ...] | None = None
+    # kohya's block-wise learning rates (see block_lr.py): per-block multipliers; blocks at 0 get no adapter.
+    down_lr_weight: str | tuple[float, ...] | None = None
+    mid_lr_weight: str | tuple[float, ...] | None = None
+    up_lr_weight: str | tuple[float, ...] | None = None
+    block_lr_zero_threshold: float = 0.0
+
+    def block_weights(self, family: str) -> list[float] | None:
+        return block_weights(family == "sdxl", self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight,
+                             self.block_lr_zero_threshold)
 
     @property
     def resolved_alpha(self) -> float:
@@ -87,12 +97,13 @@ class AdaptedModule:
 
 class LoraNetwork(nn.Module):
     def __init__(self, family: str, adapters: dict[str, LoraModule], roles: dict[str, str],
-                 paths: dict[str, str] | None = None):
+                 paths: dict[str, str] | None = None, lr_weights: dict[str, float] | None = None):
         super().__init__()
         self.family = family
         self.adapters = nn.ModuleDict(adapters)
         self.roles = roles
         self.paths = paths or {}
+        self.lr_weights = lr_weights or {}  # adapter name -> learning-rate multiplier (block weights); 1 if absent
         self.attached = False
         self.export_errors: dict[str, float] = {}
 
@@ -105,8 +116,11 @@ class LoraNetwork(nn.Module):
         parts = components_for(family, unet if spec.train_unet else None,
                                text_encoders if spec.train_text_encoder else [])
         targets = _select_targets(parts, spec)
+        weights = _block_lr_weights(family, spec, [target.name for target in targets])
         adapters, roles, paths = {}, {}, {}
         for target in targets:
+            if weights.get(target.name) == 0:
+                continue  # kohya: a block at learning-rate weight 0 gets no adapter
             conv = uses_conv_rank(target.module)
             rank = spec.conv_rank if conv else spec.rank
             alpha = spec.resolved_conv_alpha if conv else spec.resolved_alpha
@@ -114,7 +128,10 @@ class LoraNetwork(nn.Module):
                                  spec.module_dropout, rslora=spec.rslora)
             adapters[target.name] = adapter.to(device=target.module.weight.device)
             roles[target.name], paths[target.name] = target.role, target.path
-        return cls(family, adapters, roles, paths)
+        if not adapters:
+            raise SdloraError("Every block's learning-rate weight is 0, so nothing would train; raise "
+                              "network.down_lr_weight / mid_lr_weight / up_lr_weight.")
+        return cls(family, adapters, roles, paths, {n: w for n, w in weights.items() if n in adapters})
 
     @classmethod
     def from_state_dict(cls, family: str, unet: nn.Module | None, text_encoders: list[nn.Module],
@@ -161,6 +178,8 @@ class LoraNetwork(nn.Module):
             adapter.module_dropout = spec.module_dropout
             network.adapters[name] = adapter
             network.roles[name], network.paths[name] = loaded.roles[name], loaded.paths[name]
+        # The file's modules follow the block weights too (one in a weight-0 block stays, unchanged by training).
+        network.lr_weights = _block_lr_weights(family, spec, list(network.adapters))
         return network
 
     # -- attaching ---------------------------------------------------------------------------
@@ -240,6 +259,15 @@ class LoraNetwork(nn.Module):
         for name, adapter in self.adapters.items():
             _load_adapter_weights(adapter, name, state[f"{name}.lora_down.weight"],
                                   state[f"{name}.lora_up.weight"], source)
+
+
+def _block_lr_weights(family: str, spec: NetworkSpec, names: list[str]) -> dict[str, float]:
+    """{adapter name: its block's learning-rate weight} for UNet adapters, when block weights are set."""
+    weights = spec.block_weights(family)
+    if weights is None:
+        return {}
+    found = {name: block_index(name, family == "sdxl") for name in names}
+    return {name: weights[index] for name, index in found.items() if index is not None}
 
 
 def check_parts_trained(state: dict[str, torch.Tensor], spec: NetworkSpec, source: str = "the file") -> None:

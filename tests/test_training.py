@@ -527,3 +527,18 @@ def test_a_continued_run_resumes_after_its_network_weights_file_is_gone(tmp_path
     resumed = resume_run(tmp_path / "second")
     straight = load_file(tmp_path / "straight" / "demo-lora.safetensors")
     assert all(torch.equal(straight[key], tensor) for key, tensor in load_file(resumed).items())
+
+
+def test_block_weights_leave_zero_blocks_out_of_the_file(tmp_path, data8):
+    from networks.lora_file import read_lora
+    from trainer.preflight import preflight_report
+
+    cfg = tiny_config(data8, tmp_path / "run", "train.max_steps=2", "network.down_lr_weight=zeros",
+                      "network.up_lr_weight=1,1,1,0.5,0.5,0.5")
+    assert ("Block learning-rate weights: IN 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0; MID 1; OUT 1, 1, 1, 0.5, 0.5, 0.5, "
+            "1, 1, 1, 1, 1, 1. Blocks at 0 get no adapter; the text encoder keeps weight 1.") in preflight_report(cfg).info
+    final = train(cfg, progress=False)
+    keys = read_lora(final)[0]
+    assert not [k for k in keys if k.startswith("lora_unet_down_blocks")]
+    assert [k for k in keys if k.startswith("lora_unet_up_blocks")] and [k for k in keys if "mid_block" in k]
+    assert load_in_diffusers("sd1", final) == len({k.split(".")[0] for k in keys})

@@ -19,6 +19,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from networks.block_lr import block_weights
 from networks.errors import SdloraError
 from trainer.sample_prompts import OPTION_HELP, parse_prompt_line
 
@@ -208,6 +209,15 @@ class NetworkSection(Section):
     target_modules: list[str] | None = Field(
         None, description="Adapt only modules whose path ends with one of these (e.g. to_q, to_k, to_v, "
                           "to_out.0); empty = every module the type adapts.")
+    down_lr_weight: str | None = Field(
+        None, description="kohya's block learning rates for the UNet's input blocks IN00-IN11 (SDXL IN00-IN08): "
+                          "numbers like 0,0,0,0.5,1 (missing ones are 1) or sine, cosine, linear, reverse_linear, "
+                          "zeros with an optional +offset; a block at 0 gets no adapter.")
+    mid_lr_weight: str | None = Field(None, description="The same for the middle block (SDXL: 3).")
+    up_lr_weight: str | None = Field(
+        None, description="The same for the output blocks OUT00-OUT11 (SDXL OUT00-OUT08).")
+    block_lr_zero_threshold: float = Field(0.0, ge=0, description="Block weights at or below this count as 0 "
+                                                                  "(no adapter).")
 
     @property
     def resolved_alpha(self) -> float:
@@ -216,6 +226,15 @@ class NetworkSection(Section):
     @property
     def resolved_conv_alpha(self) -> float:
         return self.conv_alpha if self.conv_alpha is not None else self.conv_alpha_ratio * self.conv_rank
+
+    @model_validator(mode="after")
+    def _block_weights_read(self) -> NetworkSection:
+        for sdxl in (False, True):  # the syntax, for either block count; the family is known only at load
+            try:
+                block_weights(sdxl, self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight)
+            except SdloraError as error:
+                raise _rule(str(error).rstrip(".")) from None
+        return self
 
     @model_validator(mode="after")
     def _trains_something(self) -> NetworkSection:

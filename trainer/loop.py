@@ -92,7 +92,9 @@ def network_spec(cfg: TrainConfig) -> NetworkSpec:
                        rank_dropout=net.rank_dropout, module_dropout=net.module_dropout,
                        train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
                        conv_in_out=net.include_conv_in_out, time_embedding=net.include_time_embedding,
-                       target_modules=tuple(net.target_modules) if net.target_modules else None)
+                       target_modules=tuple(net.target_modules) if net.target_modules else None,
+                       down_lr_weight=net.down_lr_weight, mid_lr_weight=net.mid_lr_weight,
+                       up_lr_weight=net.up_lr_weight, block_lr_zero_threshold=net.block_lr_zero_threshold)
 
 
 class Trainer:

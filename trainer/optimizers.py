@@ -14,12 +14,20 @@ from networks.network import LoraNetwork
 
 
 def parameter_groups(network: LoraNetwork, train) -> list[dict]:
+    """One group per model part and LoRA side (LoRA+), split further by block learning-rate weight."""
+    block_weight = {id(p): network.lr_weights.get(name, 1.0)
+                    for name, adapter in network.items() for p in adapter.parameters()}
     groups = []
     for role, parts in network.parameter_groups().items():
         base_lr = (train.unet_lr if role == "unet" else train.text_encoder_lr) or train.learning_rate
         for kind, params in parts.items():
             lr = base_lr * (train.loraplus_ratio if kind == "up" else 1.0)
-            groups.append({"params": params, "lr": lr, "name": f"{role}.{kind}"})
+            by_weight: dict[float, list] = {}
+            for param in params:
+                by_weight.setdefault(block_weight[id(param)], []).append(param)
+            for weight, members in by_weight.items():
+                name = f"{role}.{kind}" if weight == 1.0 else f"{role}.{kind}.x{weight:g}"
+                groups.append({"params": members, "lr": lr * weight, "name": name})
     return groups
 
 

@@ -238,6 +238,7 @@ def preflight_report(cfg: TrainConfig, preset: str | None = None) -> Report:
         report.errors.append(f"model.vae {cfg.model.vae} was not found; give a VAE .safetensors file or a diffusers "
                              "VAE folder, or leave it empty.")
     _check_network_weights(cfg, family, report)
+    _explain_block_weights(cfg, family, report)
     if cfg.train.scale_v_pred_loss_like_noise_pred and prediction == "epsilon":
         report.warnings.append("train.scale_v_pred_loss_like_noise_pred is for v-prediction models and this one "
                                "predicts epsilon, so it is not applied; turn it off (or use v_pred_like_loss).")
@@ -409,6 +410,22 @@ def _check_network_weights(cfg: TrainConfig, family: str | None, report: Report)
     shown = ", ".join(map(str, ranks[:6])) + (" ..." if len(ranks) > 6 else "")
     report.info.append(f"Continues {path.name}: {modules} modules at rank {shown}, kept at their own rank and "
                        "alpha; modules it lacks start fresh.")
+
+
+def _explain_block_weights(cfg: TrainConfig, family: str | None, report: Report) -> None:
+    from trainer.loop import network_spec
+
+    weights = network_spec(cfg).block_weights(family) if family else None
+    if weights is None:
+        return
+    sdxl = family == "sdxl"
+    inner = weights[1:-1] if sdxl else weights
+    blocks = 9 if sdxl else 12
+    down, mid, up = inner[:blocks], inner[blocks:-blocks], inner[-blocks:]
+    shown = "; ".join(f"{part} {', '.join(f'{w:g}' for w in values)}"
+                      for part, values in (("IN", down), ("MID", mid), ("OUT", up)))
+    report.info.append(f"Block learning-rate weights: {shown}. Blocks at 0 get no adapter; the text encoder "
+                       "keeps weight 1.")
 
 
 def _check_dataset(cfg: TrainConfig, report: Report):

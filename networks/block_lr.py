@@ -1,0 +1,91 @@
+"""kohya's block-wise learning rates (down_lr_weight / mid_lr_weight / up_lr_weight): a learning-rate
+multiplier per UNet block, numbered as kohya and A1111 number them, so presets and weights written for
+kohya_ss mean the same here. Modules in a block whose weight is 0 get no adapter at all.
+
+SD1/SD2: 25 entries, IN00-IN11 (down), MID, OUT00-OUT11 (up). SDXL: 23 entries, the time embedding, IN00-IN08,
+MID0-MID2, OUT00-OUT08, the output conv. Text-encoder modules always keep weight 1.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+from .errors import SdloraError
+
+# diffusers-style SD1/SD2 names: down_blocks_1_attentions_0_..., up_blocks_2_upsamplers_0_...
+_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
+BLOCKS = {False: 12, True: 9}  # down (= up) blocks of SD1/SD2 and of SDXL
+MID_BLOCKS = {False: 1, True: 3}
+PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+def block_index(name: str, sdxl: bool) -> int | None:
+    """The kohya block a UNet adapter belongs to (its index into `block_weights`); None outside the UNet."""
+    if not name.startswith("lora_unet_"):
+        return None
+    rest = name[len("lora_unet_"):]
+    if sdxl:
+        for prefix, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
+            if rest.startswith(prefix):
+                return first + int(rest[len(prefix):].split("_")[0])
+        return 22 if rest.startswith("out_") else 0  # the output conv, or the time / label embeddings
+    match = _UPDOWN.search(rest)
+    if match:
+        side, block, kind, number = match.groups()
+        inner = 3 * int(block) + (2 if kind.endswith("samplers") else int(number))
+        return 1 + inner if side == "down" else BLOCKS[False] + 1 + inner
+    return BLOCKS[False] if rest.startswith("mid_block_") else None  # conv_in / time embedding: no block
+
+
+def parse_weights(value: str | Sequence[float] | None, length: int, key: str) -> list[float] | None:
+    """kohya's syntax: numbers ("0,0,0.5,1") padded with 1 to `length` (a longer list is cut), or a preset
+    name with an optional offset ("sine", "cosine+.5", "linear", "reverse_linear", "zeros")."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        name, _, offset = value.strip().partition("+")
+        if name in PRESETS:
+            try:
+                return _preset(name, length, float(offset) if offset else 0.0)
+            except ValueError:
+                raise SdloraError(f"{key} {value!r} has an offset that is not a number; write e.g. sine+0.5.") \
+                    from None
+        parts = value.split(",")
+    else:
+        parts = list(value)
+    try:
+        weights = [float(part) for part in parts]
+    except (TypeError, ValueError):
+        raise SdloraError(f"{key} {value!r} is neither numbers separated by commas nor one of "
+                          f"{', '.join(PRESETS)}; write e.g. 0,0,0,1,1,1 or sine.") from None
+    if any(w < 0 for w in weights):
+        raise SdloraError(f"{key} {value!r} has a negative weight; use 0 or more.")
+    return (weights + [1.0] * length)[:length]
+
+
+def block_weights(sdxl: bool, down=None, mid=None, up=None, zero_threshold: float = 0.0) -> list[float] | None:
+    """The multiplier of every block (kohya's list), or None when no weight is set. Weights at or below
+    `zero_threshold` become 0."""
+    lists = [parse_weights(value, length, key) for value, length, key in (
+        (down, BLOCKS[sdxl], "network.down_lr_weight"), (mid, MID_BLOCKS[sdxl], "network.mid_lr_weight"),
+        (up, BLOCKS[sdxl], "network.up_lr_weight"))]
+    if all(weights is None for weights in lists):
+        return None
+    lengths = (BLOCKS[sdxl], MID_BLOCKS[sdxl], BLOCKS[sdxl])
+    down_w, mid_w, up_w = ([w if w > zero_threshold else 0.0 for w in weights] if weights is not None else
+                           [1.0] * n for weights, n in zip(lists, lengths))
+    return [1.0, *down_w, *mid_w, *up_w, 1.0] if sdxl else [*down_w, *mid_w, *up_w]
+
+
+def _preset(name: str, length: int, offset: float) -> list[float]:
+    steps = range(length)
+    if name == "zeros":
+        return [offset] * length
+    if name in ("sine", "cosine"):
+        curve = [math.sin(math.pi * (i / (length - 1)) / 2) for i in steps]
+    else:
+        curve = [i / (length - 1) for i in steps]
+    if name in ("cosine", "reverse_linear"):
+        curve.reverse()
+    return [w + offset for w in curve]

@@ -1,0 +1,88 @@
+"""kohya's block-wise learning rates: block numbering, the weight syntax, and what the network does."""
+import math
+
+import pytest
+import torch
+
+from networks.block_lr import block_index, block_weights, parse_weights
+from networks.errors import SdloraError
+from networks.network import LoraNetwork, NetworkSpec
+from tests.helpers import text_encoders
+from trainer.config import config_from_dict
+from trainer.optimizers import parameter_groups
+from trainer.tiny_models import build_tiny_pipeline_components
+
+
+@pytest.mark.parametrize("name, sdxl, index", [
+    ("lora_unet_down_blocks_0_attentions_0_proj_in", False, 1),  # IN01
+    ("lora_unet_down_blocks_0_downsamplers_0_conv", False, 3),  # IN03
+    ("lora_unet_down_blocks_3_resnets_1_conv1", False, 11),  # IN11
+    ("lora_unet_mid_block_attentions_0_proj_in", False, 12),  # MID
+    ("lora_unet_up_blocks_0_resnets_0_conv1", False, 13),  # OUT00
+    ("lora_unet_up_blocks_3_attentions_2_proj_out", False, 24),  # OUT11
+    ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", True, 5),
+    ("lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k", True, 11),
+    ("lora_unet_output_blocks_8_0_in_layers_2", True, 21),
+    ("lora_te_text_model_encoder_layers_0_mlp_fc1", False, None),
+    ("lora_te1_text_model_encoder_layers_0_mlp_fc1", True, None),
+])
+def test_blocks_are_numbered_as_kohya_numbers_them(name, sdxl, index):
+    assert block_index(name, sdxl) == index
+
+
+def test_weight_syntax_numbers_padded_and_kohyas_curves():
+    assert parse_weights("0, 0.5", 4, "k") == [0.0, 0.5, 1.0, 1.0]
+    assert parse_weights([2, 2, 2, 2, 2], 3, "k") == [2.0, 2.0, 2.0]
+    sine = parse_weights("sine", 12, "k")
+    assert sine[0] == 0.0 and sine[-1] == pytest.approx(1.0) and sine[6] == pytest.approx(math.sin(math.pi * 6 / 22))
+    assert parse_weights("cosine+.5", 12, "k") == pytest.approx([w + 0.5 for w in reversed(sine)])
+    assert parse_weights("zeros", 3, "k") == [0.0] * 3 and parse_weights("linear", 3, "k") == [0.0, 0.5, 1.0]
+    with pytest.raises(SdloraError, match="neither numbers separated by commas nor one of"):
+        parse_weights("fast", 12, "network.down_lr_weight")
+
+
+def test_weights_fill_kohyas_lists_with_ones_and_zero_below_the_threshold():
+    sd = block_weights(False, down="0,0.1,0.5", zero_threshold=0.2)
+    assert len(sd) == 25 and sd[:4] == [0.0, 0.0, 0.5, 1.0] and sd[12:] == [1.0] * 13
+    xl = block_weights(True, mid="0,2")
+    assert len(xl) == 23 and xl[10:13] == [0.0, 2.0, 1.0] and xl[0] == xl[-1] == 1.0
+    assert block_weights(False) is None
+
+
+def test_zero_blocks_get_no_adapter_and_the_rest_train_at_their_weight():
+    parts = build_tiny_pipeline_components("sd1")
+    # The tiny UNet's attentions sit in down_blocks_1 (IN04, IN05), the middle and up_blocks_1 (OUT03-OUT05).
+    spec = NetworkSpec(rank=4, train_text_encoder=True, down_lr_weight="zeros", up_lr_weight="1,1,1,0.5,0.5,0.5")
+    network = LoraNetwork.create("sd1", parts["unet"], text_encoders(parts), spec)
+    names = list(network.adapters)
+    assert not [n for n in names if n.startswith("lora_unet_down_blocks")]
+    assert [n for n in names if n.startswith("lora_unet_mid_block")] and [n for n in names if n.startswith("lora_te")]
+    train = config_from_dict({"train": {"learning_rate": 1e-3, "text_encoder_lr": 1e-4}}).train
+    groups = {g["name"]: g for g in parameter_groups(network, train)}
+    assert groups["unet.down.x0.5"]["lr"] == pytest.approx(5e-4) and groups["unet.down"]["lr"] == 1e-3
+    assert groups["text_encoder.down"]["lr"] == 1e-4  # the text encoder has no blocks
+    up_blocks = {id(a.lora_down.weight) for n, a in network.items() if n.startswith("lora_unet_up_blocks")}
+    assert {id(p) for p in groups["unet.down.x0.5"]["params"]} == up_blocks
+    assert sum(len(g["params"]) for g in groups.values()) == 2 * len(names)
+
+
+def test_all_blocks_at_zero_is_one_sentence():
+    parts = build_tiny_pipeline_components("sd1")
+    spec = NetworkSpec(rank=4, down_lr_weight="zeros", mid_lr_weight="0", up_lr_weight="zeros")
+    with pytest.raises(SdloraError, match="Every block's learning-rate weight is 0, so nothing would train"):
+        LoraNetwork.create("sd1", parts["unet"], [], spec)
+
+
+def test_a_bad_weight_in_the_config_is_one_sentence():
+    with pytest.raises(SdloraError) as error:
+        config_from_dict({"network": {"up_lr_weight": "sine+x"}}, source="run.toml")
+    assert str(error.value) == ("In run.toml, network.up_lr_weight 'sine+x' has an offset that is not a number; "
+                                "write e.g. sine+0.5.")
+
+
+def test_unchanged_without_block_weights():
+    parts = build_tiny_pipeline_components("sd1")
+    network = LoraNetwork.create("sd1", parts["unet"], [], NetworkSpec(rank=4))
+    train = config_from_dict({}).train
+    assert [g["name"] for g in parameter_groups(network, train)] == ["unet.down", "unet.up"]
+    assert torch.is_tensor(next(network.parameters()))
