@@ -69,6 +69,7 @@ def test_locon_preset_converts_with_alpha_over_rank_kept():
     assert {"xformers", "LyCORIS_preset", "noise_offset_type", "color_aug", "v2", "lr_warmup"} <= set(result.unmapped)
     assert train["prior_loss_weight"] == 1.0 and "prior_loss_weight" not in result.unmapped
     assert "reg_data_dir is specific to one run; give it with --set dataset.reg_path=DIR instead." in result.notes
+    assert "reg_data_dir" not in result.unmapped  # it has a counterpart: the note names it
     assert ("lora_network_weights is specific to one run; give it with --set network.weights=FILE instead."
             in result.notes)
     assert "dim_from_weights" not in result.unmapped

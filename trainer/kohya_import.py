@@ -203,7 +203,7 @@ def import_kohya_preset(data: Mapping[str, Any], source: str = "the kohya_ss pre
                  _caching, _prediction, _sampler, _sample_prompts, _masked_loss):
         step(b)
     for key, value in data.items():
-        if key not in DIRECT and key not in SPECIAL:
+        if key not in DIRECT and key not in SPECIAL and key not in RUN_SPECIFIC:  # those get a note instead
             b.unmapped[key] = value
     _drop_zero_optional(b)
     config_from_dict(b.config, source=f"the config imported from {source}")  # names the sdlora key at fault
