@@ -45,6 +45,9 @@ def parse_weights(value: str | Sequence[float] | None, length: int, key: str) ->
         return None
     if isinstance(value, str):
         name, _, offset = value.strip().partition("+")
+        if name in PRESETS and length < 2:
+            raise SdloraError(f"{key} takes numbers, not the curve {name!r} (it has one block per entry); "
+                              "write e.g. 0.5.")
         if name in PRESETS:
             try:
                 return _preset(name, length, float(offset) if offset else 0.0)
@@ -55,7 +58,7 @@ def parse_weights(value: str | Sequence[float] | None, length: int, key: str) ->
     else:
         parts = list(value)
     try:
-        weights = [float(part) for part in parts]
+        weights = [float(part) if str(part).strip() else 0.0 for part in parts]  # kohya: an empty entry is 0
     except (TypeError, ValueError):
         raise SdloraError(f"{key} {value!r} is neither numbers separated by commas nor one of "
                           f"{', '.join(PRESETS)}; write e.g. 0,0,0,1,1,1 or sine.") from None

@@ -223,6 +223,10 @@ class LoraNetwork(nn.Module):
     def items(self) -> Iterator[tuple[str, LoraModule]]:
         return iter(self.adapters.items())
 
+    def trained_adapters(self) -> dict[str, LoraModule]:
+        """The adapters training changes: all but a continued file's modules in blocks at weight 0."""
+        return {name: a for name, a in self.adapters.items() if self.lr_weights.get(name, 1.0) != 0}
+
     def parameter_groups(self) -> dict[str, dict[str, list[nn.Parameter]]]:
         """{role: {"down": [...], "up": [...]}}: for separate UNet/TE learning rates and LoRA+."""
         groups: dict[str, dict[str, list[nn.Parameter]]] = {}

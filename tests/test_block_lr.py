@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from networks.block_lr import block_index, block_weights, parse_weights
 from networks.errors import SdloraError
@@ -85,4 +84,26 @@ def test_unchanged_without_block_weights():
     network = LoraNetwork.create("sd1", parts["unet"], [], NetworkSpec(rank=4))
     train = config_from_dict({}).train
     assert [g["name"] for g in parameter_groups(network, train)] == ["unet.down", "unet.up"]
-    assert torch.is_tensor(next(network.parameters()))
+
+
+def test_kohya_reads_an_empty_entry_as_zero_and_mid_takes_numbers_only():
+    assert parse_weights("1,,1,", 5, "k") == [1.0, 0.0, 1.0, 0.0, 1.0]
+    with pytest.raises(SdloraError) as error:
+        config_from_dict({"network": {"mid_lr_weight": "sine"}})
+    assert "network.mid_lr_weight takes numbers, not the curve 'sine'" in str(error.value)
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"network": {"up_lr_weight": "0.5"}}, "block learning-rate weights can only be 0 or 1"),
+    ({"train": {"loraplus_ratio": 4}}, "train.loraplus_ratio must be 1"),
+    ({"network": {"train_text_encoder": True}, "train": {"text_encoder_lr": 0.5}},
+     "leave train.unet_lr and train.text_encoder_lr empty or equal"),
+])
+def test_prodigy_refuses_groups_at_different_rates_in_one_sentence(settings, key):
+    settings = {**settings, "train": {**settings.get("train", {}), "optimizer": "prodigy", "learning_rate": 1.0}}
+    with pytest.raises(SdloraError) as error:
+        config_from_dict(settings)
+    assert "train.optimizer prodigy needs one learning rate for every parameter, so " in str(error.value)
+    assert key in str(error.value)
+    ok = {"network": {"down_lr_weight": "0,1,1"}, "train": {"optimizer": "prodigy", "learning_rate": 1.0}}
+    assert config_from_dict(ok).network.down_lr_weight == "0,1,1"  # 0 and 1 are fine

@@ -1,8 +1,10 @@
 """The Try tab's comparison reads prompts the way the LoRA was trained (its ss_clip_skip)."""
 import numpy as np
+import pytest
 import torch
 
 from app.ui.lora_preview import LoraPreview, clip_skip_of, prompt_chunks_of
+from networks.errors import SdloraError
 from networks.lora_file import save_lora
 from networks.metadata import network_metadata
 from tests.helpers import attached, randomise_up
@@ -39,9 +41,23 @@ def test_the_base_image_changes_with_the_files_clip_skip(tmp_path):
 def test_the_try_tab_renders_on_the_gpu_in_fp16_when_there_is_one(monkeypatch):
     from app.ui.lora_preview import preview_placement
 
-    assert preview_placement() == ("cpu", torch.float32)  # this machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert preview_placement() == ("cpu", torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert preview_placement() == ("cuda", torch.float16)
+
+
+def test_the_room_check_runs_before_the_model_moves_and_names_the_run(monkeypatch, tmp_path):
+    import app.ui.lora_preview as lora_preview
+
+    monkeypatch.setattr(lora_preview, "preview_placement", lambda: ("cuda", torch.float32))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(1e9), int(8e9)))
+    preview = LoraPreview()
+    with pytest.raises(SdloraError) as error:
+        preview.compare("demo:sd1", tmp_path / "x.safetensors", "a cat", training=True)
+    assert str(error.value).startswith("The GPU has 1.0 GB free and this model needs about ")
+    assert str(error.value).endswith("a training run is using this GPU: try again when it has finished, or stop it.")
+    assert preview._model is None  # nothing was kept (or moved) for a refused model
 
 
 def test_a_model_that_does_not_fit_beside_a_training_run_is_one_sentence():

@@ -176,6 +176,18 @@ def test_a_continued_lora_file_is_checked_before_training(tmp_path):
         in missing.errors
 
 
+def test_kohya_noise_options_that_do_nothing_say_so(tmp_path):
+    make_demo_dataset(tmp_path, count=3, seed=3)
+    report = preflight_report(config(tmp_path, "train.adaptive_noise_scale=0.01",
+                                     "train.ip_noise_gamma_random_strength=true", "train.v_pred_like_loss=0.1",
+                                     "model.path=demo:sd2"))  # the tiny SD2 predicts v
+    assert ("train.adaptive_noise_scale works on train.noise_offset, which is off, so it does nothing; set "
+            "train.noise_offset or turn it off.") in report.warnings
+    assert any(w.startswith("train.ip_noise_gamma_random_strength works on train.ip_noise_gamma") for w in report.warnings)
+    assert ("train.v_pred_like_loss is for epsilon models and this one predicts v, so it is not applied; turn it "
+            "off.") in report.warnings
+
+
 def test_each_risky_setting_gets_its_warning(tmp_path):
     make_demo_dataset(tmp_path, count=3, seed=3)
     sd1 = str(demo_model_path("sd1"))  # a diffusers folder: the family is read from its configs

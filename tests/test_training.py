@@ -534,11 +534,13 @@ def test_block_weights_leave_zero_blocks_out_of_the_file(tmp_path, data8):
     from trainer.preflight import preflight_report
 
     cfg = tiny_config(data8, tmp_path / "run", "train.max_steps=2", "network.down_lr_weight=zeros",
-                      "network.up_lr_weight=1,1,1,0.5,0.5,0.5")
-    assert ("Block learning-rate weights: IN 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0; MID 1; OUT 1, 1, 1, 0.5, 0.5, 0.5, "
+                      "network.up_lr_weight=1,1,1,0.5,0.5,0.5", "network.mid_lr_weight=0.25")
+    assert ("Block learning-rate weights: IN 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0; MID 0.25; OUT 1, 1, 1, 0.5, 0.5, 0.5, "
             "1, 1, 1, 1, 1, 1. Blocks at 0 get no adapter; the text encoder keeps weight 1.") in preflight_report(cfg).info
     final = train(cfg, progress=False)
     keys = read_lora(final)[0]
     assert not [k for k in keys if k.startswith("lora_unet_down_blocks")]
     assert [k for k in keys if k.startswith("lora_unet_up_blocks")] and [k for k in keys if "mid_block" in k]
     assert load_in_diffusers("sd1", final) == len({k.split(".")[0] for k in keys})
+    # The first optimizer group is the middle block's, at 0.25 x; the reported rate is the one set.
+    assert {e["lr"] for e in events(tmp_path / "run") if e["event"] == "step"} == {cfg.train.learning_rate}

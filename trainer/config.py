@@ -408,6 +408,28 @@ class TrainConfig(Section):
     ema: EmaSection = Field(default_factory=EmaSection, description="Exponential moving average of the weights.")
 
     @model_validator(mode="after")
+    def _prodigy_takes_one_rate(self) -> TrainConfig:
+        """prodigyopt refuses parameter groups at different non-zero learning rates (at its first step)."""
+        train, net = self.train, self.network
+        if train.optimizer != "prodigy":
+            return self
+        if train.loraplus_ratio != 1:
+            raise _rule("train.optimizer prodigy needs one learning rate for every parameter, so "
+                        "train.loraplus_ratio must be 1")
+        rates = {train.unet_lr or train.learning_rate} if net.train_unet else set()
+        if net.train_text_encoder:
+            rates.add(train.text_encoder_lr or train.learning_rate)
+        if len(rates) > 1:
+            raise _rule("train.optimizer prodigy needs one learning rate for every parameter, so leave "
+                        "train.unet_lr and train.text_encoder_lr empty or equal")
+        weights = {w for sdxl in (False, True) for w in block_weights(
+            sdxl, net.down_lr_weight, net.mid_lr_weight, net.up_lr_weight, net.block_lr_zero_threshold) or []}
+        if weights - {0.0, 1.0}:
+            raise _rule("train.optimizer prodigy needs one learning rate for every parameter, so block "
+                        "learning-rate weights can only be 0 or 1")
+        return self
+
+    @model_validator(mode="after")
     def _timestep_range(self) -> TrainConfig:
         if self.train.min_timestep >= self.train.max_timestep:
             raise _rule(f"train.min_timestep ({self.train.min_timestep}) must be below train.max_timestep "

@@ -90,7 +90,7 @@ class AdapterEMA:
         average of capped B and A is not capped itself)."""
         with self.swapped_in() as network:
             if max_norm:
-                apply_max_norm(network.adapters, max_norm)  # on the swapped-in copy; the average is kept
+                apply_max_norm(network.trained_adapters(), max_norm)  # on the swapped-in copy; the average is kept
             # Cloned: on the CPU in fp32, kohya_state_dict's tensors are the live parameters themselves.
             return {key: value.clone() for key, value in network.kohya_state_dict(dtype, exact=exact).items()}
 

@@ -306,7 +306,8 @@ class Trainer:
                               huber_schedule=train.huber_schedule, sample_weights=self._prior_weights(batch),
                               scale_v_like_noise=train.scale_v_pred_loss_like_noise_pred
                               and model.prediction_type == "v_prediction",  # kohya refuses it for epsilon
-                              v_pred_like_loss=train.v_pred_like_loss)
+                              v_pred_like_loss=train.v_pred_like_loss
+                              if model.prediction_type == "epsilon" else 0.0)  # kohya refuses it for v-prediction
 
     def _prior_weights(self, batch) -> torch.Tensor | None:
         """train.prior_loss_weight for regularization samples, 1 for the rest; None when all are 1."""
@@ -329,7 +330,7 @@ class Trainer:
             self.accelerator.clip_grad_norm_(self.network.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()
         if self.cfg.train.scale_weight_norms:  # on the weights just stepped, before EMA averages them
-            self.max_norm_stats = apply_max_norm(self.network.adapters, self.cfg.train.scale_weight_norms)
+            self.max_norm_stats = apply_max_norm(self.network.trained_adapters(), self.cfg.train.scale_weight_norms)
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update()
@@ -439,11 +440,19 @@ class Trainer:
     def _epochs(self) -> int:
         return math.ceil(self.total_steps / max(1, self.steps_per_epoch()))
 
+    def _reported_lr(self) -> float:
+        """The learning rate now, as set (the first group's, without its block weight)."""
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            weight = group.get("block_weight", 1.0)
+            if weight:
+                return lr / weight
+        return 0.0
+
     def _report_step(self, position: Position, loss: float, started: float, start_step: int) -> None:
         done = position.step - start_step
         rate = done / max(time.perf_counter() - started, 1e-9)
         eta = (self.total_steps - position.step) / rate if rate > 0 else None
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = self._reported_lr()
         norms = self.max_norm_stats
         extra = {} if norms is None else {"keys_scaled": norms.keys_scaled, "max_key_norm": round(norms.max_norm, 6),
                                           "mean_key_norm": round(norms.mean_norm, 6)}

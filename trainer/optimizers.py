@@ -27,7 +27,7 @@ def parameter_groups(network: LoraNetwork, train) -> list[dict]:
                 by_weight.setdefault(block_weight[id(param)], []).append(param)
             for weight, members in by_weight.items():
                 name = f"{role}.{kind}" if weight == 1.0 else f"{role}.{kind}.x{weight:g}"
-                groups.append({"params": members, "lr": lr * weight, "name": name})
+                groups.append({"params": members, "lr": lr * weight, "name": name, "block_weight": weight})
     return groups
 
 

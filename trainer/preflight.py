@@ -239,9 +239,7 @@ def preflight_report(cfg: TrainConfig, preset: str | None = None) -> Report:
                              "VAE folder, or leave it empty.")
     _check_network_weights(cfg, family, report)
     _explain_block_weights(cfg, family, report)
-    if cfg.train.scale_v_pred_loss_like_noise_pred and prediction == "epsilon":
-        report.warnings.append("train.scale_v_pred_loss_like_noise_pred is for v-prediction models and this one "
-                               "predicts epsilon, so it is not applied; turn it off (or use v_pred_like_loss).")
+    _check_noise_options(cfg, prediction, report)
     dataset = _check_dataset(cfg, report)
     if dataset is not None:
         _check_captions(dataset, report)
@@ -410,6 +408,22 @@ def _check_network_weights(cfg: TrainConfig, family: str | None, report: Report)
     shown = ", ".join(map(str, ranks[:6])) + (" ..." if len(ranks) > 6 else "")
     report.info.append(f"Continues {path.name}: {modules} modules at rank {shown}, kept at their own rank and "
                        "alpha; modules it lacks start fresh.")
+
+
+def _check_noise_options(cfg: TrainConfig, prediction: str, report: Report) -> None:
+    """kohya's options that do nothing without another, or for this prediction type (kohya refuses them)."""
+    train = cfg.train
+    if train.scale_v_pred_loss_like_noise_pred and prediction == "epsilon":
+        report.warnings.append("train.scale_v_pred_loss_like_noise_pred is for v-prediction models and this one "
+                               "predicts epsilon, so it is not applied; turn it off (or use v_pred_like_loss).")
+    if train.v_pred_like_loss and prediction == "v_prediction":
+        report.warnings.append("train.v_pred_like_loss is for epsilon models and this one predicts v, so it is not "
+                               "applied; turn it off.")
+    for option, base in (("adaptive_noise_scale", "noise_offset"), ("noise_offset_random_strength", "noise_offset"),
+                         ("ip_noise_gamma_random_strength", "ip_noise_gamma")):
+        if getattr(train, option) and not getattr(train, base):
+            report.warnings.append(f"train.{option} works on train.{base}, which is off, so it does nothing; set "
+                                   f"train.{base} or turn it off.")
 
 
 def _explain_block_weights(cfg: TrainConfig, family: str | None, report: Report) -> None:

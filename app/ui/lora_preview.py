@@ -8,6 +8,7 @@ GPU has room beside a training run, which would otherwise be the one to run out 
 """
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -82,27 +83,43 @@ class LoraPreview:
                 training: bool = False) -> Comparison:
         """`training`: a run is active, so the GPU is shared (the room check names it)."""
         with self._lock:
-            started = time.perf_counter()
-            loaded = self._load_model(model, training)
-            network = self._load_lora(lora, loaded)
-            pipeline = self._pipeline(loaded, sampler)
-            loaded_at = time.perf_counter()
-            side = int(size) or loaded.unet.config.sample_size * pipeline.vae_scale_factor
-            images = []
-            for enabled in (False, True):
-                network.set_enabled(enabled)
-                network.set_multiplier(weight)
-                generator = torch.Generator("cpu").manual_seed(int(seed))
-                text = SimpleNamespace(prompt=prompt, negative_prompt=negative)
-                # Both images read the prompt as the LoRA was trained (ss_clip_skip, ss_max_token_length).
-                reading = prompt_kwargs(pipeline, text, loaded.family, self._clip_skip, self._chunks)
-                with torch.no_grad():
-                    images.append(pipeline(**reading,
-                                           num_inference_steps=int(steps), guidance_scale=float(guidance),
-                                           width=side, height=side, generator=generator).images[0])
-            network.set_enabled(True)
-            done = time.perf_counter()
-            return Comparison(images[0], images[1], loaded_at - started, done - loaded_at)
+            try:
+                return self._compare(model, lora, prompt, negative, seed, steps, weight, guidance, size, sampler,
+                                     training)
+            except torch.cuda.OutOfMemoryError:
+                self._drop()  # give the memory back before saying so
+                raise SdloraError("The GPU ran out of memory for these images; lower the size, or try again when "
+                                  "no run is training.") from None
+
+    def release(self) -> None:
+        """Free the cached model (a run is about to start and needs the GPU)."""
+        with self._lock:
+            self._drop()
+
+    def _compare(self, model, lora, prompt, negative, seed, steps, weight, guidance, size, sampler,
+                 training) -> Comparison:
+        """compare's work, under its lock."""
+        started = time.perf_counter()
+        loaded = self._load_model(model, training)
+        network = self._load_lora(lora, loaded)
+        pipeline = self._pipeline(loaded, sampler)
+        loaded_at = time.perf_counter()
+        side = int(size) or loaded.unet.config.sample_size * pipeline.vae_scale_factor
+        images = []
+        for enabled in (False, True):
+            network.set_enabled(enabled)
+            network.set_multiplier(weight)
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+            text = SimpleNamespace(prompt=prompt, negative_prompt=negative)
+            # Both images read the prompt as the LoRA was trained (ss_clip_skip, ss_max_token_length).
+            reading = prompt_kwargs(pipeline, text, loaded.family, self._clip_skip, self._chunks)
+            with torch.no_grad():
+                images.append(pipeline(**reading,
+                                       num_inference_steps=int(steps), guidance_scale=float(guidance),
+                                       width=side, height=side, generator=generator).images[0])
+        network.set_enabled(True)
+        done = time.perf_counter()
+        return Comparison(images[0], images[1], loaded_at - started, done - loaded_at)
 
     def _load_model(self, spec: str, training: bool = False) -> LoadedModel:
         spec = spec.strip() or "demo:sd1"
@@ -149,3 +166,6 @@ class LoraPreview:
         self._model = self._network = None
         self._model_key = self._lora_key = None
         self._pipelines.clear()
+        gc.collect()  # the modules' last references: their GPU memory returns to torch's cache ...
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # ... and from there to the device, for a run or the next model

@@ -240,6 +240,7 @@ def build(ctx: UIContext) -> TrainTab:
         if not checked.ok:  # the whole report shows below; the first error is the sentence
             gr.Warning(checked.errors[0])
             return notice(checked.errors[0]), gr.skip(), gr.skip(), report_html(checked)
+        ctx.preview.release()  # the Try tab's model leaves the GPU to the run
         run_dir = ctx.runs.start(cfg, preset_name, checked)
         shown = report_html(checked) if checked.warnings else ""  # warnings stay visible while it trains
         return ok(f"Started {run_dir.name}; it trains in its own process, so closing this page is safe."), \
@@ -253,6 +254,7 @@ def build(ctx: UIContext) -> TrainTab:
 
     @guarded(len(control_outputs))
     def on_resume(run):
+        ctx.preview.release()
         run_dir = ctx.runs.resume(ctx.runs.resolve(run))
         return ok(f"Resuming {run_dir.name} from its last checkpoint."), run, gr.Timer(active=True)
 
