@@ -1,6 +1,7 @@
-"""kohya's block-wise learning rates (down_lr_weight / mid_lr_weight / up_lr_weight): a learning-rate
-multiplier per UNet block, numbered as kohya and A1111 number them, so presets and weights written for
-kohya_ss mean the same here. Modules in a block whose weight is 0 get no adapter at all.
+"""kohya's block-wise settings, with UNet blocks numbered as kohya and A1111 number them, so presets
+written for kohya_ss mean the same here: learning-rate multipliers (down_lr_weight / mid_lr_weight /
+up_lr_weight; a block at weight 0 gets no adapter at all) and ranks and alphas per block (block_dims /
+block_alphas, conv_block_dims / conv_block_alphas; rank 0 = no adapter).
 
 SD1/SD2: 25 entries, IN00-IN11 (down), MID, OUT00-OUT11 (up). SDXL: 23 entries, the time embedding, IN00-IN08,
 MID0-MID2, OUT00-OUT08, the output conv. Text-encoder modules always keep weight 1.
@@ -92,3 +93,31 @@ def _preset(name: str, length: int, offset: float) -> list[float]:
     if name in ("cosine", "reverse_linear"):
         curve.reverse()
     return [w + offset for w in curve]
+
+
+def block_count(sdxl: bool) -> int:
+    """Entries of a per-block list: 25 for SD1/SD2, 23 for SDXL (with its embedding and output entries)."""
+    return 2 * BLOCKS[sdxl] + MID_BLOCKS[sdxl] + (2 if sdxl else 0)
+
+
+def parse_block_values(value: str | Sequence[float] | None, key: str, sdxl: bool | None = None,
+                       whole: bool = False) -> list[float] | None:
+    """A per-block list ("4,4,8,..."): one entry per block, 25 (SD1/SD2) or 23 (SDXL); `sdxl` None accepts
+    either count (the family is not known yet). `whole`: ranks, so whole numbers."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        values = [float(part) for part in parts]
+    except (TypeError, ValueError):
+        raise SdloraError(f"{key} {value!r} is not numbers separated by commas; write one per block, e.g. "
+                          "4,4,4,8,... (25 for SD1/SD2, 23 for SDXL).") from None
+    if any(v < 0 or (whole and not v.is_integer()) for v in values):
+        kind = "whole numbers of 0 or more" if whole else "numbers of 0 or more"
+        raise SdloraError(f"{key} {value!r} must hold {kind}.")
+    counts = (block_count(sdxl),) if sdxl is not None else (block_count(False), block_count(True))
+    if len(values) not in counts:
+        wanted = f"{counts[0]} for this {'SDXL' if sdxl else 'SD1/SD2'} UNet" if sdxl is not None \
+            else "25 for SD1/SD2 or 23 for SDXL"
+        raise SdloraError(f"{key} has {len(values)} entries but needs one per block: {wanted}.")
+    return [int(v) for v in values] if whole else values

@@ -6,13 +6,15 @@ it was. The adapters live in `LoraNetwork.adapters`, keyed by their kohya file n
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .block_lr import block_index, block_weights
+from .block_lr import block_index, block_weights, parse_block_values
 from .errors import SdloraError
 from .lora import INITS, LoraModule
 from .naming import Component, alias_names, components_for, kohya_name
@@ -48,6 +50,12 @@ class NetworkSpec:
     mid_lr_weight: str | tuple[float, ...] | None = None
     up_lr_weight: str | tuple[float, ...] | None = None
     block_lr_zero_threshold: float = 0.0
+    # kohya's ranks and alphas per UNet block (one entry per block); rank 0 = no adapter. Alphas default to
+    # alpha (or alpha_ratio x the block's rank); 3x3 convs keep conv_rank unless conv_block_dims is set.
+    block_dims: str | tuple[int, ...] | None = None
+    block_alphas: str | tuple[float, ...] | None = None
+    conv_block_dims: str | tuple[int, ...] | None = None
+    conv_block_alphas: str | tuple[float, ...] | None = None
 
     def block_weights(self, family: str) -> list[float] | None:
         return block_weights(family == "sdxl", self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight,
@@ -117,20 +125,21 @@ class LoraNetwork(nn.Module):
                                text_encoders if spec.train_text_encoder else [])
         targets = _select_targets(parts, spec)
         weights = _block_lr_weights(family, spec, [target.name for target in targets])
+        rank_and_alpha = _block_ranks(family, spec)
         adapters, roles, paths = {}, {}, {}
         for target in targets:
             if weights.get(target.name) == 0:
                 continue  # kohya: a block at learning-rate weight 0 gets no adapter
-            conv = uses_conv_rank(target.module)
-            rank = spec.conv_rank if conv else spec.rank
-            alpha = spec.resolved_conv_alpha if conv else spec.resolved_alpha
+            rank, alpha = rank_and_alpha(target.name, uses_conv_rank(target.module))
+            if rank == 0:
+                continue  # kohya: a block at rank 0 gets no adapter
             adapter = LoraModule(target.module, rank, alpha, spec.init, spec.dropout, spec.rank_dropout,
                                  spec.module_dropout, rslora=spec.rslora)
             adapters[target.name] = adapter.to(device=target.module.weight.device)
             roles[target.name], paths[target.name] = target.role, target.path
         if not adapters:
-            raise SdloraError("Every block's learning-rate weight is 0, so nothing would train; raise "
-                              "network.down_lr_weight / mid_lr_weight / up_lr_weight.")
+            raise SdloraError("Every block's learning-rate weight or rank is 0, so nothing would train; raise "
+                              "network.down_lr_weight / mid_lr_weight / up_lr_weight or network.block_dims.")
         return cls(family, adapters, roles, paths, {n: w for n, w in weights.items() if n in adapters})
 
     @classmethod
@@ -241,15 +250,25 @@ class LoraNetwork(nn.Module):
 
         The weights are the change to the original base model (see LoraModule.export_weights); with
         exact=False, adapters whose init moved the base are re-ranked to r and `export_errors` says how
-        far each is from the true change."""
-        state, self.export_errors = {}, {}
+        far each is from the true change. Linear (and 1x1) modules are written with one common alpha, their
+        own scale folded into the weights: diffusers reads a differing alpha of an attention or text-encoder
+        module as the file's most common one (its alpha_pattern keys match nothing), which block ranks or a
+        continued file would otherwise trip; 3x3 convs keep theirs (diffusers reads those right)."""
+        exported, self.export_errors = {}, {}
         for name, adapter in self.adapters.items():
             down, up, alpha, error = adapter.export_weights(exact)
+            exported[name] = (down, up, alpha, down.dim() == 4 and down.shape[-1] > 1)
+            if adapter.moved_base and not exact:
+                self.export_errors[name] = error
+        common = _common_alpha([alpha for _, _, alpha, conv in exported.values() if not conv])
+        state = {}
+        for name, (down, up, alpha, conv) in exported.items():
+            if not conv and common is not None and alpha != common:
+                factor = math.sqrt(alpha / common)  # common / r * (factor^2 up down) == alpha / r * up down
+                down, up, alpha = down.float() * factor, up.float() * factor, common
             state[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
             state[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
             state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-            if adapter.moved_base and not exact:
-                self.export_errors[name] = error
         return state
 
     def load_kohya_state_dict(self, state: dict[str, torch.Tensor], source: str = "the file") -> None:
@@ -263,6 +282,36 @@ class LoraNetwork(nn.Module):
         for name, adapter in self.adapters.items():
             _load_adapter_weights(adapter, name, state[f"{name}.lora_down.weight"],
                                   state[f"{name}.lora_up.weight"], source)
+
+
+def _common_alpha(alphas: list[float]) -> float | None:
+    """The most common alpha (ties: the larger), as resize.py picks it."""
+    if not alphas:
+        return None
+    counts = Counter(alphas)
+    return max(counts, key=lambda alpha: (counts[alpha], alpha))
+
+
+def _block_ranks(family: str, spec: NetworkSpec):
+    """(adapter name, is a 3x3 conv) -> (rank, alpha): the spec's, or its block's from block_dims."""
+    sdxl = family == "sdxl"
+    dims = parse_block_values(spec.block_dims, "network.block_dims", sdxl, whole=True)
+    alphas = parse_block_values(spec.block_alphas, "network.block_alphas", sdxl)
+    conv_dims = parse_block_values(spec.conv_block_dims, "network.conv_block_dims", sdxl, whole=True)
+    conv_alphas = parse_block_values(spec.conv_block_alphas, "network.conv_block_alphas", sdxl)
+
+    def rank_and_alpha(name: str, conv: bool) -> tuple[int, float]:
+        index = block_index(name, sdxl)
+        block_dims, block_alphas = (conv_dims, conv_alphas) if conv else (dims, alphas)
+        if index is None or block_dims is None:
+            return (spec.conv_rank, spec.resolved_conv_alpha) if conv else (spec.rank, spec.resolved_alpha)
+        rank = block_dims[index]
+        if block_alphas is not None:
+            return rank, block_alphas[index]
+        fixed, ratio = (spec.conv_alpha, spec.conv_alpha_ratio) if conv else (spec.alpha, spec.alpha_ratio)
+        return rank, float(fixed) if fixed is not None else ratio * rank
+
+    return rank_and_alpha
 
 
 def _block_lr_weights(family: str, spec: NetworkSpec, names: list[str]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 
 from networks.block_lr import block_index, block_weights, parse_weights
 from networks.errors import SdloraError
@@ -50,7 +51,7 @@ def test_weights_fill_kohyas_lists_with_ones_and_zero_below_the_threshold():
 
 def test_zero_blocks_get_no_adapter_and_the_rest_train_at_their_weight():
     parts = build_tiny_pipeline_components("sd1")
-    # The tiny UNet's attentions sit in down_blocks_1 (IN04, IN05), the middle and up_blocks_1 (OUT03-OUT05).
+    # The tiny UNet's attentions sit in down_blocks_0 (IN01, IN02), the middle and up_blocks_1 (OUT03-OUT05).
     spec = NetworkSpec(rank=4, train_text_encoder=True, down_lr_weight="zeros", up_lr_weight="1,1,1,0.5,0.5,0.5")
     network = LoraNetwork.create("sd1", parts["unet"], text_encoders(parts), spec)
     names = list(network.adapters)
@@ -68,7 +69,7 @@ def test_zero_blocks_get_no_adapter_and_the_rest_train_at_their_weight():
 def test_all_blocks_at_zero_is_one_sentence():
     parts = build_tiny_pipeline_components("sd1")
     spec = NetworkSpec(rank=4, down_lr_weight="zeros", mid_lr_weight="0", up_lr_weight="zeros")
-    with pytest.raises(SdloraError, match="Every block's learning-rate weight is 0, so nothing would train"):
+    with pytest.raises(SdloraError, match="Every block's learning-rate weight or rank is 0, so nothing would train"):
         LoraNetwork.create("sd1", parts["unet"], [], spec)
 
 
@@ -107,3 +108,71 @@ def test_prodigy_refuses_groups_at_different_rates_in_one_sentence(settings, key
     assert key in str(error.value)
     ok = {"network": {"down_lr_weight": "0,1,1"}, "train": {"optimizer": "prodigy", "learning_rate": 1.0}}
     assert config_from_dict(ok).network.down_lr_weight == "0,1,1"  # 0 and 1 are fine
+
+
+def _blocks(**values):
+    """A 25-entry SD1 list: every block `rest`, with some blocks set (IN04=5, MID=12, OUT03=16, ...)."""
+    rest = values.pop("rest")
+    entries = [rest] * 25
+    for index, value in values.items():
+        entries[int(index.removeprefix("b"))] = value
+    return ",".join(str(v) for v in entries)
+
+
+def test_block_dims_set_each_blocks_rank_and_alpha_follows_it():
+    parts = build_tiny_pipeline_components("sd1")
+    # The tiny UNet's attentions: IN01, IN02 (down_blocks_0), MID (12), OUT03-OUT05 (up_blocks_1, 16-18);
+    # down_blocks_1's resnets are IN04 and IN05.
+    spec = NetworkSpec(type="locon", rank=4, alpha_ratio=0.5, conv_rank=2, conv_alpha_ratio=1.0,
+                       block_dims=_blocks(rest=8, b2=2, b12=6, b16=0, b17=0, b18=0),
+                       conv_block_dims=_blocks(rest=3, b4=0))
+    network = LoraNetwork.create("sd1", parts["unet"], [], spec)
+    ranks = {name: (a.rank, a.alpha) for name, a in network.items()}
+    assert ranks["lora_unet_down_blocks_0_attentions_1_proj_in"] == (2, 1.0)  # IN02, alpha 0.5 x 2
+    assert ranks["lora_unet_down_blocks_0_attentions_0_proj_in"] == (8, 4.0)  # IN01
+    assert ranks["lora_unet_mid_block_attentions_0_proj_in"] == (6, 3.0)
+    assert not [n for n in ranks if n.startswith("lora_unet_up_blocks_1_attentions")]  # rank 0: none
+    assert "lora_unet_down_blocks_1_resnets_0_conv1" not in ranks  # IN04's conv at conv rank 0
+    assert ranks["lora_unet_down_blocks_1_resnets_1_conv1"] == (3, 3.0)  # IN05: conv_block_dims, ratio 1
+
+
+def test_block_alphas_and_counts_per_family():
+    parts = build_tiny_pipeline_components("sd1")
+    spec = NetworkSpec(rank=4, block_dims=_blocks(rest=4), block_alphas=_blocks(rest=1, b12=2.5))
+    alphas = {n: a.alpha for n, a in LoraNetwork.create("sd1", parts["unet"], [], spec).items()}
+    assert alphas["lora_unet_mid_block_attentions_0_proj_in"] == 2.5 and set(alphas.values()) == {1.0, 2.5}
+    xl = build_tiny_pipeline_components("sdxl")
+    with pytest.raises(SdloraError) as error:
+        LoraNetwork.create("sdxl", xl["unet"], [], spec)
+    assert str(error.value) == "network.block_dims has 25 entries but needs one per block: 23 for this SDXL UNet."
+    with pytest.raises(SdloraError) as error:
+        config_from_dict({"network": {"block_dims": "4,4,4.5"}})
+    assert "network.block_dims '4,4,4.5' must hold whole numbers of 0 or more" in str(error.value)
+
+
+def test_a_file_with_block_ranks_gives_diffusers_the_same_outputs(tmp_path):
+    import warnings
+
+    from networks.lora_file import save_lora
+    from tests.helpers import randomise_up
+    from trainer.tiny_models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd1")
+    spec = NetworkSpec(rank=4, alpha_ratio=1.0, block_dims=",".join(["4"] * 12 + ["8"] + ["2"] * 12))
+    network = LoraNetwork.create("sd1", pipe.unet, [], spec)
+    randomise_up(network)
+    assert len({a.alpha for a in network.adapters.values()}) == 3  # alpha follows each block's rank
+    state = network.kohya_state_dict()
+    assert {float(t) for k, t in state.items() if k.endswith(".alpha")} == {2.0}  # one alpha in the file
+    save_lora(tmp_path / "blocks.safetensors", state, {})
+    sample, context = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 77, 32)
+    network.attach().eval()
+    with torch.no_grad():
+        ours = pipe.unet(sample, 10, context).sample
+    network.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.load_lora_weights(str(tmp_path / "blocks.safetensors"), adapter_name="x")
+    with torch.no_grad():
+        theirs = pipe.unet(sample, 10, context).sample
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)

@@ -544,3 +544,16 @@ def test_block_weights_leave_zero_blocks_out_of_the_file(tmp_path, data8):
     assert load_in_diffusers("sd1", final) == len({k.split(".")[0] for k in keys})
     # The first optimizer group is the middle block's, at 0.25 x; the reported rate is the one set.
     assert {e["lr"] for e in events(tmp_path / "run") if e["event"] == "step"} == {cfg.train.learning_rate}
+
+
+def test_block_dims_write_mixed_ranks_that_load_everywhere(tmp_path, data8):
+    from networks.lora_file import read_lora
+
+    dims = ",".join(["4"] * 12 + ["8"] + ["2"] * 12)  # MID at rank 8, the rest lower
+    final = train(tiny_config(data8, tmp_path / "run", "train.max_steps=1", f"network.block_dims={dims}"),
+                  progress=False)
+    state = read_lora(final)[0]
+    ranks = {k.split(".")[0]: t.shape[0] for k, t in state.items() if k.endswith("lora_down.weight")}
+    assert ranks["lora_unet_mid_block_attentions_0_proj_in"] == 8
+    assert ranks["lora_unet_up_blocks_1_attentions_0_proj_in"] == 2
+    assert load_in_diffusers("sd1", final) == len(ranks)

@@ -19,7 +19,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from networks.block_lr import block_weights
+from networks.block_lr import block_weights, parse_block_values
 from networks.errors import SdloraError
 from trainer.sample_prompts import OPTION_HELP, parse_prompt_line
 
@@ -218,6 +218,15 @@ class NetworkSection(Section):
         None, description="The same for the output blocks OUT00-OUT11 (SDXL OUT00-OUT08).")
     block_lr_zero_threshold: float = Field(0.0, ge=0, description="Block weights at or below this count as 0 "
                                                                   "(no adapter).")
+    block_dims: str | None = Field(
+        None, description="kohya's rank per UNet block, one per block (25 for SD1/SD2: IN00-IN11, MID, OUT00-OUT11; "
+                          "23 for SDXL); 0 = no adapter in that block. Empty = rank for every block.")
+    block_alphas: str | None = Field(None, description="Alpha per block, like block_dims; empty = alpha / "
+                                                       "alpha_ratio applied to each block's rank.")
+    conv_block_dims: str | None = Field(None, description="Rank of the 3x3 convolutions per block (locon); "
+                                                          "empty = conv_rank everywhere.")
+    conv_block_alphas: str | None = Field(None, description="Alpha of the 3x3 convolutions per block; empty = "
+                                                            "conv_alpha / conv_alpha_ratio applied to each rank.")
 
     @property
     def resolved_alpha(self) -> float:
@@ -228,12 +237,14 @@ class NetworkSection(Section):
         return self.conv_alpha if self.conv_alpha is not None else self.conv_alpha_ratio * self.conv_rank
 
     @model_validator(mode="after")
-    def _block_weights_read(self) -> NetworkSection:
-        for sdxl in (False, True):  # the syntax, for either block count; the family is known only at load
-            try:
+    def _block_settings_read(self) -> NetworkSection:
+        try:
+            for sdxl in (False, True):  # the syntax, for either block count; the family is known only at load
                 block_weights(sdxl, self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight)
-            except SdloraError as error:
-                raise _rule(str(error).rstrip(".")) from None
+            for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
+                parse_block_values(getattr(self, key), f"network.{key}", whole=key.endswith("dims"))
+        except SdloraError as error:
+            raise _rule(str(error).rstrip(".")) from None
         return self
 
     @model_validator(mode="after")

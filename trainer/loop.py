@@ -87,14 +87,18 @@ def build_network(cfg: TrainConfig, model, resumed_from: Path | None = None) -> 
 
 def network_spec(cfg: TrainConfig) -> NetworkSpec:
     net = cfg.network
-    return NetworkSpec(type=net.type, rank=net.rank, alpha=net.resolved_alpha, conv_rank=net.conv_rank,
-                       conv_alpha=net.resolved_conv_alpha, init=net.init, rslora=net.rslora, dropout=net.dropout,
+    # alpha and its ratio as given (not resolved), so per-block ranks (block_dims) keep alpha / r too
+    return NetworkSpec(type=net.type, rank=net.rank, alpha=net.alpha, alpha_ratio=net.alpha_ratio,
+                       conv_rank=net.conv_rank, conv_alpha=net.conv_alpha, conv_alpha_ratio=net.conv_alpha_ratio,
+                       init=net.init, rslora=net.rslora, dropout=net.dropout,
                        rank_dropout=net.rank_dropout, module_dropout=net.module_dropout,
                        train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
                        conv_in_out=net.include_conv_in_out, time_embedding=net.include_time_embedding,
                        target_modules=tuple(net.target_modules) if net.target_modules else None,
                        down_lr_weight=net.down_lr_weight, mid_lr_weight=net.mid_lr_weight,
-                       up_lr_weight=net.up_lr_weight, block_lr_zero_threshold=net.block_lr_zero_threshold)
+                       up_lr_weight=net.up_lr_weight, block_lr_zero_threshold=net.block_lr_zero_threshold,
+                       block_dims=net.block_dims, block_alphas=net.block_alphas, conv_block_dims=net.conv_block_dims,
+                       conv_block_alphas=net.conv_block_alphas)
 
 
 class Trainer:
