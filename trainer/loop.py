@@ -8,6 +8,7 @@ CPU, as one that never stopped.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from accelerate.utils import gather_object, set_seed
 from networks.errors import SdloraError
 from networks.inspect import lora_family
 from networks.load_check import check_lora_file
-from networks.lora_file import DTYPES, read_lora, save_lora
+from networks.lora_file import DTYPES, atomic_write, read_lora, save_lora
 from networks.max_norm import apply_max_norm
 from networks.metadata import network_metadata
 from networks.network import LoraNetwork, NetworkSpec
@@ -67,16 +68,14 @@ def dataset_options(cfg: TrainConfig) -> DatasetOptions:
                           reg_folder=Path(data.reg_path) if data.reg_path else None)
 
 
-def build_network(cfg: TrainConfig, model, resumed_from: Path | None = None) -> LoraNetwork:
+def build_network(cfg: TrainConfig, model, continued_copy: Path | None = None) -> LoraNetwork:
     """The spec's adapters, or the spec's continued from network.weights (not attached yet). A resumed run
-    whose network.weights file has gone since takes the same shapes from its own last checkpoint
-    (`resumed_from`); the resumed state then sets every weight."""
+    reads the copy it made of that file at its start (`continued_copy`): the original may have changed or
+    gone since; the resumed state then sets every weight."""
     parts = (model.family.name, model.unet, model.text_encoders, network_spec(cfg))
     if not cfg.network.weights:
         return LoraNetwork.create(*parts)
-    path = Path(cfg.network.weights).expanduser()
-    if not path.exists() and resumed_from is not None:
-        path = resumed_from
+    path = continued_copy or Path(cfg.network.weights).expanduser()
     state, metadata = read_lora(path)
     made_for = lora_family(state, metadata)
     if made_for and made_for != model.family.name:
@@ -135,8 +134,8 @@ class Trainer:
         self._build_caches()
         workers = cfg.dataset.num_workers
         self.prefetch = PixelPrefetch(self.dataset, workers) if workers and self._encodes_every_step() else None
-        checkpoints = self.run.list_checkpoints() if self.resume else []
-        self.network = build_network(cfg, self.model, checkpoints[-1] if checkpoints else None).attach()
+        copy = self.run.weights_copy if self.resume and self.run.weights_copy.is_file() else None
+        self.network = build_network(cfg, self.model, copy).attach()
         self.network.to(self.accelerator.device)
         self.training_unet = self.model.unet
         initialise(self)
@@ -368,6 +367,7 @@ class Trainer:
             run.create()
             if not self.resume:
                 save_config(cfg, run.config)
+                self._copy_continued_file()
             run.write_pid()
         self.accelerator.wait_for_everyone()
         try:
@@ -428,6 +428,15 @@ class Trainer:
             stop.uninstall()
             if self.prefetch is not None:
                 self.prefetch.close()
+
+    def _copy_continued_file(self) -> None:
+        """Keep the LoRA file this run continues inside the run folder (a missing one is reported at setup)."""
+        source = Path(self.cfg.network.weights or "").expanduser()
+        if not self.cfg.network.weights or not source.is_file():
+            return
+        target = self.run.weights_copy
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
     def _stop_requested(self, stop: StopSignal) -> bool:
         flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.accelerator.device)

@@ -27,6 +27,8 @@ class RunDir:
     samples = property(lambda self: self.root / "samples")
     checkpoints = property(lambda self: self.root / "checkpoints")
     state = property(lambda self: self.root / "state")
+    # A copy of the LoRA file a run continues (network.weights), so a resume never depends on the original.
+    weights_copy = property(lambda self: self.root / "network-weights" / "continued.safetensors")
 
     def create(self) -> RunDir:
         for folder in (self.root, self.samples, self.checkpoints):
