@@ -19,7 +19,7 @@ LOCON_SD15 = {
     "keep_tokens_separator": "|||", "scale_weight_norms": "1", "reg_data_dir": "C:/kohya/reg",
     "lora_network_weights": "C:/loras/old.safetensors", "dim_from_weights": True,
     "noise_offset_random_strength": True, "adaptive_noise_scale": 0.005, "ip_noise_gamma_random_strength": False,
-    "min_timestep": 0, "max_timestep": 900, "v_pred_like_loss": 0, "scale_v_pred_loss_like_noise_pred": False,
+    "min_timestep": 0, "max_timestep": 900, "zero_terminal_snr": True, "v_pred_like_loss": 0, "scale_v_pred_loss_like_noise_pred": False,
     "masked_loss": True, "sdxl_no_half_vae": True, "vae": "C:/vae/ft-mse.safetensors",
     "down_lr_weight": "sine+.5", "mid_lr_weight": "", "up_lr_weight": "0,0,0,1", "block_lr_zero_threshold": "",
     "learning_rate": "0.0002", "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": "3",
@@ -76,7 +76,7 @@ def test_locon_preset_converts_with_alpha_over_rank_kept():
     assert "vae is specific to one run; give it with --set model.vae=FILE instead." in result.notes
     assert (net["down_lr_weight"], net["up_lr_weight"]) == ("sine+.5", "0,0,0,1") and "mid_lr_weight" not in net
     assert train["noise_offset_random_strength"] and train["adaptive_noise_scale"] == 0.005
-    assert (train["min_timestep"], train["max_timestep"]) == (0, 900)
+    assert (train["min_timestep"], train["max_timestep"]) == (0, 900) and train["zero_terminal_snr"]
     assert data["loss_mask"] == "alpha" and any(n.startswith("masked_loss is imported as") for n in result.notes)
     assert not {"masked_loss", "sdxl_no_half_vae", "v_pred_like_loss", "min_timestep"} & set(result.unmapped)
     assert result.config["model"]["clip_skip"] == 2 and "clip_skip" not in result.unmapped

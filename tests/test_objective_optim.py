@@ -253,3 +253,17 @@ def test_v_pred_loss_scales_follow_kohyas_snr_over_snr_plus_one():
     torch.testing.assert_close(scaled, (per_sample * scale).mean())
     added = diffusion_loss(prediction, target, t, SCHEDULER, "epsilon", v_pred_like_loss=0.1)
     torch.testing.assert_close(added, (per_sample + per_sample / scale * 0.1).mean())
+
+
+def test_zero_terminal_snr_makes_the_last_step_noise_and_keeps_weights_finite():
+    from trainer.objective import with_zero_terminal_snr
+
+    fixed = with_zero_terminal_snr(SCHEDULER)
+    assert float(fixed.alphas_cumprod[-1]) == 2**-24  # pure noise, up to the 2**-24 that keeps SNR finite
+    assert float(SCHEDULER.alphas_cumprod[-1]) > 1e-3  # the original schedule leaves signal at t = 999
+    torch.testing.assert_close(fixed.alphas_cumprod[0], SCHEDULER.alphas_cumprod[0])  # the first step keeps it
+    prediction, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 500])
+    loss = diffusion_loss(prediction, target, t, fixed, "epsilon", min_snr_gamma=5, debiased=True,
+                          v_pred_like_loss=0.1)
+    assert torch.isfinite(loss)

@@ -101,7 +101,8 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, data
              "train.ip_noise_gamma=0.1", "train.debiased_estimation=true", "train.loss_type=huber",
              "train.noise_offset=0.05", "train.noise_offset_random_strength=true", "train.adaptive_noise_scale=0.01",
              "train.ip_noise_gamma_random_strength=true", "train.min_timestep=100", "train.max_timestep=900",
-             "train.v_pred_like_loss=0.1", "dataset.caption_dropout_every_n_epochs=2", *loading]
+             "train.v_pred_like_loss=0.1", "dataset.caption_dropout_every_n_epochs=2", "train.zero_terminal_snr=true",
+             *loading]
     train(tiny_config(data8, tmp_path / "straight", *flags), progress=False)
 
     assert stopped_after(Trainer(tiny_config(data8, tmp_path / "stopped", *flags)), 3).train() is None

@@ -304,6 +304,8 @@ class TrainSection(Section):
                                                                        "against exposure bias; empty disables.")
     ip_noise_gamma_random_strength: bool = Field(False, description="Scale ip_noise_gamma by a random 0-1 each "
                                                                     "step (kohya's).")
+    zero_terminal_snr: bool = Field(False, description="Rescale the noise schedule so the last timestep is pure "
+                                                       "noise (Lin et al.; kohya's); for v-prediction models.")
     min_timestep: int = Field(0, ge=0, le=999, description="Lowest noise timestep trained (kohya's; 0 = all).")
     max_timestep: int = Field(1000, ge=1, le=1000, description="Timesteps below this are trained (kohya's, "
                                                                "exclusive; 1000 = all).")

@@ -114,6 +114,7 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
     "noise_offset_random_strength": ("train.noise_offset_random_strength", _flag),
     "adaptive_noise_scale": ("train.adaptive_noise_scale", _number),
     "ip_noise_gamma_random_strength": ("train.ip_noise_gamma_random_strength", _flag),
+    "zero_terminal_snr": ("train.zero_terminal_snr", _flag),
     "min_timestep": ("train.min_timestep", _integer),
     "max_timestep": ("train.max_timestep", _integer),
     "scale_v_pred_loss_like_noise_pred": ("train.scale_v_pred_loss_like_noise_pred", _flag),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from trainer.objective import (
     sample_noise,
     sample_timesteps,
     training_target,
+    with_zero_terminal_snr,
 )
 from trainer.optimizers import build_lr_scheduler, build_optimizer
 from trainer.prefetch import PixelPrefetch, batch_pixels
@@ -130,6 +132,8 @@ class Trainer:
             self.model = load_model(cfg.model.path, family=cfg.model.family,
                                     prediction_type=cfg.model.prediction_type, config_dir=cfg.model.config_dir,
                                     vae=cfg.model.vae)
+        if cfg.train.zero_terminal_snr:  # training noise and validation only; previews keep the model's sampler
+            self.model = replace(self.model, noise_scheduler=with_zero_terminal_snr(self.model.noise_scheduler))
         self._place_models()
         self._build_caches()
         workers = cfg.dataset.num_workers

@@ -4,6 +4,7 @@ the loss with optional min-SNR weighting and a per-pixel mask."""
 from __future__ import annotations
 
 import torch
+from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -56,6 +57,15 @@ def perturbed_input_noise(noise: torch.Tensor, gamma: float | None, random_stren
         gamma = gamma * float(torch.rand(()))
     extra = torch.randn(noise.shape, dtype=torch.float32).to(noise.device, noise.dtype)
     return noise + gamma * extra
+
+
+def with_zero_terminal_snr(scheduler: DDPMScheduler) -> DDPMScheduler:
+    """Zero terminal SNR (Lin et al. 2024, kohya's zero_terminal_snr): betas rescaled so the last timestep
+    is pure noise (diffusers' rescale_betas_zero_snr). Its SNR would be 0, which makes min-SNR, debiased and
+    v-like weights divide by zero, so alphas_cumprod[-1] is 2**-24 instead, as diffusers' Euler schedulers set it."""
+    fixed = DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)
+    fixed.alphas_cumprod[-1] = 2**-24
+    return fixed
 
 
 def sample_timesteps(batch_size: int, num_train_timesteps: int, device, low: int = 0,

@@ -416,6 +416,10 @@ def _check_noise_options(cfg: TrainConfig, prediction: str, report: Report) -> N
     if train.scale_v_pred_loss_like_noise_pred and prediction == "epsilon":
         report.warnings.append("train.scale_v_pred_loss_like_noise_pred is for v-prediction models and this one "
                                "predicts epsilon, so it is not applied; turn it off (or use v_pred_like_loss).")
+    if train.zero_terminal_snr and prediction == "epsilon":
+        report.warnings.append("train.zero_terminal_snr is meant for v-prediction models: at the last timestep an "
+                               "epsilon model sees pure noise and can only echo it; turn it off unless you know "
+                               "you want it.")
     if train.v_pred_like_loss and prediction == "v_prediction":
         report.warnings.append("train.v_pred_like_loss is for epsilon models and this one predicts v, so it is not "
                                "applied; turn it off.")
