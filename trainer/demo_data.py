@@ -12,16 +12,18 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from networks.errors import SdloraError
+from trainer.shapes import SHAPES, SUPERSAMPLE, draw_shape
 
 TRIGGER = "sdlorastyle"
 PALETTE = {"coral": (238, 108, 77), "teal": (42, 157, 143), "mustard": (233, 196, 106), "plum": (131, 56, 117)}
 INK = (29, 53, 87)  # outlines and shadows
 PAPER = (250, 243, 221)
 DOTS = (232, 221, 190)
-SHAPES = ("circle", "square", "triangle", "diamond")
+# Never drawn, so the quality score can ask for colour/shape pairs the LoRA never saw (a Latin square:
+# each colour and each shape is held out once).
+HELD_OUT = (("teal", "triangle"), ("coral", "diamond"), ("mustard", "square"), ("plum", "circle"))
 # (width, height) ratios cycled so that every dataset of 3+ images has square, portrait and landscape.
 ASPECTS = ((1, 1), (3, 4), (4, 3), (2, 3), (3, 2), (1, 2), (2, 1))
-SUPERSAMPLE = 4  # draw large, then downsample: smooth edges without hand-written antialiasing
 
 
 def make_demo_dataset(directory: Path, count: int = 12, seed: int = 0) -> list[Path]:
@@ -55,13 +57,20 @@ def _draw_scene(size: tuple[int, int], rng: random.Random) -> tuple[Image.Image,
     _draw_dots(draw, width, height)
     described = []
     for _ in range(rng.randint(1, 3)):
-        shape, colour = rng.choice(SHAPES), rng.choice(sorted(PALETTE))
+        shape, colour = _shape_and_colour(rng)
         radius = rng.uniform(0.15, 0.3) * min(width, height)
         centre = (rng.uniform(radius, width - radius), rng.uniform(radius, height - radius))
         _draw_shape(draw, shape, centre, radius, PALETTE[colour], outline=max(2, round(min(width, height) / 40)))
         described.append(f"a {colour} {shape}")
     caption = ", ".join([TRIGGER, " and ".join(described), "flat colours, bold navy outlines, cream background"])
     return canvas.resize(size, Image.Resampling.LANCZOS), caption
+
+
+def _shape_and_colour(rng: random.Random) -> tuple[str, str]:
+    while True:
+        shape, colour = rng.choice(SHAPES), rng.choice(sorted(PALETTE))
+        if (colour, shape) not in HELD_OUT:
+            return shape, colour
 
 
 def _draw_dots(draw: ImageDraw.ImageDraw, width: int, height: int) -> None:
@@ -72,13 +81,7 @@ def _draw_dots(draw: ImageDraw.ImageDraw, width: int, height: int) -> None:
 
 
 def _draw_shape(draw, shape: str, centre, radius: float, fill, outline: int) -> None:
+    """The style's shape: a hard navy shadow offset down-right, then the shape in navy outline."""
     shadow = (centre[0] + outline * 2, centre[1] + outline * 2)
     for position, colour in ((shadow, INK), (centre, fill)):
-        x, y = position
-        if shape == "circle":
-            draw.circle((x, y), radius, fill=colour, outline=INK, width=outline)
-        elif shape == "square":
-            draw.rectangle((x - radius, y - radius, x + radius, y + radius), fill=colour, outline=INK, width=outline)
-        else:
-            sides, rotation = (3, 0) if shape == "triangle" else (4, 45)
-            draw.regular_polygon((x, y, radius), sides, rotation=rotation, fill=colour, outline=INK, width=outline)
+        draw_shape(draw, shape, position, radius, colour, outline=INK, width=outline)

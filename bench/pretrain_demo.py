@@ -1,0 +1,318 @@
+"""Pretrain demo:shapes, the tiny text-to-image model that draws, from nothing, on 2 CPU cores (~1 hour).
+
+    python -m bench.pretrain_demo --work /tmp/demo-pretrain --output trainer/assets/demo_shapes
+
+Two stages, each reproducible from --seed (same seed, same data, same initial weights):
+1. the VAE (AutoencoderKL, scale factor 4) on 32 px crops of plain scenes with codec extras (outlines,
+   shadows, dots in random colours), L1 + MSE, a small KL term; its scaling_factor is 1/std of the latents;
+2. the UNet (SD1's block types, conv proj_in/out) and a small CLIP text encoder, together, on plain scenes
+   only (trainer/plain_scenes.py), epsilon prediction on SD's scaled-linear schedule, min-SNR-5 weights,
+   10% empty captions (for classifier-free guidance), an EMA of the weights that is what gets shipped.
+
+--work keeps a checkpoint every --save-every steps and a preview grid; a killed run picks up from the
+last checkpoint. The result is written in fp16 as a diffusers folder (without the tokenizer, which ships
+once in trainer/assets/clip_tokenizer). docs/DEMO_MODEL.md records the run that made the shipped model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, compute_snr
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from trainer.plain_scenes import make_plain_scene
+from trainer.tiny_models import _scheduler, load_clip_tokenizer
+
+SIZE = 64
+PREVIEW_PROMPTS = [
+    "a red circle", "a blue square on a white background", "a teal triangle", "a coral diamond",
+    "a mustard square", "a plum circle", "a yellow circle and a green square", "a pink triangle on a black background",
+]
+
+
+def vae_config() -> dict:
+    # Three levels (scale factor 2**2 = 4): a 64 px image is a 16x16 latent, enough for thin outlines.
+    return dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+        norm_num_groups=32, latent_channels=4, sample_size=SIZE,
+    )
+
+
+def text_encoder_config() -> CLIPTextConfig:
+    # The real vocabulary (the shipped tokenizer emits ids up to 49,407); SD1's OpenAI-CLIP padding.
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=48, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", pad_token_id=1, bos_token_id=49406,
+        eos_token_id=49407,
+    )
+
+
+def unet_config() -> dict:
+    # SD1's layout at small width: cross-attention in all blocks but the deepest, 1x1 conv proj_in/out,
+    # ResNet 3x3 convs, conv down/upsamplers, so every LoRA/LoCon key has its SD1 name.
+    return dict(
+        sample_size=SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(48, 96, 96),
+        layers_per_block=1, norm_num_groups=16, attention_head_dim=4, cross_attention_dim=48,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=False,
+    )
+
+
+def plain_scene_set(count: int, seed: int, codec_extras: bool) -> tuple[torch.Tensor, list[str]]:
+    """`count` scenes as uint8 NCHW and their captions; scene i depends only on (seed, i)."""
+    pixels, captions = np.empty((count, SIZE, SIZE, 3), dtype=np.uint8), []
+    for index in range(count):
+        image, caption = make_plain_scene(SIZE, random.Random(f"{seed}-{codec_extras}-{index}"), codec_extras)
+        pixels[index] = np.asarray(image)
+        captions.append(caption)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1.0
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine down to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(path)
+
+
+# --- stage 1: the VAE ----------------------------------------------------------------------------------
+
+
+def train_vae(args, work: Path) -> AutoencoderKL:
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**vae_config())
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start, checkpoint = 0, work / "vae.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+    if start >= args.vae_steps:
+        return vae
+    pixels, _ = plain_scene_set(args.vae_images, args.seed + 1, codec_extras=True)
+    generator = torch.Generator().manual_seed(args.seed + 2 + start)
+    began = time.time()
+    for step in range(start, args.vae_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 50)
+        batch = _random_crops(pixels, args.batch, 32, generator)
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        kl = posterior.kl().mean() / batch[0].numel()
+        loss = F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch) + args.vae_kl * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if (step + 1) % 25 == 0:
+            _log(work, "vae", step + 1, args.vae_steps, loss.item(), began, start)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.vae_steps:
+            save_checkpoint(checkpoint, model=vae.state_dict(), optimizer=optimizer.state_dict(),
+                            rng=torch.get_rng_state(), step=step + 1)
+    return vae
+
+
+def _random_crops(pixels: torch.Tensor, count: int, crop: int, generator) -> torch.Tensor:
+    picks = torch.randint(0, len(pixels), (count,), generator=generator)
+    offsets = torch.randint(0, SIZE - crop + 1, (count, 2), generator=generator)
+    flips = torch.rand(count, generator=generator) < 0.5
+    crops = []
+    for index, (y, x), flip in zip(picks.tolist(), offsets.tolist(), flips.tolist()):
+        piece = pixels[index, :, y:y + crop, x:x + crop]
+        crops.append(piece.flip(-1) if flip else piece)
+    return to_unit(torch.stack(crops))
+
+
+@torch.no_grad()
+def encode_all(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior mean and std of every image, so each step draws a fresh latent sample cheaply."""
+    means, stds = [], []
+    for chunk in pixels.split(256):
+        posterior = vae.encode(to_unit(chunk)).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# --- stage 2: UNet and text encoder ---------------------------------------------------------------------
+
+
+def train_denoiser(args, work: Path, vae: AutoencoderKL) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    torch.manual_seed(args.seed + 10)
+    unet, text_encoder = UNet2DConditionModel(**unet_config()), CLIPTextModel(text_encoder_config())
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = EMAModel(parameters, decay=args.ema_decay, use_ema_warmup=True, power=0.75)
+    noise_scheduler = DDPMScheduler.from_config(_scheduler("sd1").config)
+    start, checkpoint = 0, work / "denoiser.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        start = state["step"]
+    if start < args.steps:
+        _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, noise_scheduler, start)
+    ema.copy_to(parameters)
+    return unet, text_encoder
+
+
+def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, noise_scheduler, start):
+    pixels, captions = plain_scene_set(args.images, args.seed + 3, codec_extras=False)
+    means, stds = encode_all(vae, pixels)
+    scale = vae.config.scaling_factor
+    tokens = tokenize(captions + [""])
+    empty = tokens[-1]
+    generator = torch.Generator().manual_seed(args.seed + 4 + start)
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    began = time.time()
+    for step in range(start, args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, 100)
+        picks = torch.randint(0, len(means), (args.batch,), generator=generator)
+        latents = (means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)) * scale
+        ids = tokens[picks].clone()
+        ids[torch.rand(args.batch, generator=generator) < 0.1] = empty
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
+        snr = compute_snr(noise_scheduler, timesteps)
+        weights = torch.clamp(snr, max=5.0) / snr
+        loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        ema.step(parameters)
+        if (step + 1) % 25 == 0:
+            _log(work, "denoiser", step + 1, args.steps, loss.item(), began, start)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(work / "denoiser.pt", unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
+                            optimizer=optimizer.state_dict(), ema=ema.state_dict(), step=step + 1)
+            _preview(work, vae, unet, text_encoder, ema, parameters, step + 1)
+
+
+def tokenize(captions: list[str]) -> torch.Tensor:
+    tokenizer = load_clip_tokenizer()
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def build_pipeline(vae, unet, text_encoder) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), scheduler=_scheduler("sd1"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _preview(work: Path, vae, unet, text_encoder, ema, parameters, step: int) -> None:
+    """A grid of the EMA weights' samples, so a long run can be judged while it runs."""
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        pipeline = build_pipeline(vae, unet, text_encoder)
+        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        pipeline.set_progress_bar_config(disable=True)
+        images = pipeline(PREVIEW_PROMPTS, num_inference_steps=20, guidance_scale=5.0, height=SIZE, width=SIZE,
+                          generator=torch.Generator().manual_seed(0)).images
+    finally:
+        ema.restore(parameters)
+        unet.train()
+        text_encoder.train()
+    grid = Image.new("RGB", (SIZE * len(images), SIZE))
+    for index, image in enumerate(images):
+        grid.paste(image, (index * SIZE, 0))
+    grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST).save(work / f"preview-{step:05d}.png")
+
+
+def _log(work: Path, stage: str, step: int, total: int, loss: float, began: float, start: int) -> None:
+    per_step = (time.time() - began) / max(1, step - start)
+    line = f"{stage} {step}/{total} loss {loss:.4f} {per_step:.2f}s/step eta {per_step * (total - step) / 60:.1f} min"
+    print(line, flush=True)
+    with open(work / "log.txt", "a", encoding="utf-8") as log:
+        log.write(line + "\n")
+
+
+@torch.no_grad()
+def latent_scale(vae: AutoencoderKL, seed: int) -> float:
+    """SD's rule: scaling_factor = 1 / std of the latents, so diffusion sees unit-variance inputs."""
+    pixels, _ = plain_scene_set(512, seed + 5, codec_extras=False)
+    return float(1.0 / vae.encode(to_unit(pixels)).latent_dist.sample().std())
+
+
+def export(output: Path, vae, unet, text_encoder, args) -> None:
+    """An fp16 diffusers folder without the tokenizer (sdlora attaches the shipped one)."""
+    staging = output.with_name(output.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline = build_pipeline(vae, unet, text_encoder).to(torch.float16)
+    pipeline.save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(staging / "tokenizer")
+    index = json.loads((staging / "model_index.json").read_text())
+    index.pop("tokenizer")
+    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    recipe = {key: value for key, value in vars(args).items() if key not in ("work", "output")}
+    (staging / "pretrain.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    shutil.rmtree(output, ignore_errors=True)
+    staging.replace(output)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="checkpoints, previews and the log")
+    parser.add_argument("--output", type=Path, default=Path("trainer/assets/demo_shapes"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-images", type=int, default=6000)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-kl", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=24000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    vae = train_vae(args, args.work)
+    vae.eval().requires_grad_(False)
+    vae.register_to_config(scaling_factor=latent_scale(vae, args.seed))
+    print(f"vae scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
+    unet, text_encoder = train_denoiser(args, args.work, vae)
+    export(args.output, vae, unet.eval(), text_encoder.eval(), args)
+    print(f"wrote {args.output}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
