@@ -14,7 +14,7 @@ def add_check_subcommand(subparsers) -> argparse.ArgumentParser:
     """Register `check` on the top-level subparsers."""
     check = subparsers.add_parser("check", help="pre-flight check: dataset, captions, steps, memory, risky settings")
     check.add_argument("--config", help="a TOML config file")
-    check.add_argument("--model", help="diffusers folder, .safetensors/.ckpt file, or demo:sd1|sd2|sdxl")
+    check.add_argument("--model", help="diffusers folder, .safetensors/.ckpt file, or demo:shapes|sd1|sd2|sdxl")
     check.add_argument("--data", help="the image folder")
     check.add_argument("--preset", help="a preset name (also what learning rates are compared with)")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

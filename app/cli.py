@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_model = commands.add_parser("demo-model", help="write the built-in tiny model as a diffusers folder")
     demo_model.add_argument("dir")
-    demo_model.add_argument("--family", choices=FAMILIES, default="sd1")
+    demo_model.add_argument("--family", choices=("shapes", *FAMILIES), default="sd1",
+                            help="shapes: the pretrained model that draws; sd1/sd2/sdxl: tiny, random weights")
     demo_model.set_defaults(handler=run_demo_model)
 
     demo_data = commands.add_parser("demo-data", help="write a small generated style dataset")
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a LoRA/LoCon")
     train.add_argument("--config", help="a TOML config file")
-    train.add_argument("--model", help="diffusers folder, .safetensors/.ckpt file, or demo:sd1|sd2|sdxl")
+    train.add_argument("--model", help="diffusers folder, .safetensors/.ckpt file, or demo:shapes|sd1|sd2|sdxl")
     train.add_argument("--data", help="the image folder")
     train.add_argument("--preset", help="a preset name (sdlora presets list)")
     train.add_argument("--output", help="the run folder")

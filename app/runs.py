@@ -406,7 +406,7 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
             cfg.model.path = str(path.resolve())
         elif not (_HUB_ID.fullmatch(model) and not path.suffix):
             raise SdloraError(f"The base model {model} was not found; give a diffusers folder, a "
-                              ".safetensors/.ckpt file, or demo:sd1.")
+                              ".safetensors/.ckpt file, or demo:shapes.")
     return cfg
 
 

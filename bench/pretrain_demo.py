@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -120,7 +126,7 @@ def train_vae(args, work: Path) -> AutoencoderKL:
     for step in range(start, args.vae_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 50)
-        batch = _random_crops(pixels, args.batch, 32, generator)
+        batch = _random_crops(pixels, args.vae_batch, 32, generator)
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         kl = posterior.kl().mean() / batch[0].numel()
@@ -288,7 +294,8 @@ def parse_args(argv=None):
     parser.add_argument("--output", type=Path, default=Path("trainer/assets/demo_shapes"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-steps", type=int, default=2400)
+    parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-images", type=int, default=6000)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-4)

@@ -37,7 +37,9 @@ Optimizer = Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]
 # The names diffusers.optimization.get_scheduler accepts, so the loop can pass the value straight through.
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Sampler = Literal["euler_a", "euler", "ddim", "dpmpp_2m"]
-DEMO_MODELS = ("demo:sd1", "demo:sd2", "demo:sdxl")
+# Built-in models and their family: demo:shapes was pretrained to draw (docs/DEMO_MODEL.md); the other
+# three have random weights and exist so every family's layout can be tried and tested in seconds.
+DEMO_MODELS = {"demo:shapes": "sd1", "demo:sd1": "sd1", "demo:sd2": "sd2", "demo:sdxl": "sdxl"}
 SEED_MAX = 2**32 - 1  # numpy's limit; torch accepts more, but a seed must work everywhere
 OptimizerArg = float | int | bool | str | list[float]
 
@@ -62,7 +64,8 @@ def _rule(message: str) -> PydanticCustomError:
 
 class ModelSection(Section):
     path: str = Field("demo:sd1", description="Base model: a diffusers folder, a .safetensors/.ckpt file, "
-                                              "or demo:sd1, demo:sd2, demo:sdxl for the built-in tiny models.")
+                                              "demo:shapes (the tiny built-in model that draws) or "
+                                              "demo:sd1, demo:sd2, demo:sdxl (tiny, random weights).")
     family: Family = Field("auto", description="Model family; auto detects it from the model.")
     prediction_type: PredictionType = Field(
         "auto", description="What the UNet predicts; auto reads it from the model (v_prediction for SD2-768).")
@@ -88,12 +91,12 @@ class ModelSection(Section):
     @classmethod
     def _known_demo(cls, path: str) -> str:
         if path.startswith("demo:") and path not in DEMO_MODELS:
-            raise PydanticCustomError("sdlora_value", "must be demo:sd1, demo:sd2 or demo:sdxl")
+            raise PydanticCustomError("sdlora_value", "must be one of " + ", ".join(DEMO_MODELS))
         return path
 
     @model_validator(mode="after")
     def _demo_matches_family(self) -> ModelSection:
-        demo_family = self.path[len("demo:"):] if self.path in DEMO_MODELS else None
+        demo_family = DEMO_MODELS.get(self.path)
         if demo_family and self.family not in ("auto", demo_family):
             raise _rule(f"model.path {self.path} is the tiny {demo_family} model but model.family is "
                         f"{self.family}; set model.family to auto or use demo:{self.family}")
@@ -354,6 +357,8 @@ def _prompt_from_line(line: str) -> dict:
 class SampleSection(Section):
     every_steps: int = Field(0, ge=0, description="Draw samples every N steps; 0 disables.")
     every_epochs: int = Field(0, ge=0, description="Draw samples every N epochs; 0 disables.")
+    at_start: bool = Field(False, description="Also draw them before the first step (the base model's "
+                                              "images, to compare the LoRA's with).")
     prompts: list[SamplePrompt] = Field(default_factory=list, description="Prompts drawn at each sampling.")
     sampler: Sampler = Field("euler_a", description="Sampling method for previews.")
 
@@ -836,6 +841,7 @@ _KNOWN_ALIASES = {
     "debiased_estimation_loss": "train.debiased_estimation", "loss_type": "train.loss_type",
     "huber_c": "train.huber_c", "huber_schedule": "train.huber_schedule",
     "sample_every_n_epochs": "sample.every_epochs", "sample_sampler": "sample.sampler",
+    "sample_at_first": "sample.at_start",
     "caption_dropout_rate": "dataset.caption_dropout", "caption_tag_dropout_rate": "dataset.tag_dropout",
     "max_data_loader_n_workers": "dataset.num_workers", "v_parameterization": "model.prediction_type",
     "steps": "train.max_steps", "batch": "train.batch_size",

@@ -32,15 +32,20 @@ def make_demo_dataset(directory: Path, count: int = 12, seed: int = 0) -> list[P
         raise SdloraError(f"--count is {count}; ask for at least 1 demo image.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     paths = []
-    for index in range(count):
-        image, caption = _draw_scene(_scene_size(index, rng), rng)
+    for index, (image, caption) in enumerate(demo_scenes(count, seed)):
         path = directory / f"demo_{index:03d}.png"
         image.save(path)
         path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def demo_scenes(count: int, seed: int = 0):
+    """The (image, caption) pairs make_demo_dataset writes, in memory."""
+    rng = random.Random(seed)
+    for index in range(count):
+        yield _draw_scene(_scene_size(index, rng), rng)
 
 
 def _scene_size(index: int, rng: random.Random) -> tuple[int, int]:

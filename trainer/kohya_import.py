@@ -154,6 +154,7 @@ DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
     "save_every_n_steps": ("save.every_steps", _integer),
     "sample_every_n_steps": ("sample.every_steps", _integer),
     "sample_every_n_epochs": ("sample.every_epochs", _integer),
+    "sample_at_first": ("sample.at_start", _flag),
     "max_data_loader_n_workers": ("dataset.num_workers", _integer),
 }
 # Handled by the functions below (so not "unmapped" even when they end up not setting anything).

@@ -224,7 +224,8 @@ class Trainer:
         prompts and decode, so where they are drawn (the main process) the text encoders and the decoder stay;
         the VAE config always stays (latents are scaled by it)."""
         cfg, model = self.cfg, self.model
-        previews = self.main and bool(cfg.sample.prompts) and bool(cfg.sample.every_steps or cfg.sample.every_epochs)
+        sampling = cfg.sample.every_steps or cfg.sample.every_epochs or cfg.sample.at_start
+        previews = self.main and bool(cfg.sample.prompts) and bool(sampling)
         if isinstance(self.encode_text, TextEmbeddingCache) and not previews:
             model.text_encoders.clear()
         if self.latents is not None and not cfg.dataset.random_crop:  # every latent was built above
@@ -398,6 +399,8 @@ class Trainer:
         if self.progress is not None:
             self.progress.reset(total=self.total_steps)
             self.progress.update(position.step)
+        if cfg.sample.at_start and position.step == 0:
+            self._sample(0)
         try:
             plan_epoch, plan = None, []
             while position.step < self.total_steps:

@@ -105,7 +105,7 @@ def _load_base(spec, family, prediction_type, dtype, config_dir) -> LoadedModel:
     if _HUB_ID.match(spec) and not path.suffix:
         return _load_pretrained(spec, spec, wanted, prediction_type, dtype)
     raise SdloraError(
-        f"The model {spec} was not found; give a diffusers folder, a .safetensors/.ckpt file or demo:sd1."
+        f"The model {spec} was not found; give a diffusers folder, a .safetensors/.ckpt file or demo:shapes."
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from networks.errors import SdloraError
-from trainer.config import TrainConfig
+from trainer.config import DEMO_MODELS, TrainConfig
 
 CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
 KOHYA_KEEP_SEPARATOR = "|||"  # the marker kohya_ss documents and its users write
@@ -305,7 +305,7 @@ def _check_model(cfg: TrainConfig, report: Report) -> tuple[str | None, str]:
     prediction, native = cfg.model.prediction_type, None
     try:
         if path.startswith("demo:"):
-            found, how = path.removeprefix("demo:"), "the built-in tiny demo model"
+            found, how = DEMO_MODELS.get(path, "sd1"), "the built-in tiny demo model"
             found_prediction = "v_prediction" if found == "sd2" else "epsilon"
         elif Path(path).expanduser().is_dir():
             found, found_prediction, native = _folder_family(Path(path).expanduser(), detect_family)
@@ -317,7 +317,7 @@ def _check_model(cfg: TrainConfig, report: Report) -> tuple[str | None, str]:
             how = "a hub id (downloaded on first use; set model.family for exact estimates)"
         else:
             report.errors.append(f"model.path {path} was not found; give a diffusers folder, a .safetensors/.ckpt "
-                                 "file, a hub id or demo:sd1.")
+                                 "file, a hub id or demo:shapes.")
             return (family if family != "auto" else None), "epsilon"
     except SdloraError as error:
         report.errors.append(str(error))

@@ -1,6 +1,11 @@
-"""The built-in tiny models ("demo:sd1", "demo:sd2", "demo:sdxl") and the offline CLIP tokenizer.
+"""The built-in tiny models ("demo:shapes", "demo:sd1", "demo:sd2", "demo:sdxl") and the offline CLIP tokenizer.
 
-Each tiny model has random weights but the real family's architecture: the same block types, conv vs
+demo:shapes is an SD1-architecture model pretrained by bench/pretrain_demo.py to draw plain scenes of
+shapes (docs/DEMO_MODEL.md); its fp16 weights ship under assets/demo_shapes, without a tokenizer, which
+is added when the folder is copied into the cache. It is what the demo preset trains on, so a user sees
+a LoRA learn a style.
+
+Each of the other three has random weights but the real family's architecture: the same block types, conv vs
 linear projections, prediction type, text encoders, SDXL's text_time conditioning and a VAE with a scale
 factor of 8. So every module kind LoRA/LoCon adapts exists, every key name matches the real model's, and
 a 64 px image gives an 8x8 latent, small enough to train in seconds on a CPU.
@@ -33,6 +38,8 @@ from networks.errors import SdloraError
 FAMILIES = ("sd1", "sd2", "sdxl")
 ASSETS = Path(__file__).parent / "assets"
 CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
+SHAPES_DIR = ASSETS / "demo_shapes"
+DEMO_NAMES = ("shapes", *FAMILIES)
 # OpenCLIP (SD2's encoder, SDXL's second encoder) pads with "!" (id 0) where OpenAI CLIP pads with EOS.
 OPENCLIP_PAD = "!"
 
@@ -190,14 +197,30 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
 
 
 def save_demo_model(directory: str | os.PathLike, family: str, seed: int = 0) -> Path:
-    """Write the tiny model of `family` as a diffusers folder that DiffusionPipeline.from_pretrained opens."""
+    """Write a built-in model ("shapes" or a family's random tiny one) as a diffusers folder that
+    DiffusionPipeline.from_pretrained opens."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise SdloraError(
             f"The folder {directory} is not empty; choose a new or empty folder for the demo model."
         )
-    build_tiny_pipeline(family, seed).save_pretrained(directory, safe_serialization=True)
+    if family == "shapes":
+        _copy_shapes_model(directory)
+    else:
+        build_tiny_pipeline(family, seed).save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def _copy_shapes_model(directory: Path) -> None:
+    """The shipped demo:shapes weights plus the shipped tokenizer, as a complete diffusers folder."""
+    if not (SHAPES_DIR / "model_index.json").is_file():
+        raise SdloraError(f"The demo:shapes weights are missing from {SHAPES_DIR}; reinstall sdlora or "
+                          "remake them with python -m bench.pretrain_demo.")
+    shutil.copytree(SHAPES_DIR, directory, dirs_exist_ok=True)
+    load_clip_tokenizer().save_pretrained(directory / "tokenizer")
+    index = json.loads((directory / "model_index.json").read_text(encoding="utf-8"))
+    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def cache_root() -> Path:
@@ -205,14 +228,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("SDLORA_CACHE") or Path.home() / ".cache" / "sdlora")
 
 
-def _demo_fingerprint(family: str) -> str:
-    """Changes whenever the tiny architecture does, so a stale cached folder is never reused."""
+def _demo_fingerprint(name: str) -> str:
+    """Changes whenever the tiny architecture (or the shipped demo:shapes files) does, so a stale cached
+    folder is never reused."""
+    if name == "shapes":
+        digest = hashlib.sha256()
+        for path in sorted(p for p in SHAPES_DIR.rglob("*") if p.is_file()):
+            digest.update(path.relative_to(SHAPES_DIR).as_posix().encode())
+            digest.update(path.read_bytes())
+        return digest.hexdigest()[:12]
     configs = [
-        _unet_config(family),
-        _vae_config(family),
-        _text_encoder_configs(family),
+        _unet_config(name),
+        _vae_config(name),
+        _text_encoder_configs(name),
         # diffusers' private keys (e.g. _use_default_values, built from a set) vary between processes
-        {k: v for k, v in _scheduler(family).config.items() if not k.startswith("_")},
+        {k: v for k, v in _scheduler(name).config.items() if not k.startswith("_")},
     ]
     text = json.dumps(configs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -226,13 +256,15 @@ def _check_complete(folder: Path) -> None:
                               "and run again.")
 
 
-def demo_model_path(family: str) -> Path:
+def demo_model_path(name: str) -> Path:
     """The demo model's folder in the cache, built on first use (atomically, so concurrent runs are safe)."""
-    _check_family(family)
-    target = cache_root() / "demo-models" / f"{family}-{_demo_fingerprint(family)}"
+    if name not in DEMO_NAMES:
+        raise SdloraError(f"Unknown demo model demo:{name}; use one of "
+                          f"{', '.join('demo:' + n for n in DEMO_NAMES)}.")
+    target = cache_root() / "demo-models" / f"{name}-{_demo_fingerprint(name)}"
 
     def build(staging: Path) -> None:
-        save_demo_model(staging, family)
+        save_demo_model(staging, name)
         _check_complete(staging)
 
     return build_folder_once(target, build)

@@ -122,7 +122,7 @@ class LoraPreview:
         return Comparison(images[0], images[1], loaded_at - started, done - loaded_at)
 
     def _load_model(self, spec: str, training: bool = False) -> LoadedModel:
-        spec = spec.strip() or "demo:sd1"
+        spec = spec.strip() or "demo:shapes"
         if spec != self._model_key:
             self._drop()
             device, dtype = preview_placement()

@@ -108,7 +108,7 @@ def build(ctx: UIContext) -> TrainTab:
             with gr.Row():
                 form.add("dataset.path", label="Dataset folder", info="Use the Dataset tab to check it.", scale=3)
                 form.add("model.path", label="Base model",
-                         info="Diffusers folder, .safetensors/.ckpt, or demo:sd1.", scale=2)
+                         info="Diffusers folder, .safetensors/.ckpt, or demo:shapes.", scale=2)
             gr.Markdown("#### Recipe")
             with gr.Row(equal_height=True):
                 preset = gr.Dropdown(preset_choices(), value=DEFAULT_PRESET, label="Preset", scale=3,

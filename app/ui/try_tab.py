@@ -36,8 +36,8 @@ def check_settings(steps, guidance, size, weight) -> None:
 def build(ctx: UIContext):
     with gr.Row():
         with gr.Column(scale=2, elem_classes="sd-panel"):
-            model = gr.Textbox("demo:sd1", label="Base model", elem_id="try-model",
-                               info="Diffusers folder, .safetensors/.ckpt, or demo:sd1.")
+            model = gr.Textbox("demo:shapes", label="Base model", elem_id="try-model",
+                               info="Diffusers folder, .safetensors/.ckpt, or demo:shapes.")
             with gr.Row(elem_classes="sd-align-end"):
                 lora = gr.Dropdown(lora_choices(ctx), label="LoRA from a run", scale=4, elem_id="try-lora",
                                    allow_custom_value=False)
