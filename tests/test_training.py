@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -23,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(data, out, *overrides, preset="demo"):
-    base = [f"dataset.path={data}", f"output.dir={out}", "sample.every_steps=0", "save.every_steps=0",
-            "save.precision=fp32", "network.rank=4", "dataset.resolution=64"]
+    # The random tiny SD1 (fast) rather than the demo preset's demo:shapes, unless a test asks for it.
+    base = [f"dataset.path={data}", f"output.dir={out}", "model.path=demo:sd1", "sample.every_steps=0",
+            "sample.at_start=false", "save.every_steps=0", "save.precision=fp32", "network.rank=4",
+            "dataset.resolution=64"]
     return resolve_config(preset, base + list(overrides))
 
 
@@ -175,12 +178,54 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, data8, 
         loss = original(batch)
         return loss * float("nan") if calls["n"] >= 3 else loss
     trainer.micro_step_loss = poisoned
-    with pytest.raises(SdloraError, match=r"The loss became nan at step 3; the last checkpoint is intact"):
+    with pytest.raises(SdloraError, match=r"The loss became nan at step 3; the last checkpoint "
+                                          r"\(demo-lora-step-000002.safetensors\) is intact; lower "
+                                          r"train.learning_rate and resume with --resume\.$"):
         trainer.train()
     # emitted by train(); Trainer.train alone raises: check the checkpoint survived
     checkpoint = tmp_path / "run" / "checkpoints" / "demo-lora-step-000002.safetensors"
     assert checkpoint.is_file() and load_file(checkpoint)
     assert (tmp_path / "run" / "state" / "trainer.json").is_file()
+
+
+def test_nan_loss_before_any_checkpoint_says_to_start_again(tmp_path, data8):
+    trainer = Trainer(tiny_config(data8, tmp_path / "run", "train.max_steps=6", "save.every_epochs=0"))
+    original = trainer.micro_step_loss
+    trainer.micro_step_loss = lambda batch: original(batch) * float("nan")
+    with pytest.raises(SdloraError) as error:
+        trainer.train()
+    assert str(error.value) == ("The loss became nan at step 1; no checkpoint was saved yet, so lower "
+                                "train.learning_rate and start the run again.")  # no bf16 advice on a CPU
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
+
+
+def test_cli_bad_model_is_one_line_and_leaves_no_run_folder(tmp_path, data8):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "app.cli", "train", "--data", str(data8), "--preset", "demo",
+                             "--output", str(out), "--model", "/nope/q.safetensors"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: The model /nope/q.safetensors was not found; give a diffusers folder, a .safetensors/.ckpt file "
+        "or demo:shapes."]
+    assert not out.exists()
+
+
+def test_cli_names_every_image_it_skips(tmp_path, data8):
+    data = tmp_path / "data"
+    shutil.copytree(data8, data)
+    (data / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "app.cli", "train", "--data", str(data), "--preset", "demo",
+                             "--output", str(out), "--no-progress", "--set", "model.path=demo:sd1",
+                             "--set", "train.max_steps=1", "--set", "sample.every_steps=0",
+                             "--set", "sample.at_start=false"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Skipped image broken.png: " in result.stderr
+    skipped = [e for e in events(out) if e["event"] == "skipped"]
+    assert [(e["name"], e["kind"]) for e in skipped] == [("broken.png", "image")]
+    assert events(out)[len(skipped)]["event"] == "started" and events(out)[len(skipped)]["num_images"] == 8
 
 
 def test_full_disk_while_saving_leaves_previous_checkpoint_loadable(tmp_path, data8, monkeypatch):

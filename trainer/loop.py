@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from trainer.family import unet_conditioning
 from trainer.latent_cache import LatentCache, scale_latents, vae_identity
 from trainer.lora_init import initialise
 from trainer.loss_mask import LossMasks
-from trainer.model_loading import load_model
+from trainer.model_loading import check_model_spec, load_model
 from trainer.objective import (
     diffusion_loss,
     perturbed_input_noise,
@@ -108,6 +109,7 @@ class Trainer:
             raise SdloraError("output.dir is empty; give the run folder with --output DIR.")
         if not cfg.dataset.path:
             raise SdloraError("dataset.path is empty; give the image folder with --data DIR.")
+        check_model_spec(cfg.model.path)  # before the run folder exists: a typo leaves nothing behind
         self.cfg, self.resume = cfg, resume
         self.run = RunDir(cfg.output.dir)
         mixed = cfg.train.mixed_precision if torch.cuda.is_available() else "no"
@@ -121,6 +123,8 @@ class Trainer:
         cfg = self.cfg
         set_seed(cfg.train.seed)
         scanned = ImageDataset.scan(dataset_options(cfg), seed=cfg.train.seed)
+        if self.main:
+            self._report_skipped(scanned.report)
         # Held-out images leave the dataset before anything indexes it (caches, masks, the batch plan).
         self.dataset, held_out = validation_items(scanned, cfg.validation.images, cfg.validation.folder,
                                                   cfg.validation.seed)
@@ -163,6 +167,13 @@ class Trainer:
         self._release_cached_encoders()
         self.tensorboard = open_tensorboard(self.run.root / "tensorboard") if cfg.output.tensorboard and self.main \
             else None
+
+    def _report_skipped(self, report) -> None:
+        """Name every image the run leaves out, on stderr and as a `skipped` event, as the pre-flight does."""
+        for problem, what in [(p, "image") for p in report.skipped] + [(p, "regularization image or folder")
+                                                                         for p in report.reg_problems]:
+            print(f"Skipped {what} {problem.name}: {problem.reason}.", file=sys.stderr)
+            self.run.emit("skipped", name=problem.name, reason=problem.reason, kind=what)
 
     def _place_models(self) -> None:
         model, device = self.model, self.accelerator.device
@@ -396,9 +407,10 @@ class Trainer:
                      name=cfg.name, num_images=len(self.dataset), **self._encoded_counts())
         stop = self.stop.install()
         started, start_step = time.perf_counter(), position.step
-        if self.progress is not None:
-            self.progress.reset(total=self.total_steps)
-            self.progress.update(position.step)
+        if self.show_progress:  # made here, not before setup: an error there leaves no empty bar behind
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=self.total_steps, initial=position.step, unit="step", dynamic_ncols=True)
         if cfg.sample.at_start and position.step == 0:
             self._sample(0)
         try:
@@ -489,6 +501,7 @@ class Trainer:
             self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
     progress = None
+    show_progress = False
     prefetch = None
     max_norm_stats = None  # of the last step, when train.scale_weight_norms is on
     tensorboard = None
@@ -592,9 +605,15 @@ class Trainer:
         return final
 
     def _fail_non_finite(self, position: Position, value: float) -> None:
-        message = (f"The loss became {value} at step {position.step + 1}; the last checkpoint is intact. "
-                   "Lower train.learning_rate or use mixed_precision = \"bf16\" and resume.")
-        raise SdloraError(message)
+        checkpoints = self.run.list_checkpoints()
+        fix = "lower train.learning_rate"
+        if torch.cuda.is_available() and self.cfg.train.mixed_precision == "fp16":
+            fix += ' or set train.mixed_precision = "bf16" (fp16 overflows more easily)'
+        if checkpoints:
+            where = f"the last checkpoint ({checkpoints[-1].name}) is intact; {fix} and resume with --resume"
+        else:
+            where = f"no checkpoint was saved yet, so {fix} and start the run again"
+        raise SdloraError(f"The loss became {value} at step {position.step + 1}; {where}.")
 
 
 def open_tensorboard(folder: Path):
@@ -623,14 +642,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     """Run training; errors are written as an `error` event, then re-raised for the front door."""
     trainer = Trainer(cfg, resume=resume)
     try:
-        if progress and trainer.main:
-            from tqdm import tqdm
+        trainer.show_progress = progress and trainer.main
+        # The step bar is the run's only bar: loading and saving bars are noise on stderr and in train.log.
+        import diffusers
+        import transformers
 
-            trainer.progress = tqdm(total=None, unit="step", dynamic_ncols=True)
-        else:  # no bars in logs (the UI's train.log): diffusers' loading bars too
-            import diffusers
-
-            diffusers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
         return trainer.train()
     except SdloraError as error:
         if trainer.main and trainer.run.root.is_dir():

@@ -104,9 +104,22 @@ def _load_base(spec, family, prediction_type, dtype, config_dir) -> LoadedModel:
         return _load_single_file(path, wanted, prediction_type, dtype, config_dir)
     if _HUB_ID.match(spec) and not path.suffix:
         return _load_pretrained(spec, spec, wanted, prediction_type, dtype)
-    raise SdloraError(
-        f"The model {spec} was not found; give a diffusers folder, a .safetensors/.ckpt file or demo:shapes."
-    )
+    check_model_spec(spec)
+    raise SdloraError(f"The model {spec} was not found; {WHAT_MODELS}.")
+
+
+WHAT_MODELS = "give a diffusers folder, a .safetensors/.ckpt file or demo:shapes"
+
+
+def check_model_spec(spec: str) -> None:
+    """One sentence when `spec` can name no model at all (no such file or folder, not a hub id); cheap, so
+    it runs before anything is written."""
+    spec = str(spec).strip()
+    if spec.startswith("demo:"):
+        return  # the config accepts only the built-in names
+    path = Path(spec).expanduser()
+    if not (path.exists() or (_HUB_ID.match(spec) and not path.suffix)):
+        raise SdloraError(f"The model {spec} was not found; {WHAT_MODELS}.")
 
 
 # --- diffusers folders and hub ids ------------------------------------------------------------------

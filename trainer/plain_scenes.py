@@ -7,8 +7,9 @@ LoRA trained on the demo style has something visible to learn. The palette's col
 mustard, plum) are among the colours here, in their everyday shades, so the base model can draw what a
 style prompt names.
 
-`codec_extras=True` adds outlines, offset shadows and dot grids in random colours: the VAE (a general image
-codec, as SD's is) learns to reproduce such details, while the UNet and text encoder never see them.
+`codec_extras=True` adds outlines, offset shadows and dot grids in random colours, and makes half of the
+backgrounds and fills any colour at all: the VAE (a general image codec, as SD's is) learns to reproduce
+such details and colours, while the UNet and text encoder never see them.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def make_plain_scene(size: int, rng: random.Random, codec_extras: bool = False) 
     """One square scene of `size` px and its caption, drawn from `rng` alone (same seed, same scene)."""
     side = size * SUPERSAMPLE
     canvas, background_words, backdrop = _background(side, rng)
+    if codec_extras and rng.random() < 0.5:  # any colour at all, so the codec has seen every colour
+        backdrop = _random_rgb(rng)
+        canvas = Image.new("RGB", (side, side), backdrop)
     draw = ImageDraw.Draw(canvas)
     if codec_extras and rng.random() < 0.4:
         _dot_grid(draw, side, rng)
@@ -47,7 +51,7 @@ def make_plain_scene(size: int, rng: random.Random, codec_extras: bool = False) 
         shape, name = rng.choice(SHAPES), _contrasting_colour(backdrop, rng)
         radius = rng.uniform(0.15, 0.3) * side
         centre = (rng.uniform(radius, side - radius), rng.uniform(radius, side - radius))
-        fill = _jittered(COLOURS[name], rng)
+        fill = _random_rgb(rng) if codec_extras and rng.random() < 0.5 else _jittered(COLOURS[name], rng)
         if codec_extras and rng.random() < 0.5:
             _outlined(draw, shape, centre, radius, fill, rng)
         else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from trainer.config import write_text_atomic
 
-EVENT_KINDS = ("started", "step", "sample", "checkpoint", "validation", "load_check", "stopped", "finished",
+EVENT_KINDS = ("skipped", "started", "step", "sample", "checkpoint", "validation", "load_check", "stopped", "finished",
                "error")
 
 

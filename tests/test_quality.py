@@ -1,0 +1,90 @@
+"""The style and content scores (trainer/quality.py) measure what they claim, and the demo LoRA learns."""
+import random
+import re
+
+import pytest
+from PIL import Image, ImageDraw
+
+from trainer import demo_data
+from trainer.demo_data import HELD_OUT, PALETTE, PAPER, TRIGGER, demo_scenes
+from trainer.plain_scenes import COLOURS, make_plain_scene
+from trainer.quality import (
+    content_score,
+    find_object,
+    held_out_prompts,
+    style_features,
+    style_reference,
+    style_score,
+    training_style,
+)
+from trainer.shapes import SHAPES, SUPERSAMPLE, draw_shape
+
+NAMED = re.compile(r"an? (\w+) (circle|square|triangle|diamond)")
+
+
+def one_shape(shape: str, colour, background, styled: bool, rng: random.Random) -> Image.Image:
+    """A 64 px image of one shape, plain (as the base model was trained) or in the demo style."""
+    side = 64 * SUPERSAMPLE
+    canvas = Image.new("RGB", (side, side), background)
+    draw = ImageDraw.Draw(canvas)
+    radius = rng.uniform(0.18, 0.3) * side
+    centre = (rng.uniform(radius, side - radius * 1.2), rng.uniform(radius, side - radius * 1.2))
+    if styled:
+        demo_data._draw_dots(draw, side, side)
+        demo_data._draw_shape(draw, shape, centre, radius, colour, outline=side // 40)
+    else:
+        draw_shape(draw, shape, centre, radius, colour)
+    return canvas.resize((64, 64), Image.Resampling.LANCZOS)
+
+
+@pytest.mark.parametrize("styled", [False, True], ids=["plain", "demo-style"])
+def test_find_object_reads_shape_and_colour_of_rendered_shapes(styled):
+    rng = random.Random(7)
+    palette = PALETTE if styled else {name: COLOURS[name] for name in ("red", "blue", "green", "teal", "plum")}
+    cases = [(shape, name) for shape in SHAPES for name in palette for _ in range(3)]
+    read = []
+    for shape, name in cases:
+        background = PAPER if styled else (150, 150, 150)
+        found = find_object(one_shape(shape, palette[name], background, styled, rng))
+        read.append(found is not None and (found.shape, found.colour) == (shape, name))
+    assert sum(read) / len(read) >= 0.95, f"{len(read) - sum(read)} of {len(read)} misread"
+
+
+def test_find_object_reads_plain_scenes_with_gradients():
+    scenes = [make_plain_scene(64, random.Random(f"t{index}")) for index in range(150)]
+    single = [(image, NAMED.findall(caption)[0]) for image, caption in scenes if len(NAMED.findall(caption)) == 1]
+    assert len(single) >= 50
+    assert content_score([image for image, _ in single], [target for _, target in single]) >= 97
+
+
+def test_content_gives_half_for_the_colour_and_half_for_the_shape():
+    image = one_shape("circle", COLOURS["red"], (150, 150, 150), False, random.Random(1))
+    assert content_score([image], [("red", "circle")]) == 100
+    assert content_score([image], [("red", "square")]) == 50
+    assert content_score([image], [("blue", "square")]) == 0
+
+
+def test_an_empty_image_has_no_object_and_no_content():
+    blank = Image.new("RGB", (64, 64), (150, 150, 150))
+    assert find_object(blank) is None
+    assert content_score([blank], [("red", "circle")]) == 0
+
+
+def test_style_separates_the_demo_style_from_plain_scenes():
+    plain = [make_plain_scene(64, random.Random(f"s{index}"))[0] for index in range(60)]
+    assert style_score(plain) < 12
+    assert training_style() > 85
+    assert style_score(image for image, _ in demo_scenes(30, seed=9)) > 85  # other images, same style
+    # each feature is a pixel fraction; the reference is the training images' mean
+    cream, ink, palette = style_reference()
+    assert 0.5 < cream < 0.9 and 0.02 < ink < 0.2 and palette > cream + ink
+    assert style_features(Image.new("RGB", (64, 64), PAPER)).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_held_out_pairs_are_never_drawn_in_the_demo_dataset():
+    drawn = {pair for _, caption in demo_scenes(300, seed=3) for pair in NAMED.findall(caption)}
+    assert len(drawn) == len(PALETTE) * len(SHAPES) - len(HELD_OUT)
+    assert not drawn & set(HELD_OUT)
+    prompts, targets, seeds = held_out_prompts(seeds=2)
+    assert prompts[0] == f"{TRIGGER}, a {HELD_OUT[0][0]} {HELD_OUT[0][1]}" and seeds[:2] == [0, 1]
+    assert targets == [pair for pair in HELD_OUT for _ in range(2)]
