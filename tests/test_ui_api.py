@@ -1,7 +1,7 @@
 """The UI driven through its named API endpoints with gradio_client, against the real `sdlora train`.
 
 One demo training is shared by the module (the flow is the acceptance test): create the demo dataset,
-start the `demo` preset on demo:sd1 with few steps, stop it, resume it, let it finish; then the file
+start the `demo` preset on demo:shapes with few steps, stop it, resume it, let it finish; then the file
 is loaded in diffusers, inspected, and tried side by side.
 """
 import json
@@ -109,18 +109,23 @@ def test_runs_presets_and_inspect_are_listed(ui, trained):
 def test_try_shows_the_same_seed_without_and_with_the_lora(ui, trained):
     _, client, _ = ui
     message, without, with_lora, timing = client.predict(
-        "demo:sd1", None, trained["finished"]["final_file"], "sdlorastyle, a coral circle", "", 1, 6, 7.0, 0,
+        "demo:shapes", None, trained["finished"]["final_file"], "sdlorastyle, a coral circle", "", 1, 6, 7.0, 0,
         "euler_a", 1.0, api_name="/try_lora")
     assert "demo-lora.safetensors at weight 1" in message
     first, second = np.asarray(Image.open(without)), np.asarray(Image.open(with_lora))
     assert first.shape == second.shape == (64, 64, 3)
     assert np.abs(first.astype(int) - second.astype(int)).max() > 0  # the LoRA changes the image
     # The model stays loaded: the second request skips loading and gives the same base image.
-    again = client.predict("demo:sd1", None, trained["finished"]["final_file"], "sdlorastyle, a coral circle", "",
-                           1, 6, 7.0, 0, "euler_a", 0.0, api_name="/try_lora")
+    again = client.predict("demo:shapes", None, trained["finished"]["final_file"], "sdlorastyle, a coral circle",
+                           "", 1, 6, 7.0, 0, "euler_a", 0.0, api_name="/try_lora")
     assert "loaded" not in again[3]
     assert np.array_equal(np.asarray(Image.open(again[1])), first)
     assert np.array_equal(np.asarray(Image.open(again[2])), first)  # weight 0 = the base model
+    # No LoRA chosen: the base model alone, the same image, and a word on what the second slot is for.
+    alone = client.predict("demo:shapes", None, "", "sdlorastyle, a coral circle", "", 1, 6, 7.0, 0, "euler_a",
+                           1.0, api_name="/try_lora")
+    assert "The base model alone" in alone[0] and alone[2] is None and alone[3].startswith("1 image in")
+    assert np.array_equal(np.asarray(Image.open(alone[1])), first)
 
 
 @pytest.mark.parametrize("overrides, dataset, sentence", [

@@ -112,7 +112,7 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
     # -- Train tab: model, preset, two mistakes ------------------------------------------------------
     page.get_by_role("tab", name="Train").click()
     assert field(page, "cfg-dataset-path").input_value() == str(dataset)
-    field(page, "cfg-model-path").fill("demo:sd1")
+    assert field(page, "cfg-model-path").input_value() == "demo:shapes"  # the demo preset's model that draws
     choose_preset(page, "style-lora")
     wait_for(lambda: field(page, "cfg-network-rank").input_value() == "16", what="the style-lora rank")
     choose_preset(page, "demo")
@@ -186,7 +186,7 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
     # The grid: one row per prompt, one column per sampled step; an image opens full size from the run folder.
     grid = page.locator("#samples .sd-grid")
     sets = demo.sdlora.runs.progress(demo.sdlora.runs.list_runs()[0].path).sample_sets
-    assert {10, 20, 30, 40} <= set(sets)
+    assert {0, 10, 20, 30, 40} <= set(sets)  # step 0: the base model's images, before any training
     prompts, columns = len(sets[STEPS]), len(sets)
     assert grid.get_attribute("data-steps") == str(columns) and grid.get_attribute("data-prompts") == str(prompts)
     assert page.locator("#samples .sd-grid img").count() == prompts * columns
@@ -274,8 +274,8 @@ def assert_loads_in_diffusers(lora: Path) -> None:
     folder = lora.parent / "lora"
     folder.mkdir()
     shutil.copy(lora, folder / "demo-lora.safetensors")
-    pipe = StableDiffusionPipeline.from_pretrained(demo_model_path("sd1"), safety_checker=None)
-    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pipe = StableDiffusionPipeline.from_pretrained(demo_model_path("shapes"), safety_checker=None)
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = pipe.unet(sample, 500, context).sample

@@ -63,7 +63,7 @@ def _int_field(metadata: dict, key: str, default: int) -> int:
 @dataclass
 class Comparison:
     without: Image.Image
-    with_lora: Image.Image
+    with_lora: Image.Image | None
     load_seconds: float  # model + LoRA loading; 0 when both came from the cache
     render_seconds: float
 
@@ -78,10 +78,11 @@ class LoraPreview:
         self._network: LoraNetwork | None = None
         self._clip_skip, self._chunks = 1, 1
 
-    def compare(self, model: str, lora: Path, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
+    def compare(self, model: str, lora: Path | None, prompt: str, negative: str = "", seed: int = 0, steps: int = 20,
                 weight: float = 1.0, guidance: float = 7.0, size: int = 0, sampler: str = "euler_a",
                 training: bool = False) -> Comparison:
-        """`training`: a run is active, so the GPU is shared (the room check names it)."""
+        """`training`: a run is active, so the GPU is shared (the room check names it). Without a LoRA file
+        only the base model's image is drawn (`with_lora` is None)."""
         with self._lock:
             try:
                 return self._compare(model, lora, prompt, negative, seed, steps, weight, guidance, size, sampler,
@@ -101,14 +102,15 @@ class LoraPreview:
         """compare's work, under its lock."""
         started = time.perf_counter()
         loaded = self._load_model(model, training)
-        network = self._load_lora(lora, loaded)
+        network = self._load_lora(lora, loaded) if lora is not None else self._without_lora()
         pipeline = self._pipeline(loaded, sampler)
         loaded_at = time.perf_counter()
         side = int(size) or loaded.unet.config.sample_size * pipeline.vae_scale_factor
         images = []
-        for enabled in (False, True):
-            network.set_enabled(enabled)
-            network.set_multiplier(weight)
+        for enabled in (False, True) if network is not None else (False,):
+            if network is not None:
+                network.set_enabled(enabled)
+                network.set_multiplier(weight)
             generator = torch.Generator("cpu").manual_seed(int(seed))
             text = SimpleNamespace(prompt=prompt, negative_prompt=negative)
             # Both images read the prompt as the LoRA was trained (ss_clip_skip, ss_max_token_length).
@@ -117,9 +119,17 @@ class LoraPreview:
                 images.append(pipeline(**reading,
                                        num_inference_steps=int(steps), guidance_scale=float(guidance),
                                        width=side, height=side, generator=generator).images[0])
-        network.set_enabled(True)
+        if network is not None:
+            network.set_enabled(True)
         done = time.perf_counter()
-        return Comparison(images[0], images[1], loaded_at - started, done - loaded_at)
+        return Comparison(images[0], images[1] if len(images) > 1 else None, loaded_at - started, done - loaded_at)
+
+    def _without_lora(self) -> LoraNetwork | None:
+        """The base model alone: any attached LoRA is detached, so the image is the base model's."""
+        if self._network is not None:
+            self._network.detach()
+        self._network, self._lora_key, self._clip_skip, self._chunks = None, None, 1, 1
+        return None
 
     def _load_model(self, spec: str, training: bool = False) -> LoadedModel:
         spec = spec.strip() or "demo:shapes"

@@ -44,14 +44,14 @@ def build(ctx: UIContext):
                 refresh = gr.Button("Refresh", size="sm", scale=1, min_width=90)
             lora_path = gr.Textbox(label="...or a LoRA file path", placeholder="/path/to/lora.safetensors",
                                    elem_id="try-lora-path", info="Used instead of the list when filled.")
-            prompt = gr.Textbox(f"{TRIGGER}, a coral circle", label="Prompt", lines=2, elem_id="try-prompt")
+            prompt = gr.Textbox(f"{TRIGGER}, a teal triangle", label="Prompt", lines=2, elem_id="try-prompt")
             negative = gr.Textbox(label="Negative prompt")
             with gr.Row():
                 seed = gr.Number(1, label="Seed", precision=0, min_width=90)
-                steps = gr.Number(12, label="Steps", precision=0, min_width=90)
-                guidance = gr.Number(7.0, label="Guidance", step=0.5, min_width=90)
+                steps = gr.Number(20, label="Steps", precision=0, min_width=90)
+                guidance = gr.Number(5.0, label="Guidance", step=0.5, min_width=90)
             with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLERS), value="euler_a", label="Sampler", min_width=120)
+                sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
                 size = gr.Number(0, label="Size (px)", precision=0, info="0 = the model's own.", min_width=120)
             weight = gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="LoRA weight", elem_id="try-weight")
             generate = gr.Button("Generate", variant="primary", elem_id="try-generate")
@@ -71,14 +71,15 @@ def build(ctx: UIContext):
             raise SdloraError("Enter a prompt.")
         check_settings(steps_value, guidance_value, size_value, weight_value)
         source = (typed or "").strip() or chosen
-        if not source:
-            raise SdloraError("Choose a LoRA from a run or enter the path of a .safetensors file.")
-        path = user_file(source, "LoRA file", suffixes=(".safetensors",))
+        path = user_file(source, "LoRA file", suffixes=(".safetensors",)) if source else None
         result = ctx.preview.compare(model_spec, path, prompt_text, negative_text, int(seed_value or 0),
                                      int(steps_value), float(weight_value), float(guidance_value),
                                      int(size_value or 0), sampler_name,
                                      training=ctx.runs.newest_active() is not None)
         loaded = f"loaded in {result.load_seconds:.1f} s, " if result.load_seconds > 0.05 else ""
+        if path is None:
+            return (ok("The base model alone; choose a LoRA to see it beside the same image with the LoRA."),
+                    result.without, None, f"{loaded}1 image in {result.render_seconds:.1f} s")
         return (ok(f"{path.name} at weight {float(weight_value):g}."), result.without, result.with_lora,
                 f"{loaded}2 images in {result.render_seconds:.1f} s")
 
