@@ -126,7 +126,7 @@ def train_vae(args, work: Path) -> AutoencoderKL:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
-    if start >= args.vae_steps:
+    if start >= args.vae_steps or args.export_only:
         return vae
     pixels, _ = plain_scene_set(args.vae_images, args.seed + 1, codec_extras=True)
     generator = torch.Generator().manual_seed(args.seed + 2 + start)
@@ -174,7 +174,7 @@ def finetune_decoder(args, work: Path, vae: AutoencoderKL) -> None:
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-    if start < args.decoder_steps:
+    if start < args.decoder_steps and not args.export_only:
         pixels, _ = plain_scene_set(args.vae_images, args.seed + 6, codec_extras=True)
         generator = torch.Generator().manual_seed(args.seed + 7 + start)
         for module in decoder:
@@ -228,7 +228,7 @@ def train_denoiser(args, work: Path, vae: AutoencoderKL) -> tuple[UNet2DConditio
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start = state["step"]
-    if start < args.steps:
+    if start < args.steps and not args.export_only:
         _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, noise_scheduler, start)
     ema.copy_to(parameters)
     return unet, text_encoder
@@ -351,6 +351,8 @@ def parse_args(argv=None):
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--export-only", action="store_true",
+                        help="write --output from the checkpoints in --work as they are (a look at a run midway)")
     return parser.parse_args(argv)
 
 

@@ -115,7 +115,7 @@ def recipe_pipeline(contender, base):
 
 
 def train_and_score(setting: Setting, model_dir: Path, data_dir: Path, run_dir: Path, steps: int, every: int,
-                    base, log=print) -> Setting:
+                    base, seeds: int = 4, log=print) -> Setting:
     from trainer.quality import evaluate
 
     make = sdlora_contender if setting.contender == "sdlora" else recipe_contender
@@ -125,7 +125,7 @@ def train_and_score(setting: Setting, model_dir: Path, data_dir: Path, run_dir: 
     batches = contender.batches()
     for step in range(steps + 1):
         if step % every == 0:
-            scores = evaluate(pipeline_of(contender, base))
+            scores = evaluate(pipeline_of(contender, base), seeds=seeds)
             setting.curve.append((step, scores.style, scores.content))
             log(f"  {setting.name}: step {step} style {scores.style:.1f} content {scores.content:.1f}")
         if step < steps:
@@ -181,8 +181,12 @@ def ratio_lines(rows: list[Setting], level: float, steps: int) -> list[str]:
 
 
 def plot(rows: list[Setting], out_dir: Path, base, train_style: float) -> list[Path]:
-    """One PNG per group: style (solid) and content (dashed) against steps."""
-    import matplotlib
+    """One PNG per group: style (solid) and content (dashed) against steps (needs sdlora[bench])."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plots: matplotlib is missing; pip install -e '.[bench]'")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -250,6 +254,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--seeds", type=int, default=4, help="images per held-out prompt at each scoring")
     parser.add_argument("--only", choices=GROUPS, action="append", help="run only these groups")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "quality.json")
     parser.add_argument("--plots", type=Path, default=REPO_ROOT / "docs")
@@ -270,7 +275,7 @@ def main(argv=None) -> int:
         make_demo_dataset(data_dir)
     model_dir = demo_model_path("shapes")
     base_model = load_model("demo:shapes")
-    base = evaluate(build_pipeline(base_model, "ddim"))
+    base = evaluate(build_pipeline(base_model, "ddim"), seeds=args.seeds)
     train_style = training_style()
     level = base.style + 0.5 * (train_style - base.style)
     print(f"base model: style {base.style:.1f} content {base.content:.1f}; training images: style {train_style:.1f}; "
@@ -278,7 +283,7 @@ def main(argv=None) -> int:
     rows = [row for row in settings(args.learning_rate) if not args.only or row.group in args.only]
     for row in rows:
         print(f"{row.name} ...", flush=True)
-        train_and_score(row, model_dir, data_dir, root / row.name, args.steps, args.every, base_model)
+        train_and_score(row, model_dir, data_dir, root / row.name, args.steps, args.every, base_model, args.seeds)
     print(table(summary_rows(rows, level), ["group", "setting", "style", "content", f"steps to style {level:.0f}"]))
     for line in ratio_lines(rows, level, args.steps):
         print(line)

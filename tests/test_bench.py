@@ -5,6 +5,10 @@ Tiny models, a handful of images, 1-2 steps: the numbers mean nothing here, only
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +16,7 @@ from bench import end_to_end, gpu, harness, train_step
 
 pytest.importorskip("peft")
 pytest.importorskip("lycoris")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +105,32 @@ def test_end_to_end_commands_and_ratios(tmp_path):
     assert [(r["ours"], r["peer"]) for r in summary["ratios"]] == [("sdlora", "diffusers-peft"),
                                                                    ("sdlora-locon", "lycoris-locon")]
     assert summary["ratios"][0]["wall_time"] == 0.5 and summary["ratios"][0]["targets"]["wall_time"]["met"]
+
+
+def test_quality_steps_to_reach_and_ratios():
+    from bench.quality import Setting, ratio_lines, steps_to_reach
+
+    curve = [(0, 10.0, 90.0), (10, 30.0, 90.0), (20, 70.0, 85.0)]
+    assert steps_to_reach(curve, 50.0) == 15.0  # interpolated between steps 10 and 20
+    assert steps_to_reach(curve, 10.0) == 0 and steps_to_reach(curve, 80.0) is None
+    ours = Setting("sdlora r8, recipe modules", "head-to-head", "sdlora", curve=curve)
+    theirs = Setting("recipe r8", "head-to-head", "recipe", curve=[(0, 10.0, 90.0), (20, 30.0, 90.0),
+                                                                    (40, 50.0, 90.0)])
+    assert ratio_lines([ours, theirs], 50.0, 40) == ["sdlora r8, recipe modules / recipe r8: 0.38"]
+    never = Setting("recipe r8", "head-to-head", "recipe", curve=[(0, 10.0, 90.0), (40, 20.0, 90.0)])
+    assert ratio_lines([ours, never], 50.0, 40) == [
+        "sdlora r8, recipe modules / recipe r8: < 0.38 (recipe never reached it in 40 steps)"]
+
+
+def test_quality_bench_prints_the_table_and_the_ratio(tmp_path):
+    env = dict(os.environ, SDLORA_BENCH_WORK=str(tmp_path / "work"))
+    result = subprocess.run([sys.executable, "-m", "bench.quality", "--steps", "4", "--every", "2", "--seeds", "1",
+                             "--only", "head-to-head", "--out", str(tmp_path / "quality.json"),
+                             "--plots", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "base model: style" in result.stdout and "steps to style" in result.stdout
+    assert "sdlora r8, recipe modules / recipe r8: " in result.stdout
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert [len(s["curve"]) for s in saved["settings"]] == [3, 3, 3]  # steps 0, 2, 4 for each contender
+    assert all(0 <= point[1] <= 100 and 0 <= point[2] <= 100 for s in saved["settings"] for point in s["curve"])
