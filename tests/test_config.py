@@ -77,7 +77,7 @@ def test_unknown_key_messages(data, message):
     ({"network": 5}, "network must be a table of settings (got 5)."),
     ({"validation": {"timesteps": [10, "a"]}}, "validation.timesteps[1] must be an integer (got 'a')."),
     ({"sample": {"prompts": [{"seed": 1}]}}, "sample.prompts[0].prompt is required."),
-    ({"model": {"path": "demo:sd3"}}, "model.path must be demo:sd1, demo:sd2 or demo:sdxl (got 'demo:sd3')."),
+    ({"model": {"path": "demo:sd3"}}, "model.path must be one of demo:shapes, demo:sd1, demo:sd2, demo:sdxl (got 'demo:sd3')."),
     ({"model": {"family": "sdxl"}}, "model.path demo:sd1 is the tiny sd1 model but model.family is sdxl; "
                                     "set model.family to auto or use demo:sdxl."),
     ({"network": {"train_unet": False}},

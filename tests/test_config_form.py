@@ -35,9 +35,9 @@ def test_a_cleared_optional_field_beats_the_preset():
     cfg = resolve_config("demo", ["dataset.path=/data"])
     form = built_form(cfg)
     values = form.values(cfg)
-    assert values[form.keys.index("train.max_steps")] == "40"
+    assert values[form.keys.index("train.max_steps")] == str(cfg.train.max_steps)
     values[form.keys.index("train.max_steps")] = ""  # the user emptied "Max steps": train the epochs
-    assert cfg.train.max_steps == 40 and form.to_config("demo", "", values).train.max_steps is None
+    assert cfg.train.max_steps > 0 and form.to_config("demo", "", values).train.max_steps is None
 
 
 def test_bad_values_are_one_sentence_naming_the_key():

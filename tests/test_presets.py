@@ -3,6 +3,7 @@ import pytest
 
 from networks.errors import SdloraError
 from trainer.config import load_config, save_config
+from trainer.demo_data import HELD_OUT
 from trainer.presets import (
     builtin_names,
     list_presets,
@@ -70,11 +71,14 @@ def test_character_and_sdxl_presets_set_what_they_promise():
 
 def test_demo_preset_is_small_and_quick():
     cfg = resolve_config("demo")
-    assert (cfg.model.path, cfg.dataset.resolution, cfg.train.batch_size) == ("demo:sd1", 64, 2)
-    assert cfg.train.max_steps == 40 and cfg.train.learning_rate == 1e-3
+    assert (cfg.model.path, cfg.dataset.resolution, cfg.train.batch_size) == ("demo:shapes", 64, 2)
+    assert cfg.train.max_steps <= 80 and cfg.train.learning_rate == 1e-3
     assert (cfg.sample.every_steps, cfg.save.every_steps, cfg.dataset.path) == (20, 20, "")
+    assert cfg.sample.at_start  # the grid's first column is the base model, before any training
     assert len(cfg.sample.prompts) == 2
-    assert all(cfg.sample_size(p) == (64, 64) and p.steps <= 10 for p in cfg.sample.prompts)
+    assert all(cfg.sample_size(p) == (64, 64) and p.steps <= 20 for p in cfg.sample.prompts)
+    # one prompt names a pair the demo dataset never draws, so the grid shows the style, not a copy
+    assert any(f"a {colour} {shape}" in p.prompt for p in cfg.sample.prompts for colour, shape in HELD_OUT)
 
 
 def test_rank_override_keeps_the_ratio_so_alpha_follows():

@@ -33,7 +33,7 @@ def test_comments_blank_lines_and_bad_numbers():
 def test_the_ui_box_shows_each_prompts_settings_and_reads_them_back():
     cfg = resolve_config("demo")
     text = prompts_to_text(cfg)
-    assert text.splitlines()[0] == "sdlorastyle, a coral circle --w 64 --h 64 --d 1 --s 8"
+    assert text.splitlines()[0] == "sdlorastyle, a coral circle --w 64 --h 64 --d 1 --l 5"  # 20 steps: the default
     assert config_from_dict({"sample": {"prompts": prompts_from_text(text)}}).sample.prompts == cfg.sample.prompts
     typed = prompts_from_text("a new line")  # what it says is what is drawn: defaults for the rest
     assert typed == [{"prompt": "a new line"}]
