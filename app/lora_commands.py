@@ -260,7 +260,7 @@ def run_rank_experiment(args) -> int:
     for rank in args.ranks:
         cfg = resolve_config(args.preset, [f"dataset.path={Path(args.data).resolve()}", f"model.path={args.model}",
                                            f"output.dir={(out / f'r{rank}').resolve()}", f"network.rank={rank}",
-                                           f"train.max_steps={args.steps}", "sample.every_steps=0",
+                                           f"train.max_steps={args.steps}", "sample.every_steps=0", "sample.at_start=false",
                                            "save.every_steps=0", "save.precision=fp32", *args.set])
         files.append(train(cfg, progress=False))
     report = subspace_similarity(read_lora(files[0])[0], read_lora(files[1])[0], "down", str(files[0]),

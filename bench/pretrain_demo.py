@@ -126,6 +126,9 @@ def train_vae(args, work: Path) -> AutoencoderKL:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
+    if args.export_only and not start:
+        raise SystemExit(f"--export-only: no VAE checkpoint in {work}; run without it first.")
+    args.reached["vae"] = start if args.export_only else args.vae_steps
     if start >= args.vae_steps or args.export_only:
         return vae
     pixels, _ = plain_scene_set(args.vae_images, args.seed + 1, codec_extras=True)
@@ -174,6 +177,7 @@ def finetune_decoder(args, work: Path, vae: AutoencoderKL) -> None:
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
+    args.reached["decoder"] = start if args.export_only else args.decoder_steps
     if start < args.decoder_steps and not args.export_only:
         pixels, _ = plain_scene_set(args.vae_images, args.seed + 6, codec_extras=True)
         generator = torch.Generator().manual_seed(args.seed + 7 + start)
@@ -228,6 +232,9 @@ def train_denoiser(args, work: Path, vae: AutoencoderKL) -> tuple[UNet2DConditio
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start = state["step"]
+    if args.export_only and not start:
+        raise SystemExit(f"--export-only: no UNet checkpoint in {work}; run without it first.")
+    args.reached["denoiser"] = start if args.export_only else args.steps
     if start < args.steps and not args.export_only:
         _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, noise_scheduler, start)
     ema.copy_to(parameters)
@@ -327,7 +334,7 @@ def export(output: Path, vae, unet, text_encoder, args) -> None:
     index = json.loads((staging / "model_index.json").read_text())
     index.pop("tokenizer")
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    recipe = {key: value for key, value in vars(args).items() if key not in ("work", "output")}
+    recipe = {key: value for key, value in vars(args).items() if key not in ("work", "output", "export_only")}
     (staging / "pretrain.json").write_text(json.dumps(recipe, indent=2) + "\n")
     shutil.rmtree(output, ignore_errors=True)
     staging.replace(output)
@@ -358,6 +365,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.reached = {}  # the steps each stage really reached, recorded in pretrain.json
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     vae = train_vae(args, args.work)

@@ -46,6 +46,7 @@ class Setting:
     recipe_modules: bool = False  # sdlora adapts only the recipe's q, k, v, out
     preset: str | None = None  # sdlora's preset as shipped (its defaults)
     curve: list = field(default_factory=list)  # [(step, style, content)]
+    file: str | None = None  # the trained LoRA, kept for the LoRA paper's analyses (r 8 and r 64)
 
 
 def settings(lr: float) -> list[Setting]:
@@ -59,7 +60,7 @@ def settings(lr: float) -> list[Setting]:
     ]
     for rank in (1, 4, 16, 64):
         for ratio in (0.5, 1.0):
-            rows.append(Setting(f"sdlora r{rank} a/r {ratio:g}", "ranks", "sdlora", rank=rank, alpha_ratio=ratio,
+            rows.append(Setting(f"sdlora r{rank} ratio {ratio:g}", "ranks", "sdlora", rank=rank, alpha_ratio=ratio,
                                 learning_rate=lr))
     return rows
 
@@ -73,7 +74,8 @@ def sdlora_contender(setting: Setting, model_dir: Path, data_dir: Path, run_dir:
     from trainer.config import config_from_dict, merge_dicts
     from trainer.presets import resolve_config
 
-    quiet = {"sample": {"every_steps": 0, "every_epochs": 0}, "save": {"every_steps": 0, "every_epochs": 0}}
+    quiet = {"sample": {"every_steps": 0, "every_epochs": 0, "at_start": False},
+             "save": {"every_steps": 0, "every_epochs": 0}}
     if setting.preset:
         data = merge_dicts(resolve_config(setting.preset).model_dump(), quiet)
         data = merge_dicts(data, {"model": {"path": str(model_dir)}, "dataset": {"path": str(data_dir)},
@@ -103,7 +105,7 @@ def sdlora_pipeline(contender, base):
     encoders = model.text_encoders or base.text_encoders
     pipeline = build_pipeline(base, "ddim")
     pipeline.unet, pipeline.text_encoder = model.unet, encoders[0]
-    return pipeline
+    return pipeline.to(model.unet.device)  # the base's VAE (and text encoder) join the trained UNet
 
 
 def recipe_pipeline(contender, base):
@@ -111,7 +113,7 @@ def recipe_pipeline(contender, base):
 
     pipeline = build_pipeline(base, "ddim")
     pipeline.unet = contender.accelerator.unwrap_model(contender.unet)
-    return pipeline
+    return pipeline.to(pipeline.unet.device)
 
 
 def train_and_score(setting: Setting, model_dir: Path, data_dir: Path, run_dir: Path, steps: int, every: int,
@@ -132,15 +134,15 @@ def train_and_score(setting: Setting, model_dir: Path, data_dir: Path, run_dir: 
             contender.step(next(batches))
     if setting.contender == "sdlora" and setting.rank in (8, 64) and setting.alpha_ratio == 1.0 \
             and not setting.recipe_modules and setting.network == "lora" and not setting.preset:
-        _export(contender, run_dir / f"r{setting.rank}.safetensors")
+        setting.file = str(_export(contender, run_dir / f"r{setting.rank}.safetensors"))
     return setting
 
 
-def _export(contender, path: Path) -> None:
+def _export(contender, path: Path) -> Path:
     from networks.lora_file import save_lora
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_lora(path, contender.trainer.network.kohya_state_dict(), {})
+    return save_lora(path, contender.trainer.network.kohya_state_dict(), {})
 
 
 # --- results ----------------------------------------------------------------------------------------
@@ -215,13 +217,14 @@ def plot(rows: list[Setting], out_dir: Path, base, train_style: float) -> list[P
     return paths
 
 
-def lora_paper_analyses(run_root: Path, base_model) -> dict:
+def lora_paper_analyses(rows: list[Setting], base_model) -> dict:
     """phi between the r 8 and r 64 files' top directions, amplification of dW on W, effective ranks."""
     from networks.analysis import amplification_report, spectrum, subspace_similarity
     from networks.lora_file import read_lora
 
-    files = {rank: run_root / f"sdlora r{rank}" / f"r{rank}.safetensors" for rank in (8, 64)}
-    if not all(path.is_file() for path in files.values()):
+    files = {row.rank: Path(row.file) for row in rows if row.file}
+    if set(files) != {8, 64}:
+        print("no LoRA paper analyses: they need the r 8 and r 64 runs (groups head-to-head and ranks)")
         return {}
     states = {rank: read_lora(path)[0] for rank, path in files.items()}
     similarity = subspace_similarity(states[8], states[64])
@@ -287,7 +290,7 @@ def main(argv=None) -> int:
     print(table(summary_rows(rows, level), ["group", "setting", "style", "content", f"steps to style {level:.0f}"]))
     for line in ratio_lines(rows, level, args.steps):
         print(line)
-    analyses = lora_paper_analyses(root, base_model)
+    analyses = lora_paper_analyses(rows, base_model)
     print(json.dumps(analyses, indent=2))
     result = {"commit": commit(), "steps": args.steps, "every": args.every, "batch": BATCH, "seed": SEED,
               "base": asdict(base), "training_style": train_style, "half_way_level": level,

@@ -218,7 +218,7 @@ def test_blocking_errors(tmp_path):
     make_demo_dataset(tmp_path, count=2, seed=4)
     assert preflight_report(config(tmp_path, "model.path=/no/such/model.safetensors")).errors == [
         "model.path /no/such/model.safetensors was not found; give a diffusers folder, a .safetensors/.ckpt file, "
-        "a hub id or demo:sd1."]
+        "a hub id or demo:shapes."]
     held = preflight_report(config(tmp_path, "validation.images=2", "validation.every_steps=5"))
     assert not held.ok and "validation.images is 2 but the dataset has only 2 usable images" in held.errors[0]
     empty = preflight_report(config(tmp_path, "dataset.path="))
@@ -277,7 +277,8 @@ def test_check_command_exit_codes_and_json(tmp_path, capsys):
     args = parser().parse_args(["check", "--data", str(tmp_path / "d"), "--preset", "demo", "--json"])
     assert args.handler(args) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["ok"] and printed["steps"]["total_steps"] == 40 and printed["estimate"]["family"] == "sd1"
+    steps = resolve_config("demo").train.max_steps
+    assert printed["ok"] and printed["steps"]["total_steps"] == steps and printed["estimate"]["family"] == "sd1"
     args = parser().parse_args(["check", "--data", str(tmp_path / "d"), "--preset", "demo",
                                 "--set", "validation.images=5"])
     assert args.handler(args) == 1

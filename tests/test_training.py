@@ -180,7 +180,8 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, data8, 
     trainer.micro_step_loss = poisoned
     with pytest.raises(SdloraError, match=r"The loss became nan at step 3; the last checkpoint "
                                           r"\(demo-lora-step-000002.safetensors\) is intact; lower "
-                                          r"train.learning_rate and resume with --resume\.$"):
+                                          r"train.learning_rate and continue from it in a new run with "
+                                          r"--set network.weights=.*demo-lora-step-000002.safetensors\.$"):
         trainer.train()
     # emitted by train(); Trainer.train alone raises: check the checkpoint survived
     checkpoint = tmp_path / "run" / "checkpoints" / "demo-lora-step-000002.safetensors"

@@ -123,7 +123,7 @@ class Trainer:
         cfg = self.cfg
         set_seed(cfg.train.seed)
         scanned = ImageDataset.scan(dataset_options(cfg), seed=cfg.train.seed)
-        if self.main:
+        if self.main and not self.resume:  # once per run: a resume scans the same folder again
             self._report_skipped(scanned.report)
         # Held-out images leave the dataset before anything indexes it (caches, masks, the batch plan).
         self.dataset, held_out = validation_items(scanned, cfg.validation.images, cfg.validation.folder,
@@ -170,8 +170,9 @@ class Trainer:
 
     def _report_skipped(self, report) -> None:
         """Name every image the run leaves out, on stderr and as a `skipped` event, as the pre-flight does."""
-        for problem, what in [(p, "image") for p in report.skipped] + [(p, "regularization image or folder")
-                                                                         for p in report.reg_problems]:
+        left_out = [(p, "image") for p in report.skipped] + [(p, "folder") for p in report.ignored_folders]
+        left_out += [(p, "regularization image or folder") for p in report.reg_problems]
+        for problem, what in left_out:
             print(f"Skipped {what} {problem.name}: {problem.reason}.", file=sys.stderr)
             self.run.emit("skipped", name=problem.name, reason=problem.reason, kind=what)
 
@@ -411,9 +412,9 @@ class Trainer:
             from tqdm import tqdm
 
             self.progress = tqdm(total=self.total_steps, initial=position.step, unit="step", dynamic_ncols=True)
-        if cfg.sample.at_start and position.step == 0:
-            self._sample(0)
         try:
+            if cfg.sample.at_start and position.step == 0:
+                self._sample(0)
             plan_epoch, plan = None, []
             while position.step < self.total_steps:
                 if plan_epoch != position.epoch:  # a pure function of (seed, epoch): built once per epoch, not per
@@ -609,8 +610,9 @@ class Trainer:
         fix = "lower train.learning_rate"
         if torch.cuda.is_available() and self.cfg.train.mixed_precision == "fp16":
             fix += ' or set train.mixed_precision = "bf16" (fp16 overflows more easily)'
-        if checkpoints:
-            where = f"the last checkpoint ({checkpoints[-1].name}) is intact; {fix} and resume with --resume"
+        if checkpoints:  # a resume restores the old rate with the optimizer, so a new run continues the file
+            where = (f"the last checkpoint ({checkpoints[-1].name}) is intact; {fix} and continue from it in a new "
+                     f"run with --set network.weights={checkpoints[-1]}")
         else:
             where = f"no checkpoint was saved yet, so {fix} and start the run again"
         raise SdloraError(f"The loss became {value} at step {position.step + 1}; {where}.")

@@ -355,8 +355,9 @@ def _folder_family(folder: Path, detect_family) -> tuple[str, str, int | None]:
                           "Diffusion model; point model.path at the folder that holds model_index.json.")
     encoders = [c for c in (config("text_encoder"), config("text_encoder_2")) if c is not None]
     scheduler = config("scheduler", "scheduler_config.json") or {}
-    # The UNet's latent sample size x the VAE's factor 8 is the resolution the model was trained at.
-    native = unet["sample_size"] * 8 if isinstance(unet.get("sample_size"), int) else None
+    # The UNet's latent sample size x the VAE's factor (8 for SD; 4 for demo:shapes) is its training size.
+    vae_levels = len((config("vae") or {}).get("block_out_channels") or [0] * 4)
+    native = unet["sample_size"] * 2 ** (vae_levels - 1) if isinstance(unet.get("sample_size"), int) else None
     return detect_family(unet, encoders).name, scheduler.get("prediction_type", "epsilon"), native
 
 
