@@ -8,6 +8,9 @@ Three stages, each reproducible from --seed (same seed, same data, same initial 
 2. the UNet (SD1's block types, conv proj_in/out) and a small CLIP text encoder, together, on plain scenes
    only (trainer/plain_scenes.py), epsilon prediction on SD's scaled-linear schedule, min-SNR-5 weights,
    10% empty captions (for classifier-free guidance), an EMA of the weights that is what gets shipped;
+   then --offset-steps more at a constant --offset-lr with offset noise (Guttenberg's --noise-offset):
+   with SD's schedule the last step keeps 7% of the image, so a model trained without it takes its
+   images' mean colour from the starting noise (pastel, whatever the prompt), and a LoRA cannot move it;
 3. the VAE decoder alone, with the encoder frozen (the UNet's latents stay valid), to sharpen its images.
 
 --work keeps a checkpoint every --save-every steps and a preview grid; a killed run picks up from the
@@ -234,8 +237,8 @@ def train_denoiser(args, work: Path, vae: AutoencoderKL) -> tuple[UNet2DConditio
         start = state["step"]
     if args.export_only and not start:
         raise SystemExit(f"--export-only: no UNet checkpoint in {work}; run without it first.")
-    args.reached["denoiser"] = start if args.export_only else args.steps
-    if start < args.steps and not args.export_only:
+    args.reached["denoiser"] = start if args.export_only else args.steps + args.offset_steps
+    if start < args.steps + args.offset_steps and not args.export_only:
         _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, noise_scheduler, start)
     ema.copy_to(parameters)
     return unet, text_encoder
@@ -249,15 +252,20 @@ def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, n
     empty = tokens[-1]
     generator = torch.Generator().manual_seed(args.seed + 4 + start)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    began = time.time()
-    for step in range(start, args.steps):
+    began, total = time.time(), args.steps + args.offset_steps
+    for step in range(start, total):
+        offset_phase = step >= args.steps
+        if step == args.steps and step != start:  # the offset phase draws as it does when resumed here
+            generator = torch.Generator().manual_seed(args.seed + 4 + step)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, 100)
+            group["lr"] = args.offset_lr if offset_phase else lr_at(step, args.steps, args.lr, 100)
         picks = torch.randint(0, len(means), (args.batch,), generator=generator)
         latents = (means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)) * scale
         ids = tokens[picks].clone()
         ids[torch.rand(args.batch, generator=generator) < 0.1] = empty
         noise = torch.randn(latents.shape, generator=generator)
+        if offset_phase:  # offset noise: the image's mean colour stops being read from the noise
+            noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
@@ -270,8 +278,8 @@ def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, n
         optimizer.step()
         ema.step(parameters)
         if (step + 1) % 25 == 0:
-            _log(work, "denoiser", step + 1, args.steps, loss.item(), began, start)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            _log(work, "denoiser", step + 1, total, loss.item(), began, start)
+        if (step + 1) % args.save_every == 0 or step + 1 in (args.steps, total):
             save_checkpoint(work / "denoiser.pt", unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
                             optimizer=optimizer.state_dict(), ema=ema.state_dict(), step=step + 1)
             _preview(work, vae, unet, text_encoder, ema, parameters, step + 1)
@@ -347,7 +355,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--decoder-steps", type=int, default=1500)
+    parser.add_argument("--decoder-steps", type=int, default=1000)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-images", type=int, default=6000)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
@@ -355,6 +363,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--images", type=int, default=24000)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--offset-steps", type=int, default=400)
+    parser.add_argument("--offset-lr", type=float, default=3e-4)
+    parser.add_argument("--noise-offset", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
