@@ -25,6 +25,7 @@ def data(tmp_path_factory):
 
 def trained(tmp_path, data, *overrides):
     cfg = resolve_config("demo", [f"dataset.path={data}", f"output.dir={tmp_path / 'run'}", "train.max_steps=3",
+                                  "model.path=demo:sd1", "sample.at_start=false",
                                   "sample.every_steps=0", "save.every_steps=0", "save.precision=fp32",
                                   "network.rank=4", "network.type=locon", "network.conv_rank=2",
                                   "train.learning_rate=5e-3", *overrides])

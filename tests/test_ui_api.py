@@ -84,8 +84,8 @@ def test_the_final_file_loads_in_diffusers_and_changes_the_unet(trained):
 
     final = trained["finished"]["final_file"]
     assert final.endswith("demo-lora.safetensors")
-    pipe = StableDiffusionPipeline.from_pretrained(demo_model_path("sd1"), safety_checker=None)
-    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pipe = StableDiffusionPipeline.from_pretrained(demo_model_path("shapes"), safety_checker=None)
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = pipe.unet(sample, 500, context).sample
