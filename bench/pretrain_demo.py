@@ -109,6 +109,17 @@ def save_checkpoint(path: Path, **state) -> None:
     temporary.replace(path)
 
 
+def load_checkpoint(path: Path, **parts) -> tuple[int, dict]:
+    """save_checkpoint's counterpart: each part gets the state saved under its name; (step, state), or
+    (0, {}) when there is no checkpoint yet."""
+    if not path.exists():
+        return 0, {}
+    state = torch.load(path, weights_only=False)
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    return state["step"], state
+
+
 # --- stage 1: the VAE ----------------------------------------------------------------------------------
 
 
@@ -122,13 +133,10 @@ def train_vae(args, work: Path) -> AutoencoderKL:
         vae.quant_conv.weight[channels:] = 0.0
         vae.quant_conv.bias[channels:] = -10.0
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start, checkpoint = 0, work / "vae.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    checkpoint = work / "vae.pt"
+    start, state = load_checkpoint(checkpoint, model=vae, optimizer=optimizer)
+    if "rng" in state:
         torch.set_rng_state(state["rng"])
-        start = state["step"]
     if args.export_only and not start:
         raise SystemExit(f"--export-only: no VAE checkpoint in {work}; run without it first.")
     args.reached["vae"] = start if args.export_only else args.vae_steps
@@ -174,12 +182,8 @@ def finetune_decoder(args, work: Path, vae: AutoencoderKL) -> None:
     decoder = [vae.decoder, vae.post_quant_conv]
     parameters = [p for module in decoder for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=args.vae_lr / 2, weight_decay=0.0)
-    start, checkpoint = 0, work / "decoder.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    checkpoint = work / "decoder.pt"
+    start, _ = load_checkpoint(checkpoint, model=vae, optimizer=optimizer)
     args.reached["decoder"] = start if args.export_only else args.decoder_steps
     if start < args.decoder_steps and not args.export_only:
         pixels, _ = plain_scene_set(args.vae_images, args.seed + 6, codec_extras=True)
@@ -227,14 +231,8 @@ def train_denoiser(args, work: Path, vae: AutoencoderKL) -> tuple[UNet2DConditio
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMAModel(parameters, decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     noise_scheduler = DDPMScheduler.from_config(_scheduler("sd1").config)
-    start, checkpoint = 0, work / "denoiser.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        start = state["step"]
+    start, _ = load_checkpoint(work / "denoiser.pt", unet=unet, text_encoder=text_encoder, optimizer=optimizer,
+                               ema=ema)
     if args.export_only and not start:
         raise SystemExit(f"--export-only: no UNet checkpoint in {work}; run without it first.")
     args.reached["denoiser"] = start if args.export_only else args.steps + args.offset_steps
