@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from app.caption_command import add_caption_subcommand
 from app.check_command import add_check_subcommand, add_import_kohya_action
 from app.lora_commands import add_lora_subcommands
 from networks.errors import SdloraError
@@ -102,6 +103,7 @@ def _add_optional_commands(commands) -> None:
     """Command groups that live in their own modules."""
     add_check_subcommand(commands)
     add_lora_subcommands(commands)
+    add_caption_subcommand(commands)
 
 
 def _print(text: str) -> int:
