@@ -12,17 +12,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ui_support import served_ui, wait_for
+from tests.ui_support import (
+    CHROMIUM,
+    choose_preset,
+    field,
+    launch_chromium,
+    open_page,
+    open_section,
+    served_ui,
+    set_field,
+    shot,
+    train_notice,
+    wait_for,
+)
 from trainer.demo_data import make_demo_dataset
 
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip("Debian's Chromium (/usr/bin/chromium) is not installed; apt-get install chromium",
                 allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 STEPS = 40
 
 
@@ -36,7 +45,7 @@ def ui(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = launch_chromium(playwright)
         yield browser
         browser.close()
 
@@ -44,53 +53,14 @@ def browser():
 @pytest.fixture
 def page(browser, ui):
     demo, _ = ui
-    context = browser.new_context(viewport={"width": 1440, "height": 1000}, accept_downloads=True)
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    page.goto(demo.local_url)
-    page.wait_for_selector("#dataset-open")
+    page = open_page(browser, demo.local_url)
     yield page
-    context.close()
-
-
-def shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    page.context.close()
 
 
 def progress(page) -> tuple[str, int]:
     bar = page.locator("#progress .sd-progress")
     return bar.get_attribute("data-status"), int(bar.get_attribute("data-step") or 0)
-
-
-def field(page, elem_id: str):
-    return page.locator(f"#{elem_id} input, #{elem_id} textarea").first
-
-
-def set_field(page, elem_id: str, value: str) -> None:
-    """Fill a field in a just-opened section and make sure the value holds: Gradio mounts a section's
-    inputs when it first opens, and on a loaded machine the mount can land after the typing and reset it."""
-    for _ in range(20):
-        field(page, elem_id).fill(value)
-        page.wait_for_timeout(250)
-        if field(page, elem_id).input_value() == value:
-            return
-    raise AssertionError(f"#{elem_id} did not keep {value!r}")
-
-
-def train_notice(page) -> str:
-    return page.locator("#train-notice").inner_text()
-
-
-def choose_preset(page, name: str) -> None:
-    page.locator("#preset input").click()
-    page.locator("ul[role=listbox] li", has_text=f"{name} ·").first.click()
-
-
-def open_section(page, section: str) -> None:
-    if not page.locator(f"#advanced-{section}").is_visible():
-        page.get_by_text("Advanced: every setting").click()
-    page.locator(f"#advanced-{section} > button").click()
 
 
 def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path):
@@ -313,3 +283,60 @@ def test_inspect_shows_the_spectrum_and_the_similarity_heatmap(page, tmp_path):
     page.locator("ul[role=listbox] li", has_text="lora_unet_mid_block_attentions_0_proj_in").first.click()
     wait_for(lambda: heatmap.get_attribute("src") != mean, what="the module's heatmap")
     assert "Traceback" not in page.content()
+
+
+def test_a_folder_without_captions_is_captioned_from_the_dataset_tab(page, tmp_path):
+    from tests.tiny_captioners import tiny_blip, tiny_wd14
+
+    dataset = tmp_path / "uncaptioned"
+    make_demo_dataset(dataset, count=8)
+    for caption_file in sorted(dataset.glob("*.txt"))[1:]:
+        caption_file.unlink()
+    own = (dataset / "demo_000.txt").read_text()
+    blip, tagger = tiny_blip(tmp_path / "blip"), tiny_wd14(tmp_path / "wd14")
+    field(page, "dataset-folder").fill(str(dataset))
+    page.locator("#dataset-open").click()
+    stats, status = page.locator("#dataset-stats"), page.locator("#autocaption-status")
+    wait_for(lambda: "Captions: 1 of 8" in stats.inner_text(), what="the opened folder")
+    page.get_by_text("Caption automatically").click()
+
+    # Offline the default BLIP cannot be had: one sentence that says how to get it; nothing is written.
+    page.locator("#autocaption-run").click()
+    notice = page.locator("#dataset-notice")
+    wait_for(lambda: "Cannot get the BLIP captioner" in notice.inner_text(), what="the offline sentence")
+    assert "`hf download Salesforce/blip-image-captioning-large --local-dir" in notice.inner_text()
+    assert [p.name for p in dataset.glob("*.txt")] == ["demo_000.txt"]
+    shot(page, "caption-offline.png")
+
+    # A local BLIP folder: the bar counts the images, then the gallery and the stats show the captions.
+    set_field(page, "autocaption-model", str(blip))
+    set_field(page, "autocaption-prefix", "mystyle")
+    page.locator("#autocaption-run").click()
+    wait_for(lambda: "/7 images" in status.inner_text() and "Captioned demo_00" in status.inner_text(),
+             interval=0.05, what="the progress bar")
+    shot(page, "caption-progress.png")
+    wait_for(lambda: "Wrote 7 caption file(s); kept the 1 existing caption(s)" in status.inner_text(),
+             what="the summary")
+    assert (dataset / "demo_000.txt").read_text() == own
+    assert all(p.read_text().startswith("mystyle, ") for p in dataset.glob("demo_00[1-7].txt"))
+    wait_for(lambda: "Captions: 8 of 8" in stats.inner_text(), what="the stats")
+    assert page.locator("#dataset-gallery").inner_text().count("mystyle, ") == 7
+    shot(page, "caption-blip.png")
+
+    # The tagger brings its threshold; "All images" replaces every caption, the one written by hand too.
+    page.locator("#autocaption-kind input").click()
+    page.locator("ul[role=listbox] li", has_text="WD14 tagger").first.click()
+    threshold = page.locator("#autocaption-threshold input[type=number]")
+    threshold.wait_for()
+    threshold.fill("0.6")
+    threshold.press("Enter")
+    set_field(page, "autocaption-model", str(tagger))
+    page.locator("#autocaption-which label", has_text="All images").click()
+    page.locator("#autocaption-run").click()
+    wait_for(lambda: "Wrote 8 caption file(s)." in status.inner_text(), what="the tagger's summary")
+    for caption_file in dataset.glob("*.txt"):
+        tags = caption_file.read_text().strip().split(", ")
+        assert tags[:2] == ["mystyle", "some character (series)"] and "^_^" in tags
+        assert "simple background" not in tags  # p = 0.5, under the 0.6 set in the page
+    assert "Traceback" not in page.content()
+    shot(page, "caption-wd14.png")

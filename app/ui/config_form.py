@@ -43,6 +43,11 @@ class ConfigForm:
     def components(self) -> list[gr.components.Component]:
         return list(self.widgets.values())
 
+    def label(self, key: str) -> str:
+        """The words the page shows for `key` (what error messages and notices call it)."""
+        widget = self.widgets.get(key)
+        return str(widget.label) if widget is not None and widget.label else key
+
     def add(self, key: str, **options) -> gr.components.Component:
         """Create (inside the current layout) the widget for `key`; `options` refine label, info, scale."""
         field = self.fields[key]

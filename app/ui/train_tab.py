@@ -17,9 +17,10 @@ from app.ui.context import UIContext
 from app.ui.live_view import header_markdown, log_html, loss_frame, progress_html, sample_grid_html
 from app.ui.notices import guarded, notice, ok
 from app.ui.preflight_view import report_html
+from app.ui.preset_fill import fill_from_preset
 from networks.errors import SdloraError
 from trainer.config import TrainConfig, load_config
-from trainer.presets import list_presets, load_preset, resolve_config, save_user_preset
+from trainer.presets import list_presets, resolve_config, save_user_preset
 
 DEFAULT_PRESET = "demo"
 POLL_SECONDS = 1.0
@@ -47,17 +48,6 @@ def preset_choices() -> list[tuple[str, str]]:
 def preset_description(name: str | None) -> str:
     info = next((p for p in list_presets() if p.name == name), None)
     return f"<span class='sd-muted'>{html.escape(info.description)}</span>" if info and info.description else ""
-
-
-def preset_config(name: str, model: str, dataset: str, run_name: str) -> TrainConfig:
-    """The preset over the defaults, keeping what the user already typed where the preset is silent."""
-    raw = load_preset(name)
-    base: dict = {"dataset": {"path": dataset or ""}}
-    if "path" not in raw.get("model", {}) and model:
-        base["model"] = {"path": model}
-    if "name" not in raw and run_name:
-        base["name"] = run_name
-    return resolve_config(name, base=base)
 
 
 def alpha_text(kind, rank, ratio, alpha, conv_rank, conv_ratio, conv_alpha) -> str:
@@ -175,10 +165,18 @@ def build(ctx: UIContext) -> TrainTab:
         values = form.values(cfg)
         return [gr.update(value=v, visible=locon) if k in CONV_KEYS else v for k, v in zip(form.keys, values)]
 
-    @guarded(len(fill_outputs))
-    def on_preset(name, model, dataset, run_name):
-        cfg = preset_config(name, model, dataset, run_name)
-        return (notice(), *form_values(cfg), prompts_to_text(cfg), preset_description(name))
+    applied = gr.State(DEFAULT_PRESET)  # the preset the form was last filled from
+
+    @guarded(len(fill_outputs) + 1)
+    def on_preset(name, last, prompts_text, *values):
+        """Set the keys the preset names, and say which. Gradio's dropdown sends an input event on every
+        blur too (a look at the list, a Tab through the form): the same preset again changes nothing."""
+        if not name or name == last:
+            return (gr.skip(),) * (len(fill_outputs) + 1)
+        fill = fill_from_preset(form, name, values, prompts_text)
+        updates = [fill.updates.get(key, gr.skip()) for key in form.keys]
+        prompts_value = gr.skip() if fill.prompts is None else fill.prompts
+        return (ok(fill.sentence), *updates, prompts_value, preset_description(name), name)
 
     @guarded(len(fill_outputs))
     def fill_from_run(run):
@@ -189,8 +187,8 @@ def build(ctx: UIContext) -> TrainTab:
         return (notice(), *form_values(cfg), prompts_to_text(cfg), gr.skip())
 
     alpha_inputs = [form.widgets[k] for k in ALPHA_KEYS]
-    preset.input(on_preset, [preset, form.widgets["model.path"], form.widgets["dataset.path"], form.widgets["name"]],
-                 fill_outputs, api_visibility="private").then(alpha_text, alpha_inputs, alpha, api_visibility="private")
+    preset.input(on_preset, [preset, applied, prompts, *widgets], [*fill_outputs, applied],
+                 api_visibility="private").then(alpha_text, alpha_inputs, alpha, api_visibility="private")
     for widget in alpha_inputs:
         widget.change(alpha_text, alpha_inputs, alpha, api_visibility="private", show_progress="hidden")
     form.widgets["network.type"].change(lambda t: [gr.update(visible=t == "locon")] * len(CONV_KEYS),
@@ -267,15 +265,15 @@ def build(ctx: UIContext) -> TrainTab:
                      show_progress="minimal").then(refresh, refresh_inputs, live_outputs, api_visibility="private",
                                                    show_progress="hidden")
 
-    @guarded(3)
+    @guarded(4)
     def on_save_preset(name, preset_name, prompts_text, *values):
         cfg = form.to_config(preset_name, prompts_text, values)
         name = (name or "").strip()
         path = save_user_preset(name, cfg)
         return (ok(f"Saved preset {name} to {path}."), gr.Dropdown(choices=preset_choices(), value=name),
-                preset_description(name))
+                preset_description(name), name)  # the form holds the new preset: choosing it again changes nothing
 
-    save_preset.click(on_save_preset, [preset_name, preset, prompts, *widgets], [message, preset, description],
+    save_preset.click(on_save_preset, [preset_name, preset, prompts, *widgets], [message, preset, description, applied],
                       api_name="train_save_preset", api_visibility="undocumented")
 
     # -- page load: presets may have changed on disk, and a run may be training ------------------
