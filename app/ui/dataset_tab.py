@@ -5,6 +5,7 @@ files and why, buckets) is exactly what training will use.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,7 @@ def build(ctx: UIContext) -> DatasetTab:
                                  elem_id="dataset-gallery")
         with gr.Column(scale=2):
             preview = gr.Image(label="Selected image", height=240, interactive=False, elem_id="caption-preview")
-            selected = gr.Number(visible=False, precision=0)
+            editing = gr.State(None)  # the image whose caption the editor holds
             caption = gr.Textbox(label="Caption", lines=3, placeholder="Click an image to edit its caption.",
                                  elem_id="caption-text")
             save_caption = gr.Button("Save caption", elem_id="caption-save")
@@ -166,7 +167,7 @@ def build(ctx: UIContext) -> DatasetTab:
     def view(result: Scan, note: str) -> tuple:
         entries, shown = gallery_entries(result.images, result.extension)
         saved = {"folder": str(result.folder), "images": [str(p) for p in result.images], "shown": shown,
-                 "extension": result.extension}
+                 "extension": result.extension, "scan": time.time_ns()}  # a new scan is a change: the editor follows
         return (ok(note), entries, stats_markdown(result), gr.BarPlot(bucket_frame(result.report), visible=True),
                 problems_markdown(result.report), saved)
 
@@ -181,22 +182,33 @@ def build(ctx: UIContext) -> DatasetTab:
         result = scan(str(created), res)
         return (*view(result, f"Created the demo dataset in {created}."), str(created), str(ctx.free_demo_folder()))
 
-    def _image(saved, index) -> Path:
-        if not saved or index is None or not 0 <= int(index) < len(saved["shown"]):
+    def _image(saved, image) -> Path:
+        if not saved or image not in saved["shown"]:
             raise SdloraError("Click an image first.")
-        return Path(saved["shown"][int(index)])
+        return Path(image)
 
     @guarded(4)
     def on_select(saved, evt: gr.SelectData):
-        image = _image(saved, evt.index)
-        return notice(), str(thumbnail(image, PREVIEW_SIDE) or ""), read_caption(image, saved["extension"]) or "", evt.index
+        if not saved or not 0 <= evt.index < len(saved["shown"]):
+            raise SdloraError("Click an image first.")
+        image = Path(saved["shown"][evt.index])
+        return notice(), str(thumbnail(image, PREVIEW_SIDE) or ""), read_caption(image, saved["extension"]) or "", \
+            str(image)
+
+    def follow(saved, image):
+        """After any (re)scan: the editor shows the caption as it is on disk now, or empties when its image
+        is not in the dataset shown (another folder), so Save never writes stale text."""
+        if saved and image in saved["shown"]:
+            return gr.skip(), read_caption(Path(image), saved["extension"]) or "", image
+        return None, "", None
 
     @guarded(2)
-    def on_save(saved, index, text):
-        image = _image(saved, index)
+    def on_save(saved, image, text):
+        image = _image(saved, image)
         write_caption(image, text, Path(saved["folder"]), saved["extension"])
         entries, _ = gallery_entries([Path(p) for p in saved["shown"]], saved["extension"])
-        return ok(f"Saved the caption of {image.name}."), gr.Gallery(entries, selected_index=int(index))
+        shown_at = saved["shown"].index(str(image))
+        return ok(f"Saved the caption of {image.name}."), gr.Gallery(entries, selected_index=shown_at)
 
     def bulk(action):
         @guarded(len(view_outputs))
@@ -215,8 +227,10 @@ def build(ctx: UIContext) -> DatasetTab:
         demo_button.click(on_create, [demo_folder, demo_count, resolution], [*view_outputs, folder, demo_folder],
                           api_name="dataset_create_demo", api_visibility="undocumented"),
     ]
-    gallery.select(on_select, [state], [message, preview, caption, selected], api_visibility="private")
-    save_caption.click(on_save, [state, selected, caption], [message, gallery], api_name="caption_save",
+    gallery.select(on_select, [state], [message, preview, caption, editing], api_visibility="private")
+    state.change(follow, [state, editing], [preview, caption, editing], api_visibility="private",
+                 show_progress="hidden")
+    save_caption.click(on_save, [state, editing, caption], [message, gallery], api_name="caption_save",
                        api_visibility="undocumented")
     add_trigger.click(bulk(add_trigger_everywhere), [state, resolution, trigger], view_outputs,
                       api_name="captions_add_trigger", api_visibility="undocumented")
