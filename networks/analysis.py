@@ -4,6 +4,8 @@ Every module's update is the low-rank product delta W = scale * B A (B = lora_up
 [r, in*kh*kw], scale = alpha / r). Its SVD never needs the [out, in] matrix: with B = Qb Rb and A^T = Qa Ra
 (thin QRs), delta W = Qb (scale Rb Ra^T) Qa^T, so the SVD of the r x r core gives the singular values and,
 mapped back through Qb / Qa, the singular vectors. That keeps a whole SDXL file's analysis to seconds.
+LyCORIS LoHa / LoKr modules are read as exact factors of the same form (their Khatri-Rao / Kronecker
+factors, networks/loha.py and networks/lokr.py), so inspect, spectrum and similarity read them too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 from torch import nn
 
 from .errors import SdloraError
-from .lora_file import PORTABLE_SUFFIXES
+from .loha import hadamard_factors
+from .lokr import kron_factors
+from .lycoris_keys import ALGO_NAMES, ALL_SUFFIXES, group_modules, module_algo
 from .network import LoraNetwork
 
 ENERGY_LEVELS = (0.9, 0.99)
@@ -32,6 +36,7 @@ class ModuleFactors:
     scale: float
     kernel: tuple[int, ...] | None  # (kh, kw) when the file stores 4-D (conv) tensors, else None
     dtype: torch.dtype = torch.float32  # the file's weight dtype, kept when rewriting
+    algo: str = "lora"  # "loha" / "lokr": exact factors of a LyCORIS module (rank = their inner size)
 
     @property
     def rank(self) -> int:
@@ -57,23 +62,33 @@ class LowRankSVD:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def check_lora_keys(state: dict[str, torch.Tensor], source: str = "the file") -> None:
-    """Only lora_down / lora_up / alpha keys. Unlike lora_file.check_portable (for writing), any alpha dtype
-    passes: kohya itself saves alpha in the weights' dtype (fp16)."""
-    foreign = [k for k in state if not k.endswith(PORTABLE_SUFFIXES) or "." not in k]
+def check_lora_keys(state: dict[str, torch.Tensor], source: str = "the file", lycoris: bool = True) -> None:
+    """Only lora_down / lora_up / alpha keys (and LyCORIS's LoHa/LoKr ones when `lycoris`). Unlike
+    lora_file.check_portable (for writing), any alpha dtype passes: kohya saves alpha in the weights' dtype."""
+    foreign = [k for k in state if k.split(".", 1)[-1] not in ALL_SUFFIXES or "." not in k]
     if foreign:
         raise SdloraError(f"'{source}' has {len(foreign)} key(s) that are not lora_down/lora_up/alpha "
                           f"(e.g. '{foreign[0]}'); it is not a kohya-layout LoRA file.")
+    algos = {module_algo(parts) for parts in group_modules(state).values()} - {"lora", None}
+    if algos and not lycoris:
+        raise SdloraError(f"'{source}' is a LyCORIS {'/'.join(sorted(ALGO_NAMES[a] for a in algos))} file, "
+                          "whose update is a Hadamard or Kronecker product with no rank-r factors to truncate "
+                          "or add up; resize and mix take LoRA/LoCon files, so keep it as it is or train it "
+                          "at the rank you want.")
 
 
-def lora_factors(state: dict[str, torch.Tensor], source: str = "the file") -> dict[str, ModuleFactors]:
-    """Every module of a kohya-layout state dict as flat factors, in model order; a non-LoRA file is one
-    SdloraError."""
-    check_lora_keys(state, source)
-    names = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in state}
-    names = sorted(names, key=lambda n: (block_order(n), n))
+def lora_factors(state: dict[str, torch.Tensor], source: str = "the file",
+                 lycoris: bool = True) -> dict[str, ModuleFactors]:
+    """Every module of a kohya-layout state dict as flat factors, in model order; a non-LoRA file (or a
+    LyCORIS one when not `lycoris`) is one SdloraError."""
+    check_lora_keys(state, source, lycoris)
+    modules = group_modules(state)
     factors = {}
-    for name in names:
+    for name in sorted(modules, key=lambda n: (block_order(n), n)):
+        algo = module_algo(modules[name])
+        if algo in ("loha", "lokr"):
+            factors[name] = _lycoris_factors(name, algo, modules[name], source)
+            continue
         down, up = state.get(f"{name}.lora_down.weight"), state.get(f"{name}.lora_up.weight")
         if down is None or up is None:
             raise SdloraError(f"Module '{name}' in {source} lacks lora_down or lora_up weights; "
@@ -88,6 +103,31 @@ def lora_factors(state: dict[str, torch.Tensor], source: str = "the file") -> di
         factors[name] = ModuleFactors(name, up.flatten(1).float(), down.flatten(1).float(), scale, kernel,
                                       down.dtype)
     return factors
+
+
+def _lycoris_factors(name: str, algo: str, parts: dict[str, torch.Tensor], source: str) -> ModuleFactors:
+    """A LoHa / LoKr module as exact flat factors, its scale read as LyCORIS reads it."""
+    weights = {key: tensor.float() for key, tensor in parts.items() if key != "alpha"}
+    try:
+        if algo == "loha":
+            w1b = weights["hada_w1_b"]
+            up, down = hadamard_factors(weights["hada_w1_a"], w1b.flatten(1), weights["hada_w2_a"],
+                                        weights["hada_w2_b"].flatten(1))
+            dim, full = w1b.shape[0], False
+        else:
+            w1 = weights["lokr_w1"] if "lokr_w1" in weights else weights["lokr_w1_a"] @ weights["lokr_w1_b"]
+            w2 = (weights["lokr_w2"].flatten(1) if "lokr_w2" in weights
+                  else weights["lokr_w2_a"] @ weights["lokr_w2_b"].flatten(1))
+            up, down = kron_factors(w1, w2)
+            inner = weights.get("lokr_w1_a", weights.get("lokr_w2_a"))
+            dim, full = (inner.shape[1], False) if inner is not None else (1, True)
+    except (KeyError, RuntimeError) as error:
+        raise SdloraError(f"{ALGO_NAMES[algo]} module '{name}' in {source} is incomplete or its factors do not "
+                          f"multiply ({error}); the file is damaged.") from None
+    alpha = parts.get("alpha")
+    scale = 1.0 if full else (float(alpha) if alpha is not None else float(dim)) / dim
+    dtype = next(iter(t.dtype for k, t in parts.items() if k != "alpha"))
+    return ModuleFactors(name, up, down, scale, None, dtype, algo)
 
 
 # -- the SVD of a product, through QR --------------------------------------------------------------

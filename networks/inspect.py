@@ -7,6 +7,7 @@ norm ||scale * up @ down||_F per module and per block (computed through QR, neve
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .lora_file import module_summary, read_lora
 _VERSION_FAMILIES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("stable-diffusion-xl", "sdxl"),
                      ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
 SGM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+# kohya names of the UNet's 3x3 convs: diffusers' (SD1/SD2) and SGM's (SDXL) spellings
+CONV_NAME = re.compile(r"_(conv1|conv2|in_layers_2|out_layers_3|op|conv|conv_in|conv_out|input_blocks_0_0|out_2)$")
 LONG_VALUE = 160  # metadata values longer than this (tag frequencies, dataset dirs) are cut in the text view
 
 
@@ -50,19 +53,26 @@ def _family_from_shapes(state: dict[str, torch.Tensor]) -> str | None:
 
 
 def inspect_state(state: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "the file") -> dict:
+    """LoRA/LoCon and LyCORIS LoHa/LoKr files alike; a LyCORIS module's rank is its dim (LoKr with both
+    halves full: None) and its norm that of its exact update."""
     factors = lora_factors(state, source)
     summary = module_summary(state)
     modules = {}
     for name in sorted(factors, key=lambda n: (block_order(n), n)):
-        module = factors[name]
-        conv = module.kernel is not None and module.kernel != (1, 1)
-        modules[name] = {"block": block_of(name), "kind": "conv" if conv else "linear",
-                         "rank": module.rank, "alpha": summary[name]["alpha"], "scale": module.scale,
-                         "down": summary[name]["down"], "up": summary[name]["up"],
+        module, info = factors[name], summary[name]
+        if module.algo == "lora":
+            conv = module.kernel is not None and module.kernel != (1, 1)
+        else:  # LyCORIS stores most conv factors flattened to 2-D, so the name tells
+            conv = bool(CONV_NAME.search(name))
+        modules[name] = {"block": block_of(name), "kind": "conv" if conv else "linear", "algo": module.algo,
+                         "rank": info["rank"], "alpha": info["alpha"], "scale": module.scale,
+                         "down": info.get("down"), "up": info.get("up"), "shapes": info["shapes"],
                          "norm": float(module_svd(module).S.norm())}
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in state.items() if not k.endswith(".alpha")})
+    algos = {m["algo"] for m in modules.values()}
+    kind = "locon" if any(m["kind"] == "conv" for m in modules.values()) else "lora"
     return {"family": lora_family(state, metadata),
-            "type": "locon" if any(m["kind"] == "conv" for m in modules.values()) else "lora",
+            "type": "+".join(sorted(algos - {"lora"})) if algos - {"lora"} else kind,
             "dtype": ", ".join(dtypes), "module_count": len(modules),
             "components": dict(Counter(name.split("_", 2)[1] for name in modules)),
             "rank_alpha": _rank_alpha_groups(modules), "blocks": _blocks(modules),
@@ -79,7 +89,7 @@ def inspect_lora(path: str | os.PathLike) -> dict:
 def _rank_alpha_groups(modules: dict[str, dict]) -> list[dict]:
     counts = Counter((m["kind"], m["rank"], m["alpha"]) for m in modules.values())
     return [{"kind": kind, "rank": rank, "alpha": alpha, "modules": n}
-            for (kind, rank, alpha), n in sorted(counts.items())]
+            for (kind, rank, alpha), n in sorted(counts.items(), key=lambda item: _rank_key(item[0][1:]))]
 
 
 def _blocks(modules: dict[str, dict]) -> dict[str, dict]:
@@ -90,7 +100,7 @@ def _blocks(modules: dict[str, dict]) -> dict[str, dict]:
         row["ranks"].add(report["rank"])
         row["alphas"].add(report["alpha"])
         row["norm2"] += report["norm"] ** 2
-    return {block: {"modules": row["modules"], "ranks": sorted(row["ranks"]), "alphas": sorted(row["alphas"]),
+    return {block: {"modules": row["modules"], "ranks": sorted(row["ranks"], key=_rank_key), "alphas": sorted(row["alphas"]),
                     "norm": row["norm2"] ** 0.5} for block, row in blocks.items()}
 
 
@@ -101,7 +111,7 @@ def render_inspect(report: dict, per_module: bool = False) -> str:
     components = ", ".join(f"{k} {v}" for k, v in report["components"].items())
     lines += [f"family: {report['family'] or 'unknown'}",
               f"type: {report['type']}, {report['module_count']} modules ({components}), dtype {report['dtype']}",
-              "rank / alpha: " + "; ".join(f"{g['kind']} {g['rank']}/{_num(g['alpha'])} x{g['modules']}"
+              "rank / alpha: " + "; ".join(f"{g['kind']} {_rank(g['rank'])}/{_num(g['alpha'])} x{g['modules']}"
                                            for g in report["rank_alpha"])]
     lines += ["", f"{'block':<26}{'modules':>8}{'rank':>10}{'alpha':>10}{'|dW|_F':>12}"]
     for block, row in report["blocks"].items():
@@ -110,7 +120,7 @@ def render_inspect(report: dict, per_module: bool = False) -> str:
     if per_module:
         lines += ["", f"{'module':<72}{'rank':>6}{'alpha':>8}{'|dW|_F':>12}"]
         for name, m in report["modules"].items():
-            lines.append(f"{name:<72}{m['rank']:>6}{_num(m['alpha']):>8}{m['norm']:>12.4g}")
+            lines.append(f"{name:<72}{_rank(m['rank']):>6}{_num(m['alpha']):>8}{m['norm']:>12.4g}")
     if report["metadata"]:
         lines += ["", "metadata:"]
         for key, value in report["metadata"].items():
@@ -119,9 +129,20 @@ def render_inspect(report: dict, per_module: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _rank_key(value):
+    """Sort key where a full-matrix LoKr's rank None sorts last."""
+    if isinstance(value, tuple):
+        return tuple(_rank_key(v) for v in value)
+    return (value is None, value or 0)
+
+
+def _rank(value: int | None) -> str:
+    return "full" if value is None else str(value)
+
+
 def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _set(values: list) -> str:
-    return ",".join(_num(v) for v in values)
+    return ",".join(_rank(v) if v is None else _num(v) for v in values)

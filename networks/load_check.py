@@ -9,11 +9,15 @@ so even a multi-gigabyte file is checked without reading its tensors:
 - against the base model (`check_lora_file`): every name is the one loaders map onto a module of the model,
   and the shapes fit that module (Linear: down [r, in], up [out, r]; conv: down [r, in, kh, kw] with the
   module's kernel, up [out, r, 1, 1]).
+LyCORIS LoHa/LoKr modules (networks/lycoris_keys.py) are checked the same way: complete, their factors
+multiplying to the module's weight shape. A1111/Forge and ComfyUI load them; diffusers' load_lora_weights
+does not, which the result says in `not_loaded_by`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -21,7 +25,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .lora_file import PORTABLE_SUFFIXES
+from .lycoris_keys import ALGO_NAMES, ALL_SUFFIXES, module_algo
 from .naming import FAMILIES, alias_names, components_for, kohya_name
 from .targets import is_adaptable
 
@@ -38,13 +42,17 @@ class LoadCheck:
     ok: bool
     problems: list[str] = field(default_factory=list)
     modules: int = 0
+    not_loaded_by: list[str] = field(default_factory=list)  # loaders that skip the file by design (LoHa/LoKr)
 
     def event_fields(self, path: str, limit: int = 20) -> dict:
         """The `load_check` event's fields; a long problem list is cut (a renamed prefix breaks every key)."""
         shown = self.problems[:limit]
         if len(self.problems) > limit:
             shown.append(f"... and {len(self.problems) - limit} more problems")
-        return {"ok": self.ok, "problems": shown, "path": path, "modules": self.modules}
+        fields = {"ok": self.ok, "problems": shown, "path": path, "modules": self.modules}
+        if self.not_loaded_by:
+            fields["not_loaded_by"] = self.not_loaded_by
+        return fields
 
 
 @dataclass(frozen=True)
@@ -88,23 +96,28 @@ def check_lora_structure(path: str | os.PathLike, family: str | None = None) -> 
         problems += _module_problems(name, parts) + _name_problems(name, family)
     if not modules:
         problems.append("The file holds no LoRA module (no lora_down/lora_up/alpha keys).")
-    return LoadCheck(not problems, problems, len(modules))
+    lycoris = any(module_algo(parts) in ("loha", "lokr") for parts in modules.values())
+    return LoadCheck(not problems, problems, len(modules), ["diffusers load_lora_weights"] if lycoris else [])
 
 
 def _group_modules(tensors: dict[str, TensorInfo]) -> tuple[dict[str, dict[str, TensorInfo]], list[str]]:
     modules: dict[str, dict[str, TensorInfo]] = {}
     problems = []
     for key, info in tensors.items():
-        suffix = next((s for s in PORTABLE_SUFFIXES if key.endswith("." + s)), None)
-        if suffix is None:
-            problems.append(f"Key '{key}' is not lora_down/lora_up/alpha; loaders warn about or drop it.")
+        name, _, suffix = key.partition(".")
+        if suffix not in ALL_SUFFIXES:
+            problems.append(f"Key '{key}' is not lora_down/lora_up/alpha (nor a LyCORIS LoHa/LoKr key); loaders "
+                            "warn about or drop it.")
             continue
-        modules.setdefault(key[: -len(suffix) - 1], {})[suffix] = info
+        modules.setdefault(name, {})[suffix] = info
     return modules, problems
 
 
 def _module_problems(name: str, parts: dict[str, TensorInfo]) -> list[str]:
-    missing = [s for s in PORTABLE_SUFFIXES if s not in parts]
+    algo = module_algo(parts)
+    if algo in ("loha", "lokr"):
+        return _lycoris_problems(name, algo, parts)
+    missing = [s for s in ("lora_down.weight", "lora_up.weight", "alpha") if s not in parts]
     if missing:
         return [f"Module '{name}' lacks {' and '.join(missing)}"
                 + ("; a missing alpha silently means scale 1 in every loader." if missing == ["alpha"] else ".")]
@@ -125,6 +138,57 @@ def _module_problems(name: str, parts: dict[str, TensorInfo]) -> list[str]:
     elif len(up.shape) == 4 and up.shape[2:] != (1, 1):
         problems.append(f"Module '{name}': a conv lora_up must be 1x1, not {up.shape[2]}x{up.shape[3]}.")
     return problems
+
+
+def _lycoris_problems(name: str, algo: str, parts: dict[str, TensorInfo]) -> list[str]:
+    """Complete, float weights, a 0-dim float32 alpha, factors that multiply."""
+    label = ALGO_NAMES[algo]
+    if algo == "loha":
+        needed = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"]
+    else:
+        needed = ["lokr_w1" if "lokr_w1" in parts else "lokr_w1_a", "lokr_w2" if "lokr_w2" in parts else "lokr_w2_a",
+                  "alpha"]
+        needed += [key.replace("_a", "_b") for key in needed if key.endswith("_a")]
+    missing = [key for key in needed if key not in parts]
+    if missing:
+        return [f"{label} module '{name}' lacks {' and '.join(missing)}."]
+    problems = []
+    alpha = parts["alpha"]
+    if alpha.shape != () or alpha.dtype != "F32":
+        problems.append(f"'{name}.alpha' is {alpha.dtype} with shape {list(alpha.shape)}; loaders expect a "
+                        "0-dim float32.")
+    problems += [f"'{name}.{key}' is {info.dtype}; use fp16, bf16 or fp32." for key, info in parts.items()
+                 if key != "alpha" and info.dtype not in WEIGHT_DTYPES]
+    if _lycoris_weight_shape(algo, parts) is None:
+        shapes = ", ".join(f"{key} {list(info.shape)}" for key, info in sorted(parts.items()) if key != "alpha")
+        problems.append(f"{label} module '{name}' has factors that do not multiply ({shapes}).")
+    return problems
+
+
+def _lycoris_weight_shape(algo: str, parts: dict[str, TensorInfo]) -> tuple[int, int] | None:
+    """(out, in * kh * kw) of the weight a LoHa/LoKr module's factors build, None when they do not fit."""
+    shape = {key: info.shape for key, info in parts.items()}
+    if algo == "loha":
+        w1a, w1b, w2a, w2b = (flat(shape[k]) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        if None in (w1a, w1b, w2a, w2b) or w1a[1] != w1b[0] or w2a[1] != w2b[0] or w1a[0] != w2a[0] \
+                or w1b[1] != w2b[1]:
+            return None
+        return w1a[0], w1b[1]
+    halves = []
+    for half in ("lokr_w1", "lokr_w2"):
+        if half in shape:
+            halves.append(flat(shape[half]))
+            continue
+        a, b = flat(shape[half + "_a"]), flat(shape[half + "_b"])
+        halves.append(None if a is None or b is None or a[1] != b[0] else (a[0], b[1]))
+    if None in halves:
+        return None
+    return halves[0][0] * halves[1][0], halves[0][1] * halves[1][1]
+
+
+def flat(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """A factor's shape as a matrix: (rows, everything else), None for a scalar or a vector."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else None
 
 
 def _name_problems(name: str, family: str | None) -> list[str]:
@@ -177,8 +241,21 @@ def check_lora_file(path: str | os.PathLike, family: str, unet: nn.Module | None
         if module is None:
             problems.append(_unknown_name(name, family, aliases))
             continue
+        algo = module_algo(parts)
+        if algo in ("loha", "lokr"):
+            problems += _lycoris_shape_problems(name, algo, module, parts)
+            continue
         problems += _shape_problems(name, module, parts.get("lora_down.weight"), parts.get("lora_up.weight"))
-    return LoadCheck(not problems, problems, result.modules)
+    return LoadCheck(not problems, problems, result.modules, result.not_loaded_by)
+
+
+def _lycoris_shape_problems(name: str, algo: str, module: nn.Module, parts: dict[str, TensorInfo]) -> list[str]:
+    built = _lycoris_weight_shape(algo, parts)
+    want = (module.weight.shape[0], math.prod(module.weight.shape[1:]))
+    if built is None or built == want:
+        return []  # a mismatch inside the factors is already reported by the structure check
+    return [f"{ALGO_NAMES[algo]} module '{name}' builds a {list(built)} weight but the model's "
+            f"{type(module).__name__} is {list(module.weight.shape)}."]
 
 
 def _model_names(family: str, unet, text_encoders) -> tuple[dict[str, nn.Module], dict[str, str]]:

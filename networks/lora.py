@@ -1,8 +1,6 @@
 """One LoRA/LoCon adapter around one Linear or Conv2d: y = base(x) + multiplier * (alpha / r) * up(down(x)).
 
-The base module stays where it is in the model and keeps its own parameters; only its `forward` is
-redirected here (kohya's way). So the model's state_dict never changes, a pipeline built on the same
-UNet sees the adapter, and detaching restores the very same module object.
+Hooking, forward, merge and unmerge are the shared ones of networks/adapter.py.
 """
 
 from __future__ import annotations
@@ -12,25 +10,18 @@ import math
 import torch
 from torch import nn
 
+from .adapter import Adapter
+
 INITS = ("kaiming", "gaussian", "pissa", "loraga")  # the last two are applied by networks/inits.py
 
 
-class LoraModule(nn.Module):
+class LoraModule(Adapter):
+    kind = "lora"
+
     def __init__(self, base: nn.Module, rank: int, alpha: float, init: str = "kaiming",
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                  rslora: bool = False):
-        super().__init__()
-        self.rank, self.alpha = int(rank), float(alpha)
-        # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so larger ranks keep learning.
-        self.rslora = rslora
-        self.scale = self.alpha / (math.sqrt(self.rank) if rslora else self.rank)
-        self.multiplier = 1.0
-        self.enabled = True
-        self.merged = False
-        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        # Held outside the module tree so the adapter's state_dict holds only its own weights.
-        self.__dict__["base"] = base
-        self.__dict__["base_forward"] = None
+        super().__init__(base, rank, alpha, dropout, rank_dropout, module_dropout, rslora)
         self.__dict__["original_weight"] = None  # a CPU copy, kept while an init has moved the base
         self.lora_down, self.lora_up = _make_down_up(base, self.rank)
         self.reset_parameters(init)
@@ -94,26 +85,6 @@ class LoraModule(nn.Module):
         error = float((flat - new_up @ new_down).norm() / flat.norm().clamp_min(1e-12))
         return (new_down.reshape(down.shape), new_up.reshape(up.shape), float(self.rank), error)
 
-    # -- hooking into the base module -------------------------------------------------------
-    def hook(self) -> None:
-        if self.base_forward is None:
-            self.__dict__["base_forward"] = self.base.forward
-            self.base.forward = self.forward
-
-    def unhook(self) -> None:
-        if self.base_forward is not None:
-            del self.base.forward  # drops the instance attribute, the class's forward shows again
-            self.__dict__["base_forward"] = None
-
-    # -- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_forward(x, *args, **kwargs)
-        if self.merged or not self.enabled or self.multiplier == 0:
-            return out
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
-            return out
-        return out + self.delta_output(x).to(out.dtype)
-
     def delta_output(self, x: torch.Tensor) -> torch.Tensor:
         weight_dtype = self.lora_down.weight.dtype
         h = x.to(weight_dtype)
@@ -136,23 +107,6 @@ class LoraModule(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """scale * up @ down in the base weight's shape, computed in fp32 (multiplier not applied)."""
         return _product(self.lora_up.weight.float(), self.lora_down.weight.float()) * self.scale
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self._add_to_base(self.multiplier)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self._add_to_base(-self.multiplier)
-            self.merged = False
-
-    def _add_to_base(self, factor: float) -> None:
-        weight = self.base.weight
-        delta = self.delta_weight().to(weight.device)
-        weight.copy_((weight.float() + factor * delta).to(weight.dtype))
 
 
 def _product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

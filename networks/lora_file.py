@@ -1,6 +1,7 @@
 """Reading and writing kohya-layout LoRA .safetensors files (docs/LORA_FORMAT.md).
 
-A file holds only `<name>.lora_down.weight`, `<name>.lora_up.weight` and `<name>.alpha` (0-dim float32);
+A file holds only `<name>.lora_down.weight`, `<name>.lora_up.weight` and `<name>.alpha` (0-dim float32), or
+for LyCORIS LoHa/LoKr modules their `hada_*` / `lokr_*` tensors and alpha (networks/lycoris_keys.py);
 everything else goes into the header as strings. Writes are atomic: a crash never leaves half a file.
 """
 
@@ -16,8 +17,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import SdloraError
+from .lycoris_keys import ALL_SUFFIXES, LORA_KEYS, group_modules, module_algo
 
-PORTABLE_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+PORTABLE_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")  # LoRA/LoCon; LyCORIS adds ALL_SUFFIXES
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -71,27 +73,42 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def check_portable(state: dict[str, torch.Tensor], source: str) -> None:
-    foreign = [k for k in state if not k.endswith(PORTABLE_SUFFIXES) or "." not in k]
+    foreign = [k for k in state if k.split(".", 1)[-1] not in ALL_SUFFIXES or "." not in k]
     if foreign:
         raise SdloraError(f"'{source}' has {len(foreign)} key(s) that are not lora_down/lora_up/alpha "
-                          f"(e.g. '{foreign[0]}'); it is not a kohya-layout LoRA file.")
+                          f"(nor LyCORIS hada_*/lokr_*) (e.g. '{foreign[0]}'); it is not a kohya-layout LoRA file.")
     for key, tensor in state.items():
         if key.endswith(".alpha") and (tensor.dim() != 0 or tensor.dtype != torch.float32):
             raise SdloraError(f"'{source}': {key} must be a 0-dim float32 tensor.")
 
 
 def module_summary(state: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """{name: {rank, alpha, shape_down, shape_up}} for inspection."""
+    """{name: {algo, rank, alpha, shapes}} for inspection; LoRA modules also give down and up shapes. A
+    LyCORIS module's rank is its dim as LyCORIS reads it (LoHa: w1_b's rows; LoKr: w1_a's or w2_a's columns,
+    None when both Kronecker halves are full matrices)."""
     summary = {}
-    for key, tensor in state.items():
-        if not key.endswith(".lora_down.weight"):
+    for name, parts in group_modules(state).items():
+        algo = module_algo(parts)
+        if algo is None or (algo == "lora" and any(key not in parts for key in LORA_KEYS)):
             continue
-        name = key[: -len(".lora_down.weight")]
-        alpha = state.get(f"{name}.alpha")
-        summary[name] = {"rank": int(tensor.shape[0]),
-                         "alpha": float(alpha) if alpha is not None else float(tensor.shape[0]),
-                         "down": list(tensor.shape), "up": list(state[f"{name}.lora_up.weight"].shape)}
+        rank = _module_rank(algo, parts)
+        alpha = parts.get("alpha")
+        entry = {"algo": algo, "rank": rank,
+                 "alpha": float(alpha) if alpha is not None else float(rank or 1),
+                 "shapes": {key: list(t.shape) for key, t in parts.items() if key != "alpha"}}
+        if algo == "lora":
+            entry["down"], entry["up"] = entry["shapes"][LORA_KEYS[0]], entry["shapes"][LORA_KEYS[1]]
+        summary[name] = entry
     return summary
+
+
+def _module_rank(algo: str, parts: dict[str, torch.Tensor]) -> int | None:
+    if algo == "lora":
+        return int(parts["lora_down.weight"].shape[0])
+    if algo == "loha":
+        return int(parts["hada_w1_b"].shape[0]) if "hada_w1_b" in parts else None
+    inner = parts.get("lokr_w1_a", parts.get("lokr_w2_a"))
+    return int(inner.shape[1]) if inner is not None else None
 
 
 def to_json(value) -> str:

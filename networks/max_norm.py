@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter import Adapter
 from .lora import LoraModule
 
 
@@ -22,8 +23,11 @@ class MaxNormStats:
     max_norm: float  # largest ||delta W||_F after scaling
 
 
-def delta_norm(adapter: LoraModule) -> torch.Tensor:
-    """||scale * B A||_F in fp32 (a 0-dim tensor), for linear and conv adapters alike."""
+def delta_norm(adapter: Adapter) -> torch.Tensor:
+    """||scale * B A||_F in fp32 (a 0-dim tensor), for linear and conv adapters alike; a LoHa/LoKr's from its
+    whole change (it is built every step anyway)."""
+    if not isinstance(adapter, LoraModule):
+        return adapter.delta_weight().norm()
     up = adapter.lora_up.weight.detach().float().flatten(1)  # [out, r]
     down = adapter.lora_down.weight.detach().float().flatten(1)  # [r, in * k * k]
     gram = (up.T @ up) * (down @ down.T)  # elementwise: the trace of a product of symmetric matrices
@@ -31,7 +35,7 @@ def delta_norm(adapter: LoraModule) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_max_norm(adapters: dict[str, LoraModule], max_norm: float) -> MaxNormStats:
+def apply_max_norm(adapters: dict[str, Adapter], max_norm: float) -> MaxNormStats:
     if not adapters:
         return MaxNormStats(0, 0.0, 0.0)
     # No per-module .item(): on a GPU each would be a sync. Modules under the limit are multiplied by
@@ -40,9 +44,12 @@ def apply_max_norm(adapters: dict[str, LoraModule], max_norm: float) -> MaxNormS
     for adapter in adapters.values():
         norm = delta_norm(adapter)
         ratio = (max_norm / norm.clamp(min=1e-30)).clamp(max=1.0)
-        factor = ratio.sqrt()
-        adapter.lora_up.weight.mul_(factor.to(adapter.lora_up.weight.dtype))
-        adapter.lora_down.weight.mul_(factor.to(adapter.lora_down.weight.dtype))
+        if isinstance(adapter, LoraModule):
+            factor = ratio.sqrt()
+            adapter.lora_up.weight.mul_(factor.to(adapter.lora_up.weight.dtype))
+            adapter.lora_down.weight.mul_(factor.to(adapter.lora_down.weight.dtype))
+        else:
+            adapter.scale_change(ratio)
         norms.append(norm * ratio)
         kept.append(ratio < 1.0)
     norms_after, scaled = torch.stack(norms).cpu(), torch.stack(kept).cpu()  # one transfer each

@@ -10,7 +10,9 @@ import json
 from datetime import datetime, timezone
 
 from .lora_file import module_summary
+from .lycoris_keys import NETWORK_MODULES
 from .network import LoraNetwork
+from .targets import uses_conv_rank
 
 BASE_MODEL_VERSION = {("sd1", False): "sd_v1", ("sd1", True): "sd_v1", ("sd2", False): "sd_v2", ("sd2", True): "sd_v2_v",
                       ("sdxl", False): "sdxl_base_v1-0", ("sdxl", True): "sdxl_base_v1-0"}
@@ -29,16 +31,22 @@ def network_metadata(network: LoraNetwork, network_type: str, v_prediction: bool
     LoRA-GA files hold rank 2r); `training` adds ss_* training facts (resolution, steps, lr, tags...)."""
     family = network.family
     modules = module_summary(state if state is not None else network.kohya_state_dict())
-    linear = [m for m in modules.values() if len(m["down"]) == 2 or m["down"][2:] == [1, 1]]
-    conv = [m for m in modules.values() if m not in linear]
+    # 3x3 convs take the conv rank; told by the module itself (a LoHa file stores convs flattened to 2-D)
+    conv_names = {name for name, adapter in network.items() if uses_conv_rank(adapter.base)}
+    linear = [m for name, m in modules.items() if name not in conv_names]
+    conv = [m for name, m in modules.items() if name in conv_names]
     first = linear[0] if linear else conv[0]
-    args = {}
+    algo = first["algo"]
+    args = {"algo": algo} if algo != "lora" else {}  # as kohya's sd-scripts records LyCORIS's network_args
+    if algo == "lokr":
+        lokr = next(a for _, a in network.items() if a.kind == "lokr")
+        args["factor"] = str(lokr.factor)
     if conv:
-        args = {"conv_dim": str(conv[0]["rank"]), "conv_alpha": _number(conv[0]["alpha"])}
+        args |= {"conv_dim": str(conv[0]["rank"] or 1), "conv_alpha": _number(conv[0]["alpha"])}
     now = datetime.now(timezone.utc)
     meta = {
-        "ss_network_module": "networks.lora",  # kohya's module reads LoCon too (conv_dim)
-        "ss_network_dim": str(first["rank"]),
+        "ss_network_module": NETWORK_MODULES[algo],  # kohya's networks.lora reads LoCon too (conv_dim)
+        "ss_network_dim": str(first["rank"] or 1),
         "ss_network_alpha": _number(first["alpha"]),
         "ss_network_args": json.dumps(args),
         "ss_base_model_version": BASE_MODEL_VERSION[(family, v_prediction)],

@@ -28,7 +28,7 @@ def mix_states(sources: list[Source], choice: RankChoice,
     choice.validate()
     if not sources:
         raise SdloraError("Give at least one LoRA file to mix.")
-    factors = [(lora_factors(state, name), weight, name) for state, weight, name in sources]
+    factors = [(lora_factors(state, name, lycoris=False), weight, name) for state, weight, name in sources]
     names = sorted({n for f, _, _ in factors for n in f}, key=lambda n: (block_order(n), n))
     truncations, report = [], {}
     for name in names:

@@ -1,4 +1,4 @@
-"""A set of LoRA/LoCon adapters attached to a UNet and its text encoder(s).
+"""A set of LoRA/LoCon or LyCORIS LoHa/LoKr adapters attached to a UNet and its text encoder(s).
 
 Everything is validated and built before the first module is touched, so a bad spec leaves the model as
 it was. The adapters live in `LoraNetwork.adapters`, keyed by their kohya file name.
@@ -14,13 +14,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .adapter import Adapter, WeightDeltaAdapter
 from .block_lr import block_index, block_weights, parse_block_values
 from .errors import SdloraError
+from .loha import LohaModule
+from .lokr import LokrModule
 from .lora import INITS, LoraModule
+from .lycoris_keys import ALL_SUFFIXES, group_modules, module_algo
 from .naming import Component, alias_names, components_for, kohya_name
 from .targets import TargetRules, find_targets, uses_conv_rank
 
-NETWORK_TYPES = ("lora", "locon")
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
+LYCORIS_TYPES = ("loha", "lokr")
 
 
 @dataclass
@@ -43,6 +48,9 @@ class NetworkSpec:
     train_text_encoder: bool = False
     conv_in_out: bool = False
     time_embedding: bool = False
+    include_convs: bool = False  # LoCon's conv modules for any type (locon always has them)
+    factor: int = -1  # LoKr: LyCORIS's factorization bound (-1: the most balanced split)
+    decompose_both: bool = False  # LoKr: w1 as a rank-r product too (LyCORIS's decompose_both)
     # Restrict to modules whose path ends with one of these (e.g. "to_q", "ff.net.2"); None = the table.
     target_modules: tuple[str, ...] | None = None
     # kohya's block-wise learning rates (see block_lr.py): per-block multipliers; blocks at 0 get no adapter.
@@ -88,9 +96,28 @@ class NetworkSpec:
             raise SdloraError(f"network.init must be one of {', '.join(INITS)} (got '{self.init}').")
         if not (self.train_unet or self.train_text_encoder):
             raise SdloraError("Nothing to train: set network.train_unet or network.train_text_encoder to true.")
+        if self.type in LYCORIS_TYPES and self.init != "kaiming":
+            raise SdloraError(f"network.init {self.init} is for lora and locon; {self.type} starts as LyCORIS "
+                              "starts it, so leave network.init at kaiming.")
+        if isinstance(self.factor, bool) or not isinstance(self.factor, int) or not (self.factor == -1 or self.factor >= 1):
+            raise SdloraError(f"network.factor must be -1 (LyCORIS's balanced split) or an integer >= 1 "
+                              f"(got {self.factor}).")
+
+    @property
+    def adapts_convs(self) -> bool:
+        return self.type == "locon" or self.include_convs
+
+    def make_adapter(self, module: nn.Module, rank: int, alpha: float) -> Adapter:
+        """One adapter of this spec's type around `module`."""
+        dropouts = (self.dropout, self.rank_dropout, self.module_dropout)
+        if self.type == "loha":
+            return LohaModule(module, rank, alpha, *dropouts, rslora=self.rslora)
+        if self.type == "lokr":
+            return LokrModule(module, rank, alpha, self.factor, self.decompose_both, *dropouts, rslora=self.rslora)
+        return LoraModule(module, rank, alpha, self.init, *dropouts, rslora=self.rslora)
 
     def rules(self) -> TargetRules:
-        return TargetRules(locon=self.type == "locon", conv_in_out=self.conv_in_out,
+        return TargetRules(locon=self.adapts_convs, conv_in_out=self.conv_in_out,
                            time_embedding=self.time_embedding)
 
 
@@ -104,7 +131,7 @@ class AdaptedModule:
 
 
 class LoraNetwork(nn.Module):
-    def __init__(self, family: str, adapters: dict[str, LoraModule], roles: dict[str, str],
+    def __init__(self, family: str, adapters: dict[str, Adapter], roles: dict[str, str],
                  paths: dict[str, str] | None = None, lr_weights: dict[str, float] | None = None):
         super().__init__()
         self.family = family
@@ -133,8 +160,7 @@ class LoraNetwork(nn.Module):
             rank, alpha = rank_and_alpha(target.name, uses_conv_rank(target.module))
             if rank == 0:
                 continue  # kohya: a block at rank 0 gets no adapter
-            adapter = LoraModule(target.module, rank, alpha, spec.init, spec.dropout, spec.rank_dropout,
-                                 spec.module_dropout, rslora=spec.rslora)
+            adapter = spec.make_adapter(target.module, rank, alpha)
             adapters[target.name] = adapter.to(device=target.module.weight.device)
             roles[target.name], paths[target.name] = target.role, target.path
         if not adapters:
@@ -153,23 +179,15 @@ class LoraNetwork(nn.Module):
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             raise SdloraError(f"{len(unknown)} module name(s) in {source} match no module of this "
                               f"{family} model: {shown}; check that the file was made for {family}.")
-        adapters, roles, paths = {}, {}, {}
-        for name in names:
-            target = modules[name]
-            down = state.get(f"{name}.lora_down.weight")
-            up = state.get(f"{name}.lora_up.weight")
-            if down is None or up is None:
-                raise SdloraError(f"Module '{name}' in {source} lacks lora_down or lora_up weights; "
-                                  "only LoRA/LoCon files (lora_down, lora_up, alpha) can be loaded.")
-            rank = down.shape[0]
-            alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(rank)
-            adapter = LoraModule(target.module, rank, alpha).to(device=target.module.weight.device)
-            _load_adapter_weights(adapter, target.name, down, up, source)
-            adapters[target.name], roles[target.name], paths[target.name] = adapter, target.role, target.path
-        extra = [k for k in state if k.split(".", 1)[1] not in ("lora_down.weight", "lora_up.weight", "alpha")]
+        extra = [k for k in state if k.split(".", 1)[-1] not in ALL_SUFFIXES]
         if extra:
-            raise SdloraError(f"{source} holds keys sdlora cannot load: {', '.join(extra[:5])}; "
-                              "only lora_down, lora_up and alpha are portable.")
+            raise SdloraError(f"{source} holds keys sdlora cannot load: {', '.join(extra[:5])}; only LoRA/LoCon "
+                              "(lora_down, lora_up) and LyCORIS LoHa/LoKr (hada_*, lokr_*) modules with alpha load.")
+        adapters, roles, paths = {}, {}, {}
+        for name, parts in group_modules(state).items():
+            target = modules[name]
+            adapter = _adapter_from_file(target, parts, source).to(device=target.module.weight.device)
+            adapters[target.name], roles[target.name], paths[target.name] = adapter, target.role, target.path
         return cls(family, adapters, roles, paths)
 
     @classmethod
@@ -229,20 +247,24 @@ class LoraNetwork(nn.Module):
         for adapter in self.adapters.values():
             adapter.unmerge()
 
-    def items(self) -> Iterator[tuple[str, LoraModule]]:
+    def items(self) -> Iterator[tuple[str, Adapter]]:
         return iter(self.adapters.items())
 
-    def trained_adapters(self) -> dict[str, LoraModule]:
+    def trained_adapters(self) -> dict[str, Adapter]:
         """The adapters training changes: all but a continued file's modules in blocks at weight 0."""
         return {name: a for name, a in self.adapters.items() if self.lr_weights.get(name, 1.0) != 0}
 
     def parameter_groups(self) -> dict[str, dict[str, list[nn.Parameter]]]:
-        """{role: {"down": [...], "up": [...]}}: for separate UNet/TE learning rates and LoRA+."""
+        """{role: {"down": [...], "up": [...]}}: for separate UNet/TE learning rates and LoRA+. LoHa/LoKr
+        weights all count as "down": LoRA+ raises only lora_up's rate, as in LyCORIS."""
         groups: dict[str, dict[str, list[nn.Parameter]]] = {}
         for name, adapter in self.adapters.items():
             group = groups.setdefault(self.roles[name], {"down": [], "up": []})
-            group["down"].append(adapter.lora_down.weight)
-            group["up"].append(adapter.lora_up.weight)
+            if isinstance(adapter, LoraModule):
+                group["down"].append(adapter.lora_down.weight)
+                group["up"].append(adapter.lora_up.weight)
+            else:
+                group["down"].extend(adapter.parameters())
         return groups
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32, exact: bool = True) -> dict[str, torch.Tensor]:
@@ -253,15 +275,23 @@ class LoraNetwork(nn.Module):
         far each is from the true change. Linear (and 1x1) modules are written with one common alpha, their
         own scale folded into the weights: diffusers reads a differing alpha of an attention or text-encoder
         module as the file's most common one (its alpha_pattern keys match nothing), which block ranks or a
-        continued file would otherwise trip; 3x3 convs keep theirs (diffusers reads those right)."""
+        continued file would otherwise trip; 3x3 convs keep theirs (diffusers reads those right).
+        LoHa/LoKr modules are written in LyCORIS's layout with their scale folded into the factors and
+        alpha = r: LyCORIS 4.1.3's merge_to applies alpha / r twice where its forward, ComfyUI and A1111 apply
+        it once, and at scale 1 every loader agrees (tests/test_lycoris_types.py)."""
         exported, self.export_errors = {}, {}
+        state = {}
         for name, adapter in self.adapters.items():
+            if isinstance(adapter, WeightDeltaAdapter):  # LoHa / LoKr: the scale is folded in, alpha = r
+                for suffix, tensor in adapter.file_tensors().items():
+                    state[f"{name}.{suffix}"] = tensor.to("cpu", dtype).contiguous()
+                state[f"{name}.alpha"] = torch.tensor(float(adapter.rank), dtype=torch.float32)
+                continue
             down, up, alpha, error = adapter.export_weights(exact)
             exported[name] = (down, up, alpha, down.dim() == 4 and down.shape[-1] > 1)
             if adapter.moved_base and not exact:
                 self.export_errors[name] = error
         common = _common_alpha([alpha for _, _, alpha, conv in exported.values() if not conv])
-        state = {}
         for name, (down, up, alpha, conv) in exported.items():
             if not conv and common is not None and alpha != common:
                 factor = math.sqrt(alpha / common)  # common / r * (factor^2 up down) == alpha / r * up down
@@ -365,6 +395,28 @@ def _all_modules_by_alias(parts: list[Component]) -> dict[str, AdaptedModule]:
             for alias in alias_names(part, path):
                 found.setdefault(alias, target)
     return found
+
+
+def _adapter_from_file(target: AdaptedModule, parts: dict[str, torch.Tensor], source: str) -> Adapter:
+    """The adapter one module of a file describes: LoRA/LoCon, LoHa or LoKr, by its keys."""
+    alpha = float(parts["alpha"]) if "alpha" in parts else None
+    algo = module_algo(parts)
+    if algo in ("loha", "lokr"):
+        kind = {"loha": LohaModule, "lokr": LokrModule}[algo]
+        try:
+            return kind.from_file(target.module, parts, alpha)
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise SdloraError(f"{source}: {algo} module {target.name} does not fit the model's "
+                              f"{tuple(target.module.weight.shape)} weight ({error}); the file was made for a "
+                              "different base model or is incomplete.") from None
+    down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+    if down is None or up is None:
+        raise SdloraError(f"Module '{target.name}' in {source} lacks lora_down or lora_up weights; "
+                          "only complete LoRA/LoCon or LoHa/LoKr modules can be loaded.")
+    rank = down.shape[0]
+    adapter = LoraModule(target.module, rank, alpha if alpha is not None else float(rank))
+    _load_adapter_weights(adapter, target.name, down, up, source)
+    return adapter
 
 
 def _load_adapter_weights(adapter: LoraModule, name: str, down: torch.Tensor, up: torch.Tensor,

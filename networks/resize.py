@@ -136,7 +136,7 @@ def resize_state(state: dict[str, torch.Tensor], choice: RankChoice, source: str
     """(new kohya state dict, {module: report}); dtype None keeps each module's dtype."""
     choice.validate()
     truncations, report = [], {}
-    for name, module in lora_factors(state, source).items():
+    for name, module in lora_factors(state, source, lycoris=False).items():
         truncation, report[name] = resize_module(module, choice, dtype)
         truncations.append(truncation)
     return kohya_state(truncations), report

@@ -30,7 +30,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 Family = Literal["auto", "sd1", "sd2", "sdxl"]
 PredictionType = Literal["auto", "epsilon", "v_prediction"]
-NetworkType = Literal["lora", "locon"]
+NetworkType = Literal["lora", "locon", "loha", "lokr"]
 # How the down/A matrix starts. New schemes (rslora, pissa, loraga) are added here and in networks/lora.py.
 NetworkInit = Literal["kaiming", "gaussian", "pissa", "loraga"]
 Optimizer = Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]
@@ -182,11 +182,18 @@ class DatasetSection(Section):
 
 class NetworkSection(Section):
     type: NetworkType = Field("lora", description="lora adapts attention and linear layers; locon also "
-                                                  "adapts 3x3 convolutions.")
+                                                  "adapts 3x3 convolutions; loha / lokr are LyCORIS's Hadamard / "
+                                                  "Kronecker products (A1111, ComfyUI and LyCORIS load them, "
+                                                  "diffusers does not).")
     rank: int = Field(16, ge=1, le=1024, description="Rank r: the adapter's capacity and file size.")
     alpha_ratio: float = Field(0.5, gt=0, description="alpha / r; the update is scaled by alpha / r, so "
                                                       "this stays meaningful when r changes.")
     alpha: float | None = Field(None, gt=0, description="Absolute alpha; overrides alpha_ratio when set.")
+    include_convs: bool = Field(False, description="loha / lokr: also adapt the ResNet convolutions and samplers "
+                                                   "at conv_rank, as locon does (LyCORIS's conv_dim).")
+    factor: int = Field(-1, ge=-1, description="lokr: LyCORIS's factor; each weight side splits as a x b with a = "
+                                               "factor where it divides, -1 = the most balanced split.")
+    decompose_both: bool = Field(False, description="lokr: the small Kronecker half as a rank-r product too.")
     conv_rank: int = Field(8, ge=1, le=1024, description="Rank of the 3x3 convolution adapters (locon).")
     conv_alpha_ratio: float = Field(0.5, gt=0, description="conv alpha / conv rank (locon).")
     conv_alpha: float | None = Field(None, gt=0, description="Absolute conv alpha; overrides conv_alpha_ratio.")
@@ -236,6 +243,11 @@ class NetworkSection(Section):
         return self.alpha if self.alpha is not None else self.alpha_ratio * self.rank
 
     @property
+    def adapts_convs(self) -> bool:
+        """Whether the 3x3 convs get adapters (at conv_rank): locon, or loha / lokr with include_convs."""
+        return self.type == "locon" or self.include_convs
+
+    @property
     def resolved_conv_alpha(self) -> float:
         return self.conv_alpha if self.conv_alpha is not None else self.conv_alpha_ratio * self.conv_rank
 
@@ -254,6 +266,11 @@ class NetworkSection(Section):
     def _trains_something(self) -> NetworkSection:
         if not (self.train_unet or self.train_text_encoder):
             raise _rule("network.train_unet and network.train_text_encoder are both false; enable at least one")
+        if self.type in ("loha", "lokr") and self.init != "kaiming":
+            raise _rule(f"network.init {self.init} is for lora and locon; {self.type} starts as LyCORIS starts it, "
+                        "so leave network.init at kaiming")
+        if self.factor == 0:
+            raise _rule("network.factor must be -1 (the balanced split) or an integer >= 1")
         if self.weights and self.init in ("pissa", "loraga"):
             raise _rule(f"network.weights continues a LoRA file, but network.init {self.init} would start from the "
                         "base weight instead; use network.init kaiming or gaussian")

@@ -96,6 +96,7 @@ def network_spec(cfg: TrainConfig) -> NetworkSpec:
                        rank_dropout=net.rank_dropout, module_dropout=net.module_dropout,
                        train_unet=net.train_unet, train_text_encoder=net.train_text_encoder,
                        conv_in_out=net.include_conv_in_out, time_embedding=net.include_time_embedding,
+                       include_convs=net.include_convs, factor=net.factor, decompose_both=net.decompose_both,
                        target_modules=tuple(net.target_modules) if net.target_modules else None,
                        down_lr_weight=net.down_lr_weight, mid_lr_weight=net.mid_lr_weight,
                        up_lr_weight=net.up_lr_weight, block_lr_zero_threshold=net.block_lr_zero_threshold,

@@ -193,7 +193,11 @@ def adapter_parameters(family: str, network) -> int:
         for _, module in find_targets(part.model, part.is_unet, spec.rules()):
             rank = spec.conv_rank if uses_conv_rank(module) else spec.rank
             weight = module.weight.shape
-            total += rank * math.prod(weight[1:]) + weight[0] * rank  # down [r, in, k, k] + up [out, r]
+            if spec.type == "lokr":  # its halves' sizes follow LyCORIS's factorization; they are small
+                total += sum(p.numel() for p in spec.make_adapter(module, rank, 1.0).parameters())
+                continue
+            low_rank = rank * math.prod(weight[1:]) + weight[0] * rank  # down [r, in, k, k] + up [out, r]
+            total += 2 * low_rank if spec.type == "loha" else low_rank  # LoHa: two such pairs
     return total
 
 
@@ -250,6 +254,7 @@ def preflight_report(cfg: TrainConfig, preset: str | None = None) -> Report:
             plan = _plan(cfg, train_set, report)
             _check_dataset_size(cfg, train_set, plan, report)
     _explain_scale(cfg, report)
+    _explain_load_targets(cfg, report)
     _explain_init(cfg, report)
     if family is not None:
         _estimate(cfg, family, prediction, report)
@@ -280,6 +285,28 @@ def _check_compile(cfg: TrainConfig, report: Report, cuda: bool | None = None) -
                                "so compiling will fail at the first step; install one or set train.compile = false.")
     report.info.append("train.compile: the first step (and the first of each new bucket shape) compiles the UNet, "
                        "which takes minutes; later steps are faster, so it pays off on long runs.")
+
+
+# Where the exported file loads (docs/LORA_FORMAT.md); the UI shows the pre-flight text before Train.
+LOAD_TARGETS = {"lora": ("A1111/Forge", "ComfyUI", "diffusers", "LyCORIS"),
+                "loha": ("A1111/Forge", "ComfyUI", "LyCORIS"), "lokr": ("A1111/Forge", "ComfyUI", "LyCORIS")}
+
+
+def _explain_load_targets(cfg: TrainConfig, report: Report) -> None:
+    from networks.lycoris_keys import NOT_IN_DIFFUSERS
+
+    kind = cfg.network.type
+    targets = LOAD_TARGETS.get(kind, LOAD_TARGETS["lora"])
+    report.data["load_targets"] = {"loads_in": list(targets),
+                                   "not_loaded_by": [] if "diffusers" in targets else ["diffusers load_lora_weights"]}
+    if "diffusers" in targets:
+        return
+    report.info.append(f"Loads in: {', '.join(targets)}. Not in diffusers: network.type {kind} writes LyCORIS "
+                       f"keys, and {NOT_IN_DIFFUSERS}")
+    if cfg.train.loraplus_ratio != 1:
+        report.warnings.append(f"train.loraplus_ratio {cfg.train.loraplus_ratio:g} raises only lora_up weights' "
+                               f"learning rate, and {kind} has none, so it changes nothing (as in LyCORIS); "
+                               "set it to 1.")
 
 
 def _explain_init(cfg: TrainConfig, report: Report) -> None:
@@ -625,7 +652,7 @@ def _explain_scale(cfg: TrainConfig, report: Report) -> None:
     net = cfg.network
     rslora = getattr(net, "rslora", False)  # rsLoRA scales by alpha / sqrt(r)
     scales = {"linear": (net.rank, net.resolved_alpha, net.alpha is not None)}
-    if net.type == "locon":
+    if getattr(net, "adapts_convs", net.type == "locon"):
         scales["conv"] = (net.conv_rank, net.resolved_conv_alpha, net.conv_alpha is not None)
     report.data["scale"] = {kind: {"rank": r, "alpha": a, "scale": a / (math.sqrt(r) if rslora else r),
                                    "rslora": rslora} for kind, (r, a, _) in scales.items()}

@@ -95,7 +95,7 @@ def _info(name: str, source: Literal["builtin", "user"], file: Traversable | Pat
     except SdloraError as exc:
         # One broken user file must not hide the other presets from the UI's list.
         return PresetInfo(name, source, str(file), description, None, None, None, None, error=str(exc))
-    uses_conv = net.type == "locon"
+    uses_conv = net.adapts_convs
     return PresetInfo(name, source, str(file), description, net.rank, net.resolved_alpha,
                       net.resolved_alpha / net.rank, net.type,
                       net.conv_rank if uses_conv else None, net.resolved_conv_alpha if uses_conv else None)
@@ -190,7 +190,7 @@ def _without_run_keys(partial: dict) -> dict:
 def _summary(cfg: TrainConfig) -> str:
     net = cfg.network
     text = f"{net.type} r {net.rank}, alpha {_num(net.resolved_alpha)}"
-    if net.type == "locon":
+    if net.adapts_convs:
         text += f", conv r {net.conv_rank}, conv alpha {_num(net.resolved_conv_alpha)}"
     return text + f", lr {cfg.train.learning_rate:g}"
 
@@ -218,7 +218,7 @@ def presets_show_text(name: str) -> str:
     net = resolve_config(name).network
     resolved = (f"# resolved: {net.type}, r {net.rank}, alpha {_num(net.resolved_alpha)} "
                 f"(alpha/r {_num(net.resolved_alpha / net.rank)})")
-    if net.type == "locon":
+    if net.adapts_convs:
         resolved += f", conv r {net.conv_rank}, conv alpha {_num(net.resolved_conv_alpha)}"
     return preset_text(name).rstrip("\n") + "\n\n" + resolved + "\n"
 

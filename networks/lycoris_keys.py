@@ -1,0 +1,49 @@
+"""The LyCORIS key layout sdlora reads and writes beside kohya's LoRA one (docs/LORA_FORMAT.md).
+
+A LoHa module is `<name>.hada_w1_a`, `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b` and `<name>.alpha`; a LoKr
+module `<name>.lokr_w1` (or `.lokr_w1_a` + `.lokr_w1_b`), `.lokr_w2` (or `.lokr_w2_a` + `.lokr_w2_b`) and
+`<name>.alpha`, under the same kohya module names as LoRA. A1111/Forge, ComfyUI and LyCORIS read them;
+diffusers' `load_lora_weights` does not.
+"""
+
+from __future__ import annotations
+
+from .loha import LOHA_KEYS
+from .lokr import LOKR_KEYS
+
+LORA_KEYS = ("lora_down.weight", "lora_up.weight")
+ALGO_KEYS = {"lora": LORA_KEYS, "loha": LOHA_KEYS, "lokr": LOKR_KEYS}
+ALL_SUFFIXES = (*LORA_KEYS, *LOHA_KEYS, *LOKR_KEYS, "alpha")
+ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+# what ss_network_module / ss_network_args say (kohya's sd-scripts write these for LyCORIS networks)
+NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
+NOT_IN_DIFFUSERS = ("diffusers' load_lora_weights does not load LoHa/LoKr files (it reads LoRA/LoCon only); "
+                    "A1111/Forge, ComfyUI and LyCORIS do.")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """('lora_unet_..._to_q', 'hada_w1_a') of 'lora_unet_..._to_q.hada_w1_a'; ('', key) without a dot."""
+    name, _, suffix = key.partition(".")
+    return (name, suffix) if suffix else ("", key)
+
+
+def module_algo(suffixes: set[str] | list[str]) -> str | None:
+    """"lora", "loha" or "lokr" from the suffixes one module holds; None when it holds none of them."""
+    for algo in ("loha", "lokr", "lora"):
+        if any(suffix in ALGO_KEYS[algo] for suffix in suffixes):
+            return algo
+    return None
+
+
+def group_modules(state) -> dict[str, dict[str, object]]:
+    """{module name: {suffix: value}} of a state dict or a header's tensors."""
+    modules: dict[str, dict[str, object]] = {}
+    for key, value in state.items():
+        name, suffix = split_key(key)
+        modules.setdefault(name, {})[suffix] = value
+    return modules
+
+
+def file_algos(state) -> set[str]:
+    """The algorithms a file's modules use, e.g. {"loha"}."""
+    return {algo for parts in group_modules(state).values() if (algo := module_algo(parts)) is not None}
