@@ -4,6 +4,8 @@ prefix, the tagger's thresholds, the progress events and the sentences when a mo
 The captioners are tiny random-weight models built from configs (tests/tiny_captioners.py), saved as the
 folders `hf download` writes; what they say is noise, so only the tagger's words are asserted.
 """
+import html
+
 import pytest
 from PIL import Image
 
@@ -163,3 +165,36 @@ def test_the_caption_command(models, demo, capsys):
     err = capsys.readouterr().err.splitlines()
     assert code == 1 and err[-1].startswith("error: Cannot get the WD14 tagger 'sdlora-tests/not-a-model'")
     assert all(not line.startswith("Traceback") for line in err)
+
+
+def test_the_dataset_tab_button_through_gradio_client(models, demo, tmp_path):
+    from gradio_client import Client
+    from gradio_client.utils import StatusUpdate
+
+    from tests.ui_support import served_ui
+
+    with served_ui(tmp_path / "ui") as app:
+        client = Client(app.local_url, verbose=False)  # one session: the opened folder is its state
+        opened = client.predict(str(demo), 512, api_name="/dataset_open")
+        assert "Captions: 1 of 4 have a `.txt` file" in opened[2]
+        job = client.submit(512, "wd14", str(models["wd14"]), "Images without a caption", "mystyle", 0.6,
+                            api_name="/captions_auto")
+        notice, _, stats, *_ = job.result(timeout=120)
+        updates = []
+        while not job.communicator.updates.empty():
+            updates.append(job.communicator.updates.get_nowait())
+        # The wrong kind's folder: the sentence in the tab's notice, nothing written.
+        failed = client.predict(512, "blip", str(models["wd14"]), "All images (replaces their captions)", "", 0.35,
+                                api_name="/captions_auto")
+    assert "Wrote 3 caption file(s); kept the 1 existing caption(s) (choose 'All images (replaces their " \
+           "captions)' to replace them)." in html.unescape(notice)
+    assert "Captions: 4 of 4 have a `.txt` file" in stats
+    assert caption(demo, "demo_000.txt") == KEPT + "\n"
+    assert caption(demo, "demo_003.txt").startswith("mystyle, some character (series), ")
+    # The progress bar's updates: the model loading, then one per image.
+    progress = [(u.progress_data[0].index, u.progress_data[0].length, u.progress_data[0].desc)
+                for u in updates if isinstance(u, StatusUpdate) and u.progress_data]
+    assert progress == [(None, None, "Loading the WD14 tagger"),
+                        *[(i, 3, f"Captioned demo_00{i}.png") for i in (1, 2, 3)]]
+    assert "is not a BLIP captioner folder" in failed[0] and 'class="sd-notice sd-error"' in failed[0]
+    assert caption(demo, "demo_001.txt").startswith("mystyle, ")

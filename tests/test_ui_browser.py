@@ -286,6 +286,8 @@ def test_inspect_shows_the_spectrum_and_the_similarity_heatmap(page, tmp_path):
 
 
 def test_a_folder_without_captions_is_captioned_from_the_dataset_tab(page, tmp_path):
+    import re
+
     from tests.tiny_captioners import tiny_blip, tiny_wd14
 
     dataset = tmp_path / "uncaptioned"
@@ -312,8 +314,10 @@ def test_a_folder_without_captions_is_captioned_from_the_dataset_tab(page, tmp_p
     set_field(page, "autocaption-model", str(blip))
     set_field(page, "autocaption-prefix", "mystyle")
     page.locator("#autocaption-run").click()
-    wait_for(lambda: "/7 images" in status.inner_text() and "Captioned demo_00" in status.inner_text(),
-             interval=0.05, what="the progress bar")
+    bar = "() => document.querySelector('#autocaption-status [role=progressbar]')?.getAttribute('aria-valuetext')"
+    seen = wait_for(lambda: (text := page.evaluate(bar)) and text.startswith("Captioned") and text, interval=0.05,
+                    what="the progress bar past the model loading")
+    assert re.fullmatch(r"Captioned demo_00[1-7]\.png: [1-7] / 7 images", seen), seen
     shot(page, "caption-progress.png")
     wait_for(lambda: "Wrote 7 caption file(s); kept the 1 existing caption(s)" in status.inner_text(),
              what="the summary")

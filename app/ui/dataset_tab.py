@@ -14,6 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from app.security import new_folder, user_folder
+from app.ui import caption_panel
 from app.ui.caption_files import add_trigger_everywhere, read_caption, replace_everywhere, write_caption
 from app.ui.context import UIContext
 from app.ui.notices import guarded, notice, ok
@@ -156,6 +157,7 @@ def build(ctx: UIContext) -> DatasetTab:
                     find = gr.Textbox(label="Find", scale=2)
                     replace = gr.Textbox(label="Replace with", scale=2)
                     replace_button = gr.Button("Replace all", scale=1, min_width=110)
+            captioner = caption_panel.build()
     with gr.Row():
         stats = gr.Markdown(elem_id="dataset-stats")
         buckets = gr.BarPlot(None, x="bucket", y="images", title="Images per bucket (w x h)", height=220,
@@ -236,5 +238,7 @@ def build(ctx: UIContext) -> DatasetTab:
                       api_name="captions_add_trigger", api_visibility="undocumented")
     replace_button.click(bulk(replace_everywhere), [state, resolution, find, replace], view_outputs,
                          api_name="captions_replace", api_visibility="undocumented")
+    caption_panel.wire(captioner, state, resolution, view_outputs,
+                       lambda saved, res, note: view(scan(saved["folder"], res), note))
     return DatasetTab(folder, state, opened)
 
