@@ -22,18 +22,18 @@ def add_caption_subcommand(subparsers) -> argparse.ArgumentParser:
                          help=f"a Hugging Face id or a local folder (defaults: {defaults})")
     caption.add_argument("--overwrite", action="store_true",
                          help="caption every image, replacing existing captions (default: only images without one)")
-    caption.add_argument("--prefix", default="", help="tags put first in every caption, e.g. the trigger word")
-    caption.add_argument("--threshold", type=float, default=GENERAL_THRESHOLD,
+    caption.add_argument("--prefix", default="", metavar="TAGS", help="tags put first in every caption, e.g. the trigger word")
+    caption.add_argument("--threshold", type=float, default=GENERAL_THRESHOLD, metavar="P",
                          help=f"wd14: write general tags at or above this probability (default {GENERAL_THRESHOLD})")
-    caption.add_argument("--character-threshold", type=float, default=CHARACTER_THRESHOLD,
+    caption.add_argument("--character-threshold", type=float, default=CHARACTER_THRESHOLD, metavar="P",
                          help=f"wd14: the same for character tags (default {CHARACTER_THRESHOLD})")
     caption.add_argument("--exclude-tags", default="", metavar="TAGS", help="wd14: comma-separated tags never written")
     caption.add_argument("--task", choices=tuple(FLORENCE_TASKS), default="detailed",
                          help="florence2: caption, detailed or more-detailed (default detailed)")
-    caption.add_argument("--max-tokens", type=int, default=0,
+    caption.add_argument("--max-tokens", type=int, default=0, metavar="N",
                          help="blip/florence2: longest caption in tokens (default blip 75, florence2 256)")
-    caption.add_argument("--batch-size", type=int, default=1)
-    caption.add_argument("--caption-extension", default=".txt")
+    caption.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per model call (default 1)")
+    caption.add_argument("--caption-extension", default=".txt", metavar="EXT", help="default .txt")
     caption.set_defaults(handler=run_caption)
     return caption
 

@@ -179,7 +179,7 @@ def test_the_dataset_tab_button_through_gradio_client(models, demo, tmp_path):
         assert "Captions: 1 of 4 have a `.txt` file" in opened[2]
         job = client.submit(512, "wd14", str(models["wd14"]), "Images without a caption", "mystyle", 0.6,
                             api_name="/captions_auto")
-        notice, _, stats, *_ = job.result(timeout=120)
+        notice, _, stats, *_ = job.result(timeout=300)
         updates = []
         while not job.communicator.updates.empty():
             updates.append(job.communicator.updates.get_nowait())

@@ -2,6 +2,7 @@
 caption or all of them, one atomic caption file each, with progress events for the CLI and the UI."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +94,18 @@ def caption_folder(request: FolderRequest, settings: CaptionerSettings,
                 summary.empty.append(name)
             done = len(summary.written) + len(summary.empty)
             on_event(CaptionEvent("captioned", done, len(todo), name, text))
+    del captioner
+    _release_gpu_memory()
     on_event(CaptionEvent("finished", len(summary.written) + len(summary.empty), len(todo)))
     return summary
+
+
+def _release_gpu_memory() -> None:
+    """The UI process lives on after a caption run: hand the captioner's GPU memory back for training runs
+    and the Try tab. (torch is only asked if a captioner already imported it.)"""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def with_prefix(caption: str, prefix: str) -> str:
