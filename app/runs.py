@@ -22,7 +22,7 @@ from pathlib import Path
 
 from app.security import run_folder, user_folder
 from networks.errors import SdloraError
-from trainer.config import TrainConfig, save_config
+from trainer.config import TrainConfig, save_config, write_text_atomic
 from trainer.images import IMAGE_EXTENSIONS
 from trainer.preflight import Report, preflight_report
 
@@ -36,6 +36,7 @@ LIFECYCLE = ("started", "stopped", "finished", "error")
 ACTIVE = ("starting", "running")
 RESUMABLE = ("stopped", "interrupted", "error")
 LOG_TAIL_BYTES = 64 * 1024
+PRESET_FILE = "preset.txt"  # the UI's note of the preset a run was started from
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colours and cursor moves from progress bars
 
@@ -53,6 +54,15 @@ class RunInfo:
     message: str = ""  # the error sentence, when there is one
     final_file: Path | None = None  # only a file that passed its load check (or predates load checks)
     final_check: dict | None = None  # the `load_check` event of the final file, when there is one
+    final_loss: float | None = None  # the last logged training loss
+    train_seconds: float | None = None  # time spent training, summed over its segments (a resume adds one)
+    history: tuple[tuple[str, int], ...] = ()  # (lifecycle event, step) in order: started, stopped, started...
+    preset: str | None = None  # the preset the UI started it from, when it did
+
+    @property
+    def resumed(self) -> int:
+        """How many times the run continued from a checkpoint."""
+        return max(0, sum(1 for kind, _ in self.history if kind == "started") - 1)
 
     @property
     def folder(self) -> str:
@@ -173,8 +183,13 @@ class RunManager:
             status, final_file = "error", None
             message = f"{Path(final).name} failed the load check ({problems[0]}); it is kept for inspection " \
                       "but is not a usable LoRA."
+        loss = next((e.get("loss") for e in reversed(events) if e["event"] == "step"
+                     and isinstance(e.get("loss"), (int, float))), None)
+        history = tuple((e["event"], int(e.get("start_step", e.get("step")) or 0)) for e in events
+                        if e["event"] in LIFECYCLE)
         return RunInfo(run_dir, _run_name(run_dir, started), status, step, total, _created(run_dir, events),
-                       message, final_file, final_check)
+                       message, final_file, final_check, loss, _train_seconds(events), history,
+                       _read_preset(run_dir))
 
     def progress(self, run_dir: Path) -> Progress:
         events = self.events(run_dir)
@@ -321,6 +336,8 @@ class RunManager:
             run_dir = self.new_run_dir(cfg.name)
             cfg.output.dir = str(run_dir)
             save_config(cfg, run_dir / "config.toml")
+            if preset:  # config.toml holds the resolved settings; the preset's name is only known here
+                write_text_atomic(run_dir / PRESET_FILE, preset + "\n")
             self._launch(run_dir, ["--config", str(run_dir / "config.toml")])
         return run_dir
 
@@ -465,6 +482,29 @@ def _created(run_dir: Path, events: list[dict]) -> datetime:
     config = run_dir / "config.toml"
     stamp = (config if config.exists() else run_dir).stat().st_mtime
     return datetime.fromtimestamp(stamp, tz=timezone.utc)
+
+
+def _read_preset(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / PRESET_FILE).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def _train_seconds(events: list[dict]) -> float | None:
+    """Seconds from each `started` to the last event of its segment (the next start, or now's last line)."""
+    total, begun, last = 0.0, None, None
+    for event in events:
+        moment = _event_time(event) or None
+        if event["event"] == "started":
+            if begun is not None and last is not None:
+                total += last - begun
+            begun = last = moment
+        elif moment is not None and begun is not None:
+            last = moment
+    if begun is not None and last is not None:
+        total += last - begun
+    return total if any(e["event"] == "started" for e in events) else None
 
 
 def _event_time(event: dict) -> float:

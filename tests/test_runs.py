@@ -256,8 +256,36 @@ def test_start_refuses_bad_inputs_before_creating_a_run(manager, tmp_path):
     assert manager.list_runs() == []
 
 
-def test_start_writes_absolute_paths(manager, monkeypatch, tmp_path):
+def test_start_writes_absolute_paths_and_the_preset(manager, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    run = manager.start(apply_overrides(config(steps=1), ["dataset.path=data"]))
+    run = manager.start(apply_overrides(config(steps=1), ["dataset.path=data"]), "style-lora")
     manager.wait(run, timeout=20)
     assert f'path = "{tmp_path / "data"}"' in (run / "config.toml").read_text()
+    assert manager.info(run).preset == "style-lora"
+
+
+def test_a_stopped_and_resumed_run_shows_its_history_final_loss_time_and_file(manager):
+    from app.ui.live_view import history_text, run_row
+
+    run = manager.runs_dir / "resumed"
+    run.mkdir()
+
+    def at(second: int) -> str:
+        return f"2026-01-01T00:00:{second:02d}+00:00"
+
+    events = [{"event": "started", "time": at(0), "start_step": 0, "total_steps": 3, "name": "resumed"},
+              {"event": "step", "time": at(2), "step": 1, "loss": 0.9},
+              {"event": "step", "time": at(4), "step": 2, "loss": 0.8},
+              {"event": "stopped", "time": at(5), "step": 2, "checkpoint": "checkpoints/c.safetensors"},
+              {"event": "started", "time": at(20), "start_step": 2, "total_steps": 3, "name": "resumed"},
+              {"event": "step", "time": at(23), "step": 3, "loss": 0.7},
+              {"event": "finished", "time": at(24), "step": 3, "path": "resumed.safetensors"}]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (run / "resumed.safetensors").write_bytes(b"x" * 2000)
+    (run / "preset.txt").write_text("demo\n")
+    info = manager.info(run)
+    assert info.history == (("started", 0), ("stopped", 2), ("started", 2), ("finished", 3))
+    assert (info.status, info.resumed, info.final_loss, info.train_seconds) == ("finished", 1, 0.7, 5 + 4)
+    assert history_text(info) == "started → stopped at step 2 → resumed from step 2 → finished at step 3"
+    assert run_row(info)[:8] == ["resumed", "resumed", "finished · resumed 1x", "3 / 3", "0.7000", "0:09",
+                                 "2 KB", "demo"]

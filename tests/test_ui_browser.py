@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.ui.heatmap_axes import MARGIN_BOTTOM, MARGIN_TOP
 from tests.ui_support import (
     CHROMIUM,
     choose_preset,
@@ -93,7 +94,7 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
 
     field(page, "cfg-network-rank").fill("0")
     page.locator("#train-start").click()
-    wait_for(lambda: "network.rank must be an integer >= 1 (got 0)." in train_notice(page), what="the r = 0 error")
+    wait_for(lambda: "Rank r must be an integer >= 1; you typed 0." in train_notice(page), what="the r = 0 error")
     empty = tmp_path / "empty"
     empty.mkdir()
     field(page, "cfg-network-rank").fill("8")
@@ -145,6 +146,7 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
     shot(page, "train-running.png")
     wait_for(lambda: progress(page)[0] in ("finished", "error"), timeout=300, what="the end of the run")
     assert progress(page) == ("finished", STEPS)
+    wait_for(lambda: "Started" not in train_notice(page), what="the start notice to go with the run")
     badge = page.locator("#progress .sd-loadcheck")
     wait_for(lambda: "demo-lora.safetensors loads in A1111 / ComfyUI / diffusers" in badge.inner_text(),
              what="the final file's load check")
@@ -270,7 +272,8 @@ def test_inspect_shows_the_spectrum_and_the_similarity_heatmap(page, tmp_path):
     wait_for(lambda: "90 common modules" in page.locator("#inspect-compare-notice").inner_text(), what="the comparison")
     heatmap = page.locator("#inspect-heatmap img")
     heatmap.wait_for()
-    assert heatmap.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [320, 320]  # 8 x 8 cells of 40 px
+    # 8 x 8 cells of 40 px inside numbered axes, a colour bar on the right
+    assert heatmap.evaluate("img => img.naturalHeight") == MARGIN_TOP + 320 + MARGIN_BOTTOM
     assert "mean phi(1,1) 1.000" in page.get_by_text("common modules; mean phi(1,1)").inner_text()
     page.mouse.move(0, 0)
     shot(page, "inspect.png")

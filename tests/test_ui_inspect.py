@@ -14,6 +14,7 @@ from gradio_client import Client
 from PIL import Image
 
 from app.lora_commands import VIRIDIS, heatmap_image, save_heatmap_png
+from app.ui import heatmap_axes
 from app.ui import inspect_frames as frames
 from app.ui.inspect_tab import lines_settings, lines_value, plot_settings
 from networks.analysis import spectrum, subspace_similarity
@@ -169,8 +170,11 @@ def test_heatmap_image_cells_and_palette(tmp_path):
     assert tuple(pixels[0, 0]) == PURPLE and tuple(pixels[0, 16]) == VIRIDIS[2] and tuple(pixels[31, 47]) == YELLOW
     saved = save_heatmap_png(matrix, str(tmp_path / "deep" / "phi.png"), cell=16)  # the CLI's PNG, same pixels
     assert np.array_equal(np.asarray(Image.open(saved)), pixels)
-    # In the page a heatmap is about 320 pixels whatever r, with cells of at least 4 pixels.
-    assert [frames.heatmap([[0.5] * n] * n).size[0] for n in (4, 8, 64, 100)] == [320, 320, 320, 400]
+    # In the page the cells are about 320 pixels whatever r (at least 4 pixels each), inside numbered axes
+    # and beside a colour bar.
+    axes = heatmap_axes.MARGIN_LEFT + heatmap_axes.BAR_GAP + heatmap_axes.BAR_WIDTH + heatmap_axes.MARGIN_RIGHT
+    assert [frames.heatmap([[0.5] * n] * n).size[0] - axes for n in (4, 8, 64, 100)] == [320, 320, 320, 400]
+    assert heatmap_axes._ticks(8) == [1, 2, 3, 4, 5, 6, 7, 8] and heatmap_axes._ticks(64) == [1, 9, 17, 25, 33, 41, 49, 57, 64]
 
 
 def test_a_file_against_itself_is_the_same_subspace_everywhere(files):
@@ -247,7 +251,8 @@ def test_the_similarity_endpoint_compares_two_files(client, files):
     k_proj = next(row for row in table["data"] if row[0].endswith("k_proj"))
     assert k_proj[2:5] == [2, 1.0, 1.0]  # r 2: both of its directions are shared
     pixels = np.asarray(Image.open(image).convert("RGB"))
-    assert pixels.shape == (320, 320, 3) and tuple(pixels[40, 40]) == YELLOW
+    top, left = heatmap_axes.MARGIN_TOP, heatmap_axes.MARGIN_LEFT  # the cells sit inside numbered axes
+    assert pixels.shape[0] == top + 320 + heatmap_axes.MARGIN_BOTTOM and tuple(pixels[top + 40, left + 40]) == YELLOW
     assert module["value"] == frames.MEAN and len(module["choices"]) == 6
     assert "**a.safetensors** (rows) vs **b.safetensors** (columns)" in text
 

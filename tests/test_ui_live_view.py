@@ -73,6 +73,18 @@ def test_a_finished_run_shows_its_load_check_the_grid_and_both_curves(manager):
     assert "✓ loads" in files_html(progress.checkpoints, checks=progress.load_checks, run_dir=run)
 
 
+def test_the_grid_says_it_shows_the_newest_steps_and_pages_back_to_the_rest(manager):
+    sampled = list(range(0, 125, 5))  # 25 sampled steps: the newest 10 shown, then pages of 10 and of 5
+    run = write_run(manager.runs_dir / "long", [{"event": "started", "total_steps": 120, "start_step": 0},
+                                                *(sample(step) for step in sampled)], validation=False)
+    grid = sample_grid_html(manager.progress(run))
+    assert 'data-steps="10" data-prompts="2" data-all-steps="25"' in grid
+    assert "Showing the newest 10 of 25 sampled steps (steps 75 to 120)" in grid
+    assert grid.count("<summary>") == 2 and "<summary>Steps 25 to 70</summary>" in grid
+    assert "<summary>Steps 0 to 20</summary>" in grid
+    assert grid.count("<img ") == 2 * 25  # every sampled image is reachable
+
+
 def test_the_validation_series_is_reserved_before_the_first_measurement(manager):
     run = write_run(manager.runs_dir / "early", [{"event": "started", "total_steps": 4}, *steps(1, 1)])
     progress = manager.progress(run)

@@ -692,21 +692,29 @@ def _estimate(cfg: TrainConfig, family: str, prediction: str, report: Report) ->
     report.info.append(demo + estimate.words())
     steps = report.data.get("steps", {}).get("total_steps")
     if steps:
-        report.info.append(f"At that rate the {steps} steps take about {_duration(steps * estimate.seconds_per_step)} "
+        report.info.append(f"At that rate the {steps} steps take {_duration(steps * estimate.seconds_per_step)} "
                            "on a GPU (uncalibrated).")
     import torch
 
+    if not torch.cuda.is_available():
+        # No CPU formula: a CPU's speed on this work varies too much to guess; the run measures it instead.
+        tiny = "the tiny demo model trains in minutes, " if cfg.model.path.startswith("demo:") else ""
+        report.info.append(f"No CUDA GPU here: training runs on the CPU, where {tiny}a full-size model hundreds of "
+                           "times slower than on a GPU; the live view shows the measured rate and ETA from the "
+                           "first steps.")
     if not torch.cuda.is_available() and cfg.train.mixed_precision != "no":
         report.info.append(f"No CUDA GPU here: train.mixed_precision {cfg.train.mixed_precision} applies on a GPU; "
                            "on this machine training runs in fp32 on the CPU.")
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"about {seconds:.0f} s"
     if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
 def _check_resolution(cfg: TrainConfig, family: str, report: Report) -> None:

@@ -27,8 +27,8 @@ def build_ui(runs_dir: str | Path = "runs", trainer_command: list[str] | None = 
     with gr.Blocks(title="sdlora", analytics_enabled=False, fill_width=True) as demo:
         gr.HTML(HEADER)
         with gr.Tabs(selected="dataset") as tabs:
-            with gr.Tab("Dataset", id="dataset"):
-                dataset = dataset_tab.build(ctx)
+            with gr.Tab("Dataset", id="dataset") as dataset_item:
+                dataset = dataset_tab.build(ctx, train_tab.start_config().dataset.resolution)
             with gr.Tab("Train", id="train"):
                 train = train_tab.build(ctx)
             with gr.Tab("Runs", id="runs") as runs_item:
@@ -39,9 +39,13 @@ def build_ui(runs_dir: str | Path = "runs", trainer_command: list[str] | None = 
                 inspect_dropdown, inspect_choices = inspect_tab.build(ctx)
         api.register(ctx)
         _wire(demo, tabs, dataset, train, runs)
+        _share_dataset_settings(demo, dataset_item, dataset, train)
         runs_item.select(runs.refresh, None, runs.refresh_outputs, api_visibility="private")
-        try_item.select(try_choices, None, try_dropdown, api_visibility="private")
-        inspect_item.select(inspect_choices, None, inspect_dropdown, api_visibility="private")
+        # The LoRA pickers list the runs' files as the page opens, and again whenever their tab is opened.
+        for event in (demo.load, try_item.select):
+            event(try_choices, None, try_dropdown, api_visibility="private")
+        for event in (demo.load, inspect_item.select):
+            event(inspect_choices, None, inspect_dropdown, api_visibility="private")
     demo.sdlora = ctx  # for tests and embedding: the run manager behind this page
     threading.Thread(target=_warm_up_checks, name="sdlora-warm-up", daemon=True).start()
     return demo
@@ -85,6 +89,31 @@ def _wire(demo: gr.Blocks, tabs: gr.Tabs, dataset, train, runs) -> None:
 
     show_watched(demo.load(on_load, None, [*train.load_outputs, tabs], api_visibility="private"))
     demo.load(runs.refresh, None, runs.refresh_outputs, api_visibility="private")
+
+
+def _share_dataset_settings(demo, dataset_item, dataset, train) -> None:
+    """One set of bucket settings: the Dataset tab scans with the Train form's [dataset] settings (those the
+    page opens with, then brought over each time the tab opens, rescanning an open folder when they
+    changed), and its resolution box is the Train tab's Resolution shown in a second place. (API callers,
+    which load no page, scan with the config defaults at the resolution they pass.)"""
+    train_resolution = train.form.widgets["dataset.resolution"]
+    demo.load(lambda: train_tab.start_config().dataset.model_dump(mode="json"), None, dataset.settings,
+              api_visibility="private", show_progress="hidden")
+
+    def train_settings(preset, prompts, *values):
+        try:
+            return train.form.to_config(preset, prompts, values).dataset.model_dump(mode="json")
+        except SdloraError:
+            return gr.skip()  # a half-typed form: keep the settings last brought over
+
+    dataset_item.select(train_settings, [train.preset, train.prompts, *train.form.components], dataset.settings,
+                        api_visibility="private", show_progress="hidden").then(
+        dataset.follow_settings, [dataset.state, dataset.resolution, dataset.settings], dataset.view_outputs,
+        api_visibility="private", show_progress="hidden")
+    train_resolution.change(lambda value: value, train_resolution, dataset.resolution, api_visibility="private",
+                            show_progress="hidden")
+    dataset.resolution.input(lambda value: value, dataset.resolution, train_resolution, api_visibility="private",
+                             show_progress="hidden")
 
 
 def launch_options(runs_dir: str | Path, host: str = "127.0.0.1", port: int | None = 7860,

@@ -3,18 +3,20 @@
 There is no second list of fields here: a key's widget, label, help text and choices all come from the
 config model, so a key added to trainer/config.py appears in the Advanced section by itself. The form
 holds a complete config (choosing a preset fills every widget), and reading it back goes through the
-same validation as a config file, so errors name the key: "network.rank must be an integer >= 1 (got 0)."
+same validation as a config file; `in_words` then puts the error the way the page shows it, with the
+field's label and what was typed: "Rank r must be an integer >= 1; you typed 0."
 """
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import gradio as gr
 
 from networks.errors import SdloraError
-from trainer.config import ConfigField, SamplePrompt, TrainConfig, config_field_table
+from trainer.config import ConfigError, ConfigField, SamplePrompt, TrainConfig, config_field_table
 from trainer.presets import resolve_config
 from trainer.sample_prompts import OPTION_HELP, format_prompt_line, parse_prompt_text
 
@@ -34,6 +36,7 @@ class ConfigForm:
         self.fields: dict[str, ConfigField] = {f.key: f for f in config_field_table()}
         self.widgets: dict[str, gr.components.Component] = {}
         self._initial = (initial or TrainConfig()).model_dump(mode="python")
+        self._advanced: set[str] = set()  # keys whose widget is in the Advanced section
 
     @property
     def keys(self) -> list[str]:
@@ -44,9 +47,20 @@ class ConfigForm:
         return list(self.widgets.values())
 
     def label(self, key: str) -> str:
-        """The words the page shows for `key` (what error messages and notices call it)."""
+        """The words the page shows for `key` (what error messages and notices call it); an Advanced
+        field also names its section, since labels repeat there ("Every steps" of Samples and of Saving)."""
         widget = self.widgets.get(key)
-        return str(widget.label) if widget is not None and widget.label else key
+        if widget is None or not widget.label:
+            return key
+        if key in self._advanced:
+            return f"{widget.label} (Advanced, {SECTION_TITLES.get(section_of(key), section_of(key))})"
+        return str(widget.label)
+
+    def in_words(self, message: str) -> str:
+        """`message` with every dotted config key replaced by its field's label."""
+        for key in sorted((k for k in self.widgets if "." in k), key=len, reverse=True):
+            message = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w.])", lambda _, k=key: self.label(k), message)
+        return message
 
     def add(self, key: str, **options) -> gr.components.Component:
         """Create (inside the current layout) the widget for `key`; `options` refine label, info, scale."""
@@ -69,20 +83,42 @@ class ConfigForm:
                     with gr.Row(equal_height=True):
                         for field in fields[start:start + PER_ROW]:
                             self.add(field.key)
+                            self._advanced.add(field.key)
 
     # -- values ---------------------------------------------------------------------------------
     def to_config(self, preset: str | None, prompts_text: str, values: Sequence[Any]) -> TrainConfig:
-        """The validated config the form describes; the preset only fills keys the form lacks."""
-        data: dict = {}
-        for key, value in zip(self.keys, values):
-            _set(data, key, from_widget(self.fields[key], value))
-        _set(data, PROMPTS_KEY, prompts_from_text(prompts_text))
-        return resolve_config(preset or None, base=data)
+        """The validated config the form describes; the preset only fills keys the form lacks. An error
+        names the field by its label and says what was typed."""
+        typed = dict(zip(self.keys, values))
+        try:
+            data: dict = {}
+            for key, value in typed.items():
+                _set(data, key, from_widget(self.fields[key], value))
+            _set(data, PROMPTS_KEY, prompts_from_text(prompts_text))
+            return resolve_config(preset or None, base=data)
+        except ConfigError as error:
+            raise SdloraError(self._error_sentence(error, typed)) from None
+        except SdloraError as error:  # from_widget's: about a value typed in the form
+            raise SdloraError(self.in_words(_you_typed(str(error)))) from None
+
+    def _error_sentence(self, error: ConfigError, typed: dict) -> str:
+        key, message = error.key, str(error)
+        if key in typed and typed[key] is None:
+            # A number box sends nothing for text that is not a number, so the typed text is unknown here.
+            example = to_widget(self.fields[key], self.fields[key].default)
+            hint = f", e.g. {example}" if example not in (None, "") else ""
+            return f"{self.label(key)} is empty or not a number; type a number{hint}."
+        return self.in_words(_you_typed(message) if key in typed else message)
 
     def values(self, cfg: TrainConfig) -> list[Any]:
         """Widget values showing `cfg`, in `components` order."""
         data = cfg.model_dump(mode="python")
         return [to_widget(self.fields[key], _get(data, key)) for key in self.keys]
+
+
+def _you_typed(message: str) -> str:
+    """'... (got 0).' -> '...; you typed 0.': the value came from the form, so say it as the person did it."""
+    return re.sub(r" \(got (.*)\)\.$", r"; you typed \1.", message)
 
 
 def section_of(key: str) -> str:
@@ -146,7 +182,7 @@ def from_widget(field: ConfigField, value: Any) -> Any:
         try:
             return json.loads(text)
         except json.JSONDecodeError:
-            raise SdloraError(f"{field.key} must be JSON, e.g. {json.dumps(field.default) if field.default else '[]'}"
+            raise SdloraError(f"{field.key} must be JSON, e.g. {json.dumps(field.default if field.default is not None else [])}"
                               f" (got {text[:40]!r}).") from None
     if isinstance(value, str) and optional and not value.strip():
         return None

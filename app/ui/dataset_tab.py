@@ -1,7 +1,8 @@
 """Dataset tab: open a folder, see every image with its caption, edit captions, check the stats.
 
-The scan is the trainer's own (trainer/dataset.py), so what this tab reports (usable images, skipped
-files and why, buckets) is exactly what training will use.
+The scan is the trainer's own (trainer/dataset.py) with the trainer's own options (trainer.loop.dataset_options)
+built from the Train tab's dataset settings, so what this tab reports (usable images, skipped files and why,
+buckets) is exactly what the Train tab's Check and the training will use.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from app.ui.context import UIContext
 from app.ui.notices import guarded, notice, ok
 from app.ui.thumbnails import PREVIEW_SIDE, thumbnail
 from networks.errors import SdloraError
-from trainer.buckets import BucketSpec
-from trainer.dataset import DatasetOptions, DatasetReport, Item, scan_folder
+from trainer.config import ConfigError, config_from_dict
+from trainer.dataset import DatasetReport, Item, scan_folder
 from trainer.demo_data import make_demo_dataset
 
 GALLERY_LIMIT = 500  # thumbnails shown; stats always cover the whole folder
@@ -34,20 +35,38 @@ class Scan:
     items: list[Item]
     report: DatasetReport
     extension: str
+    settings: dict  # the dataset settings (config keys of [dataset], but its path) the scan used
 
     @property
     def images(self) -> list[Path]:
         return [item.path for item in self.items]
 
 
-def scan(folder_text: str, resolution: int | float | None = 512, extension: str = ".txt") -> Scan:
+def scan(folder_text: str, resolution: int | float | None = None, settings: dict | None = None) -> Scan:
+    """The folder as training would read it with the dataset `settings` (the Train tab's; None: the
+    defaults), at `resolution` when one is given."""
+    from trainer.loop import dataset_options  # the trainer's options, not a copy of them (imports torch)
+
     folder = user_folder(folder_text, "dataset folder")
-    resolution = int(resolution or 512)
-    if resolution < 64 or resolution % 64:
-        raise SdloraError(f"The bucket resolution must be a multiple of 64 of at least 64 (got {resolution}).")
-    options = DatasetOptions(folder, buckets=BucketSpec(resolution=resolution), caption_extension=extension)
-    items, report = scan_folder(options)
-    return Scan(folder, items, report, options.caption_suffix)
+    settings = {key: value for key, value in (settings or {}).items() if key != "path"}
+    if resolution:
+        settings["resolution"] = int(resolution)
+    try:
+        cfg = config_from_dict({"dataset": {**settings, "path": str(folder)}})
+    except ConfigError as error:
+        raise SdloraError(str(error).replace("dataset.resolution", "The bucket resolution", 1)) from None
+    items, report = scan_folder(dataset_options(cfg))
+    used = cfg.dataset.model_dump(mode="json", exclude={"path"})
+    return Scan(folder, items, report, dataset_options(cfg).caption_suffix, used)
+
+
+def buckets_line(settings: dict) -> str:
+    """How the buckets were made, in the Train tab's words."""
+    low, high = settings.get("min_bucket_side"), settings.get("max_bucket_side")
+    sides = f"sides {low or 'auto'} to {high or 'auto'} px" if settings.get("enable_buckets", True) else "no buckets"
+    upscale = "; small images are not upscaled" if settings.get("bucket_no_upscale") else ""
+    return (f"- Buckets with the Train tab's settings: resolution {settings.get('resolution')} px, {sides}, "
+            f"step {settings.get('bucket_step')}{upscale}")
 
 
 def gallery_entries(images: list[Path], extension: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -76,6 +95,7 @@ def stats_markdown(result: Scan) -> str:
         f"- Sizes: {_size(smallest)} to {_size(largest)}; most common {_size(common)} ({times}x)",
         f"- Captions: {captioned} of {report.usable} have a `{result.extension}` file",
         f"- Unreadable files: {len(report.skipped) or 'none'}",
+        buckets_line(result.settings),
     ]
     if len(result.items) > GALLERY_LIMIT:
         lines.append(f"- The gallery shows the first {GALLERY_LIMIT} images.")
@@ -121,16 +141,23 @@ class DatasetTab:
     folder: gr.Textbox
     state: gr.State  # {"folder", "images", "shown", "extension"} of the last dataset opened successfully
     opened: list  # events after which `state` may hold a newly opened dataset
+    resolution: gr.Number  # mirrors the Train tab's Resolution
+    settings: gr.State  # the Train tab's dataset settings
+    follow_settings: object  # (saved, resolution, settings) -> view outputs: a rescan when the settings changed
+    view_outputs: list
 
 
-def build(ctx: UIContext) -> DatasetTab:
+def build(ctx: UIContext, start_resolution: int) -> DatasetTab:
+    """`start_resolution`: the Train form's resolution as the page opens."""
     state = gr.State(None)  # {"folder", "images", "extension"} of the opened dataset
+    settings = gr.State(None)  # the Train tab's dataset settings (set as the page loads); None: the defaults
     with gr.Row(elem_classes="sd-align-end"):
         folder = gr.Textbox(label="Dataset folder", placeholder="/path/to/images", scale=5, elem_id="dataset-folder",
                             info="Images with a .txt caption beside each (cat.png + cat.txt); kohya "
                                  "'10_name' sub-folders work too.")
-        resolution = gr.Number(512, label="Bucket resolution", precision=0, scale=1, min_width=120,
-                               info="Training side in px.")
+        resolution = gr.Number(start_resolution, label="Bucket resolution", precision=0, scale=1,
+                               min_width=120, elem_id="dataset-resolution",
+                               info="The Train tab's Resolution.")
         open_button = gr.Button("Open", variant="primary", scale=1, min_width=100, elem_id="dataset-open")
     with gr.Accordion("No images yet? Create the demo dataset", open=False, elem_id="demo-accordion"):
         with gr.Row(elem_classes="sd-align-end"):
@@ -161,7 +188,7 @@ def build(ctx: UIContext) -> DatasetTab:
     with gr.Row():
         stats = gr.Markdown(elem_id="dataset-stats")
         buckets = gr.BarPlot(None, x="bucket", y="images", title="Images per bucket (w x h)", height=220,
-                             elem_id="bucket-plot", sort=None, y_lim=[0, None], visible=False)
+                             elem_id="bucket-plot", sort=None, y_lim=[0, None], visible=False, y_axis_format="d")
     problems = gr.Markdown()
 
     view_outputs = [message, gallery, stats, buckets, problems, state]
@@ -169,19 +196,22 @@ def build(ctx: UIContext) -> DatasetTab:
     def view(result: Scan, note: str) -> tuple:
         entries, shown = gallery_entries(result.images, result.extension)
         saved = {"folder": str(result.folder), "images": [str(p) for p in result.images], "shown": shown,
-                 "extension": result.extension, "scan": time.time_ns()}  # a new scan is a change: the editor follows
-        return (ok(note), entries, stats_markdown(result), gr.BarPlot(bucket_frame(result.report), visible=True),
+                 "extension": result.extension, "settings": result.settings, "scan": time.time_ns()}  # a new scan is a change: the editor follows
+        counts = bucket_frame(result.report)
+        # Whole-number ticks: a count axis under 5 images high would get 0.5 steps from the plot library.
+        histogram = gr.BarPlot(counts, visible=True, y_lim=[0, max([5, *counts["images"]])])
+        return (ok(note), entries, stats_markdown(result), histogram,
                 problems_markdown(result.report), saved)
 
     @guarded(len(view_outputs) + 1)
-    def on_open(folder_text, res):
-        result = scan(folder_text, res)
+    def on_open(folder_text, res, train_settings):
+        result = scan(folder_text, res, train_settings)
         return (*view(result, f"Opened {result.folder.name}: {result.report.usable} images."), str(result.folder))
 
     @guarded(len(view_outputs) + 2)
-    def on_create(target, count, res):
+    def on_create(target, count, res, train_settings):
         created = create_demo(target, count, ctx)
-        result = scan(str(created), res)
+        result = scan(str(created), res, train_settings)
         return (*view(result, f"Created the demo dataset in {created}."), str(created), str(ctx.free_demo_folder()))
 
     def _image(saved, image) -> Path:
@@ -219,14 +249,14 @@ def build(ctx: UIContext) -> DatasetTab:
                 raise SdloraError("Open a dataset folder first.")
             folder_path = Path(saved["folder"])
             changed = action([Path(p) for p in saved["images"]], *args, folder_path, saved["extension"])
-            return view(scan(saved["folder"], res), f"Changed {changed} caption file(s).")
+            return view(scan(saved["folder"], res, saved["settings"]), f"Changed {changed} caption file(s).")
         return run
 
     opened = [
-        open_button.click(on_open, [folder, resolution], [*view_outputs, folder], api_name="dataset_open",
+        open_button.click(on_open, [folder, resolution, settings], [*view_outputs, folder], api_name="dataset_open",
                           api_visibility="undocumented"),
-        folder.submit(on_open, [folder, resolution], [*view_outputs, folder], api_visibility="private"),
-        demo_button.click(on_create, [demo_folder, demo_count, resolution], [*view_outputs, folder, demo_folder],
+        folder.submit(on_open, [folder, resolution, settings], [*view_outputs, folder], api_visibility="private"),
+        demo_button.click(on_create, [demo_folder, demo_count, resolution, settings], [*view_outputs, folder, demo_folder],
                           api_name="dataset_create_demo", api_visibility="undocumented"),
     ]
     gallery.select(on_select, [state], [message, preview, caption, editing], api_visibility="private")
@@ -239,6 +269,24 @@ def build(ctx: UIContext) -> DatasetTab:
     replace_button.click(bulk(replace_everywhere), [state, resolution, find, replace], view_outputs,
                          api_name="captions_replace", api_visibility="undocumented")
     caption_panel.wire(captioner, state, resolution, view_outputs,
-                       lambda saved, res, note: view(scan(saved["folder"], res), note))
-    return DatasetTab(folder, state, opened)
+                       lambda saved, res, note: view(scan(saved["folder"], res, saved["settings"]), note))
+    @guarded(len(view_outputs))
+    def follow_settings(saved, res, train_settings):
+        if not saved or _settings_of(saved["folder"], res, train_settings) == saved.get("settings"):
+            return (gr.skip(),) * len(view_outputs)
+        return view(scan(saved["folder"], res, train_settings), "Buckets updated to the Train tab's settings.")
+
+    return DatasetTab(folder, state, opened, resolution, settings, follow_settings, view_outputs)
+
+
+def _settings_of(folder: str, resolution, settings: dict | None) -> dict | None:
+    """The dataset settings a scan of `folder` would use now (None when they do not validate)."""
+    data = {key: value for key, value in (settings or {}).items() if key != "path"}
+    if resolution:
+        data["resolution"] = int(resolution)
+    try:
+        return config_from_dict({"dataset": {**data, "path": folder}}).dataset.model_dump(mode="json",
+                                                                                           exclude={"path"})
+    except SdloraError:
+        return None
 

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pandas as pd
 
-from app.lora_commands import heatmap_image
+from app.ui.heatmap_axes import heatmap_with_axes
 
 LONG_VALUE = 200
 MEAN = "(mean)"  # the module dropdown's value for the mean heatmap
@@ -115,9 +115,10 @@ def block_colors(lines: pd.DataFrame) -> dict[str, str]:
 
 # -- subspace similarity ---------------------------------------------------------------------------
 def heatmap(matrix: list[list[float]]) -> object:
-    """A phi matrix as a PIL image about HEATMAP_PIXELS wide, cells square and at least 4 pixels."""
+    """A phi matrix as a PIL image, its cells about HEATMAP_PIXELS wide (square, at least 4 pixels), with
+    numbered axes and a colour bar."""
     size = max(len(matrix), len(matrix[0]) if matrix else 1)
-    return heatmap_image(matrix, cell=max(4, HEATMAP_PIXELS // max(size, 1)))
+    return heatmap_with_axes(matrix, max(4, HEATMAP_PIXELS // max(size, 1)), "i (file above)", "j (second file)")
 
 
 def module_heatmap(report: dict, module: str | None) -> object:

@@ -42,29 +42,32 @@ def build(ctx: UIContext):
         uploaded, typed, chosen = file_inputs(ctx)
         go = gr.Button("Inspect", variant="primary", elem_id="inspect-go", scale=1)
     message = gr.HTML(elem_id="inspect-notice")
-    summary = gr.Markdown()
-    # Plots are created empty (None, not an empty frame, which would keep a plot from drawing later data).
-    with gr.Row():
-        norms = gr.BarPlot(None, x="block", y="norm", title="Update norm |scale x up @ down| per block",
-                           height=300, x_label_angle=-40, sort=None, y_lim=[0, None], elem_id="inspect-norms")
-        blocks = gr.Dataframe(label="Modules per block", interactive=False, max_height=300)
-    with gr.Row():
-        ranks = gr.LinePlot(None, x="block", y="rank", color="measure", sort=None, height=320, x_label_angle=-40,
-                            y_lim=[0, None], title="Effective rank per block (mean over its modules)",
-                            y_title="rank", elem_id="inspect-ranks")
-        with gr.Column():
-            values = gr.LinePlot(None, x="k", y="relative", color="block", height=280, y_lim=[0, 1.05],
-                                 title="Singular values sigma_k / sigma_1 (mean over each block's modules)",
-                                 x_title="k", y_title="sigma_k / sigma_1", elem_id="inspect-spectrum")
-            component = gr.Radio([], label="Lines for the blocks of", elem_id="inspect-component")
-    with gr.Accordion("Effective ranks per block", open=False):
-        gr.Markdown("Energy rank p: the fewest singular values holding p of |dW|_F^2. Entropy rank: "
-                    "exp(entropy of sigma / sum sigma), r for r equal values, 1 for a single direction.")
-        rank_table = gr.Dataframe(interactive=False, max_height=400, elem_id="inspect-rank-table")
-    with gr.Accordion("Every module", open=False):
-        modules = gr.Dataframe(interactive=False, max_height=400)
-    with gr.Accordion("Metadata", open=False):
-        metadata = gr.Dataframe(interactive=False, max_height=400, wrap=True)
+    empty = gr.Markdown(EMPTY_INSPECT, elem_id="inspect-empty", elem_classes="sd-muted")
+    with gr.Column(visible=False, elem_id="inspect-results") as results:  # no empty tables and plots before a file
+        summary = gr.Markdown()
+        # Plots are created empty (None, not an empty frame, which would keep a plot from drawing later data).
+        with gr.Row():
+            norms = gr.BarPlot(None, x="block", y="norm", title="Update norm |scale x up @ down| per block",
+                               height=300, x_label_angle=-40, sort=None, y_lim=[0, None], elem_id="inspect-norms")
+            blocks = gr.Dataframe(label="Modules per block", interactive=False, max_height=300)
+        with gr.Row():
+            ranks = gr.LinePlot(None, x="block", y="rank", color="measure", sort=None, height=320, x_label_angle=-40,
+                                y_lim=[0, None], title="Effective rank per block (mean over its modules)",
+                                y_title="rank", elem_id="inspect-ranks")
+            with gr.Column():
+                values = gr.LinePlot(None, x="k", y="relative", color="block", height=280, y_lim=[0, 1.05],
+                                     title="Singular values sigma_k / sigma_1 (mean over each block's modules)",
+                                     x_title="k", y_title="sigma_k / sigma_1", elem_id="inspect-spectrum",
+                                     x_axis_format="d")
+                component = gr.Radio([], label="Lines for the blocks of", elem_id="inspect-component")
+        with gr.Accordion("Effective ranks per block", open=False):
+            gr.Markdown("Energy rank p: the fewest singular values holding p of |dW|_F^2. Entropy rank: "
+                        "exp(entropy of sigma / sum sigma), r for r equal values, 1 for a single direction.")
+            rank_table = gr.Dataframe(interactive=False, max_height=400, elem_id="inspect-rank-table")
+        with gr.Accordion("Every module", open=False):
+            modules = gr.Dataframe(interactive=False, max_height=400)
+        with gr.Accordion("Metadata", open=False):
+            metadata = gr.Dataframe(interactive=False, max_height=400, wrap=True)
     view = gr.State(None)  # what the plots' settings need: every block's line, the block order, the top rank
 
     @guarded(11)
@@ -84,11 +87,24 @@ def build(ctx: UIContext):
     go.click(on_inspect, [uploaded, typed, chosen],
              [message, summary, norms, blocks, modules, metadata, ranks, rank_table, values, component, view],
              api_name="inspect_view", api_visibility="undocumented").then(
-        plot_settings, [view, component], [norms, ranks, values], api_visibility="private", show_progress="hidden")
+        plot_settings, [view, component], [norms, ranks, values], api_visibility="private", show_progress="hidden"
+    ).then(shown_when_done, view, [results, empty], api_visibility="private", show_progress="hidden")
     component.input(lines_value, [view, component], values, api_visibility="private").then(
         lines_settings, [view, component], values, api_visibility="private", show_progress="hidden")
     chosen_b = build_similarity(uploaded, typed, chosen, ctx)
     return [chosen, chosen_b], lambda: tuple(gr.Dropdown(choices=lora_choices(ctx)) for _ in range(2))
+
+
+MIN_AXIS_SPAN = 5  # a count axis spanning fewer units gets half-unit ticks (0.5, 1.5) from the plot library
+EMPTY_INSPECT = ("Nothing inspected yet: choose a LoRA from a run, type its path or upload a .safetensors file, "
+                 "then press **Inspect** for its modules, ranks, update norms and singular-value spectrum.")
+EMPTY_COMPARE = ("Nothing compared yet: inspect a file above, choose a second one here and press **Compare** for "
+                 "the phi heatmap and the per-module table.")
+
+
+def shown_when_done(result):
+    """The results once there are some; until then the sentence saying what to do."""
+    return gr.Column(visible=result is not None), gr.Markdown(visible=result is None)
 
 
 # A plot redraws in full only when one of its settings changes, and then from the data it held before that
@@ -103,8 +119,11 @@ def lines_value(settings, part: str | None):
 def lines_settings(settings, part: str | None):
     if settings is None or part is None:
         return gr.skip()
-    legend = list(dict.fromkeys(frames.component_lines(settings["lines"], part)["block"]))
-    return gr.LinePlot(colors_in_legend=legend, color_map=frames.block_colors(settings["lines"]))
+    lines = frames.component_lines(settings["lines"], part)
+    legend = list(dict.fromkeys(lines["block"]))
+    # k counts singular values: an axis at least MIN_AXIS_SPAN wide gets whole-number ticks (1, 2, 3...).
+    return gr.LinePlot(colors_in_legend=legend, color_map=frames.block_colors(settings["lines"]),
+                       x_lim=[1, max(int(lines["k"].max()), 1 + MIN_AXIS_SPAN)])
 
 
 def plot_settings(settings, part: str | None):
@@ -125,15 +144,17 @@ def build_similarity(uploaded, typed, chosen, ctx: UIContext):
                             info="down: input directions (the paper's choice); up: output directions.")
             compare = gr.Button("Compare", variant="primary", elem_id="inspect-compare")
     notice = gr.HTML(elem_id="inspect-compare-notice")
-    with gr.Row():
-        image = gr.Image(None, type="pil", format="png", label="phi(i, j): rows i = the file above, columns j = "
-                         "the second file", height=360, interactive=False, elem_id="inspect-heatmap", scale=2)
-        with gr.Column(scale=3):
-            explained = gr.Markdown()
-            module = gr.Dropdown([], label="Heatmap of", elem_id="inspect-module",
-                                 info="The mean over modules, or one module.")
-    table = gr.Dataframe(interactive=False, max_height=420, elem_id="inspect-similarity",
-                         column_widths=["46%", "16%", "6%", "10%", "10%", "12%"])
+    empty = gr.Markdown(EMPTY_COMPARE, elem_id="inspect-compare-empty", elem_classes="sd-muted")
+    with gr.Column(visible=False, elem_id="inspect-compare-results") as results:
+        with gr.Row():
+            image = gr.Image(None, type="pil", format="png", label="phi(i, j): rows i = the file above, columns j = "
+                             "the second file", height=360, interactive=False, elem_id="inspect-heatmap", scale=2)
+            with gr.Column(scale=3):
+                explained = gr.Markdown()
+                module = gr.Dropdown([], label="Heatmap of", elem_id="inspect-module",
+                                     info="The mean over modules, or one module.")
+        table = gr.Dataframe(interactive=False, max_height=420, elem_id="inspect-similarity",
+                             column_widths=["46%", "16%", "6%", "10%", "10%", "12%"])
     report = gr.State(None)
 
     @guarded(6)
@@ -148,7 +169,8 @@ def build_similarity(uploaded, typed, chosen, ctx: UIContext):
 
     compare.click(on_compare, [uploaded, typed, chosen, uploaded_b, typed_b, chosen_b, side],
                   [notice, image, explained, module, table, report],
-                  api_name="inspect_similarity", api_visibility="undocumented")
+                  api_name="inspect_similarity", api_visibility="undocumented").then(
+        shown_when_done, report, [results, empty], api_visibility="private", show_progress="hidden")
     module.input(lambda result, name: gr.skip() if result is None else frames.module_heatmap(result, name),
                  [report, module], image, api_visibility="private")
     return chosen_b

@@ -30,11 +30,15 @@ def duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def progress_html(progress: Progress | None) -> str:
+def progress_html(progress: Progress | None, other_runs: int = 0) -> str:
+    """The bar of a run; with none shown, what to do (and that `other_runs` exist, when some do)."""
     if progress is None:
+        what = (f"No run shown here: {other_runs} run{'s are' if other_runs != 1 else ' is'} in the Runs tab "
+                "(Watch shows one here), or start a new one with Train." if other_runs else
+                "No run yet: choose a dataset and a preset, then press Train.")
         return ('<div class="sd-progress sd-idle" data-status="none" data-step="0" data-total="0">'
-                '<div class="sd-progress-top"><span>No run yet: choose a dataset and a preset, then press '
-                'Train.</span></div><div class="sd-bar"><div class="sd-fill" style="width:0%"></div></div></div>')
+                f'<div class="sd-progress-top"><span>{what}</span></div>'
+                '<div class="sd-bar"><div class="sd-fill" style="width:0%"></div></div></div>')
     info = progress.info
     total = info.total_steps or 0
     percent = 100.0 * info.fraction
@@ -90,7 +94,23 @@ def header_markdown(info: RunInfo | None) -> str:
     text = f"### {html.escape(info.name)}\n`{info.folder}` · started {when}"
     if info.final_file is not None:
         text += f" · saved `{info.final_file.name}`"
+    if info.resumed:
+        text += f"\n\n{history_text(info)}"
     return text
+
+
+HISTORY_WORDS = {"stopped": "stopped at step {}", "finished": "finished at step {}", "error": "failed at step {}"}
+
+
+def history_text(info: RunInfo) -> str:
+    """'started → stopped at step 5 → resumed from step 5 → finished at step 12'."""
+    words = []
+    for kind, step in info.history:
+        if kind == "started":
+            words.append(f"resumed from step {step}" if words else "started")
+        else:
+            words.append(HISTORY_WORDS.get(kind, kind + " at step {}").format(step))
+    return " → ".join(words)
 
 
 def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, float]] = (),
@@ -116,19 +136,33 @@ def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, floa
 
 
 def sample_grid_html(progress: Progress | None) -> str:
-    """Samples as a grid: one row per prompt, one column per step (the newest steps), each image a link
-    to the full-size file (served from the run folder, which is in allowed_paths)."""
+    """Samples as a grid: one row per prompt, one column per step, each image a link to the full-size file
+    (served from the run folder, which is in allowed_paths). The newest SAMPLE_STEPS_SHOWN steps show; the
+    earlier ones are one click away, a page of SAMPLE_STEPS_SHOWN steps each, newest page first."""
     if progress is None or not progress.sample_sets:
         return '<div class="sd-grid-empty sd-muted">Samples appear here as the run draws them.</div>'
-    steps = list(progress.sample_sets)[-SAMPLE_STEPS_SHOWN:]
-    rows = max(len(progress.sample_sets[s]) for s in steps)
+    every = list(progress.sample_sets)
+    pages = [every[max(0, end - SAMPLE_STEPS_SHOWN):end] for end in range(len(every), 0, -SAMPLE_STEPS_SHOWN)]
+    steps = pages[0]
+    rows = max(len(progress.sample_sets[s]) for s in every)
     prompts = [""] * rows
-    for step in steps:  # the newest wording of each prompt
+    for step in every:  # the newest wording of each prompt
         for index, (_, prompt) in enumerate(progress.sample_sets[step]):
             prompts[index] = prompt or prompts[index]
+    note = "Rows: prompts · columns: steps · click an image to open it full size."
+    if len(pages) > 1:
+        note = (f"Showing the newest {len(steps)} of {len(every)} sampled steps (steps {steps[0]} to "
+                f"{steps[-1]}); earlier steps are below. " + note)
+    earlier = "".join(f'<details class="sd-grid-page"><summary>Steps {page[0]} to {page[-1]}</summary>'
+                      f'{_grid_table(progress, page, prompts)}</details>' for page in pages[1:])
+    return (f'<div class="sd-grid" data-steps="{len(steps)}" data-prompts="{rows}" data-all-steps="{len(every)}">'
+            f'{_grid_table(progress, steps, prompts)}<div class="sd-muted">{note}</div>{earlier}</div>')
+
+
+def _grid_table(progress: Progress, steps: list[int], prompts: list[str]) -> str:
     head = '<th class="sd-grid-prompt">prompt</th>' + "".join(f"<th>step {s}</th>" for s in steps)
     body = []
-    for index in range(rows):
+    for index in range(len(prompts)):
         cells = []
         for step in steps:
             row = progress.sample_sets[step]
@@ -142,9 +176,7 @@ def sample_grid_html(progress: Progress | None) -> str:
                          f'<img src="{url}" alt="{title}" loading="lazy"></a></td>')
         prompt = html.escape(prompts[index] or f"prompt {index + 1}")
         body.append(f'<tr><th class="sd-grid-prompt" title="{prompt}">{prompt}</th>{"".join(cells)}</tr>')
-    return (f'<div class="sd-grid" data-steps="{len(steps)}" data-prompts="{rows}"><table>'
-            f'<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-            f'<div class="sd-muted">Rows: prompts · columns: steps · click an image to open it full size.</div></div>')
+    return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 def log_html(text: str) -> str:
@@ -204,10 +236,19 @@ def _size(path: Path) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} KB"
 
 
+RUN_COLUMNS = ["Run folder", "Name", "Status", "Steps", "Final loss", "Time", "File", "Preset", "Started"]
+
+
 def run_row(info: RunInfo) -> list:
+    """The run's row in the Runs table, in RUN_COLUMNS order."""
     total = info.total_steps or "?"
-    return [info.folder, info.name, STATUS_LABELS.get(info.status, info.status), f"{info.step} / {total}",
-            info.created.astimezone().strftime("%Y-%m-%d %H:%M")]
+    status = STATUS_LABELS.get(info.status, info.status)
+    if info.resumed:
+        status += f" · resumed {info.resumed}x"
+    loss = f"{info.final_loss:.4f}" if info.final_loss is not None else "-"
+    size = _size(info.final_file) if info.final_file else "-"
+    return [info.folder, info.name, status, f"{info.step} / {total}", loss, duration(info.train_seconds), size,
+            info.preset or "-", info.created.astimezone().strftime("%Y-%m-%d %H:%M")]
 
 
 def run_dict(progress: Progress) -> dict:

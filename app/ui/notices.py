@@ -1,8 +1,9 @@
 """One-sentence messages in the page, and the guard that turns any handler failure into one.
 
 A user's mistake (a bad path, r = 0) raises SdloraError somewhere below the UI; the guard shows its
-sentence in the tab's notice box and as a toast, leaves every other output as it was, and never lets a
-traceback reach the page. A bug (any other exception) is logged in full to the terminal and shown as
+sentence once, in the tab's notice box (no toast: it would repeat the sentence and cover the page),
+empties the outputs the failed action supersedes (an earlier report), leaves every other output as it
+was, and never lets a traceback reach the page. A bug (any other exception) is logged in full to the terminal and shown as
 one sentence too.
 """
 from __future__ import annotations
@@ -37,8 +38,9 @@ def error_sentence(error: BaseException) -> str:
     return f"Something went wrong ({type(error).__name__}: {error}); the terminal running sdlora has the details."
 
 
-def guarded(outputs: int, notice_slot: int = 0):
-    """Decorator for handlers returning `outputs` values with the notice box at `notice_slot`."""
+def guarded(outputs: int, notice_slot: int = 0, clears: tuple[int, ...] = ()):
+    """Decorator for handlers returning `outputs` values with the notice box at `notice_slot`; on an error
+    the HTML outputs at `clears` are emptied, since what they showed no longer answers the latest action."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -47,8 +49,9 @@ def guarded(outputs: int, notice_slot: int = 0):
                 return fn(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - the page must never show a traceback
                 sentence = error_sentence(error)
-                gr.Warning(sentence)
                 values = [gr.skip()] * outputs
+                for slot in clears:
+                    values[slot] = ""
                 values[notice_slot] = notice(sentence)
                 return values[0] if outputs == 1 else tuple(values)
 

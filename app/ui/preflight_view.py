@@ -18,7 +18,8 @@ def buckets_line(buckets: list[dict]) -> str:
     return f"Buckets ({len(buckets)}): " + ", ".join(parts) + "."
 
 
-def report_html(report: Report | None) -> str:
+def report_html(report: Report | None, words=lambda text: text) -> str:
+    """The report as HTML; `words` rewrites each line for the page (the Train tab names fields by label)."""
     if report is None:
         return ""
     verdict = "Ready to train" if report.ok else "Cannot train yet"
@@ -30,6 +31,6 @@ def report_html(report: Report | None) -> str:
         if attribute == "info" and report.data.get("buckets"):
             items.append(buckets_line(report.data["buckets"]))
         if items:
-            rows = "".join(f"<li>{html.escape(item)}</li>" for item in items)
+            rows = "".join(f"<li>{html.escape(words(item))}</li>" for item in items)
             parts.append(f'<div class="{css}"><b>{title}</b><ul>{rows}</ul></div>')
     return "".join(parts) + "</div>"

@@ -7,11 +7,16 @@ import gradio as gr
 
 from app.runs import ACTIVE, RESUMABLE
 from app.ui.context import UIContext
-from app.ui.live_view import files_html, header_markdown, progress_html, run_row, sample_grid_html
+from app.ui.live_view import (
+    RUN_COLUMNS,
+    files_html,
+    header_markdown,
+    progress_html,
+    run_row,
+    sample_grid_html,
+)
 from app.ui.notices import guarded, notice, ok
 from networks.errors import SdloraError
-
-HEADERS = ["Run folder", "Name", "Status", "Steps", "Started"]
 
 
 @dataclass
@@ -30,8 +35,9 @@ def build(ctx: UIContext) -> RunsTab:
         gr.Markdown(f"Runs in `{ctx.runs_dir}`. Click a row for its files, config and samples.")
         refresh_button = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="runs-refresh")
     message = gr.HTML(elem_id="runs-notice")
-    table = gr.Dataframe(headers=HEADERS, datatype="str", interactive=False, max_height=280,
-                         elem_id="runs-table", column_widths=["34%", "18%", "14%", "14%", "20%"])
+    table = gr.Dataframe(headers=RUN_COLUMNS, datatype="str", interactive=False, max_height=280,
+                         elem_id="runs-table",
+                         column_widths=["22%", "12%", "12%", "8%", "8%", "7%", "8%", "10%", "13%"])
     with gr.Column(visible=False, elem_classes="sd-panel") as details:
         header = gr.Markdown()
         bar = gr.HTML()

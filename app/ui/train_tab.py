@@ -86,10 +86,16 @@ class TrainTab:
     live_outputs: list
     load_outputs: list
     on_load: object
+    prompts: gr.Textbox = None  # the sample prompts box (with preset and form: what to_config reads)
+
+
+def start_config() -> TrainConfig:
+    """What the form holds as the page opens: the default preset over the defaults."""
+    return resolve_config(DEFAULT_PRESET)
 
 
 def build(ctx: UIContext) -> TrainTab:
-    start_cfg = resolve_config(DEFAULT_PRESET)
+    start_cfg = start_config()
     form = ConfigForm(start_cfg)
     start_locon = start_cfg.network.type == "locon"
     with gr.Row(equal_height=False):
@@ -116,12 +122,14 @@ def build(ctx: UIContext) -> TrainTab:
                 form.add("network.conv_alpha_ratio", label="Conv alpha / r", info="Conv alpha = this x conv r.",
                          visible=start_locon)
             with gr.Row(equal_height=True):
-                form.add("train.learning_rate", label="Learning rate", info="1e-4 is a safe start.")
+                form.add("train.learning_rate", label="Learning rate",
+                         info="The preset's value is a good start; lower it if samples burn.")
                 form.add("train.batch_size", label="Batch size", info="Images per step.")
                 form.add("dataset.resolution", label="Resolution", info="Multiple of 64.")
             with gr.Row(equal_height=True):
-                form.add("train.epochs", label="Epochs", info="Passes over the data.")
-                form.add("train.max_steps", label="Max steps", info="Empty = train all the epochs.")
+                form.add("train.epochs", label="Epochs", info="Passes over the data; Max steps wins when set.")
+                form.add("train.max_steps", label="Max steps",
+                         info="When set, training stops here, whatever Epochs says; empty = all the epochs.")
             prompts = gr.Textbox(prompts_to_text(start_cfg), label="Sample prompts", lines=2, max_lines=6,
                                  info="One per line, kohya style: a cat --n blurry --w 512 --h 512 --d 1 --s 20 --l 7 "
                                       "(negative, size, seed, steps, CFG). Drawn every sample.every_steps steps.",
@@ -167,16 +175,16 @@ def build(ctx: UIContext) -> TrainTab:
 
     applied = gr.State(DEFAULT_PRESET)  # the preset the form was last filled from
 
-    @guarded(len(fill_outputs) + 1)
+    @guarded(len(fill_outputs) + 2)
     def on_preset(name, last, prompts_text, *values):
         """Set the keys the preset names, and say which. Gradio's dropdown sends an input event on every
         blur too (a look at the list, a Tab through the form): the same preset again changes nothing."""
         if not name or name == last:
-            return (gr.skip(),) * (len(fill_outputs) + 1)
+            return (gr.skip(),) * (len(fill_outputs) + 2)
         fill = fill_from_preset(form, name, values, prompts_text)
         updates = [fill.updates.get(key, gr.skip()) for key in form.keys]
         prompts_value = gr.skip() if fill.prompts is None else fill.prompts
-        return (ok(fill.sentence), *updates, prompts_value, preset_description(name), name)
+        return (ok(fill.sentence), *updates, prompts_value, preset_description(name), name, "")
 
     @guarded(len(fill_outputs))
     def fill_from_run(run):
@@ -187,7 +195,7 @@ def build(ctx: UIContext) -> TrainTab:
         return (notice(), *form_values(cfg), prompts_to_text(cfg), gr.skip())
 
     alpha_inputs = [form.widgets[k] for k in ALPHA_KEYS]
-    preset.input(on_preset, [preset, applied, prompts, *widgets], [*fill_outputs, applied],
+    preset.input(on_preset, [preset, applied, prompts, *widgets], [*fill_outputs, applied, report],
                  api_visibility="private").then(alpha_text, alpha_inputs, alpha, api_visibility="private")
     for widget in alpha_inputs:
         widget.change(alpha_text, alpha_inputs, alpha, api_visibility="private", show_progress="hidden")
@@ -196,7 +204,7 @@ def build(ctx: UIContext) -> TrainTab:
                                         api_visibility="private", show_progress="hidden")
 
     # -- the live view ----------------------------------------------------------------------------
-    live_outputs = [header, bar, run_message, loss, samples, log, start, stop, resume, timer, fingerprint]
+    live_outputs = [header, bar, run_message, loss, samples, log, start, stop, resume, timer, fingerprint, message]
 
     def refresh(run, seen):
         return live_update(ctx, run, seen)
@@ -224,23 +232,26 @@ def build(ctx: UIContext) -> TrainTab:
     # -- control ----------------------------------------------------------------------------------
     control_outputs = [message, watched, timer]
 
-    @guarded(2)
+    @guarded(2, clears=(1,))
     def on_check(preset_name, prompts_text, *values):
         _, checked = ctx.runs.check(form.to_config(preset_name, prompts_text, values), preset_name)
-        return notice(), report_html(checked)
+        return notice(), report_html(checked, form.in_words)
 
+    # A report answers the settings it checked: a typed change makes it stale, so it goes (in the browser,
+    # no round trip per key press); Check or Train brings the new one.
+    gr.on([widget.input for widget in [*widgets, prompts]], None, None, report, js="() => ''",
+          api_visibility="private", show_progress="hidden")
     check.click(on_check, [preset, prompts, *widgets], [message, report], api_name="train_check",
                 api_visibility="undocumented", show_progress="minimal")
 
-    @guarded(len(control_outputs) + 1)
+    @guarded(len(control_outputs) + 1, clears=(len(control_outputs),))
     def on_start(preset_name, prompts_text, *values):
         cfg, checked = ctx.runs.check(form.to_config(preset_name, prompts_text, values), preset_name)
         if not checked.ok:  # the whole report shows below; the first error is the sentence
-            gr.Warning(checked.errors[0])
-            return notice(checked.errors[0]), gr.skip(), gr.skip(), report_html(checked)
+            return notice(form.in_words(checked.errors[0])), gr.skip(), gr.skip(), report_html(checked, form.in_words)
         ctx.preview.release()  # the Try tab's model leaves the GPU to the run
         run_dir = ctx.runs.start(cfg, preset_name, checked)
-        shown = report_html(checked) if checked.warnings else ""  # warnings stay visible while it trains
+        shown = report_html(checked, form.in_words) if checked.warnings else ""  # warnings stay visible while it trains
         return ok(f"Started {run_dir.name}; it trains in its own process, so closing this page is safe."), \
             run_dir.name, gr.Timer(active=True), shown
 
@@ -282,26 +293,31 @@ def build(ctx: UIContext) -> TrainTab:
         return gr.Dropdown(choices=preset_choices()), active.folder if active else None, gr.Timer(active=active is not None)
 
     return TrainTab(form, preset, watched, timer, message, refresh, fill_from_run, fill_outputs, refresh_inputs,
-                    live_outputs, [preset, watched, timer], on_load)
+                    live_outputs, [preset, watched, timer], on_load, prompts)
 
 
-LIVE_OUTPUTS = 11  # header, bar, run notice, loss, samples, log, start, stop, resume, timer, fingerprint
+LIVE_OUTPUTS = 12  # header, bar, run notice, loss, samples, log, start, stop, resume, timer, fingerprint, notice
 
 
-def idle_update(note: str = "") -> tuple:
-    return (header_markdown(None), progress_html(None), notice(note), None, sample_grid_html(None), log_html(""),
-            gr.Button(interactive=True), gr.Button(interactive=False), gr.Button(interactive=False),
-            gr.Timer(active=False), None)
+def idle_update(ctx: UIContext, seen: list | None, control_notice=None) -> tuple:
+    """Nothing shown live; the bar says how many runs the Runs tab holds (sent again only when that
+    changes). `control_notice` replaces the Train notice (None keeps it)."""
+    key = [None, len(ctx.runs.list_runs())]
+    if key == seen:
+        return (gr.skip(),) * LIVE_OUTPUTS
+    return (header_markdown(None), progress_html(None, key[1]), notice(), None, sample_grid_html(None),
+            log_html(""), gr.Button(interactive=True), gr.Button(interactive=False), gr.Button(interactive=False),
+            gr.Timer(active=False), key, gr.skip() if control_notice is None else control_notice)
 
 
 def live_update(ctx: UIContext, run: str | None, seen: list | None) -> tuple:
     """The live view's outputs for `run`; only what changed since `seen` (the last fingerprint) is sent."""
     if not run:
-        return idle_update() if seen is not None else (gr.skip(),) * LIVE_OUTPUTS
+        return idle_update(ctx, seen)
     try:
         run_dir = ctx.runs.resolve(run)
-    except SdloraError as error:
-        return idle_update(str(error))  # deleted meanwhile
+    except SdloraError:
+        return idle_update(ctx, seen, notice())  # deleted meanwhile (in the Runs tab, which said so)
     progress = ctx.runs.progress(run_dir)
     info, log_text = progress.info, ctx.runs.log_tail(run_dir, LOG_LINES)
     key = [run, progress.event_count, len(progress.samples), info.status, len(log_text)]
@@ -312,11 +328,14 @@ def live_update(ctx: UIContext, run: str | None, seen: list | None) -> tuple:
     new_loss = not same_run or seen[1] != key[1]
     new_samples = not same_run or seen[2] != key[2]
     error = notice(info.message) if info.status in ("error", "interrupted") and info.message else notice()
+    # "Started ...", "Stopping ..." describe a run in motion: once it has stopped, the bar says the rest.
+    ended = same_run and seen[3] in ACTIVE and not active
     return (header_markdown(info), progress_html(progress), error,
             loss_frame(progress.losses, progress.validation, progress.validating) if new_loss else gr.skip(),
             sample_grid_html(progress) if new_samples else gr.skip(), log_html(log_text),
             gr.Button(interactive=not active), gr.Button(interactive=active),
-            gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active), key)
+            gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active), key,
+            notice() if ended else gr.skip())
 
 
 def _dotted(cfg: TrainConfig, key: str):
