@@ -239,4 +239,5 @@ def test_inspect_says_what_to_do_before_a_file_is_chosen(page):
     assert "Nothing inspected yet: choose a LoRA" in page.locator("#inspect-empty").inner_text()
     assert not page.locator("#inspect-results").is_visible()
     assert not page.get_by_text("Lines for the blocks of").is_visible()
+    page.wait_for_timeout(SETTLE_MS)  # the pickers' lists arrive
     shot(page, "inspect-empty.png", SHOTS)

@@ -43,9 +43,9 @@ def build_ui(runs_dir: str | Path = "runs", trainer_command: list[str] | None = 
         runs_item.select(runs.refresh, None, runs.refresh_outputs, api_visibility="private")
         # The LoRA pickers list the runs' files as the page opens, and again whenever their tab is opened.
         for event in (demo.load, try_item.select):
-            event(try_choices, None, try_dropdown, api_visibility="private")
+            event(try_choices, None, try_dropdown, api_visibility="private", show_progress="hidden")
         for event in (demo.load, inspect_item.select):
-            event(inspect_choices, None, inspect_dropdown, api_visibility="private")
+            event(inspect_choices, None, inspect_dropdown, api_visibility="private", show_progress="hidden")
     demo.sdlora = ctx  # for tests and embedding: the run manager behind this page
     threading.Thread(target=_warm_up_checks, name="sdlora-warm-up", daemon=True).start()
     return demo

@@ -21,7 +21,7 @@ from app.ui.context import UIContext
 from app.ui.notices import guarded, notice, ok
 from app.ui.thumbnails import PREVIEW_SIDE, thumbnail
 from networks.errors import SdloraError
-from trainer.config import ConfigError, config_from_dict
+from trainer.config import ConfigError, TrainConfig, config_from_dict
 from trainer.dataset import DatasetReport, Item, scan_folder
 from trainer.demo_data import make_demo_dataset
 
@@ -48,16 +48,21 @@ def scan(folder_text: str, resolution: int | float | None = None, settings: dict
     from trainer.loop import dataset_options  # the trainer's options, not a copy of them (imports torch)
 
     folder = user_folder(folder_text, "dataset folder")
-    settings = {key: value for key, value in (settings or {}).items() if key != "path"}
-    if resolution:
-        settings["resolution"] = int(resolution)
     try:
-        cfg = config_from_dict({"dataset": {**settings, "path": str(folder)}})
+        cfg = dataset_config(str(folder), resolution, settings)
     except ConfigError as error:
         raise SdloraError(str(error).replace("dataset.resolution", "The bucket resolution", 1)) from None
-    items, report = scan_folder(dataset_options(cfg))
-    used = cfg.dataset.model_dump(mode="json", exclude={"path"})
-    return Scan(folder, items, report, dataset_options(cfg).caption_suffix, used)
+    options = dataset_options(cfg)
+    items, report = scan_folder(options)
+    return Scan(folder, items, report, options.caption_suffix, cfg.dataset.model_dump(mode="json", exclude={"path"}))
+
+
+def dataset_config(folder: str, resolution: int | float | None, settings: dict | None) -> TrainConfig:
+    """A config whose [dataset] is `settings` for `folder`, at `resolution` when one is given."""
+    data = {key: value for key, value in (settings or {}).items() if key != "path"}
+    if resolution:
+        data["resolution"] = int(resolution)
+    return config_from_dict({"dataset": {**data, "path": folder}})
 
 
 def buckets_line(settings: dict) -> str:
@@ -281,12 +286,8 @@ def build(ctx: UIContext, start_resolution: int) -> DatasetTab:
 
 def _settings_of(folder: str, resolution, settings: dict | None) -> dict | None:
     """The dataset settings a scan of `folder` would use now (None when they do not validate)."""
-    data = {key: value for key, value in (settings or {}).items() if key != "path"}
-    if resolution:
-        data["resolution"] = int(resolution)
     try:
-        return config_from_dict({"dataset": {**data, "path": folder}}).dataset.model_dump(mode="json",
-                                                                                           exclude={"path"})
+        return dataset_config(folder, resolution, settings).dataset.model_dump(mode="json", exclude={"path"})
     except SdloraError:
         return None
 
