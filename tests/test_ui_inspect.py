@@ -177,6 +177,12 @@ def test_heatmap_image_cells_and_palette(tmp_path):
     assert heatmap_axes._ticks(8) == [1, 2, 3, 4, 5, 6, 7, 8] and heatmap_axes._ticks(64) == [1, 9, 17, 25, 33, 41, 49, 57, 64]
 
 
+def cell_pixels(image, side: int = 320) -> np.ndarray:
+    """The heatmap's cells, without the numbered axes and the colour bar around them."""
+    top, left = heatmap_axes.MARGIN_TOP, heatmap_axes.MARGIN_LEFT
+    return np.asarray(image)[top:top + side, left:left + side]
+
+
 def test_a_file_against_itself_is_the_same_subspace_everywhere(files):
     state = read_lora(files["a"])[0]
     for side in ("down", "up"):
@@ -188,7 +194,7 @@ def test_a_file_against_itself_is_the_same_subspace_everywhere(files):
     table = frames.similarity_frame(report).set_index("module")
     assert table.loc["lora_unet_mid_block_resnets_0_conv1", "chance r/d"] == round(4 / 72, 4)  # d = 8 x 3 x 3
     assert table.loc["lora_te_text_model_encoder_layers_0_self_attn_k_proj", "r"] == 2
-    pixels = np.asarray(frames.heatmap(report["mean"]))
+    pixels = cell_pixels(frames.heatmap(report["mean"]))
     assert pixels.shape == (320, 320, 3)
     assert all(tuple(pixels[i * 80 + 40, i * 80 + 40]) == YELLOW for i in range(4))  # the diagonal
     assert (pixels == YELLOW).all()  # top-i of a file lies in its own top-j for every i, j
@@ -204,7 +210,7 @@ def test_two_files_sharing_two_directions(files):
         assert 0.5 - 1e-6 <= phi[3, 3] < 1  # 2 of 4 directions, plus chance overlap of the other two
     assert report["only_in_a"] == ["lora_te_text_model_encoder_layers_0_self_attn_k_proj",
                                    "lora_unet_up_blocks_0_attentions_0_proj_out"]
-    mean = np.asarray(frames.module_heatmap(report, frames.MEAN))
+    mean = cell_pixels(frames.module_heatmap(report, frames.MEAN))
     assert tuple(mean[40, 40]) == tuple(mean[120, 120]) == YELLOW and tuple(mean[280, 280]) != YELLOW
     name = "lora_unet_mid_block_resnets_0_conv1"
     assert np.array_equal(np.asarray(frames.module_heatmap(report, name)), np.asarray(frames.heatmap(report["modules"][name]["phi"])))
