@@ -258,7 +258,7 @@ def test_field_table_lists_every_leaf_with_description_and_bounds():
     assert (rank.type, rank.default, rank.bounds) == ("int", 16, {"ge": 1, "le": 1024})
     assert rows["dataset.resolution"].bounds == {"ge": 64, "le": 4096, "multiple_of": 64}
     assert rows["network.alpha"].type == "float | None" and rows["network.alpha"].bounds == {"gt": 0}
-    assert rows["network.type"].choices == ("lora", "locon")
+    assert rows["network.type"].choices == ("lora", "locon", "loha", "lokr")
     assert rows["train.lr_scheduler"].choices == ("constant", "constant_with_warmup", "linear", "cosine",
                                                   "cosine_with_restarts", "polynomial")
     assert rows["sample.prompts"].type == "list[SamplePrompt]" and rows["sample.prompts"].default == []

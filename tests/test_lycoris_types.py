@@ -202,7 +202,8 @@ def test_load_check_passes_and_says_diffusers_does_not_load_it(tmp_path, kind):
     save_lora(tmp_path / "broken.safetensors", {k: v for k, v in state.items() if k != dropped}, meta)
     problems = check_lora_structure(tmp_path / "broken.safetensors", "sdxl").problems
     name, suffix = dropped.split(".")
-    assert problems == [f"{ {'loha': 'LoHa', 'lokr': 'LoKr'}[kind]} module '{name}' lacks {suffix}."]
+    label = {"loha": "LoHa", "lokr": "LoKr"}[kind]
+    assert problems == [f"{label} module '{name}' lacks {suffix}."]
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
@@ -279,3 +280,20 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, kind):
     assert straight.keys() == resumed.keys() and any(".hada_" in k or ".lokr_" in k for k in straight)
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_max_norm_caps_each_module_change(kind):
+    from networks.max_norm import apply_max_norm
+
+    components = build_tiny_pipeline_components("sd1")
+    network = LoraNetwork.create("sd1", components["unet"], [], NetworkSpec(type=kind, rank=4, include_convs=True))
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_(std=0.3)
+    norms = {name: float(a.delta_weight().norm()) for name, a in network.adapters.items()}
+    limit = sorted(norms.values())[len(norms) // 2]  # half the modules above it
+    stats = apply_max_norm(dict(network.adapters), limit)
+    assert stats.keys_scaled == sum(1 for n in norms.values() if n > limit)
+    for name, adapter in network.adapters.items():
+        assert float(adapter.delta_weight().norm()) == pytest.approx(min(norms[name], limit), rel=1e-4)
