@@ -699,12 +699,11 @@ def _estimate(cfg: TrainConfig, family: str, prediction: str, report: Report) ->
     if not torch.cuda.is_available():
         # No CPU formula: a CPU's speed on this work varies too much to guess; the run measures it instead.
         tiny = "the tiny demo model trains in minutes, " if cfg.model.path.startswith("demo:") else ""
-        report.info.append(f"No CUDA GPU here: training runs on the CPU, where {tiny}a full-size model hundreds of "
-                           "times slower than on a GPU; the live view shows the measured rate and ETA from the "
-                           "first steps.")
-    if not torch.cuda.is_available() and cfg.train.mixed_precision != "no":
-        report.info.append(f"No CUDA GPU here: train.mixed_precision {cfg.train.mixed_precision} applies on a GPU; "
-                           "on this machine training runs in fp32 on the CPU.")
+        precision = (f" (in fp32: train.mixed_precision {cfg.train.mixed_precision} applies on a GPU only)"
+                     if cfg.train.mixed_precision != "no" else "")
+        report.info.append(f"No CUDA GPU here: training runs on the CPU{precision}, where {tiny}a full-size model "
+                           "hundreds of times slower than on a GPU; the live view shows the measured rate and ETA "
+                           "from the first steps.")
 
 
 def _duration(seconds: float) -> str:
