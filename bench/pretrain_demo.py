@@ -11,6 +11,9 @@ Three stages, each reproducible from --seed (same seed, same data, same initial 
    then --offset-steps more at a constant --offset-lr with offset noise (Guttenberg's --noise-offset):
    with SD's schedule the last step keeps 7% of the image, so a model trained without it takes its
    images' mean colour from the starting noise (pastel, whatever the prompt), and a LoRA cannot move it;
+   then --v-steps more as a v-prediction model on a zero-terminal-SNR schedule (Lin et al. 2024, as SD2-v
+   was fine-tuned from its epsilon base): the last timestep is pure noise, so every colour, background
+   included, comes from the prompt (and a LoRA's style), which offset noise only approximates;
 3. the VAE decoder alone, with the encoder frozen (the UNet's latents stay valid), to sharpen its images.
 
 --work keeps a checkpoint every --save-every steps and a preview grid; a killed run picks up from the
@@ -49,6 +52,14 @@ PREVIEW_PROMPTS = [
     "a red circle", "a blue square on a white background", "a teal triangle", "a coral diamond",
     "a mustard square", "a plum circle", "a yellow circle and a green square", "a pink triangle on a black background",
 ]
+
+
+def v_scheduler() -> DDIMScheduler:
+    """The schedule of the v-prediction phase and of the shipped model: SD's betas rescaled to zero terminal
+    SNR, sampled with trailing timesteps so the first step is the pure-noise one it was trained on."""
+    return DDIMScheduler.from_config(_scheduler("sd1").config, prediction_type="v_prediction",
+                                     rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                     clip_sample=False, set_alpha_to_one=False)
 
 
 def vae_config() -> dict:
@@ -235,8 +246,9 @@ def train_denoiser(args, work: Path, vae: AutoencoderKL) -> tuple[UNet2DConditio
                                ema=ema)
     if args.export_only and not start:
         raise SystemExit(f"--export-only: no UNet checkpoint in {work}; run without it first.")
-    args.reached["denoiser"] = start if args.export_only else args.steps + args.offset_steps
-    if start < args.steps + args.offset_steps and not args.export_only:
+    total = args.steps + args.offset_steps + args.v_steps
+    args.reached["denoiser"] = start if args.export_only else total
+    if start < total and not args.export_only:
         _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, noise_scheduler, start)
     ema.copy_to(parameters)
     return unet, text_encoder
@@ -250,13 +262,16 @@ def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, n
     empty = tokens[-1]
     generator = torch.Generator().manual_seed(args.seed + 4 + start)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    began, total = time.time(), args.steps + args.offset_steps
+    v_start = args.steps + args.offset_steps
+    v_noise_scheduler = DDPMScheduler.from_config(v_scheduler().config)
+    began, total = time.time(), v_start + args.v_steps
     for step in range(start, total):
-        offset_phase = step >= args.steps
-        if step == args.steps and step != start:  # the offset phase draws as it does when resumed here
+        offset_phase, v_phase = args.steps <= step < v_start, step >= v_start
+        if step in (args.steps, v_start) and step != start:  # each phase draws as it does when resumed there
             generator = torch.Generator().manual_seed(args.seed + 4 + step)
         for group in optimizer.param_groups:
-            group["lr"] = args.offset_lr if offset_phase else lr_at(step, args.steps, args.lr, 100)
+            group["lr"] = (args.v_lr if v_phase else args.offset_lr if offset_phase
+                           else lr_at(step, args.steps, args.lr, 100))
         picks = torch.randint(0, len(means), (args.batch,), generator=generator)
         latents = (means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)) * scale
         ids = tokens[picks].clone()
@@ -265,11 +280,15 @@ def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, n
         if offset_phase:  # offset noise: the image's mean colour stops being read from the noise
             noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        schedule = v_noise_scheduler if v_phase else noise_scheduler
+        noisy = schedule.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        snr = compute_snr(noise_scheduler, timesteps)
-        weights = torch.clamp(snr, max=5.0) / snr
-        loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        if v_phase:  # plain MSE on v, as SD2-v: min-SNR's v weights are 0 at the pure-noise step that matters here
+            loss = F.mse_loss(prediction, schedule.get_velocity(latents, noise, timesteps))
+        else:
+            snr = compute_snr(noise_scheduler, timesteps)
+            weights = torch.clamp(snr, max=5.0) / snr
+            loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -277,10 +296,11 @@ def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, n
         ema.step(parameters)
         if (step + 1) % 25 == 0:
             _log(work, "denoiser", step + 1, total, loss.item(), began, start)
-        if (step + 1) % args.save_every == 0 or step + 1 in (args.steps, total):
+        if (step + 1) % args.save_every == 0 or step + 1 in (args.steps, v_start, total):
             save_checkpoint(work / "denoiser.pt", unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
                             optimizer=optimizer.state_dict(), ema=ema.state_dict(), step=step + 1)
-            _preview(work, vae, unet, text_encoder, ema, parameters, step + 1)
+            scheduler = v_scheduler() if step + 1 > v_start else DDIMScheduler.from_config(_scheduler("sd1").config)
+            _preview(work, vae, unet, text_encoder, ema, parameters, step + 1, scheduler)
 
 
 def tokenize(captions: list[str]) -> torch.Tensor:
@@ -288,20 +308,19 @@ def tokenize(captions: list[str]) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
-def build_pipeline(vae, unet, text_encoder) -> StableDiffusionPipeline:
+def build_pipeline(vae, unet, text_encoder, scheduler) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
-        vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), scheduler=_scheduler("sd1"),
+        vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def _preview(work: Path, vae, unet, text_encoder, ema, parameters, step: int) -> None:
+def _preview(work: Path, vae, unet, text_encoder, ema, parameters, step: int, scheduler) -> None:
     """A grid of the EMA weights' samples, so a long run can be judged while it runs."""
     ema.store(parameters)
     ema.copy_to(parameters)
     try:
-        pipeline = build_pipeline(vae, unet, text_encoder)
-        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        pipeline = build_pipeline(vae, unet, text_encoder, scheduler)
         pipeline.set_progress_bar_config(disable=True)
         images = pipeline(PREVIEW_PROMPTS, num_inference_steps=20, guidance_scale=5.0, height=SIZE, width=SIZE,
                           generator=torch.Generator().manual_seed(0)).images
@@ -334,7 +353,9 @@ def export(output: Path, vae, unet, text_encoder, args) -> None:
     """An fp16 diffusers folder without the tokenizer (sdlora attaches the shipped one)."""
     staging = output.with_name(output.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    pipeline = build_pipeline(vae, unet, text_encoder).to(torch.float16)
+    v_model = args.reached["denoiser"] > args.steps + args.offset_steps
+    scheduler = v_scheduler() if v_model else _scheduler("sd1")
+    pipeline = build_pipeline(vae, unet, text_encoder, scheduler).to(torch.float16)
     pipeline.save_pretrained(staging, safe_serialization=True)
     shutil.rmtree(staging / "tokenizer")
     index = json.loads((staging / "model_index.json").read_text())
@@ -364,6 +385,8 @@ def parse_args(argv=None):
     parser.add_argument("--offset-steps", type=int, default=400)
     parser.add_argument("--offset-lr", type=float, default=3e-4)
     parser.add_argument("--noise-offset", type=float, default=0.1)
+    parser.add_argument("--v-steps", type=int, default=2000)
+    parser.add_argument("--v-lr", type=float, default=3e-4)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)

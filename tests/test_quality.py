@@ -112,6 +112,7 @@ def test_the_demo_lora_fits_the_style_images_better_than_the_base(demo_run):
     from networks.lora_file import read_lora
     from networks.network import LoraNetwork
     from trainer.model_loading import load_model
+    from trainer.objective import training_target
     from trainer.quality import as_pixels
 
     model = load_model("demo:shapes")
@@ -124,11 +125,12 @@ def test_the_demo_lora_fits_the_style_images_better_than_the_base(demo_run):
         latents = model.vae.encode(pixels).latent_dist.mode() * model.vae.config.scaling_factor
         states = model.text_encoders[0](ids)[0]
         total = 0.0
-        for t in (50, 200, 400):
+        for t in (50, 200, 400, 999):
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(t))
             steps = torch.full((len(latents),), t)
             noisy = model.noise_scheduler.add_noise(latents, noise, steps)
-            total += float(((model.unet(noisy, steps, states).sample - noise) ** 2).mean())
+            target = training_target(model.noise_scheduler, latents, noise, steps, model.prediction_type)
+            total += float(((model.unet(noisy, steps, states).sample - target) ** 2).mean())
         return total
 
     before = loss()
@@ -136,10 +138,9 @@ def test_the_demo_lora_fits_the_style_images_better_than_the_base(demo_run):
     assert loss() < 0.85 * before
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11's target, not met yet: demo:shapes (about an hour of CPU pretraining) "
-                   "follows prompts weakly and the 80-step demo LoRA barely moves the style score; "
-                   "see docs/QUALITY.md. Strict: this fails CI once it passes, so the mark comes off.")
-def test_the_demo_lora_learns_the_style_and_keeps_the_content(demo_run):
+@pytest.fixture(scope="module")
+def demo_scores(demo_run):
+    """Held-out scores of demo:shapes alone and with the demo LoRA (fixed seeds: DDIM, 2 seeds a prompt)."""
     from networks.lora_file import read_lora
     from networks.network import LoraNetwork
     from trainer.model_loading import load_model
@@ -150,10 +151,24 @@ def test_the_demo_lora_learns_the_style_and_keeps_the_content(demo_run):
     pipeline = build_pipeline(base, "ddim")
     before = evaluate(pipeline, seeds=2)
     LoraNetwork.from_state_dict("sd1", base.unet, base.text_encoders, read_lora(demo_run)[0]).attach().eval()
-    after = evaluate(pipeline, seeds=2)
-    # The base model draws what held-out prompts name, in its plain look ...
-    assert before.content >= 70 and before.style < 25
-    # ... and the LoRA moves most of the way to the training images' style on pairs it never saw,
+    return before, evaluate(pipeline, seeds=2)
+
+
+def test_the_demo_lora_moves_the_style_and_keeps_the_content(demo_scores):
+    """What the demo preset reaches today (issue 11): the base draws the held-out pairs in its plain look,
+    the LoRA moves well over half way to the training images' style and still draws the named pairs."""
+    before, after = demo_scores
+    assert before.content >= 70 and before.style < 25, before
+    assert after.style >= before.style + 0.5 * (training_style() - before.style), (before, after)
+    assert after.content >= before.content - 10, (before, after)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11's full target, not met yet: the 400-step demo LoRA gets about "
+                   "60% of the way to the training images' style (cream paper, no navy outlines yet); see "
+                   "docs/QUALITY.md. Strict: this fails CI once it passes, so the mark comes off.")
+def test_the_demo_lora_learns_the_style_and_keeps_the_content(demo_scores):
+    before, after = demo_scores
+    # The LoRA moves most of the way to the training images' style on pairs it never saw,
     # still drawing the named colour and shape.
     assert after.style >= before.style + 0.8 * (training_style() - before.style), (before, after)
     assert after.content >= before.content - 10, (before, after)
