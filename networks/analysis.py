@@ -333,9 +333,6 @@ def amplification_report(family: str, unet: nn.Module | None, text_encoders: lis
     # keyed by the file's own names (the loader renames aliases); it builds one adapter per name, in order
     file_names = sorted({key.split(".", 1)[0] for key in state})
     names = file_names if len(file_names) == len(network.adapters) else list(network.adapters)
-    report = {}
-    for name, adapter in zip(names, network.adapters.values()):
-        module = ModuleFactors(name, adapter.lora_up.weight.detach().flatten(1).float(),
-                               adapter.lora_down.weight.detach().flatten(1).float(), adapter.scale, None)
-        report[name] = amplification(module, adapter.base.weight)
-    return report
+    factors = lora_factors(network.kohya_state_dict(), source)  # LoRA and LoHa/LoKr modules alike
+    return {name: amplification(factors[adapter_name], adapter.base.weight)
+            for name, (adapter_name, adapter) in zip(names, network.adapters.items())}

@@ -184,7 +184,7 @@ class LoraNetwork(nn.Module):
             raise SdloraError(f"{source} holds keys sdlora cannot load: {', '.join(extra[:5])}; only LoRA/LoCon "
                               "(lora_down, lora_up) and LyCORIS LoHa/LoKr (hada_*, lokr_*) modules with alpha load.")
         adapters, roles, paths = {}, {}, {}
-        for name, parts in group_modules(state).items():
+        for name, parts in sorted(group_modules(state).items()):
             target = modules[name]
             adapter = _adapter_from_file(target, parts, source).to(device=target.module.weight.device)
             adapters[target.name], roles[target.name], paths[target.name] = adapter, target.role, target.path
