@@ -45,11 +45,11 @@ def test_bad_values_are_one_sentence_naming_the_key():
     form = built_form(cfg)
     values = form.values(cfg)
     values[form.keys.index("network.rank")] = 0
-    with pytest.raises(SdloraError, match=r"^network.rank must be an integer >= 1 \(got 0\)\.$"):
+    with pytest.raises(SdloraError, match=r"^Rank r must be an integer >= 1; you typed 0\.$"):
         form.to_config("demo", "", values)
     values = form.values(cfg)
     values[form.keys.index("train.optimizer_args")] = "{betas: 1"
-    with pytest.raises(SdloraError, match=r"^train.optimizer_args must be JSON"):
+    with pytest.raises(SdloraError, match=r"^Optimizer args \(Advanced, Training\) must be JSON, e.g. \{\}; you typed '\{betas: 1'\.$"):
         form.to_config("demo", "", values)
 
 
