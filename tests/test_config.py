@@ -72,7 +72,7 @@ def test_unknown_key_messages(data, message):
     ({"dataset": {"resolution": 500}}, "dataset.resolution must be a multiple of 64 (got 500)."),
     ({"network": {"alpha": -1}}, "network.alpha must be a number > 0 (got -1)."),
     ({"dataset": {"caption_dropout": 2}}, "dataset.caption_dropout must be a number <= 1 (got 2)."),
-    ({"network": {"type": "lokr"}}, "network.type must be 'lora' or 'locon' (got 'lokr')."),
+    ({"network": {"type": "dora"}}, "network.type must be 'lora', 'locon', 'loha' or 'lokr' (got 'dora')."),
     ({"dataset": {"flip": "maybe"}}, "dataset.flip must be true or false (got 'maybe')."),
     ({"network": 5}, "network must be a table of settings (got 5)."),
     ({"validation": {"timesteps": [10, "a"]}}, "validation.timesteps[1] must be an integer (got 'a')."),
