@@ -124,3 +124,14 @@ def test_the_preflight_panel_lists_errors_warnings_plan_and_buckets():
     for part in ("Cannot train yet", "network.rank must be", "Few images.", "Steps: 40 steps.", "uncalibrated",
                  "Buckets (2): 64x64: 10 images, 64x128: 1 image (2 with repeats)."):
         assert part in text
+
+
+def test_the_load_check_badge_names_where_a_lycoris_file_loads():
+    from app.ui.live_view import load_check_html
+
+    lora = {"path": "a.safetensors", "ok": True, "modules": 12}
+    loha = {**lora, "path": "b.safetensors", "not_loaded_by": ["diffusers load_lora_weights"]}
+    assert "loads in A1111 / ComfyUI / diffusers · 12 modules" in load_check_html(lora)
+    assert "loads in A1111 / ComfyUI / LyCORIS (not diffusers) · 12 modules" in load_check_html(loha)
+    assert "does not load in A1111 / ComfyUI / LyCORIS (not diffusers): bad shape" in load_check_html(
+        {**loha, "ok": False, "problems": ["bad shape"]})

@@ -17,6 +17,7 @@ SMOOTHING = 0.9  # exponential moving average of the loss; single steps are nois
 SAMPLE_STEPS_SHOWN = 10  # columns of the sample grid: the newest steps
 PROBLEMS_SHOWN = 3
 TARGETS = "A1111 / ComfyUI / diffusers"
+LYCORIS_TARGETS = "A1111 / ComfyUI / LyCORIS (not diffusers)"  # LoHa/LoKr: the load check's not_loaded_by
 STATUS_LABELS = {"created": "created", "starting": "starting", "running": "training", "stopped": "stopped",
                  "finished": "finished", "error": "failed", "interrupted": "interrupted"}
 
@@ -69,21 +70,27 @@ def shown_check(progress: Progress) -> dict | None:
     return progress.last_check
 
 
+def targets_of(check: dict) -> str:
+    """Where the checked file loads: LoHa/LoKr files are read by A1111, ComfyUI and LyCORIS, not diffusers."""
+    return LYCORIS_TARGETS if check.get("not_loaded_by") else TARGETS
+
+
 def load_check_html(check: dict | None) -> str:
     """A green or red line saying whether a written LoRA file loads the way generators read it."""
     if not check:
         return ""
     name = html.escape(Path(str(check.get("path", ""))).name)
+    targets = targets_of(check)
     if check.get("ok"):
         modules = check.get("modules")
         count = f" · {int(modules)} modules" if isinstance(modules, int) else ""
         return (f'<div class="sd-loadcheck sd-loadcheck-ok" data-ok="true" title="{name}">'
-                f'<span class="sd-loadcheck-mark">✓</span><b>{name}</b> loads in {TARGETS}{count}</div>')
+                f'<span class="sd-loadcheck-mark">✓</span><b>{name}</b> loads in {targets}{count}</div>')
     problems = [str(p) for p in check.get("problems") or []] or ["unknown problem"]
     listed = "; ".join(html.escape(p) for p in problems[:PROBLEMS_SHOWN])
     more = f" (+{len(problems) - PROBLEMS_SHOWN} more)" if len(problems) > PROBLEMS_SHOWN else ""
     return (f'<div class="sd-loadcheck sd-loadcheck-bad" data-ok="false" title="{name}">'
-            f'<span class="sd-loadcheck-mark">✗</span><b>{name}</b> does not load in {TARGETS}: '
+            f'<span class="sd-loadcheck-mark">✗</span><b>{name}</b> does not load in {targets}: '
             f'{listed}{more}</div>')
 
 
@@ -200,7 +207,7 @@ def files_html(paths: list[Path], empty: str = "None yet.", checks: dict[str, di
         if check is None:
             verdict = ""
         elif check.get("ok"):
-            verdict = '<span class="sd-chip sd-chip-ok" title="loads in ' + TARGETS + '">✓ loads</span>'
+            verdict = '<span class="sd-chip sd-chip-ok" title="loads in ' + targets_of(check) + '">✓ loads</span>'
         else:
             problems = "; ".join(str(x) for x in (check.get("problems") or [])[:PROBLEMS_SHOWN])
             verdict = (f'<span class="sd-chip sd-chip-bad" title="{html.escape(problems, quote=True)}">'
