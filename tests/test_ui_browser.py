@@ -17,7 +17,6 @@ from tests.ui_support import (
     CHROMIUM,
     choose_preset,
     field,
-    launch_chromium,
     open_page,
     open_section,
     served_ui,
@@ -41,14 +40,6 @@ def ui(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui-browser")
     with served_ui(root) as demo:
         yield demo, root
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from tests.ui_support import (
     CHROMIUM,
     choose_preset,
     field,
-    launch_chromium,
     open_page,
     served_ui,
     shot,
@@ -38,14 +37,6 @@ def ui(tmp_path_factory):
     make_demo_dataset(root / "data", count=4)
     with served_ui(root) as demo:
         yield demo, root
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
