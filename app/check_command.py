@@ -34,7 +34,7 @@ def add_import_kohya_action(preset_actions) -> argparse.ArgumentParser:
 
 
 def run_check(args) -> int:
-    from app.cli import train_config
+    from app.train_config import train_config
     from networks.errors import SdloraError
     from trainer.preflight import preflight_report
 

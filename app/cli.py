@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from app.caption_command import add_caption_subcommand
 from app.check_command import add_check_subcommand, add_import_kohya_action
 from app.lora_commands import add_lora_subcommands
+from app.train_config import train_config
 from networks.errors import SdloraError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -162,32 +162,6 @@ def run_train(args) -> int:
     else:
         print(f"Saved {final}")
     return 0
-
-
-def train_config(args):
-    """The TrainConfig a `train` invocation means, and whether it resumes."""
-    from trainer.config import apply_overrides, load_config
-    from trainer.presets import resolve_config
-
-    overrides = list(args.set)
-    if args.resume:
-        if args.config or args.preset:
-            raise SdloraError("--resume takes the run's own config.toml; drop --config/--preset (use --set).")
-        config_file = Path(args.resume) / "config.toml"
-        if not config_file.is_file():
-            raise SdloraError(f"'{args.resume}' is not a run folder (no config.toml); give the folder "
-                              "that `sdlora train --output` wrote.")
-        overrides.append(f"output.dir={Path(args.resume).resolve()}")
-        return apply_overrides(load_config(config_file), overrides), True
-    for flag, key in (("model", "model.path"), ("data", "dataset.path"), ("output", "output.dir"), ("name", "name")):
-        value = getattr(args, flag)
-        if value:
-            overrides.append(f"{key}={Path(value).resolve() if flag in ('data', 'output') else value}")
-    if args.config:
-        return apply_overrides(load_config(args.config), overrides), False
-    if not args.data and not args.preset:
-        raise SdloraError("Give --config FILE.toml, or --data DIR --output DIR (with --preset NAME and --model).")
-    return resolve_config(args.preset, overrides), False
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from networks.errors import SdloraError
 from trainer.config import TrainConfig, save_config, write_text_atomic
 from trainer.images import IMAGE_EXTENSIONS
 from trainer.preflight import Report, preflight_report
+from trainer.run_dir import RunDir
 
 try:
     import tomllib
@@ -36,7 +37,6 @@ LIFECYCLE = ("started", "stopped", "finished", "error")
 ACTIVE = ("starting", "running")
 RESUMABLE = ("stopped", "interrupted", "error")
 LOG_TAIL_BYTES = 64 * 1024
-PRESET_FILE = "preset.txt"  # the UI's note of the preset a run was started from
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colours and cursor moves from progress bars
 
@@ -156,7 +156,7 @@ class RunManager:
 
     def events(self, run_dir: Path) -> list[dict]:
         with self._lock:
-            log = self._logs.setdefault(run_dir, EventLog(run_dir / "events.jsonl"))
+            log = self._logs.setdefault(run_dir, EventLog(RunDir(run_dir).events_path))
         return log.read()
 
     def list_runs(self) -> list[RunInfo]:
@@ -194,7 +194,7 @@ class RunManager:
     def progress(self, run_dir: Path) -> Progress:
         events = self.events(run_dir)
         progress = Progress(self._info(run_dir, events), event_count=len(events),
-                            validating=_validating(run_dir / "config.toml"))
+                            validating=_validating(RunDir(run_dir).config))
         for event in events:
             kind = event["event"]
             if kind == "step":
@@ -232,11 +232,11 @@ class RunManager:
         return progress
 
     def checkpoints(self, run_dir: Path) -> list[Path]:
-        return sorted((run_dir / "checkpoints").glob("*.safetensors"))
+        return sorted(RunDir(run_dir).checkpoints.glob("*.safetensors"))
 
     def log_tail(self, run_dir: Path, lines: int = 40) -> str:
         """The last lines of train.log; progress-bar redraws ('\\r') are collapsed to their final state."""
-        log = run_dir / "train.log"
+        log = RunDir(run_dir).train_log
         if not log.is_file():
             return ""
         with open(log, "rb") as handle:
@@ -248,7 +248,7 @@ class RunManager:
         return "\n".join(cleaned[-lines:])
 
     def config_text(self, run_dir: Path) -> str:
-        path = run_dir / "config.toml"
+        path = RunDir(run_dir).config
         return path.read_text(encoding="utf-8") if path.is_file() else ""
 
     def newest_active(self) -> RunInfo | None:
@@ -278,7 +278,7 @@ class RunManager:
             return len(started) > self._started_at_launch[run_dir]
         # Not our child (the UI restarted): the trainer writes trainer.pid before its `started` event.
         try:
-            pid_written = int((run_dir / "trainer.pid").stat().st_mtime)
+            pid_written = int(RunDir(run_dir).pid_path.stat().st_mtime)
         except OSError:
             return bool(started)
         return bool(started) and _event_time(started[-1]) >= pid_written
@@ -306,7 +306,7 @@ class RunManager:
             if child.poll() is None:
                 return child.pid
             # Reaped now, so a stale trainer.pid cannot point at a zombie of ours.
-        pid = _read_pid(run_dir / "trainer.pid")
+        pid = _read_pid(RunDir(run_dir).pid_path)
         return pid if pid and _trainer_alive(pid) else None
 
     # -- control ----------------------------------------------------------------------------------
@@ -335,10 +335,11 @@ class RunManager:
             self._refuse_if_busy()
             run_dir = self.new_run_dir(cfg.name)
             cfg.output.dir = str(run_dir)
-            save_config(cfg, run_dir / "config.toml")
+            run = RunDir(run_dir)
+            save_config(cfg, run.config)
             if preset:  # config.toml holds the resolved settings; the preset's name is only known here
-                write_text_atomic(run_dir / PRESET_FILE, preset + "\n")
-            self._launch(run_dir, ["--config", str(run_dir / "config.toml")])
+                write_text_atomic(run.preset, preset + "\n")
+            self._launch(run_dir, ["--config", str(run.config)])
         return run_dir
 
     def resume(self, run_dir: Path) -> Path:
@@ -347,7 +348,7 @@ class RunManager:
             raise SdloraError(f"The run {run_dir.name} is already training.")
         if info.status == "finished":
             raise SdloraError(f"The run {run_dir.name} has finished; start a new run to train more.")
-        if not (run_dir / "state").is_dir():
+        if not RunDir(run_dir).state.is_dir():
             raise SdloraError(f"The run {run_dir.name} has no saved state yet (no checkpoint was written); "
                               "start it again as a new run.")
         with self._launch_lock:
@@ -394,7 +395,7 @@ class RunManager:
         command = [*self.trainer_command, *args, "--no-progress"]
         started_before = sum(1 for e in self.events(run_dir) if e["event"] == "started")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(run_dir / "train.log", "ab") as log:
+        with open(RunDir(run_dir).train_log, "ab") as log:
             log.write(f"--- {_now()} train {' '.join(args)}\n".encode())
             log.flush()
             # A new session: Ctrl+C in the UI's terminal must not stop the training, and the trainer
@@ -439,15 +440,15 @@ def _has_images(folder: Path) -> bool:
 
 
 def _is_run(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".") and (
-        (path / "config.toml").is_file() or (path / "events.jsonl").is_file())
+    run = RunDir(path)
+    return path.is_dir() and not path.name.startswith(".") and (run.config.is_file() or run.events_path.is_file())
 
 
 def _run_name(run_dir: Path, started: dict | None) -> str:
     if started and started.get("name"):
         return str(started["name"])
     try:
-        with open(run_dir / "config.toml", "rb") as handle:
+        with open(RunDir(run_dir).config, "rb") as handle:
             return str(tomllib.load(handle).get("name") or run_dir.name)
     except (OSError, tomllib.TOMLDecodeError):
         return run_dir.name
@@ -479,14 +480,14 @@ def _created(run_dir: Path, events: list[dict]) -> datetime:
             return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
         except ValueError:
             pass
-    config = run_dir / "config.toml"
+    config = RunDir(run_dir).config
     stamp = (config if config.exists() else run_dir).stat().st_mtime
     return datetime.fromtimestamp(stamp, tz=timezone.utc)
 
 
 def _read_preset(run_dir: Path) -> str | None:
     try:
-        return (run_dir / PRESET_FILE).read_text(encoding="utf-8").strip() or None
+        return RunDir(run_dir).preset.read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
 

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+ALPHA = "alpha"  # every adapter type's file-key suffix for its alpha (`<name>.alpha`, a 0-dim float32)
+
 
 class Adapter(nn.Module):
     kind = "adapter"  # "lora", "loha", "lokr": the file layout export writes

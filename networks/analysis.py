@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .adapter import ALPHA
 from .errors import SdloraError
-from .loha import hadamard_factors
-from .lokr import kron_factors
+from .loha import HADA_W1_A, HADA_W1_B, HADA_W2_A, HADA_W2_B, hadamard_factors
+from .lokr import LOKR_W1, LOKR_W1_A, LOKR_W1_B, LOKR_W2, LOKR_W2_A, LOKR_W2_B, kron_factors
+from .lora import LORA_DOWN, LORA_UP
 from .lycoris_keys import ALGO_NAMES, ALL_SUFFIXES, group_modules, module_algo
 from .network import LoraNetwork
 
@@ -89,14 +91,14 @@ def lora_factors(state: dict[str, torch.Tensor], source: str = "the file",
         if algo in ("loha", "lokr"):
             factors[name] = _lycoris_factors(name, algo, modules[name], source)
             continue
-        down, up = state.get(f"{name}.lora_down.weight"), state.get(f"{name}.lora_up.weight")
+        down, up = state.get(f"{name}.{LORA_DOWN}"), state.get(f"{name}.{LORA_UP}")
         if down is None or up is None:
             raise SdloraError(f"Module '{name}' in {source} lacks lora_down or lora_up weights; "
                               "choose a complete LoRA/LoCon file.")
         if up.shape[1] != down.shape[0] or up.dim() not in (2, 4) or down.dim() not in (2, 4):
             raise SdloraError(f"Module '{name}' in {source} has lora_up {tuple(up.shape)} and lora_down "
                               f"{tuple(down.shape)}, which do not multiply; the file is damaged.")
-        alpha = state.get(f"{name}.alpha")
+        alpha = state.get(f"{name}.{ALPHA}")
         rank = down.shape[0]
         scale = (float(alpha) if alpha is not None else float(rank)) / rank
         kernel = tuple(down.shape[2:]) if down.dim() == 4 else None
@@ -107,26 +109,26 @@ def lora_factors(state: dict[str, torch.Tensor], source: str = "the file",
 
 def _lycoris_factors(name: str, algo: str, parts: dict[str, torch.Tensor], source: str) -> ModuleFactors:
     """A LoHa / LoKr module as exact flat factors, its scale read as LyCORIS reads it."""
-    weights = {key: tensor.float() for key, tensor in parts.items() if key != "alpha"}
+    weights = {key: tensor.float() for key, tensor in parts.items() if key != ALPHA}
     try:
         if algo == "loha":
-            w1b = weights["hada_w1_b"]
-            up, down = hadamard_factors(weights["hada_w1_a"], w1b.flatten(1), weights["hada_w2_a"],
-                                        weights["hada_w2_b"].flatten(1))
+            w1b = weights[HADA_W1_B]
+            up, down = hadamard_factors(weights[HADA_W1_A], w1b.flatten(1), weights[HADA_W2_A],
+                                        weights[HADA_W2_B].flatten(1))
             dim, full = w1b.shape[0], False
         else:
-            w1 = weights["lokr_w1"] if "lokr_w1" in weights else weights["lokr_w1_a"] @ weights["lokr_w1_b"]
-            w2 = (weights["lokr_w2"].flatten(1) if "lokr_w2" in weights
-                  else weights["lokr_w2_a"] @ weights["lokr_w2_b"].flatten(1))
+            w1 = weights[LOKR_W1] if LOKR_W1 in weights else weights[LOKR_W1_A] @ weights[LOKR_W1_B]
+            w2 = (weights[LOKR_W2].flatten(1) if LOKR_W2 in weights
+                  else weights[LOKR_W2_A] @ weights[LOKR_W2_B].flatten(1))
             up, down = kron_factors(w1, w2)
-            inner = weights.get("lokr_w1_a", weights.get("lokr_w2_a"))
+            inner = weights.get(LOKR_W1_A, weights.get(LOKR_W2_A))
             dim, full = (inner.shape[1], False) if inner is not None else (1, True)
     except (KeyError, RuntimeError) as error:
         raise SdloraError(f"{ALGO_NAMES[algo]} module '{name}' in {source} is incomplete or its factors do not "
                           f"multiply ({error}); the file is damaged.") from None
-    alpha = parts.get("alpha")
+    alpha = parts.get(ALPHA)
     scale = 1.0 if full else (float(alpha) if alpha is not None else float(dim)) / dim
-    dtype = next(iter(t.dtype for k, t in parts.items() if k != "alpha"))
+    dtype = next(iter(t.dtype for k, t in parts.items() if k != ALPHA))
     return ModuleFactors(name, up, down, scale, None, dtype, algo)
 
 

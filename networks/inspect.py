@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from .adapter import ALPHA
 from .analysis import block_of, block_order, lora_factors, module_svd
+from .lora import LORA_DOWN
 from .lora_file import module_summary, read_lora
 
 # ss_base_model_version / modelspec.architecture prefixes -> family
@@ -43,11 +45,11 @@ def lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str] | None 
 def _family_from_shapes(state: dict[str, torch.Tensor]) -> str | None:
     # cross-attention reads the text encoder's width: 768 for SD1's CLIP-L, 1024 for SD2's OpenCLIP-H
     for key, tensor in state.items():
-        if key.endswith("attn2_to_k.lora_down.weight") and tensor.shape[1] in (768, 1024):
+        if key.endswith(f"attn2_to_k.{LORA_DOWN}") and tensor.shape[1] in (768, 1024):
             return "sd1" if tensor.shape[1] == 768 else "sd2"
     # SD1's proj_in / proj_out are 1x1 convs (4-D LoRA tensors), SD2's are Linear (2-D)
     for key, tensor in state.items():
-        if key.endswith(("proj_in.lora_down.weight", "proj_out.lora_down.weight")):
+        if key.endswith((f"proj_in.{LORA_DOWN}", f"proj_out.{LORA_DOWN}")):
             return "sd1" if tensor.dim() == 4 else "sd2"
     return None
 
@@ -68,7 +70,7 @@ def inspect_state(state: dict[str, torch.Tensor], metadata: dict[str, str], sour
                          "rank": info["rank"], "alpha": info["alpha"], "scale": module.scale,
                          "down": info.get("down"), "up": info.get("up"), "shapes": info["shapes"],
                          "norm": float(module_svd(module).S.norm())}
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in state.items() if not k.endswith(".alpha")})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in state.items() if not k.endswith(f".{ALPHA}")})
     algos = {m["algo"] for m in modules.values()}
     kind = "locon" if any(m["kind"] == "conv" for m in modules.values()) else "lora"
     return {"family": lora_family(state, metadata),

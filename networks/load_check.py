@@ -25,6 +25,10 @@ from pathlib import Path
 
 from torch import nn
 
+from .adapter import ALPHA
+from .loha import LOHA_KEYS
+from .lokr import LOKR_HALVES
+from .lora import LORA_DOWN, LORA_UP
 from .lycoris_keys import ALGO_NAMES, ALL_SUFFIXES, module_algo
 from .naming import FAMILIES, alias_names, components_for, kohya_name
 from .targets import is_adaptable
@@ -117,18 +121,18 @@ def _module_problems(name: str, parts: dict[str, TensorInfo]) -> list[str]:
     algo = module_algo(parts)
     if algo in ("loha", "lokr"):
         return _lycoris_problems(name, algo, parts)
-    missing = [s for s in ("lora_down.weight", "lora_up.weight", "alpha") if s not in parts]
+    missing = [s for s in (LORA_DOWN, LORA_UP, ALPHA) if s not in parts]
     if missing:
         return [f"Module '{name}' lacks {' and '.join(missing)}"
-                + ("; a missing alpha silently means scale 1 in every loader." if missing == ["alpha"] else ".")]
-    down, up, alpha = parts["lora_down.weight"], parts["lora_up.weight"], parts["alpha"]
+                + ("; a missing alpha silently means scale 1 in every loader." if missing == [ALPHA] else ".")]
+    down, up, alpha = parts[LORA_DOWN], parts[LORA_UP], parts[ALPHA]
     problems = []
     if alpha.shape != () or alpha.dtype != "F32":
-        problems.append(f"'{name}.alpha' is {alpha.dtype} with shape {list(alpha.shape)}; loaders expect a "
+        problems.append(f"'{name}.{ALPHA}' is {alpha.dtype} with shape {list(alpha.shape)}; loaders expect a "
                         "0-dim float32.")
-    for kind, info in (("lora_down", down), ("lora_up", up)):
+    for key, info in ((LORA_DOWN, down), (LORA_UP, up)):
         if info.dtype not in WEIGHT_DTYPES:
-            problems.append(f"'{name}.{kind}.weight' is {info.dtype}; use fp16, bf16 or fp32.")
+            problems.append(f"'{name}.{key}' is {info.dtype}; use fp16, bf16 or fp32.")
     if len(down.shape) not in (2, 4) or len(up.shape) != len(down.shape):
         problems.append(f"Module '{name}' has down {list(down.shape)} and up {list(up.shape)}; both must be "
                         "2-D (Linear) or both 4-D (conv).")
@@ -144,23 +148,22 @@ def _lycoris_problems(name: str, algo: str, parts: dict[str, TensorInfo]) -> lis
     """Complete, float weights, a 0-dim float32 alpha, factors that multiply."""
     label = ALGO_NAMES[algo]
     if algo == "loha":
-        needed = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"]
-    else:
-        needed = ["lokr_w1" if "lokr_w1" in parts else "lokr_w1_a", "lokr_w2" if "lokr_w2" in parts else "lokr_w2_a",
-                  "alpha"]
-        needed += [key.replace("_a", "_b") for key in needed if key.endswith("_a")]
+        needed = [*LOHA_KEYS, ALPHA]
+    else:  # per half the full matrix, or its factor a; then alpha; then the b of each factored half
+        needed = [full if full in parts else a for full, a, _ in LOKR_HALVES] + [ALPHA]
+        needed += [b for full, _, b in LOKR_HALVES if full not in parts]
     missing = [key for key in needed if key not in parts]
     if missing:
         return [f"{label} module '{name}' lacks {' and '.join(missing)}."]
     problems = []
-    alpha = parts["alpha"]
+    alpha = parts[ALPHA]
     if alpha.shape != () or alpha.dtype != "F32":
-        problems.append(f"'{name}.alpha' is {alpha.dtype} with shape {list(alpha.shape)}; loaders expect a "
+        problems.append(f"'{name}.{ALPHA}' is {alpha.dtype} with shape {list(alpha.shape)}; loaders expect a "
                         "0-dim float32.")
     problems += [f"'{name}.{key}' is {info.dtype}; use fp16, bf16 or fp32." for key, info in parts.items()
-                 if key != "alpha" and info.dtype not in WEIGHT_DTYPES]
+                 if key != ALPHA and info.dtype not in WEIGHT_DTYPES]
     if _lycoris_weight_shape(algo, parts) is None:
-        shapes = ", ".join(f"{key} {list(info.shape)}" for key, info in sorted(parts.items()) if key != "alpha")
+        shapes = ", ".join(f"{key} {list(info.shape)}" for key, info in sorted(parts.items()) if key != ALPHA)
         problems.append(f"{label} module '{name}' has factors that do not multiply ({shapes}).")
     return problems
 
@@ -169,17 +172,17 @@ def _lycoris_weight_shape(algo: str, parts: dict[str, TensorInfo]) -> tuple[int,
     """(out, in * kh * kw) of the weight a LoHa/LoKr module's factors build, None when they do not fit."""
     shape = {key: info.shape for key, info in parts.items()}
     if algo == "loha":
-        w1a, w1b, w2a, w2b = (flat(shape[k]) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        w1a, w1b, w2a, w2b = (flat(shape[k]) for k in LOHA_KEYS)
         if None in (w1a, w1b, w2a, w2b) or w1a[1] != w1b[0] or w2a[1] != w2b[0] or w1a[0] != w2a[0] \
                 or w1b[1] != w2b[1]:
             return None
         return w1a[0], w1b[1]
     halves = []
-    for half in ("lokr_w1", "lokr_w2"):
-        if half in shape:
-            halves.append(flat(shape[half]))
+    for full, a_key, b_key in LOKR_HALVES:
+        if full in shape:
+            halves.append(flat(shape[full]))
             continue
-        a, b = flat(shape[half + "_a"]), flat(shape[half + "_b"])
+        a, b = flat(shape[a_key]), flat(shape[b_key])
         halves.append(None if a is None or b is None or a[1] != b[0] else (a[0], b[1]))
     if None in halves:
         return None
@@ -245,7 +248,7 @@ def check_lora_file(path: str | os.PathLike, family: str, unet: nn.Module | None
         if algo in ("loha", "lokr"):
             problems += _lycoris_shape_problems(name, algo, module, parts)
             continue
-        problems += _shape_problems(name, module, parts.get("lora_down.weight"), parts.get("lora_up.weight"))
+        problems += _shape_problems(name, module, parts.get(LORA_DOWN), parts.get(LORA_UP))
     return LoadCheck(not problems, problems, result.modules, result.not_loaded_by)
 
 
@@ -290,8 +293,8 @@ def _shape_problems(name: str, module: nn.Module, down: TensorInfo | None, up: T
         want_down = (rank, module.in_channels, *module.kernel_size)
         want_up = (module.out_channels, rank, 1, 1)
     problems = []
-    for kind, got, want in (("lora_down", down.shape, want_down), ("lora_up", up.shape, want_up)):
+    for key, got, want in ((LORA_DOWN, down.shape, want_down), (LORA_UP, up.shape, want_up)):
         if tuple(got) != tuple(want):
-            problems.append(f"'{name}.{kind}.weight' has shape {list(got)} but the model's "
+            problems.append(f"'{name}.{key}' has shape {list(got)} but the model's "
                             f"{type(module).__name__} needs {list(want)}.")
     return problems

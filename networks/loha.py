@@ -13,7 +13,9 @@ from torch import nn
 
 from .adapter import WeightDeltaAdapter
 
-LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+# The file-key suffixes of one LoHa module, alpha aside (adapter.ALPHA).
+HADA_W1_A, HADA_W1_B, HADA_W2_A, HADA_W2_B = "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"
+LOHA_KEYS = (HADA_W1_A, HADA_W1_B, HADA_W2_A, HADA_W2_B)
 
 
 class LohaModule(WeightDeltaAdapter):

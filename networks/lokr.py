@@ -16,7 +16,11 @@ from torch import nn
 
 from .adapter import WeightDeltaAdapter
 
-LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+# The file-key suffixes of one LoKr module, alpha aside (adapter.ALPHA): each half is full or a product a @ b.
+LOKR_W1, LOKR_W1_A, LOKR_W1_B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
+LOKR_W2, LOKR_W2_A, LOKR_W2_B = "lokr_w2", "lokr_w2_a", "lokr_w2_b"
+LOKR_HALVES = ((LOKR_W1, LOKR_W1_A, LOKR_W1_B), (LOKR_W2, LOKR_W2_A, LOKR_W2_B))  # (full, a, b) per half
+LOKR_KEYS = tuple(key for half in LOKR_HALVES for key in half)
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

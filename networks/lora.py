@@ -12,6 +12,12 @@ from torch import nn
 
 from .adapter import Adapter
 
+# The file-key suffixes of one LoRA/LoCon module (`<name>.lora_down.weight`, ...; docs/LORA_FORMAT.md), alpha
+# aside (adapter.ALPHA).
+LORA_DOWN = "lora_down.weight"
+LORA_UP = "lora_up.weight"
+LORA_KEYS = (LORA_DOWN, LORA_UP)
+
 INITS = ("kaiming", "gaussian", "pissa", "loraga")  # the last two are applied by networks/inits.py
 
 

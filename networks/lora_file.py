@@ -16,10 +16,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .adapter import ALPHA
 from .errors import SdloraError
-from .lycoris_keys import ALL_SUFFIXES, LORA_KEYS, group_modules, module_algo
+from .loha import HADA_W1_B
+from .lokr import LOKR_W1_A, LOKR_W2_A
+from .lora import LORA_DOWN, LORA_KEYS, LORA_UP
+from .lycoris_keys import ALL_SUFFIXES, group_modules, module_algo
 
-PORTABLE_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")  # LoRA/LoCon; LyCORIS adds ALL_SUFFIXES
+PORTABLE_SUFFIXES = (*LORA_KEYS, ALPHA)  # LoRA/LoCon; LyCORIS adds ALL_SUFFIXES
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -78,7 +82,7 @@ def check_portable(state: dict[str, torch.Tensor], source: str) -> None:
         raise SdloraError(f"'{source}' has {len(foreign)} key(s) that are not lora_down/lora_up/alpha "
                           f"(nor LyCORIS hada_*/lokr_*) (e.g. '{foreign[0]}'); it is not a kohya-layout LoRA file.")
     for key, tensor in state.items():
-        if key.endswith(".alpha") and (tensor.dim() != 0 or tensor.dtype != torch.float32):
+        if key.endswith(f".{ALPHA}") and (tensor.dim() != 0 or tensor.dtype != torch.float32):
             raise SdloraError(f"'{source}': {key} must be a 0-dim float32 tensor.")
 
 
@@ -92,22 +96,22 @@ def module_summary(state: dict[str, torch.Tensor]) -> dict[str, dict]:
         if algo is None or (algo == "lora" and any(key not in parts for key in LORA_KEYS)):
             continue
         rank = _module_rank(algo, parts)
-        alpha = parts.get("alpha")
+        alpha = parts.get(ALPHA)
         entry = {"algo": algo, "rank": rank,
                  "alpha": float(alpha) if alpha is not None else float(rank or 1),
-                 "shapes": {key: list(t.shape) for key, t in parts.items() if key != "alpha"}}
+                 "shapes": {key: list(t.shape) for key, t in parts.items() if key != ALPHA}}
         if algo == "lora":
-            entry["down"], entry["up"] = entry["shapes"][LORA_KEYS[0]], entry["shapes"][LORA_KEYS[1]]
+            entry["down"], entry["up"] = entry["shapes"][LORA_DOWN], entry["shapes"][LORA_UP]
         summary[name] = entry
     return summary
 
 
 def _module_rank(algo: str, parts: dict[str, torch.Tensor]) -> int | None:
     if algo == "lora":
-        return int(parts["lora_down.weight"].shape[0])
+        return int(parts[LORA_DOWN].shape[0])
     if algo == "loha":
-        return int(parts["hada_w1_b"].shape[0]) if "hada_w1_b" in parts else None
-    inner = parts.get("lokr_w1_a", parts.get("lokr_w2_a"))
+        return int(parts[HADA_W1_B].shape[0]) if HADA_W1_B in parts else None
+    inner = parts.get(LOKR_W1_A, parts.get(LOKR_W2_A))
     return int(inner.shape[1]) if inner is not None else None
 
 

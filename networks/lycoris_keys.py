@@ -8,12 +8,13 @@ diffusers' `load_lora_weights` does not.
 
 from __future__ import annotations
 
+from .adapter import ALPHA
 from .loha import LOHA_KEYS
 from .lokr import LOKR_KEYS
+from .lora import LORA_KEYS
 
-LORA_KEYS = ("lora_down.weight", "lora_up.weight")
 ALGO_KEYS = {"lora": LORA_KEYS, "loha": LOHA_KEYS, "lokr": LOKR_KEYS}
-ALL_SUFFIXES = (*LORA_KEYS, *LOHA_KEYS, *LOKR_KEYS, "alpha")
+ALL_SUFFIXES = (*LORA_KEYS, *LOHA_KEYS, *LOKR_KEYS, ALPHA)
 ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 # what ss_network_module / ss_network_args say (kohya's sd-scripts write these for LyCORIS networks)
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}

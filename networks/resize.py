@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter import ALPHA
 from .analysis import LowRankSVD, ModuleFactors, block_of, energy_rank, lora_factors, module_svd
 from .errors import SdloraError
+from .lora import LORA_DOWN, LORA_UP
 from .lora_file import read_lora, save_lora
 
 
@@ -110,9 +112,9 @@ def kohya_tensors(name: str, svd: LowRankSVD, k: int, kernel: tuple[int, ...] | 
     if kernel is not None:
         down = down.reshape(k, -1, *kernel)
         up = up[:, :, None, None]
-    return {f"{name}.lora_down.weight": down.to(dtype).contiguous(),
-            f"{name}.lora_up.weight": up.to(dtype).contiguous(),
-            f"{name}.alpha": torch.tensor(alpha, dtype=torch.float32)}
+    return {f"{name}.{LORA_DOWN}": down.to(dtype).contiguous(),
+            f"{name}.{LORA_UP}": up.to(dtype).contiguous(),
+            f"{name}.{ALPHA}": torch.tensor(alpha, dtype=torch.float32)}
 
 
 def truncation_report(name: str, singular_values: torch.Tensor, rank_before: int, k: int) -> dict:
@@ -155,8 +157,8 @@ def rank_metadata(metadata: dict[str, str], state: dict[str, torch.Tensor], note
     """`metadata` with ss_network_dim/alpha/args describing `state`; "Dynamic" (kohya's word) when ranks vary."""
     linear, conv = set(), set()
     for key, tensor in state.items():
-        if key.endswith(".lora_down.weight"):
-            alpha = float(state[key.replace(".lora_down.weight", ".alpha")])
+        if key.endswith(f".{LORA_DOWN}"):
+            alpha = float(state[key.replace(f".{LORA_DOWN}", f".{ALPHA}")])
             is_conv = tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1)
             (conv if is_conv else linear).add((tensor.shape[0], alpha))
     out = dict(metadata)

@@ -21,9 +21,14 @@ class RunDir:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
-    config = property(lambda self: self.root / "config.toml")
+    CONFIG_NAME = "config.toml"  # the file name alone, for messages and labels that name it
+
+    config = property(lambda self: self.root / RunDir.CONFIG_NAME)
     events_path = property(lambda self: self.root / "events.jsonl")
     pid_path = property(lambda self: self.root / "trainer.pid")
+    # Written by the UI, not the trainer: the launched process's stdout+stderr, and the preset it started from.
+    train_log = property(lambda self: self.root / "train.log")
+    preset = property(lambda self: self.root / "preset.txt")
     samples = property(lambda self: self.root / "samples")
     checkpoints = property(lambda self: self.root / "checkpoints")
     state = property(lambda self: self.root / "state")

@@ -17,6 +17,7 @@ from app.ui.live_view import (
 )
 from app.ui.notices import guarded, notice, ok
 from networks.errors import SdloraError
+from trainer.run_dir import RunDir
 
 
 @dataclass
@@ -58,7 +59,7 @@ def build(ctx: UIContext) -> RunsTab:
                 checkpoints = gr.HTML(elem_id="run-checkpoints")
         gr.Markdown("**Samples**", elem_classes="sd-muted")
         samples = gr.HTML(elem_id="run-samples")
-        with gr.Accordion("config.toml", open=False):
+        with gr.Accordion(RunDir.CONFIG_NAME, open=False):
             config = gr.Code(language=None, interactive=False, elem_id="run-config")
 
     def table_rows():

@@ -1,0 +1,35 @@
+"""The TrainConfig a `sdlora train` invocation means: shared by `train` (app.cli) and `check` (app.check_command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from networks.errors import SdloraError
+
+
+def train_config(args):
+    """The TrainConfig a `train` invocation means, and whether it resumes."""
+    from trainer.config import apply_overrides, load_config
+    from trainer.presets import resolve_config
+    from trainer.run_dir import RunDir
+
+    overrides = list(args.set)
+    if args.resume:
+        if args.config or args.preset:
+            raise SdloraError(f"--resume takes the run's own {RunDir.CONFIG_NAME}; drop --config/--preset "
+                              "(use --set).")
+        config_file = RunDir(args.resume).config
+        if not config_file.is_file():
+            raise SdloraError(f"'{args.resume}' is not a run folder (no {RunDir.CONFIG_NAME}); give the folder "
+                              "that `sdlora train --output` wrote.")
+        overrides.append(f"output.dir={Path(args.resume).resolve()}")
+        return apply_overrides(load_config(config_file), overrides), True
+    for flag, key in (("model", "model.path"), ("data", "dataset.path"), ("output", "output.dir"), ("name", "name")):
+        value = getattr(args, flag)
+        if value:
+            overrides.append(f"{key}={Path(value).resolve() if flag in ('data', 'output') else value}")
+    if args.config:
+        return apply_overrides(load_config(args.config), overrides), False
+    if not args.data and not args.preset:
+        raise SdloraError("Give --config FILE.toml, or --data DIR --output DIR (with --preset NAME and --model).")
+    return resolve_config(args.preset, overrides), False
