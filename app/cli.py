@@ -15,8 +15,8 @@ from app.check_command import add_check_subcommand, add_import_kohya_action
 from app.lora_commands import add_lora_subcommands
 from app.train_config import train_config
 from networks.errors import SdloraError
+from networks.spec import FAMILIES
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 # transformers warns on import that torchvision is absent (it never is needed here); keep stderr for us.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

@@ -92,7 +92,7 @@ def build_contender(spec: dict):
         train = {"compile": contender.compile, "gradient_checkpointing": spec.get("gradient_checkpointing", False)}
         cfg = bench_config(spec["model_dir"], spec["data_dir"], run_dir, epochs=1000,
                            target_modules=contender.target_modules, **common, extra={"train": train})
-        return SdloraContender(cfg, contender.target_modules), run_dir
+        return SdloraContender(cfg), run_dir
     from bench.peers import Recipe
 
     recipe = Recipe(spec["model_dir"], spec["data_dir"], adapter=contender.adapter, cache=contender.cache,

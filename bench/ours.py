@@ -2,21 +2,12 @@
 `Trainer.optimizer_step`, so the numbers measure sdlora's own loop, caches and adapters.
 
 Trainer.setup() runs unchanged (dataset scan, model load, LoraNetwork, optimizer, latent and text
-caches). To adapt only the peers' modules it sets `network.target_modules`; on a tree whose config has
-no such key yet, it gives the NetworkSpec `target_modules` by wrapping `trainer.loop.network_spec` in
-this process only.
+caches). To adapt only the peers' modules it sets `network.target_modules`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-
-
-def config_has_target_modules() -> bool:
-    from trainer.config import NetworkSection
-
-    return "target_modules" in NetworkSection.model_fields
 
 
 def bench_config(model_dir, data_dir, output_dir, resolution: int, batch_size: int, rank: int,
@@ -43,7 +34,7 @@ def bench_config(model_dir, data_dir, output_dir, resolution: int, batch_size: i
         "save": {"every_steps": 0, "every_epochs": 0},
         "output": {"dir": str(output_dir)},
     }
-    if target_modules and config_has_target_modules():
+    if target_modules:
         data["network"]["target_modules"] = list(target_modules)
     return config_from_dict(merge_dicts(data, extra or {}))
 
@@ -51,23 +42,16 @@ def bench_config(model_dir, data_dir, output_dir, resolution: int, batch_size: i
 class SdloraContender:
     adapter = "sdlora"
 
-    def __init__(self, cfg, target_modules: tuple[str, ...] | None = None):
-        self.cfg, self.target_modules = cfg, target_modules
+    def __init__(self, cfg):
+        self.cfg = cfg
         self.breakdown: dict[str, float] = {}
 
     def setup(self) -> None:
-        import trainer.loop as loop
+        from trainer.loop import Trainer
 
-        original = loop.network_spec
-        if self.target_modules and not self.cfg.network.model_dump().get("target_modules"):
-            wanted = tuple(self.target_modules)
-            loop.network_spec = lambda cfg: dataclasses.replace(original(cfg), target_modules=wanted)
-        try:
-            self.trainer = loop.Trainer(self.cfg)
-            self.trainer.run.create()
-            self.trainer.setup()
-        finally:
-            loop.network_spec = original
+        self.trainer = Trainer(self.cfg)
+        self.trainer.run.create()
+        self.trainer.setup()
         self.steps_per_epoch = self.trainer.steps_per_epoch()
 
     def batches(self):
@@ -90,7 +74,7 @@ class SdloraContender:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return self.trainer._export(path, Position(step=1, epoch=1))
+        return self.trainer.outputs.export(path, Position(step=1, epoch=1))
 
     def export_bytes_per_param(self) -> int:
         return {"fp16": 2, "bf16": 2, "fp32": 4}[self.cfg.save.precision]

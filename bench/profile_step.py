@@ -26,7 +26,7 @@ def build(args):
     cfg = bench_config(model_path(args.model), dataset_path(args.images), work_dir() / "runs" / "profile",
                        args.resolution, args.batch_size, args.rank, network=args.network, epochs=1000,
                        target_modules=QKVO if args.network == "lora" else None)
-    contender = SdloraContender(cfg, QKVO if args.network == "lora" else None)
+    contender = SdloraContender(cfg)
     contender.setup()
     return contender
 

@@ -86,7 +86,7 @@ def sdlora_contender(setting: Setting, model_dir: Path, data_dir: Path, run_dir:
                        network=setting.network, conv_rank=rank, conv_alpha=rank * setting.alpha_ratio,
                        learning_rate=setting.learning_rate, seed=SEED, extra={"train": {"max_steps": steps}},
                        target_modules=RECIPE_TARGETS if setting.recipe_modules else None)
-    return SdloraContender(cfg, tuple(RECIPE_TARGETS) if setting.recipe_modules else None)
+    return SdloraContender(cfg)
 
 
 def recipe_contender(setting: Setting, model_dir: Path, data_dir: Path, run_dir: Path, steps: int):

@@ -27,7 +27,8 @@ def real_shape_export(family: str = "sd1", network_type: str = "lora", rank: int
     from bench.models import sd15_config, sdxl_config
     from networks.lora_file import DTYPES, save_lora
     from networks.metadata import network_metadata
-    from networks.network import LoraNetwork, NetworkSpec
+    from networks.network import LoraNetwork
+    from networks.spec import NetworkSpec
 
     config = sd15_config("unet") if family == "sd1" else sdxl_config("unet")
     with torch.device("meta"):

@@ -18,8 +18,6 @@ LORA_DOWN = "lora_down.weight"
 LORA_UP = "lora_up.weight"
 LORA_KEYS = (LORA_DOWN, LORA_UP)
 
-INITS = ("kaiming", "gaussian", "pissa", "loraga")  # the last two are applied by networks/inits.py
-
 
 class LoraModule(Adapter):
     kind = "lora"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapter import ALPHA
+from .atomic import atomic_write
 from .errors import SdloraError
 from .loha import HADA_W1_B
 from .lokr import LOKR_W1_A, LOKR_W2_A
@@ -39,24 +39,6 @@ def save_lora(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata:
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return target
-
-
-def atomic_write(target: Path, write) -> None:
-    """Run write(temp_path) then rename over `target`; the temp file is removed on any failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
-        raise SdloraError(f"Cannot write {target} ({error.strerror or error}); free disk space or choose a "
-                          "writable folder, then resume from the last checkpoint.") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

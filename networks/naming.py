@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import SdloraError
-
-FAMILIES = ("sd1", "sd2", "sdxl")
+from .spec import FAMILIES
 
 
 @dataclass

@@ -14,111 +14,31 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import Adapter, WeightDeltaAdapter
-from .block_lr import block_index, block_weights, parse_block_values
+from .adapter import ALPHA, Adapter, WeightDeltaAdapter
+from .block_lr import block_index, parse_block_values
 from .errors import SdloraError
 from .loha import LohaModule
 from .lokr import LokrModule
-from .lora import INITS, LoraModule
+from .lora import LORA_DOWN, LORA_UP, LoraModule
 from .lycoris_keys import ALL_SUFFIXES, group_modules, module_algo
 from .naming import Component, alias_names, components_for, kohya_name
+from .spec import NetworkSpec
 from .targets import TargetRules, find_targets, uses_conv_rank
 
-NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
-LYCORIS_TYPES = ("loha", "lokr")
+
+def make_adapter(spec: NetworkSpec, module: nn.Module, rank: int, alpha: float) -> Adapter:
+    """One adapter of the spec's type around `module`."""
+    dropouts = (spec.dropout, spec.rank_dropout, spec.module_dropout)
+    if spec.type == "loha":
+        return LohaModule(module, rank, alpha, *dropouts, rslora=spec.rslora)
+    if spec.type == "lokr":
+        return LokrModule(module, rank, alpha, spec.factor, spec.decompose_both, *dropouts, rslora=spec.rslora)
+    return LoraModule(module, rank, alpha, spec.init, *dropouts, rslora=spec.rslora)
 
 
-@dataclass
-class NetworkSpec:
-    """What to attach. Alpha is absolute when given, else alpha_ratio x rank (so alpha follows r)."""
-
-    type: str = "lora"
-    rank: int = 16
-    alpha: float | None = None
-    alpha_ratio: float = 1.0
-    conv_rank: int = 8
-    conv_alpha: float | None = None
-    conv_alpha_ratio: float = 1.0
-    init: str = "kaiming"
-    rslora: bool = False
-    dropout: float = 0.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    train_unet: bool = True
-    train_text_encoder: bool = False
-    conv_in_out: bool = False
-    time_embedding: bool = False
-    include_convs: bool = False  # LoCon's conv modules for any type (locon always has them)
-    factor: int = -1  # LoKr: LyCORIS's factorization bound (-1: the most balanced split)
-    decompose_both: bool = False  # LoKr: w1 as a rank-r product too (LyCORIS's decompose_both)
-    # Restrict to modules whose path ends with one of these (e.g. "to_q", "ff.net.2"); None = the table.
-    target_modules: tuple[str, ...] | None = None
-    # kohya's block-wise learning rates (see block_lr.py): per-block multipliers; blocks at 0 get no adapter.
-    down_lr_weight: str | tuple[float, ...] | None = None
-    mid_lr_weight: str | tuple[float, ...] | None = None
-    up_lr_weight: str | tuple[float, ...] | None = None
-    block_lr_zero_threshold: float = 0.0
-    # kohya's ranks and alphas per UNet block (one entry per block); rank 0 = no adapter. Alphas default to
-    # alpha (or alpha_ratio x the block's rank); 3x3 convs keep conv_rank unless conv_block_dims is set.
-    block_dims: str | tuple[int, ...] | None = None
-    block_alphas: str | tuple[float, ...] | None = None
-    conv_block_dims: str | tuple[int, ...] | None = None
-    conv_block_alphas: str | tuple[float, ...] | None = None
-
-    def block_weights(self, family: str) -> list[float] | None:
-        return block_weights(family == "sdxl", self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight,
-                             self.block_lr_zero_threshold)
-
-    @property
-    def resolved_alpha(self) -> float:
-        return float(self.alpha) if self.alpha is not None else self.alpha_ratio * self.rank
-
-    @property
-    def resolved_conv_alpha(self) -> float:
-        return float(self.conv_alpha) if self.conv_alpha is not None else self.conv_alpha_ratio * self.conv_rank
-
-    def validate(self) -> None:
-        if self.type not in NETWORK_TYPES:
-            raise SdloraError(f"network.type must be one of {', '.join(NETWORK_TYPES)} (got '{self.type}').")
-        for key in ("rank", "conv_rank"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SdloraError(f"network.{key} must be an integer >= 1 (got {value}).")
-        for key in ("alpha", "conv_alpha", "alpha_ratio", "conv_alpha_ratio"):
-            value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise SdloraError(f"network.{key} must be > 0 (got {value}).")
-        for key in ("dropout", "rank_dropout", "module_dropout"):
-            value = getattr(self, key)
-            if not 0 <= value < 1:
-                raise SdloraError(f"network.{key} must be in [0, 1) (got {value}).")
-        if self.init not in INITS:
-            raise SdloraError(f"network.init must be one of {', '.join(INITS)} (got '{self.init}').")
-        if not (self.train_unet or self.train_text_encoder):
-            raise SdloraError("Nothing to train: set network.train_unet or network.train_text_encoder to true.")
-        if self.type in LYCORIS_TYPES and self.init != "kaiming":
-            raise SdloraError(f"network.init {self.init} is for lora and locon; {self.type} starts as LyCORIS "
-                              "starts it, so leave network.init at kaiming.")
-        if isinstance(self.factor, bool) or not isinstance(self.factor, int) or not (self.factor == -1 or self.factor >= 1):
-            raise SdloraError(f"network.factor must be -1 (LyCORIS's balanced split) or an integer >= 1 "
-                              f"(got {self.factor}).")
-
-    @property
-    def adapts_convs(self) -> bool:
-        return self.type == "locon" or self.include_convs
-
-    def make_adapter(self, module: nn.Module, rank: int, alpha: float) -> Adapter:
-        """One adapter of this spec's type around `module`."""
-        dropouts = (self.dropout, self.rank_dropout, self.module_dropout)
-        if self.type == "loha":
-            return LohaModule(module, rank, alpha, *dropouts, rslora=self.rslora)
-        if self.type == "lokr":
-            return LokrModule(module, rank, alpha, self.factor, self.decompose_both, *dropouts, rslora=self.rslora)
-        return LoraModule(module, rank, alpha, self.init, *dropouts, rslora=self.rslora)
-
-    def rules(self) -> TargetRules:
-        return TargetRules(locon=self.adapts_convs, conv_in_out=self.conv_in_out,
-                           time_embedding=self.time_embedding)
+def target_rules(spec: NetworkSpec) -> TargetRules:
+    return TargetRules(locon=spec.adapts_convs, conv_in_out=spec.include_conv_in_out,
+                       time_embedding=spec.include_time_embedding)
 
 
 @dataclass
@@ -160,7 +80,7 @@ class LoraNetwork(nn.Module):
             rank, alpha = rank_and_alpha(target.name, uses_conv_rank(target.module))
             if rank == 0:
                 continue  # kohya: a block at rank 0 gets no adapter
-            adapter = spec.make_adapter(target.module, rank, alpha)
+            adapter = make_adapter(spec, target.module, rank, alpha)
             adapters[target.name] = adapter.to(device=target.module.weight.device)
             roles[target.name], paths[target.name] = target.role, target.path
         if not adapters:
@@ -285,7 +205,7 @@ class LoraNetwork(nn.Module):
             if isinstance(adapter, WeightDeltaAdapter):  # LoHa / LoKr: the scale is folded in, alpha = r
                 for suffix, tensor in adapter.file_tensors().items():
                     state[f"{name}.{suffix}"] = tensor.to("cpu", dtype).contiguous()
-                state[f"{name}.alpha"] = torch.tensor(float(adapter.rank), dtype=torch.float32)
+                state[f"{name}.{ALPHA}"] = torch.tensor(float(adapter.rank), dtype=torch.float32)
                 continue
             down, up, alpha, error = adapter.export_weights(exact)
             exported[name] = (down, up, alpha, down.dim() == 4 and down.shape[-1] > 1)
@@ -296,9 +216,9 @@ class LoraNetwork(nn.Module):
             if not conv and common is not None and alpha != common:
                 factor = math.sqrt(alpha / common)  # common / r * (factor^2 up down) == alpha / r * up down
                 down, up, alpha = down.float() * factor, up.float() * factor, common
-            state[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
-            state[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
-            state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+            state[f"{name}.{LORA_DOWN}"] = down.to("cpu", dtype).contiguous()
+            state[f"{name}.{LORA_UP}"] = up.to("cpu", dtype).contiguous()
+            state[f"{name}.{ALPHA}"] = torch.tensor(alpha, dtype=torch.float32)
         return state
 
     def load_kohya_state_dict(self, state: dict[str, torch.Tensor], source: str = "the file") -> None:
@@ -310,8 +230,8 @@ class LoraNetwork(nn.Module):
             raise SdloraError(f"{source} does not fit this network: {len(unknown)} unknown module(s) "
                               f"{', '.join(unknown[:3])}, {len(missing)} missing {', '.join(missing[:3])}.")
         for name, adapter in self.adapters.items():
-            _load_adapter_weights(adapter, name, state[f"{name}.lora_down.weight"],
-                                  state[f"{name}.lora_up.weight"], source)
+            _load_adapter_weights(adapter, name, state[f"{name}.{LORA_DOWN}"],
+                                  state[f"{name}.{LORA_UP}"], source)
 
 
 def _common_alpha(alphas: list[float]) -> float | None:
@@ -338,8 +258,7 @@ def _block_ranks(family: str, spec: NetworkSpec):
         rank = block_dims[index]
         if block_alphas is not None:
             return rank, block_alphas[index]
-        fixed, ratio = (spec.conv_alpha, spec.conv_alpha_ratio) if conv else (spec.alpha, spec.alpha_ratio)
-        return rank, float(fixed) if fixed is not None else ratio * rank
+        return rank, spec.alpha_at(rank, conv)
 
     return rank_and_alpha
 
@@ -364,7 +283,7 @@ def check_parts_trained(state: dict[str, torch.Tensor], spec: NetworkSpec, sourc
 
 
 def _select_targets(parts: list[Component], spec: NetworkSpec) -> list[AdaptedModule]:
-    rules = spec.rules()
+    rules = target_rules(spec)
     targets = []
     for part in parts:
         for path, module in find_targets(part.model, part.is_unet, rules):
@@ -399,7 +318,7 @@ def _all_modules_by_alias(parts: list[Component]) -> dict[str, AdaptedModule]:
 
 def _adapter_from_file(target: AdaptedModule, parts: dict[str, torch.Tensor], source: str) -> Adapter:
     """The adapter one module of a file describes: LoRA/LoCon, LoHa or LoKr, by its keys."""
-    alpha = float(parts["alpha"]) if "alpha" in parts else None
+    alpha = float(parts[ALPHA]) if ALPHA in parts else None
     algo = module_algo(parts)
     if algo in ("loha", "lokr"):
         kind = {"loha": LohaModule, "lokr": LokrModule}[algo]
@@ -409,7 +328,7 @@ def _adapter_from_file(target: AdaptedModule, parts: dict[str, torch.Tensor], so
             raise SdloraError(f"{source}: {algo} module {target.name} does not fit the model's "
                               f"{tuple(target.module.weight.shape)} weight ({error}); the file was made for a "
                               "different base model or is incomplete.") from None
-    down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+    down, up = parts.get(LORA_DOWN), parts.get(LORA_UP)
     if down is None or up is None:
         raise SdloraError(f"Module '{target.name}' in {source} lacks lora_down or lora_up weights; "
                           "only complete LoRA/LoCon or LoHa/LoKr modules can be loaded.")

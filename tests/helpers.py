@@ -2,7 +2,8 @@
 
 import torch
 
-from networks.network import LoraNetwork, NetworkSpec
+from networks.network import LoraNetwork
+from networks.spec import NetworkSpec
 from trainer.tiny_models import build_tiny_pipeline_components
 
 

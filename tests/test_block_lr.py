@@ -6,7 +6,8 @@ import torch
 
 from networks.block_lr import block_index, block_weights, parse_weights
 from networks.errors import SdloraError
-from networks.network import LoraNetwork, NetworkSpec
+from networks.network import LoraNetwork
+from networks.spec import NetworkSpec
 from tests.helpers import text_encoders
 from trainer.config import config_from_dict
 from trainer.optimizers import parameter_groups

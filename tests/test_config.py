@@ -35,6 +35,34 @@ def test_defaults_resolve_alpha_from_ratio():
     assert (cfg.dataset.resolved_min_bucket_side, cfg.dataset.resolved_max_bucket_side) == (256, 1024)
 
 
+def test_the_network_spec_has_the_network_sections_names_and_defaults():
+    """NetworkSpec is built from [network] by name, so a renamed key or a differing default fails here."""
+    from dataclasses import fields
+
+    from networks.spec import NetworkSpec
+    from trainer.config import NetworkSection
+
+    section = NetworkSection()
+    for spec_field in fields(NetworkSpec):
+        assert spec_field.name in NetworkSection.model_fields, spec_field.name
+        assert spec_field.default == getattr(section, spec_field.name), spec_field.name
+    assert section.spec() == NetworkSpec()
+    typed = config_from_dict({"network": {"type": "locon", "rank": 4, "include_conv_in_out": True,
+                                          "target_modules": ["to_q"], "dropout": 0.5}}).network.spec()
+    assert (typed.type, typed.rank, typed.include_conv_in_out, typed.target_modules, typed.dropout) == \
+        ("locon", 4, True, ("to_q",), 0.5)
+    typed.validate()  # what the config accepts, the spec accepts
+
+
+def test_dataset_options_are_built_from_the_dataset_section():
+    cfg = config_from_dict({"dataset": {"path": "/data", "resolution": 256, "bucket_step": 32, "min_bucket_side": 96,
+                                        "bucket_no_upscale": True, "keep_tokens": 1, "caption_extension": "caption"}})
+    options = cfg.dataset.options()
+    assert (options.buckets.resolution, options.buckets.step, options.buckets.smallest, options.buckets.largest,
+            options.buckets.no_upscale) == (256, 32, 96, 512, True)
+    assert (str(options.folder), options.captions.keep_tokens, options.caption_suffix) == ("/data", 1, ".caption")
+
+
 def test_absolute_alpha_overrides_ratio_and_alpha_follows_rank_otherwise():
     cfg = config_from_dict({"network": {"rank": 32, "alpha": 4, "conv_rank": 4, "conv_alpha": 1}})
     assert (cfg.network.resolved_alpha, cfg.network.resolved_conv_alpha) == (4.0, 1.0)
@@ -72,6 +100,8 @@ def test_unknown_key_messages(data, message):
     ({"dataset": {"resolution": 500}}, "dataset.resolution must be a multiple of 64 (got 500)."),
     ({"network": {"alpha": -1}}, "network.alpha must be a number > 0 (got -1)."),
     ({"dataset": {"caption_dropout": 2}}, "dataset.caption_dropout must be a number <= 1 (got 2)."),
+    # A dropout of 1 would drop every feature: refused here, not after the model loaded in the trainer.
+    ({"network": {"dropout": 1.0}}, "network.dropout must be a number < 1 (got 1.0)."),
     ({"network": {"type": "dora"}}, "network.type must be 'lora', 'locon', 'loha' or 'lokr' (got 'dora')."),
     ({"dataset": {"flip": "maybe"}}, "dataset.flip must be true or false (got 'maybe')."),
     ({"network": 5}, "network must be a table of settings (got 5)."),

@@ -256,16 +256,15 @@ def test_random_crop_is_drawn_per_sample_per_epoch(tmp_path):
 
 
 def test_bucket_no_upscale_from_the_config_keeps_small_images_at_their_size(tmp_path):
-    from trainer.loop import dataset_options
     from trainer.presets import resolve_config
 
     Image.new("RGB", (300, 200), (200, 30, 30)).save(tmp_path / "small.png")
     Image.new("RGB", (1024, 1024), (30, 30, 200)).save(tmp_path / "big.png")
     cfg = resolve_config(None, [f"dataset.path={tmp_path}", "dataset.resolution=512", "dataset.bucket_no_upscale=true"])
-    buckets = {item.path.name: item.bucket for item in ImageDataset.scan(dataset_options(cfg)).items}
+    buckets = {item.path.name: item.bucket for item in ImageDataset.scan(cfg.dataset.options()).items}
     assert buckets == {"small.png": (256, 192), "big.png": (512, 512)}
     cfg = resolve_config(None, [f"dataset.path={tmp_path}", "dataset.resolution=512"])
-    assert {item.path.name: item.bucket for item in ImageDataset.scan(dataset_options(cfg)).items}["small.png"] \
+    assert {item.path.name: item.bucket for item in ImageDataset.scan(cfg.dataset.options()).items}["small.png"] \
         != (256, 192)
 
 

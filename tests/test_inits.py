@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from networks.errors import SdloraError
 from networks.inits import loraga_init, pissa_init
-from networks.network import LoraNetwork, NetworkSpec
+from networks.network import LoraNetwork
+from networks.spec import NetworkSpec
 from tests.helpers import unet_out
 from trainer.demo_data import make_demo_dataset
 from trainer.loop import Trainer

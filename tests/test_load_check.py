@@ -7,9 +7,8 @@ from safetensors.torch import save_file
 from networks.load_check import check_lora_file, check_lora_structure
 from networks.lora_file import read_lora, save_lora
 from networks.metadata import network_metadata
+from networks.spec import FAMILIES
 from tests.helpers import attached, randomise_up, text_encoders
-
-FAMILIES = ["sd1", "sd2", "sdxl"]
 
 
 @pytest.fixture(scope="module")

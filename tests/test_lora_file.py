@@ -10,11 +10,11 @@ from safetensors import safe_open
 from networks.errors import SdloraError
 from networks.lora_file import read_lora, save_lora
 from networks.metadata import network_metadata
-from networks.network import LoraNetwork, NetworkSpec
+from networks.network import LoraNetwork
+from networks.spec import FAMILIES, NetworkSpec
 from tests.helpers import attached, randomise_up, text_encoders, unet_inputs, unet_out
 from trainer.tiny_models import build_tiny_pipeline, build_tiny_pipeline_components
 
-FAMILIES = ["sd1", "sd2", "sdxl"]
 PROMPT_IDS = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 3])
 
 

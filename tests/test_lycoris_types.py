@@ -15,8 +15,9 @@ from networks.lokr import factorization
 from networks.lora_file import read_lora, save_lora
 from networks.metadata import network_metadata
 from networks.naming import to_sgm_path
-from networks.network import LoraNetwork, NetworkSpec
+from networks.network import LoraNetwork
 from networks.resize import RankChoice, resize_lora
+from networks.spec import NetworkSpec
 from tests.helpers import text_encoders, unet_out
 from tests.test_lora_file import text_outputs
 from tests.test_training import events, resume_run, stopped_after, tiny_config

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from networks.errors import SdloraError
-from networks.network import LoraNetwork, NetworkSpec
+from networks.network import LoraNetwork
+from networks.spec import FAMILIES, NetworkSpec
 from tests.helpers import attached, randomise_up, text_encoders, unet_out
 from trainer.tiny_models import build_tiny_pipeline_components
-
-FAMILIES = ["sd1", "sd2", "sdxl"]
 
 
 def categories(network):

@@ -5,7 +5,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from networks.errors import SdloraError
-from networks.network import LoraNetwork, NetworkSpec
+from networks.network import LoraNetwork
+from networks.spec import NetworkSpec
 from trainer.config import config_from_dict
 from trainer.objective import (
     debiased_weights,

@@ -10,7 +10,7 @@ import pytest
 from app.check_command import add_check_subcommand, add_import_kohya_action
 from trainer.dataset import ImageDataset
 from trainer.demo_data import make_demo_dataset
-from trainer.loop import Trainer, dataset_options
+from trainer.loop import Trainer
 from trainer.preflight import (
     ACTIVATION_BYTES_PER_PIXEL,
     CHECKPOINTING_ACTIVATIONS,
@@ -40,12 +40,12 @@ def config(data, *overrides, preset="style-lora"):
 
 
 def loop_total(cfg, dataset, world):
-    """What Trainer computes, on a Trainer that has only what _total_steps/_epochs read."""
+    """What Trainer computes, on a Trainer that has only what _step_count reads."""
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.dataset = cfg, dataset
     trainer.accelerator = SimpleNamespace(process_index=0, num_processes=world)
-    trainer.total_steps = trainer._total_steps()
-    return trainer.total_steps, trainer._epochs(), trainer.steps_per_epoch()
+    count = trainer._step_count()
+    return count.total_steps, count.epochs, trainer.steps_per_epoch()
 
 
 @pytest.mark.parametrize("max_steps", [None, 7])
@@ -57,7 +57,7 @@ def test_step_plan_agrees_with_the_training_loop(data, max_steps):
                 cfg = config(data, f"train.batch_size={batch}", f"train.gradient_accumulation_steps={accum}",
                              "train.epochs=3", f"train.max_steps={max_steps or 'none'}", "dataset.resolution=256",
                              "dataset.max_bucket_side=512")
-                dataset = ImageDataset.scan(dataset_options(cfg), seed=1)
+                dataset = ImageDataset.scan(cfg.dataset.options(), seed=1)
                 per_bucket = {}
                 for item in dataset.items:
                     per_bucket[item.bucket] = per_bucket.get(item.bucket, 0) + item.repeats
@@ -149,7 +149,8 @@ def test_reg_images_are_reported_apart_from_the_training_images(tmp_path):
 
 def test_a_continued_lora_file_is_checked_before_training(tmp_path):
     from networks.lora_file import save_lora
-    from networks.network import LoraNetwork, NetworkSpec
+    from networks.network import LoraNetwork
+    from networks.spec import NetworkSpec
     from trainer.tiny_models import build_tiny_pipeline_components
 
     make_demo_dataset(tmp_path / "data", count=3, seed=2)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from networks.errors import SdloraError
 from tests.ui_support import free_port
+from trainer.batch_supply import BatchSupply
 from trainer.demo_data import make_demo_dataset
 from trainer.loop import Trainer, train
 from trainer.presets import resolve_config
@@ -406,9 +407,9 @@ def test_cached_runs_drop_the_text_encoder_and_vae_encoder_and_train_the_same(tm
     released_file = released.train()
     assert released.model.text_encoders == []  # every caption is in the text cache
     assert not hasattr(released.model.vae, "encoder") and not hasattr(released.model.vae, "decoder")  # no previews
-    assert len(released.encode_text._memory) == len({item.caption for item in released.dataset.items})
+    assert len(released.batches.encode_text._memory) == len({item.caption for item in released.dataset.items})
 
-    monkeypatch.setattr(Trainer, "_release_cached_encoders", lambda self: None)
+    monkeypatch.setattr(BatchSupply, "release_encoders", lambda self, previews: None)
     kept = Trainer(tiny_config(data8, tmp_path / "kept", "train.max_steps=3"))
     kept_file = kept.train()
     assert len(kept.model.text_encoders) == 1 and hasattr(kept.model.vae, "encoder")
@@ -456,10 +457,10 @@ def test_worker_processes_load_the_same_pixels_ahead_of_the_step(tmp_path, data8
     common = ["train.max_steps=5", "train.batch_size=2", "dataset.flip=true", *flags]  # 4 batches an epoch
     workers = Trainer(tiny_config(data8, tmp_path / "workers", "dataset.num_workers=2", *common))
     workers.train()
-    assert workers.prefetch.loader_pids and os.getpid() not in workers.prefetch.loader_pids
+    assert workers.batches.prefetch.loader_pids and os.getpid() not in workers.batches.prefetch.loader_pids
     inline = Trainer(tiny_config(data8, tmp_path / "inline", *common))
     inline.train()
-    assert inline.prefetch is None
+    assert inline.batches.prefetch is None
     losses = lambda run: [e["loss"] for e in events(run) if e["event"] == "step"]  # noqa: E731
     assert len(losses(tmp_path / "workers")) == 5
     assert losses(tmp_path / "workers") == losses(tmp_path / "inline")
@@ -468,7 +469,7 @@ def test_worker_processes_load_the_same_pixels_ahead_of_the_step(tmp_path, data8
 def test_cached_runs_start_no_workers(tmp_path, data8):
     trainer = Trainer(tiny_config(data8, tmp_path / "run", "dataset.num_workers=2"))
     trainer.setup()
-    assert trainer.prefetch is None  # every latent is in the cache: nothing to decode per step
+    assert trainer.batches.prefetch is None  # every latent is in the cache: nothing to decode per step
 
 
 def test_clip_skip_reaches_the_captions_and_the_file(tmp_path, data8):
@@ -479,7 +480,7 @@ def test_clip_skip_reaches_the_captions_and_the_file(tmp_path, data8):
     caption = trainer.dataset.items[0].caption
     model = build_tiny_pipeline("sd1")
     expected = trainer.model.family.encode_prompt([model.text_encoder], [model.tokenizer], [caption], clip_skip=2)
-    torch.testing.assert_close(trainer.encode_text([caption])["hidden"], expected.encoder_hidden_states)
+    torch.testing.assert_close(trainer.batches.encode_text([caption])["hidden"], expected.encoder_hidden_states)
     assert read_lora(final)[1]["ss_clip_skip"] == "2"
 
 
@@ -512,7 +513,7 @@ def test_max_token_length_trains_on_every_window_and_is_written_to_the_file(tmp_
     final = trainer.train()
     model = build_tiny_pipeline("sd1")
     expected = trainer.model.family.encode_prompt([model.text_encoder], [model.tokenizer], [long_caption], chunks=3)
-    cached = trainer.encode_text([long_caption])["hidden"]  # what the step was conditioned on
+    cached = trainer.batches.encode_text([long_caption])["hidden"]  # what the step was conditioned on
     assert cached.shape[1] == 3 * 77
     torch.testing.assert_close(cached, expected.encoder_hidden_states)
     assert read_lora(final)[1]["ss_max_token_length"] == "225"

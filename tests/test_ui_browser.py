@@ -14,11 +14,11 @@ import torch
 
 from app.ui.heatmap_axes import MARGIN_BOTTOM, MARGIN_TOP
 from tests.ui_support import (
-    CHROMIUM,
     choose_preset,
     field,
     open_page,
     open_section,
+    playwright_or_skip,
     served_ui,
     set_field,
     shot,
@@ -27,10 +27,7 @@ from tests.ui_support import (
 )
 from trainer.demo_data import make_demo_dataset
 
-if not CHROMIUM.exists():
-    pytest.skip("Debian's Chromium (/usr/bin/chromium) is not installed; apt-get install chromium",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+sync_api = playwright_or_skip()
 
 STEPS = 40
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.ui_support import (
-    CHROMIUM,
     choose_preset,
     field,
     open_page,
+    playwright_or_skip,
     served_ui,
     shot,
     train_notice,
@@ -22,10 +22,7 @@ from tests.ui_support import (
 )
 from trainer.demo_data import make_demo_dataset
 
-if not CHROMIUM.exists():
-    pytest.skip("Debian's Chromium (/usr/bin/chromium) is not installed; apt-get install chromium",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+sync_api = playwright_or_skip()
 
 SHOTS = Path("/tmp/shots")  # the screenshots issue 13 asks for, looked at by a person
 SETTLE_MS = 2000  # long enough for any event a click or a blur queued to reach the page

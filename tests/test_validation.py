@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from networks.errors import SdloraError
-from networks.network import LoraNetwork, NetworkSpec
+from networks.network import LoraNetwork
+from networks.spec import NetworkSpec
 from tests.helpers import randomise_up, text_encoders
 from trainer.buckets import BucketSpec
 from trainer.dataset import DatasetOptions, ImageDataset

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from networks.errors import SdloraError
-from trainer.config import config_from_dict
+from trainer.config import config_field_table, config_from_dict
+from trainer.kohya_names import KOHYA_KEYS
 from trainer.sample_prompts import OPTION_HELP, parse_prompt_text
 
 NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon"}
@@ -94,69 +95,17 @@ def _text(key: str, value: Any, source: str) -> str:
     return str(value).strip()
 
 
-# kohya key -> (dotted sdlora key, reader). Keys needing more than a one-to-one copy are handled below.
-DIRECT: dict[str, tuple[str, Callable[[str, Any, str], Any]]] = {
-    "train_batch_size": ("train.batch_size", _integer),
-    "epoch": ("train.epochs", _integer),
-    "seed": ("train.seed", _integer),
-    "caption_extension": ("dataset.caption_extension", _text),
-    "shuffle_caption": ("dataset.shuffle_captions", _flag),
-    "keep_tokens": ("dataset.keep_tokens", _integer),
-    "keep_tokens_separator": ("dataset.keep_tokens_separator", _text),
-    "flip_aug": ("dataset.flip", _flag),
-    "random_crop": ("dataset.random_crop", _flag),
-    "noise_offset": ("train.noise_offset", _number),
-    "gradient_checkpointing": ("train.gradient_checkpointing", _flag),
-    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", _integer),
-    "max_grad_norm": ("train.max_grad_norm", _number),
-    "scale_weight_norms": ("train.scale_weight_norms", _number),
-    "prior_loss_weight": ("train.prior_loss_weight", _number),
-    "noise_offset_random_strength": ("train.noise_offset_random_strength", _flag),
-    "adaptive_noise_scale": ("train.adaptive_noise_scale", _number),
-    "ip_noise_gamma_random_strength": ("train.ip_noise_gamma_random_strength", _flag),
-    "zero_terminal_snr": ("train.zero_terminal_snr", _flag),
-    "min_timestep": ("train.min_timestep", _integer),
-    "max_timestep": ("train.max_timestep", _integer),
-    "scale_v_pred_loss_like_noise_pred": ("train.scale_v_pred_loss_like_noise_pred", _flag),
-    "v_pred_like_loss": ("train.v_pred_like_loss", _number),
-    "caption_dropout_every_n_epochs": ("dataset.caption_dropout_every_n_epochs", _integer),
-    "down_lr_weight": ("network.down_lr_weight", _text),
-    "mid_lr_weight": ("network.mid_lr_weight", _text),
-    "up_lr_weight": ("network.up_lr_weight", _text),
-    "block_lr_zero_threshold": ("network.block_lr_zero_threshold", _number),
-    "block_dims": ("network.block_dims", _text),
-    "block_alphas": ("network.block_alphas", _text),
-    "conv_block_dims": ("network.conv_block_dims", _text),
-    "conv_block_alphas": ("network.conv_block_alphas", _text),
-    "caption_dropout_rate": ("dataset.caption_dropout", _number),
-    "caption_tag_dropout_rate": ("dataset.tag_dropout", _number),
-    "network_dropout": ("network.dropout", _number),
-    "rank_dropout": ("network.rank_dropout", _number),
-    "module_dropout": ("network.module_dropout", _number),
-    "enable_bucket": ("dataset.enable_buckets", _flag),
-    "min_bucket_reso": ("dataset.min_bucket_side", _integer),
-    "max_bucket_reso": ("dataset.max_bucket_side", _integer),
-    "bucket_reso_steps": ("dataset.bucket_step", _integer),
-    "bucket_no_upscale": ("dataset.bucket_no_upscale", _flag),
-    "clip_skip": ("model.clip_skip", _integer),
-    "max_token_length": ("model.max_token_length", _integer),
-    "multires_noise_iterations": ("train.multires_noise_iterations", _integer),
-    "multires_noise_discount": ("train.multires_noise_discount", _number),
-    "ip_noise_gamma": ("train.ip_noise_gamma", _number),
-    "debiased_estimation_loss": ("train.debiased_estimation", _flag),
-    "loss_type": ("train.loss_type", _text),
-    "huber_c": ("train.huber_c", _number),
-    "huber_schedule": ("train.huber_schedule", _text),
-    "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", _integer),
-    "lr_scheduler_power": ("train.lr_scheduler_power", _number),
-    "lr_warmup_steps": ("train.lr_warmup_steps", _integer),
-    "save_every_n_epochs": ("save.every_epochs", _integer),
-    "save_every_n_steps": ("save.every_steps", _integer),
-    "sample_every_n_steps": ("sample.every_steps", _integer),
-    "sample_every_n_epochs": ("sample.every_epochs", _integer),
-    "sample_at_first": ("sample.at_start", _flag),
-    "max_data_loader_n_workers": ("dataset.num_workers", _integer),
-}
+def _reader(dotted: str) -> Callable[[str, Any, str], Any]:
+    """How kohya_ss's loosely typed value is read for a key: by the sdlora key's own type."""
+    field = CONFIG_FIELDS[dotted]
+    kind = field.type
+    if kind.startswith("int") or (field.choices and all(isinstance(c, int) for c in field.choices)):
+        return _integer
+    if kind.startswith("float"):
+        return _number
+    return _flag if kind == "bool" else _text
+
+
 # Handled by the functions below (so not "unmapped" even when they end up not setting anything).
 SPECIAL = ("LoRA_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "learning_rate", "unet_lr",
            "text_encoder_lr", "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup", "max_train_steps",
@@ -165,6 +114,12 @@ SPECIAL = ("LoRA_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha"
            "dim_from_weights",  # sdlora always continues a file at its own ranks
            "sdxl_no_half_vae",  # sdlora's VAE is always fp32
            "masked_loss")
+
+
+CONFIG_FIELDS = {field.key: field for field in config_field_table()}
+# The keys copied one to one, each read by its sdlora key's type; the rest are converted by hand below.
+DIRECT = {key: (dotted, _reader(dotted)) for key, dotted in KOHYA_KEYS.items()
+          if key not in SPECIAL and key not in RUN_SPECIFIC}
 
 
 class _Builder:

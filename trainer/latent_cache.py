@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from networks.atomic import atomic_write
 from trainer.buckets import Placement
 from trainer.dataset import Batch, ImageDataset, Item
 
@@ -164,15 +163,7 @@ class LatentCache:
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write next to `path`, then rename: readers (and other ranks) never see half a file.
-
-    No fsync, unlike networks.lora_file.atomic_write: a cache entry lost to a power cut is just encoded
-    again (a damaged file reads as a miss), and syncing thousands of small files would slow the build."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Written beside `path`, then renamed: readers (and other ranks) never see half a file. Not synced:
+    a cache entry lost to a power cut is just encoded again (a damaged file reads as a miss), and syncing
+    thousands of small files would slow the build."""
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata), sync=False)

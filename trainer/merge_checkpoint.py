@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from networks.analysis import check_lora_keys
+from networks.atomic import atomic_write
 from networks.errors import SdloraError
-from networks.lora_file import atomic_write, read_lora
+from networks.lora_file import read_lora
 from networks.network import LoraNetwork
 from trainer.model_loading import LoadedModel, load_model
 from trainer.single_file import save_single_file

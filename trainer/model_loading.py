@@ -30,11 +30,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from networks.errors import SdloraError
+from trainer.config import PREDICTION_TYPES
 from trainer.family import ModelFamily, detect_family, get_family
 from trainer.tiny_models import ASSETS, demo_model_path, load_clip_tokenizer
 
 SHIPPED_CONFIGS = ASSETS / "configs"
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 # Pipeline parts a trainer never needs; not loading them saves time, memory and downloads.
 _UNNEEDED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")

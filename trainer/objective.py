@@ -3,11 +3,15 @@ the loss with optional min-SNR weighting and a per-pixel mask."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+if TYPE_CHECKING:
+    from trainer.config import TrainSection
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0, multires_iterations: int = 0,
@@ -84,7 +88,6 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
-LOSS_TYPES = ("l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
@@ -166,3 +169,37 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One run's objective, built once from `[train]` and the model's schedule: how a batch is noised and
+    how the prediction is scored. The training step calls `noised` then `loss`; nothing else reads the
+    dozen `[train]` keys it gathers."""
+
+    train: TrainSection
+    scheduler: DDPMScheduler
+    prediction_type: str
+
+    def noised(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy latents, the noise the model is asked for, timesteps). The global RNG is drawn in this
+        order, noise then timesteps then input perturbation, on which bit-exact resume relies."""
+        train = self.train
+        noise = sample_noise(latents, train.noise_offset, train.multires_noise_iterations,
+                             train.multires_noise_discount, train.noise_offset_random_strength,
+                             train.adaptive_noise_scale)
+        timesteps = sample_timesteps(latents.shape[0], self.scheduler.config.num_train_timesteps, latents.device,
+                                     train.min_timestep, train.max_timestep)
+        seen = perturbed_input_noise(noise, train.ip_noise_gamma, train.ip_noise_gamma_random_strength)
+        return self.scheduler.add_noise(latents, seen, timesteps), noise, timesteps
+
+    def loss(self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             mask: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        train, kind = self.train, self.prediction_type
+        target = training_target(self.scheduler, latents, noise, timesteps, kind)
+        return diffusion_loss(prediction, target, timesteps, self.scheduler, kind, train.min_snr_gamma, mask=mask,
+                              debiased=train.debiased_estimation, loss_type=train.loss_type, huber_c=train.huber_c,
+                              huber_schedule=train.huber_schedule, sample_weights=sample_weights,
+                              # kohya refuses each of these two for the other prediction type
+                              scale_v_like_noise=train.scale_v_pred_loss_like_noise_pred and kind == "v_prediction",
+                              v_pred_like_loss=train.v_pred_like_loss if kind == "epsilon" else 0.0)

@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 from networks.errors import SdloraError
 from trainer.config import DEMO_MODELS, TrainConfig
+from trainer.steps import count_steps
 
 CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
 KOHYA_KEEP_SEPARATOR = "|||"  # the marker kohya_ss documents and its users write
@@ -107,11 +107,9 @@ def step_plan(images_with_repeats: int | Sequence[int] | Mapping[object, int], b
             raise SdloraError(f"{name} is {value}; use 1 or more.")
     batches = sum(math.ceil(n / batch_size) for n in per_bucket if n > 0)
     per_process = math.ceil(batches / world_size)  # the loop pads the last round (DistributedSampler-like)
-    steps_per_epoch = math.ceil(per_process / accumulation)
-    total = max_steps if max_steps else epochs * steps_per_epoch
-    covered = math.ceil(total / max(1, steps_per_epoch))
-    return StepPlan(sum(per_bucket), batches, per_process, steps_per_epoch, total, covered, batch_size,
-                    accumulation, world_size, "max_steps" if max_steps else "epochs")
+    count = count_steps(per_process, accumulation, epochs, max_steps)
+    return StepPlan(sum(per_bucket), batches, per_process, count.steps_per_epoch, count.total_steps, count.epochs,
+                    batch_size, accumulation, world_size, count.limited_by)
 
 
 # -- memory and time ---------------------------------------------------------------------------------------
@@ -182,19 +180,19 @@ def model_parameters(family: str, prediction_type: str = "epsilon") -> dict[str,
 def adapter_parameters(family: str, network) -> int:
     """Trainable parameters of the adapter the config's network section describes, on the real model."""
     from networks.naming import components_for
+    from networks.network import make_adapter, target_rules
     from networks.targets import find_targets, uses_conv_rank
-    from trainer.loop import network_spec
 
-    spec = network_spec(SimpleNamespace(network=network))  # it reads only the network section
+    spec = network.spec()
     unet, encoders, _ = _meta_models(_config_name(family))
     total = 0
     for part in components_for(family, unet if spec.train_unet else None,
                                encoders if spec.train_text_encoder else []):
-        for _, module in find_targets(part.model, part.is_unet, spec.rules()):
+        for _, module in find_targets(part.model, part.is_unet, target_rules(spec)):
             rank = spec.conv_rank if uses_conv_rank(module) else spec.rank
             weight = module.weight.shape
             if spec.type == "lokr":  # its halves' sizes follow LyCORIS's factorization; they are small
-                total += sum(p.numel() for p in spec.make_adapter(module, rank, 1.0).parameters())
+                total += sum(p.numel() for p in make_adapter(spec, module, rank, 1.0).parameters())
                 continue
             low_rank = rank * math.prod(weight[1:]) + weight[0] * rank  # down [r, in, k, k] + up [out, r]
             total += 2 * low_rank if spec.type == "loha" else low_rank  # LoHa: two such pairs
@@ -411,9 +409,9 @@ def _check_network_weights(cfg: TrainConfig, family: str | None, report: Report)
     if not cfg.network.weights:
         return
     from networks.inspect import lora_family
+    from networks.lora import LORA_DOWN
     from networks.lora_file import read_lora
     from networks.network import check_parts_trained
-    from trainer.loop import network_spec
 
     path = Path(cfg.network.weights).expanduser()
     try:
@@ -427,12 +425,12 @@ def _check_network_weights(cfg: TrainConfig, family: str | None, report: Report)
                              f"continue it on an {made_for} model.")
         return
     try:
-        check_parts_trained(state, network_spec(cfg), path.name)
+        check_parts_trained(state, cfg.network.spec(), path.name)
     except SdloraError as error:
         report.errors.append(str(error))
         return
-    ranks = sorted({int(t.shape[0]) for k, t in state.items() if k.endswith(".lora_down.weight")})
-    modules = sum(1 for k in state if k.endswith(".lora_down.weight"))
+    ranks = sorted({int(t.shape[0]) for k, t in state.items() if k.endswith("." + LORA_DOWN)})
+    modules = sum(1 for k in state if k.endswith("." + LORA_DOWN))
     shown = ", ".join(map(str, ranks[:6])) + (" ..." if len(ranks) > 6 else "")
     report.info.append(f"Continues {path.name}: {modules} modules at rank {shown}, kept at their own rank and "
                        "alpha; modules it lacks start fresh.")
@@ -459,9 +457,8 @@ def _check_noise_options(cfg: TrainConfig, prediction: str, report: Report) -> N
 
 
 def _explain_block_weights(cfg: TrainConfig, family: str | None, report: Report) -> None:
-    from trainer.loop import network_spec
 
-    weights = network_spec(cfg).block_weights(family) if family else None
+    weights = cfg.network.spec().block_weights(family) if family else None
     if weights is None:
         return
     sdxl = family == "sdxl"
@@ -476,13 +473,12 @@ def _explain_block_weights(cfg: TrainConfig, family: str | None, report: Report)
 
 def _check_dataset(cfg: TrainConfig, report: Report):
     from trainer.dataset import ImageDataset
-    from trainer.loop import dataset_options
 
     if not cfg.dataset.path:
         report.errors.append("dataset.path is empty; give the image folder with --data DIR.")
         return None
     try:
-        dataset = ImageDataset.scan(dataset_options(cfg), seed=cfg.train.seed)
+        dataset = ImageDataset.scan(cfg.dataset.options(), seed=cfg.train.seed)
     except SdloraError as error:
         report.errors.append(str(error))
         return None

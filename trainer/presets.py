@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import tomli_w
 
+from networks.atomic import write_text_atomic
 from networks.errors import SdloraError
 from trainer.config import (
     TrainConfig,
@@ -27,7 +28,6 @@ from trainer.config import (
     merge_dicts,
     parse_toml,
     read_toml,
-    write_text_atomic,
 )
 
 if TYPE_CHECKING:

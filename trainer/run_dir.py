@@ -11,7 +11,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from trainer.config import write_text_atomic
+from networks.atomic import write_text_atomic
 
 EVENT_KINDS = ("skipped", "started", "step", "sample", "checkpoint", "validation", "load_check", "stopped", "finished",
                "error")

@@ -14,7 +14,7 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
-from networks.lora_file import atomic_write
+from networks.atomic import atomic_write
 
 SAMPLERS = {"euler_a": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler,
             "dpmpp_2m": DPMSolverMultistepScheduler}

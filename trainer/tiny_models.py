@@ -34,12 +34,13 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from networks.errors import SdloraError
+from networks.spec import FAMILIES
+from trainer.config import DEMO_MODELS
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 ASSETS = Path(__file__).parent / "assets"
 CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 SHAPES_DIR = ASSETS / "demo_shapes"
-DEMO_NAMES = ("shapes", *FAMILIES)
+DEMO_NAMES = tuple(name.removeprefix("demo:") for name in DEMO_MODELS)
 # OpenCLIP (SD2's encoder, SDXL's second encoder) pads with "!" (id 0) where OpenAI CLIP pads with EOS.
 OPENCLIP_PAD = "!"
 

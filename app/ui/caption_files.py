@@ -9,9 +9,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from app.security import is_inside
+from networks.atomic import write_text_atomic
 from networks.errors import SdloraError
 from trainer.captions import add_trigger
-from trainer.config import write_text_atomic
 
 
 def caption_path(image: Path, extension: str = ".txt") -> Path:

@@ -1,6 +1,6 @@
 """Dataset tab: open a folder, see every image with its caption, edit captions, check the stats.
 
-The scan is the trainer's own (trainer/dataset.py) with the trainer's own options (trainer.loop.dataset_options)
+The scan is the trainer's own (trainer/dataset.py) with the trainer's own options (`DatasetSection.options()`)
 built from the Train tab's dataset settings, so what this tab reports (usable images, skipped files and why,
 buckets) is exactly what the Train tab's Check and the training will use.
 """
@@ -45,14 +45,12 @@ class Scan:
 def scan(folder_text: str, resolution: int | float | None = None, settings: dict | None = None) -> Scan:
     """The folder as training would read it with the dataset `settings` (the Train tab's; None: the
     defaults), at `resolution` when one is given."""
-    from trainer.loop import dataset_options  # the trainer's options, not a copy of them (imports torch)
-
     folder = user_folder(folder_text, "dataset folder")
     try:
         cfg = dataset_config(str(folder), resolution, settings)
     except ConfigError as error:
         raise SdloraError(str(error).replace("dataset.resolution", "The bucket resolution", 1)) from None
-    options = dataset_options(cfg)
+    options = cfg.dataset.options()
     items, report = scan_folder(options)
     return Scan(folder, items, report, options.caption_suffix, cfg.dataset.model_dump(mode="json", exclude={"path"}))
 

@@ -19,8 +19,10 @@ from app.ui.notices import guarded, notice, ok
 from app.ui.preflight_view import report_html
 from app.ui.preset_fill import fill_from_preset
 from networks.errors import SdloraError
+from networks.spec import alpha_for
 from trainer.config import TrainConfig, load_config
 from trainer.presets import list_presets, resolve_config, save_user_preset
+from trainer.run_dir import RunDir
 
 DEFAULT_PRESET = "demo"
 POLL_SECONDS = 1.0
@@ -64,10 +66,10 @@ def alpha_text(kind, rank, ratio, alpha, conv_rank, conv_ratio, conv_alpha) -> s
 def _resolved_alpha(absolute, rank, ratio) -> tuple[float | None, str]:
     try:
         if absolute not in (None, ""):
-            return float(absolute), f"set to {float(absolute):g}"
+            return alpha_for(float(absolute), 0.0, 0), f"set to {float(absolute):g}"
         if rank is None or ratio is None:
             return None, ""
-        return float(ratio) * float(rank), f"= {float(ratio):g} x {int(rank)}"
+        return alpha_for(None, float(ratio), int(rank)), f"= {float(ratio):g} x {int(rank)}"
     except (TypeError, ValueError):
         return None, ""
 
@@ -191,7 +193,7 @@ def build(ctx: UIContext) -> TrainTab:
         """The form shows the config of the run being watched (after a reload or "Watch in Train tab")."""
         if not run:
             return tuple(gr.skip() for _ in fill_outputs)
-        cfg = load_config(ctx.runs.resolve(run) / "config.toml")
+        cfg = load_config(RunDir(ctx.runs.resolve(run)).config)
         return (notice(), *form_values(cfg), prompts_to_text(cfg), gr.skip())
 
     alpha_inputs = [form.widgets[k] for k in ALPHA_KEYS]

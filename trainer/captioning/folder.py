@@ -7,10 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from networks.atomic import write_text_atomic
 from trainer.captioning.settings import CaptionerSettings
 from trainer.captioning.sources import captioner_kind, resolve
 from trainer.captions import join_tags, split_tags
-from trainer.config import write_text_atomic
 from trainer.dataset import DatasetOptions, scan_folder
 from trainer.images import UnreadableImageError, load_image
 

@@ -1,56 +1,57 @@
-"""The training config: one pydantic model that presets, CLI flags, the UI form and the run folder share.
-
-Every key a user can set lives here, with its bounds and a short description (the UI builds its Advanced
-form from `config_field_table`). Validation errors never escape as pydantic tracebacks: they become one
-`SdloraError` sentence naming the dotted key, e.g. "network.rank must be an integer >= 1 (got 0).".
-"""
+"""The config sections: every key a user can set, with its bounds and a short description; `TrainConfig`
+holds them all. The enumerations are written once, here or in networks/spec.py."""
 from __future__ import annotations
 
-import difflib
-import os
 import re
-import tempfile
-import types
-from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args
 
-import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from networks.block_lr import block_weights, parse_block_values
 from networks.errors import SdloraError
+from networks.spec import FAMILIES, LYCORIS_TYPES, NetworkInit, NetworkSpec, NetworkType
+from trainer.buckets import BucketSpec
+from trainer.captions import CaptionOptions
+from trainer.dataset import DatasetOptions
 from trainer.sample_prompts import OPTION_HELP, parse_prompt_line
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+# Each enumeration is written once, here or in networks/spec.py, and read everywhere else.
+Family = Literal[("auto", *FAMILIES)]
 
-Family = Literal["auto", "sd1", "sd2", "sdxl"]
-PredictionType = Literal["auto", "epsilon", "v_prediction"]
-NetworkType = Literal["lora", "locon", "loha", "lokr"]
-# How the down/A matrix starts. New schemes (rslora, pissa, loraga) are added here and in networks/lora.py.
-NetworkInit = Literal["kaiming", "gaussian", "pissa", "loraga"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+PredictionType = Literal[("auto", *PREDICTION_TYPES)]
+
+
+LossType = Literal["l2", "huber", "smooth_l1"]
+
+
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+
+
 Optimizer = Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]
+
+
 # The names diffusers.optimization.get_scheduler accepts, so the loop can pass the value straight through.
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+
 Sampler = Literal["euler_a", "euler", "ddim", "dpmpp_2m"]
+
+
 # Built-in models and their family: demo:shapes was pretrained to draw (docs/DEMO_MODEL.md); the other
 # three have random weights and exist so every family's layout can be tried and tested in seconds.
 DEMO_MODELS = {"demo:shapes": "sd1", "demo:sd1": "sd1", "demo:sd2": "sd2", "demo:sdxl": "sdxl"}
+
+
 SEED_MAX = 2**32 - 1  # numpy's limit; torch accepts more, but a seed must work everywhere
+
+
 OptimizerArg = float | int | bool | str | list[float]
-
-
-class ConfigError(SdloraError):
-    """A config that failed validation; `key` is the dotted key at fault ("" for the whole file)."""
-
-    def __init__(self, message: str, key: str = "", source: str | None = None):
-        super().__init__(message)
-        self.key = key
-        self.source = source
 
 
 class Section(BaseModel):
@@ -153,15 +154,29 @@ class DatasetSection(Section):
     def _leading_dot(cls, ext: Any) -> Any:
         return "." + ext if isinstance(ext, str) and ext and not ext.startswith(".") else ext
 
+    def buckets(self) -> BucketSpec:
+        return BucketSpec(resolution=self.resolution, step=self.bucket_step, min_side=self.min_bucket_side,
+                          max_side=self.max_bucket_side, enabled=self.enable_buckets,
+                          no_upscale=self.bucket_no_upscale)
+
+    def options(self) -> DatasetOptions:
+        """What the dataset reads: the trainer, the pre-flight report and the Dataset tab all build it here."""
+        captions = CaptionOptions(shuffle_tags=self.shuffle_captions, keep_tokens=self.keep_tokens,
+                                  caption_dropout=self.caption_dropout, tag_dropout=self.tag_dropout,
+                                  keep_tokens_separator=self.keep_tokens_separator,
+                                  dropout_every_n_epochs=self.caption_dropout_every_n_epochs)
+        return DatasetOptions(folder=Path(self.path), buckets=self.buckets(), captions=captions,
+                              caption_extension=self.caption_extension, default_repeats=self.default_repeats,
+                              random_crop=self.random_crop, flip=self.flip,
+                              reg_folder=Path(self.reg_path) if self.reg_path else None)
+
     @property
     def resolved_min_bucket_side(self) -> int:
-        if self.min_bucket_side is not None:
-            return self.min_bucket_side
-        return max(self.bucket_step, self.resolution // 2 // self.bucket_step * self.bucket_step)
+        return self.buckets().smallest
 
     @property
     def resolved_max_bucket_side(self) -> int:
-        return self.max_bucket_side if self.max_bucket_side is not None else self.resolution * 2
+        return self.buckets().largest
 
     @model_validator(mode="after")
     def _buckets_fit(self) -> DatasetSection:
@@ -197,9 +212,9 @@ class NetworkSection(Section):
     conv_rank: int = Field(8, ge=1, le=1024, description="Rank of the 3x3 convolution adapters (locon).")
     conv_alpha_ratio: float = Field(0.5, gt=0, description="conv alpha / conv rank (locon).")
     conv_alpha: float | None = Field(None, gt=0, description="Absolute conv alpha; overrides conv_alpha_ratio.")
-    dropout: float = Field(0.0, ge=0, le=1, description="Dropout on the adapter's hidden features.")
-    rank_dropout: float = Field(0.0, ge=0, le=1, description="Chance of dropping each rank component per step.")
-    module_dropout: float = Field(0.0, ge=0, le=1, description="Chance of skipping a whole adapter per step.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's hidden features.")
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Chance of dropping each rank component per step.")
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="Chance of skipping a whole adapter per step.")
     init: NetworkInit = Field("kaiming", description="kaiming/gaussian: random down matrix, zero up matrix; "
                                                      "pissa/loraga start from the base weight's principal "
                                                      "directions / the first gradient (the base is adjusted).")
@@ -238,18 +253,17 @@ class NetworkSection(Section):
     conv_block_alphas: str | None = Field(None, description="Alpha of the 3x3 convolutions per block; empty = "
                                                             "conv_alpha / conv_alpha_ratio applied to each rank.")
 
-    @property
-    def resolved_alpha(self) -> float:
-        return self.alpha if self.alpha is not None else self.alpha_ratio * self.rank
+    def spec(self) -> NetworkSpec:
+        """The adapters these keys describe, with the same field names (alpha as given, not resolved, so
+        per-block ranks keep alpha / r too)."""
+        fields = {name: getattr(self, name) for name in NetworkSpec.__dataclass_fields__}
+        fields["target_modules"] = tuple(self.target_modules) if self.target_modules else None
+        return NetworkSpec(**fields)
 
-    @property
-    def adapts_convs(self) -> bool:
-        """Whether the 3x3 convs get adapters (at conv_rank): locon, or loha / lokr with include_convs."""
-        return self.type == "locon" or self.include_convs
-
-    @property
-    def resolved_conv_alpha(self) -> float:
-        return self.conv_alpha if self.conv_alpha is not None else self.conv_alpha_ratio * self.conv_rank
+    # The spec's own rules, so the config, the trainer and the UI resolve alpha one way.
+    resolved_alpha = property(lambda self: self.spec().resolved_alpha)
+    resolved_conv_alpha = property(lambda self: self.spec().resolved_conv_alpha)
+    adapts_convs = property(lambda self: self.spec().adapts_convs)
 
     @model_validator(mode="after")
     def _block_settings_read(self) -> NetworkSection:
@@ -266,7 +280,7 @@ class NetworkSection(Section):
     def _trains_something(self) -> NetworkSection:
         if not (self.train_unet or self.train_text_encoder):
             raise _rule("network.train_unet and network.train_text_encoder are both false; enable at least one")
-        if self.type in ("loha", "lokr") and self.init != "kaiming":
+        if self.type in LYCORIS_TYPES and self.init != "kaiming":
             raise _rule(f"network.init {self.init} is for lora and locon; {self.type} starts as LyCORIS starts it, "
                         "so leave network.init at kaiming")
         if self.factor == 0:
@@ -335,7 +349,7 @@ class TrainSection(Section):
                                                            "about 0.1); 0 = off.")
     debiased_estimation: bool = Field(False, description="Weight the loss by 1/sqrt(SNR) (debiased "
                                                          "estimation, kohya's debiased_estimation_loss).")
-    loss_type: Literal["l2", "huber", "smooth_l1"] = Field(
+    loss_type: LossType = Field(
         "l2", description="l2 (mean squared error), or kohya's pseudo-Huber / smooth L1, which outlier "
                           "pixels pull on less.")
     huber_c: float = Field(0.1, gt=0, le=1, description="Huber parameter: the error size where the loss turns "
@@ -492,448 +506,3 @@ class TrainConfig(Section):
         """(width, height) of a sample prompt, defaulting to the training resolution."""
         side = self.dataset.resolution
         return (prompt.width or side, prompt.height or side)
-
-
-# --------------------------------------------------------------------------- reading and writing
-
-def load_config(path: str | os.PathLike) -> TrainConfig:
-    """Read and validate a TOML config file (a full config or a partial one over the defaults)."""
-    return config_from_dict(read_toml(path), source=str(path))
-
-
-def read_toml(path: str | os.PathLike) -> dict:
-    """A TOML file as a dict; a missing file or a syntax error becomes one sentence naming the file."""
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise SdloraError(f"Config file {path} does not exist; check the path.") from None
-    except UnicodeDecodeError:
-        raise SdloraError(f"Config file {path} is not UTF-8 text; save it as UTF-8.") from None
-    except OSError as exc:
-        raise SdloraError(f"Cannot read config file {path} ({exc.strerror}); check the path.") from None
-    return parse_toml(text, source=str(path))
-
-
-def parse_toml(text: str, source: str = "the config") -> dict:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SdloraError(_toml_error_sentence(str(exc), source)) from None
-
-
-def _toml_error_sentence(message: str, source: str) -> str:
-    where = re.search(r"\(at line (\d+), column (\d+)\)", message)
-    reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", message).rstrip(".")
-    reason = reason[:1].lower() + reason[1:]
-    place = f" at line {where.group(1)}, column {where.group(2)}" if where else ""
-    if "(at end of document)" in message:
-        place = " at the end of the file"
-    return f"Invalid TOML in {source}{place}: {reason}; fix the syntax there."
-
-
-def config_from_dict(data: Mapping[str, Any], source: str | None = None) -> TrainConfig:
-    """Validate a (partial) config dict; `source` (a file name) is named in error messages."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"The config{_in(source)} must be a table of settings (got {_show(data)}).", "", source)
-    try:
-        return TrainConfig.model_validate(dict(data))
-    except ValidationError as exc:
-        raise config_error(exc, source) from None
-
-
-def config_to_dict(cfg: TrainConfig) -> dict:
-    """Plain dict of every key, without the unset optional ones (TOML has no null)."""
-    # mode="python" keeps inf as a float; mode="json" would turn it into null.
-    return cfg.model_dump(mode="python", exclude_none=True)
-
-
-def dump_config(cfg: TrainConfig) -> str:
-    return tomli_w.dumps(config_to_dict(cfg))
-
-
-def save_config(cfg: TrainConfig, path: str | os.PathLike) -> Path:
-    """Write the full config as TOML, atomically, so a crash never leaves half a file."""
-    return write_text_atomic(path, dump_config(cfg))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a file through a temporary file and a rename; disk errors become one sentence."""
-    # Not networks.lora_file.atomic_write: that module imports torch, and config must load fast for the CLI.
-    path = Path(path)
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False) as tmp:
-            tmp_name = tmp.name
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        if tmp_name:
-            Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise SdloraError(f"Cannot write {path} ({exc.strerror}); check that the folder is writable and "
-                              f"the disk has space.") from None
-        raise
-    return path
-
-
-def merge_dicts(base: Mapping[str, Any], partial: Mapping[str, Any]) -> dict:
-    """`base` with `partial` laid over it: tables merge key by key, anything else is replaced."""
-    merged = {key: _copy(value) for key, value in base.items()}
-    for key, value in partial.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge_dicts(merged[key], value)
-        else:
-            merged[key] = _copy(value)
-    return merged
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
-
-
-# --------------------------------------------------------------------------- --set KEY=VALUE
-
-def apply_overrides(cfg_or_dict: TrainConfig | Mapping[str, Any], overrides: Iterable[str],
-                    source: str | None = None) -> TrainConfig:
-    """Apply "dotted.key=value" overrides and validate.
-
-    Values are TOML literals when they parse as one (2e-4, true, [1, 2], "quoted"), else plain text, so
-    `model.path=/x/y` works; text fields always take the text as is, and `none` clears an optional key.
-    """
-    data = config_to_dict(cfg_or_dict) if isinstance(cfg_or_dict, TrainConfig) else _copy(dict(cfg_or_dict))
-    for item in overrides:
-        key, value = _split_override(item)
-        _set_dotted(data, key, _parse_value(key, value), item)
-    return config_from_dict(data, source=source)
-
-
-def _split_override(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep or not key or not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key):
-        raise SdloraError(f"Override {item!r} must look like KEY=VALUE, e.g. train.learning_rate=2e-4.")
-    return key, value.strip()
-
-
-def _parse_value(key: str, text: str) -> Any:
-    annotation = _annotation_at(key.split("."))
-    optional = annotation is not None and _is_optional(annotation)
-    if optional and text.lower() in ("none", "null"):
-        return None
-    quoted = text[:1] in ('"', "'")
-    if annotation is not None and _wants_text(annotation) and not quoted:
-        return text
-    try:
-        return tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _set_dotted(data: dict, key: str, value: Any, item: str) -> None:
-    parts = key.split(".")
-    node: Any = data
-    for depth, part in enumerate(parts[:-1]):
-        node = _child(node, part, ".".join(parts[: depth + 1]), item)
-    last = parts[-1]
-    if isinstance(node, list):
-        node[_list_index(node, last, key, item)] = value
-    else:
-        node[last] = value
-
-
-def _child(node: dict | list, part: str, path: str, item: str) -> dict | list:
-    if isinstance(node, list):
-        child = node[_list_index(node, part, path, item)]
-    else:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-    if not isinstance(child, (dict, list)):
-        raise SdloraError(f"Override {item!r}: {path} is a single value, not a section; check the key.")
-    return child
-
-
-def _list_index(node: list, part: str, path: str, item: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise SdloraError(f"Override {item!r}: {path} needs an index from 0 to {len(node) - 1}.")
-    return int(part)
-
-
-# --------------------------------------------------------------------------- the field table for the UI
-
-class ConfigField(NamedTuple):
-    key: str                       # dotted path, e.g. "network.rank"
-    type: str                      # e.g. "int", "float | None", "choice", "list[SamplePrompt]"
-    default: Any
-    description: str
-    choices: tuple | None          # the allowed values of a choice field
-    bounds: dict[str, float]       # any of ge, gt, le, lt, multiple_of
-
-
-def config_field_table(model_cls: type[BaseModel] = TrainConfig, prefix: str = "") -> list[ConfigField]:
-    """Every leaf key of a config model, in declaration order (sections are walked into)."""
-    rows = []
-    for name, field in model_cls.model_fields.items():
-        key = prefix + name
-        if _is_model(field.annotation):
-            rows.extend(config_field_table(field.annotation, key + "."))
-            continue
-        default = field.get_default(call_default_factory=True)
-        rows.append(ConfigField(key, _type_name(field.annotation), default, field.description or "",
-                                _choices(field.annotation), _bounds(field.metadata)))
-    return rows
-
-
-def config_keys(model_cls: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
-    """Every dotted key, sections and leaves, with list items' keys as e.g. sample.prompts.seed."""
-    keys = []
-    for name, field in model_cls.model_fields.items():
-        key = prefix + name
-        keys.append(key)
-        inner = _item_model(field.annotation)
-        if inner is not None:
-            keys.extend(config_keys(inner, key + "."))
-    return keys
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Literal:
-        return "choice"
-    if origin is Annotated:
-        return _type_name(args[0])
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in args)
-    if origin in (list, dict):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
-    if tp is type(None):
-        return "None"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _choices(tp: Any) -> tuple | None:
-    for arm in _arms(tp):
-        if get_origin(arm) is Literal:
-            return get_args(arm)
-    return None
-
-
-def _bounds(metadata: Sequence[Any]) -> dict[str, float]:
-    # Field(ge=1) is stored as annotated_types.Ge(ge=1) in the field's metadata, and so on.
-    bounds = {}
-    for item in metadata:
-        for name in ("ge", "gt", "le", "lt", "multiple_of"):
-            if getattr(item, name, None) is not None:
-                bounds[name] = getattr(item, name)
-    return bounds
-
-
-def _arms(tp: Any) -> tuple:
-    """The alternatives of a union (or the type alone), without None."""
-    if get_origin(tp) in (Union, types.UnionType):
-        return tuple(a for a in get_args(tp) if a is not type(None))
-    return (tp,)
-
-
-def _is_optional(tp: Any) -> bool:
-    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
-
-
-def _is_model(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
-def _item_model(tp: Any) -> type[BaseModel] | None:
-    """The model inside a section or a list of models, else None."""
-    for arm in _arms(tp):
-        if _is_model(arm):
-            return arm
-        if get_origin(arm) is list and _is_model(get_args(arm)[0]):
-            return get_args(arm)[0]
-    return None
-
-
-def _wants_text(tp: Any) -> bool:
-    arms = _arms(tp)
-    literal_text = all(get_origin(a) is Literal and all(isinstance(v, str) for v in get_args(a)) for a in arms)
-    return arms == (str,) or literal_text
-
-
-def _annotation_at(parts: Sequence[str | int]) -> Any:
-    """The annotation of the key at `parts` (names; list indices as ints or digit strings), or None."""
-    tp: Any = TrainConfig
-    for part in parts:
-        inner = _unwrap(tp)
-        if _is_model(inner):
-            field = inner.model_fields.get(part) if isinstance(part, str) else None
-            if field is None:
-                return None
-            tp = field.annotation
-        elif get_origin(inner) is list and str(part).isdigit():
-            tp = get_args(inner)[0]
-        elif get_origin(inner) is dict and isinstance(part, str):
-            tp = get_args(inner)[1]
-        else:
-            return None  # past a leaf, or a union's branch tag in a pydantic loc
-    return tp if parts else None
-
-
-def _unwrap(tp: Any) -> Any:
-    """int for Annotated[int, ...] and for int | None; a union of several types stays as it is."""
-    if get_origin(tp) is Annotated:
-        return _unwrap(get_args(tp)[0])
-    arms = _arms(tp)
-    return _unwrap(arms[0]) if len(arms) == 1 and arms[0] is not tp else tp
-
-
-# --------------------------------------------------------------------------- one-sentence errors
-
-def config_error(exc: ValidationError, source: str | None = None) -> ConfigError:
-    """The first problem of a pydantic ValidationError as one user-facing sentence."""
-    errors = exc.errors(include_url=False)
-    # A misspelt key explains the other errors (e.g. a "required" one), so it is reported first.
-    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    kind = err["type"]
-    loc = _field_loc(err["loc"], kind)
-    key = _dotted(loc)
-    if kind == "sdlora_rule":
-        message = f"In {source}, {err['msg']}." if source else f"{err['msg']}."
-        return ConfigError(message, key, source)
-    if kind == "extra_forbidden":
-        return ConfigError(_unknown_key_sentence(loc, key, source), key, source)
-    return ConfigError(f"{key}{_in(source)} {_value_problem(err, loc)}.", key, source)
-
-
-def _field_loc(loc: Sequence[str | int], kind: str) -> tuple:
-    """The loc without pydantic's union-branch tags (e.g. the 'float' in train.optimizer_args.betas.float)."""
-    if kind == "extra_forbidden":
-        return tuple(loc)  # ends in the unknown key, which has no annotation by definition
-    for end in range(len(loc), 0, -1):
-        if _annotation_at(loc[:end]) is not None:
-            return tuple(loc[:end])
-    return tuple(loc)
-
-
-def _dotted(loc: Sequence[str | int]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _in(source: str | None) -> str:
-    return f" in {source}" if source else ""
-
-
-def _unknown_key_sentence(loc: tuple, key: str, source: str | None) -> str:
-    suggestion = _closest_key(loc)
-    hint = f"did you mean {suggestion!r}?" if suggestion else "remove it or check the spelling."
-    return f"Unknown config key {key!r}{_in(source)}; {hint}"
-
-
-# kohya_ss and common short names, so a user coming from there is pointed at our key.
-_KNOWN_ALIASES = {
-    "lr": "train.learning_rate", "network_dim": "network.rank", "dim": "network.rank",
-    "network_alpha": "network.alpha", "conv_dim": "network.conv_rank", "network_dropout": "network.dropout",
-    "train_batch_size": "train.batch_size", "max_train_steps": "train.max_steps",
-    "max_train_epochs": "train.epochs", "optimizer_type": "train.optimizer",
-    "optimizer_args": "train.optimizer_args", "save_every_n_epochs": "save.every_epochs",
-    "save_every_n_steps": "save.every_steps", "save_precision": "save.precision", "output_name": "name",
-    "output_dir": "output.dir", "train_data_dir": "dataset.path",
-    "pretrained_model_name_or_path": "model.path", "shuffle_caption": "dataset.shuffle_captions",
-    "flip_aug": "dataset.flip", "enable_bucket": "dataset.enable_buckets",
-    "min_bucket_reso": "dataset.min_bucket_side", "max_bucket_reso": "dataset.max_bucket_side",
-    "bucket_reso_steps": "dataset.bucket_step", "bucket_no_upscale": "dataset.bucket_no_upscale",
-    "sample_every_n_steps": "sample.every_steps", "clip_skip": "model.clip_skip",
-    "multires_noise_iterations": "train.multires_noise_iterations",
-    "multires_noise_discount": "train.multires_noise_discount", "ip_noise_gamma": "train.ip_noise_gamma",
-    "debiased_estimation_loss": "train.debiased_estimation", "loss_type": "train.loss_type",
-    "huber_c": "train.huber_c", "huber_schedule": "train.huber_schedule",
-    "sample_every_n_epochs": "sample.every_epochs", "sample_sampler": "sample.sampler",
-    "sample_at_first": "sample.at_start",
-    "caption_dropout_rate": "dataset.caption_dropout", "caption_tag_dropout_rate": "dataset.tag_dropout",
-    "max_data_loader_n_workers": "dataset.num_workers", "v_parameterization": "model.prediction_type",
-    "steps": "train.max_steps", "batch": "train.batch_size",
-}
-
-
-def _closest_key(loc: tuple) -> str | None:
-    names = [str(p) for p in loc if not isinstance(p, int)]
-    wanted, leaf = ".".join(names), names[-1]
-    keys = config_keys()
-    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
-    if same_leaf:
-        return same_leaf[0]  # the right key in the wrong section
-    if leaf in _KNOWN_ALIASES:
-        return _KNOWN_ALIASES[leaf]
-    # Compare with keys as deep as the unknown one first, so train.lrate finds a key, not the section.
-    depth = wanted.count(".")
-    match = (difflib.get_close_matches(wanted, [k for k in keys if k.count(".") == depth], n=1, cutoff=0.6)
-             or difflib.get_close_matches(wanted, keys, n=1, cutoff=0.6))
-    if not match:
-        return None
-    parent = wanted.rpartition(".")[0]
-    if match[0].rpartition(".")[0] == parent:
-        # Keep the user's list index, e.g. sample.prompts[0].promt -> sample.prompts[0].prompt.
-        return _dotted(loc[:-1] + (match[0].rsplit(".", 1)[-1],))
-    return match[0]
-
-
-_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text in quotes"}
-_LIMITS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"),
-           "less_than_equal": ("le", "<="), "less_than": ("lt", "<")}
-
-
-def _value_problem(err: dict, loc: tuple) -> str:
-    kind, ctx, got = err["type"], err.get("ctx") or {}, f" (got {_show(err['input'])})"
-    annotation = _annotation_at(loc)
-    word = _type_word(annotation)
-    if kind == "missing":
-        return "is required"
-    if annotation is not None and len(_arms(annotation)) > 1 and not _choices(annotation):
-        return f"must be {word}{got}"  # a union: every arm failed, so name them all
-    if kind in _LIMITS:
-        name, sign = _LIMITS[kind]
-        return f"must be {word} {sign} {_number(ctx[name])}{got}"
-    if kind == "multiple_of":
-        return f"must be a multiple of {ctx['multiple_of']}{got}"
-    if kind == "literal_error":
-        return f"must be {ctx['expected']}{got}"
-    if kind == "sdlora_value":
-        return f"{err['msg']}{got}"
-    if kind in ("string_too_short", "string_too_long"):
-        return f"{err['msg'].lower()}{got}"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"must be a table of settings{got}"
-    if kind == "list_type":
-        return f"must be a list{got}"
-    return f"must be {word}{got}"
-
-
-def _type_word(annotation: Any) -> str:
-    if annotation is None:
-        return "a valid value"
-    arms = _arms(_unwrap(annotation))
-    words = [_WORDS.get(a, "a list of numbers" if get_origin(a) is list else "a valid value") for a in arms]
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Mapping):
-        return "a table"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
