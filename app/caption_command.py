@@ -43,7 +43,7 @@ def run_caption(args) -> int:
 
     from trainer.captioning.folder import FolderRequest, caption_folder
     from trainer.captioning.settings import CaptionerSettings
-    from trainer.captions import split_tags
+    from trainer.data.captions import split_tags
 
     transformers_logging.disable_progress_bar()  # our own line per image is the progress here
 

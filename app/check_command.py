@@ -50,7 +50,7 @@ def run_check(args) -> int:
 
 
 def run_import_kohya(args) -> int:
-    from trainer.kohya_import import import_kohya_file
+    from trainer.config.kohya_import import import_kohya_file
 
     path, result = import_kohya_file(args.file, args.name)
     print(result.text())

@@ -112,7 +112,7 @@ def _print(text: str) -> int:
 
 
 def _presets():
-    from trainer import presets
+    from trainer.config import presets
 
     return presets
 
@@ -131,7 +131,7 @@ def run_ui(args) -> int:
 
 
 def run_demo_model(args) -> int:
-    from trainer.tiny_models import save_demo_model
+    from trainer.model.tiny_models import save_demo_model
 
     path = save_demo_model(args.dir, args.family)
     print(f"Wrote the tiny {args.family} model to {path}")
@@ -139,7 +139,7 @@ def run_demo_model(args) -> int:
 
 
 def run_demo_data(args) -> int:
-    from trainer.demo_data import make_demo_dataset
+    from trainer.demo.demo_data import make_demo_dataset
 
     if args.count < 1:
         raise SdloraError(f"--count must be at least 1 (got {args.count}).")
@@ -150,7 +150,7 @@ def run_demo_data(args) -> int:
 
 def run_train(args) -> int:
     cfg, resume = train_config(args)  # config errors show before the heavy imports below
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     final = train(cfg, resume=resume, progress=not args.no_progress)
     from accelerate import PartialState

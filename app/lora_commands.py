@@ -183,7 +183,7 @@ def run_merge(args) -> int:
 def _merge_into_model(args) -> int:
     import torch
 
-    from trainer.merge_checkpoint import merge_checkpoint
+    from trainer.model.merge_checkpoint import merge_checkpoint
 
     if args.rank or args.energy or args.sv_ratio:
         raise SdloraError("--rank/--energy/--sv-ratio apply when mixing LoRAs; drop them with --model.")
@@ -208,7 +208,7 @@ def run_extract(args) -> int:
     from networks.extract import extract_lora
     from networks.lora_file import save_lora
     from networks.resize import rank_metadata
-    from trainer.model_loading import load_model
+    from trainer.model.model_loading import load_model
 
     choice = _rank_choice(args, required=True)
     conv_choice = replace(choice, rank=args.conv_rank).validate() if args.conv_rank else choice
@@ -252,8 +252,8 @@ def run_rank_experiment(args) -> int:
     """Two trainings that differ only in r, then phi(A_r1, A_r2) as in the LoRA paper's section 7.2."""
     from networks.analysis import subspace_similarity
     from networks.lora_file import read_lora
-    from trainer.loop import train
-    from trainer.presets import resolve_config
+    from trainer.config.presets import resolve_config
+    from trainer.run.loop import train
 
     out = Path(args.output)
     files = []
@@ -314,7 +314,7 @@ def run_spectrum(args) -> int:
     state, _ = read_lora(args.file)
     report = spectrum(state, args.file)
     if args.model:
-        from trainer.model_loading import load_model
+        from trainer.model.model_loading import load_model
 
         model = load_model(args.model, family=args.family)
         factors = amplification_report(model.family.name, model.unet, model.text_encoders, state, args.file)

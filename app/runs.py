@@ -24,9 +24,9 @@ from app.security import run_folder, user_folder
 from networks.atomic import write_text_atomic
 from networks.errors import SdloraError
 from trainer.config import TrainConfig, save_config
-from trainer.images import IMAGE_EXTENSIONS
+from trainer.data.images import IMAGE_EXTENSIONS
 from trainer.preflight import Report, preflight_report
-from trainer.run_dir import RunDir
+from trainer.run.run_dir import RunDir
 
 try:
     import tomllib

@@ -10,8 +10,8 @@ from networks.errors import SdloraError
 def train_config(args):
     """The TrainConfig a `train` invocation means, and whether it resumes."""
     from trainer.config import apply_overrides, load_config
-    from trainer.presets import resolve_config
-    from trainer.run_dir import RunDir
+    from trainer.config.presets import resolve_config
+    from trainer.run.run_dir import RunDir
 
     overrides = list(args.set)
     if args.resume:

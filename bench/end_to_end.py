@@ -49,8 +49,10 @@ def sdlora_command() -> list[str]:
 
 def tree_has_target_modules(args, name: str) -> bool:
     """Whether the sdlora that runs `name` has network.target_modules (to adapt the recipe's modules)."""
-    root = getattr(args, "tree", None) if name.endswith("-proposed") else None
-    return "target_modules" in ((root or REPO_ROOT) / "trainer" / "config.py").read_text()
+    root = (getattr(args, "tree", None) if name.endswith("-proposed") else None) or REPO_ROOT
+    # trainer/config.py until the config became a package; an older tree (--tree) may still have it
+    files = [root / "trainer" / "config" / "sections.py", root / "trainer" / "config.py"]
+    return any("target_modules" in path.read_text() for path in files if path.is_file())
 
 
 def command(name: str, args, model_dir: Path, data_dir: Path, run_dir: Path) -> list[str]:

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from trainer.tiny_models import build_folder_once
+from trainer.model.tiny_models import build_folder_once
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -84,7 +84,7 @@ def build_sd1_bench_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from trainer.tiny_models import load_clip_tokenizer
+    from trainer.model.tiny_models import load_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**sd1_bench_unet_config())
@@ -103,7 +103,7 @@ def model_path(model: str) -> Path:
         return build_folder_once(work_dir() / "models" / f"sd1-bench-{key}",
                            lambda d: build_sd1_bench_pipeline().save_pretrained(d, safe_serialization=True))
     if model in ("sdxl", "tiny"):
-        from trainer.tiny_models import demo_model_path
+        from trainer.model.tiny_models import demo_model_path
 
         return demo_model_path("sdxl" if model == "sdxl" else "sd1")
     if model in ("sd15", "sdxl-base"):
@@ -124,7 +124,7 @@ def save_full_size_model(folder: Path, model: str) -> None:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from trainer.tiny_models import OPENCLIP_PAD, load_clip_tokenizer
+    from trainer.model.tiny_models import OPENCLIP_PAD, load_clip_tokenizer
 
     config = sd15_config if model == "sd15" else sdxl_config
     torch.manual_seed(0)
@@ -145,8 +145,8 @@ def save_full_size_model(folder: Path, model: str) -> None:
 
 
 def dataset_path(count: int = 40) -> Path:
-    """`count` generated demo images with captions (trainer.demo_data), built once."""
-    from trainer.demo_data import make_demo_dataset
+    """`count` generated demo images with captions (trainer.demo.demo_data), built once."""
+    from trainer.demo.demo_data import make_demo_dataset
 
     folder = work_dir() / f"data{count}"
     if len(list(folder.glob("*.png"))) == count:

@@ -1,4 +1,4 @@
-"""sdlora as a contender: the real `trainer.loop.Trainer`, built from a TrainConfig and stepped with
+"""sdlora as a contender: the real `trainer.run.loop.Trainer`, built from a TrainConfig and stepped with
 `Trainer.optimizer_step`, so the numbers measure sdlora's own loop, caches and adapters.
 
 Trainer.setup() runs unchanged (dataset scan, model load, LoraNetwork, optimizer, latent and text
@@ -47,7 +47,7 @@ class SdloraContender:
         self.breakdown: dict[str, float] = {}
 
     def setup(self) -> None:
-        from trainer.loop import Trainer
+        from trainer.run.loop import Trainer
 
         self.trainer = Trainer(self.cfg)
         self.trainer.run.create()
@@ -70,7 +70,7 @@ class SdloraContender:
         return sum(p.numel() for p in self.trainer.network.parameters() if p.requires_grad)
 
     def export(self, path: Path) -> Path:
-        from trainer.state import Position
+        from trainer.run.state import Position
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,7 @@ Three stages, each reproducible from --seed (same seed, same data, same initial 
    then --v-steps more as a v-prediction model on a zero-terminal-SNR schedule (Lin et al. 2024, as SD2-v
    was fine-tuned from its epsilon base): the last timestep is pure noise, so every colour, background
    included, comes from the prompt (and a LoRA's style), which offset noise only approximates;
-3. the VAE decoder alone, with the encoder frozen (the UNet's latents stay valid), to sharpen its images;
-4. the decoder alone once more, half on illustrations in random colours (thin outlines, shadows, dots).
+3. the VAE decoder alone, with the encoder frozen (the UNet's latents stay valid), to sharpen its images.
 
 --work keeps a checkpoint every --save-every steps and a preview grid; a killed run picks up from the
 last checkpoint. The result is written in fp16 as a diffusers folder (without the tokenizer, which ships
@@ -29,8 +28,6 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +44,8 @@ from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from trainer.plain_scenes import make_illustration, make_plain_scene
-from trainer.tiny_models import _scheduler, load_clip_tokenizer
+from trainer.demo.plain_scenes import make_plain_scene
+from trainer.model.tiny_models import _scheduler, load_clip_tokenizer
 
 SIZE = 64
 PREVIEW_PROMPTS = [
@@ -190,59 +187,25 @@ def _random_crops(pixels: torch.Tensor, count: int, crop: int, generator) -> tor
     return to_unit(torch.stack(crops))
 
 
-@dataclass
-class DecoderStage:
-    """A decoder-only stage: the encoder (so the latents the UNet learned) frozen, as SD's ft-MSE VAE was made."""
-    name: str  # its log label and checkpoint file (<name>.pt)
-    steps: int
-    learning_rate: Callable[[int], float]  # of the step
-    crop: int
-    batch: int
-    seed: int  # of its crops and latent samples
-    pixels: Callable[[], torch.Tensor]  # its images, uint8 NCHW, made only when it has steps to run
-
-
 def finetune_decoder(args, work: Path, vae: AutoencoderKL) -> None:
-    """Stage 3: the decoder alone, longer; it sharpens what the UNet's latents decode to without retraining
-    the UNet."""
-    peak = args.vae_lr / 2
-    train_decoder(args, work, vae, DecoderStage(
-        "decoder", args.decoder_steps, lambda step: lr_at(step, args.decoder_steps, peak, 20), 32, args.vae_batch,
-        args.seed + 7, lambda: plain_scene_set(args.vae_images, args.seed + 6, codec_extras=True)[0]))
-
-
-def sharpen_decoder(args, work: Path, vae: AutoencoderKL) -> None:
-    """Stage 4: the decoder alone again, on whole 64 px images of which half are illustrations in random
-    colours (trainer/plain_scenes.make_illustration: thin dark outlines, offset shadows, faint dot grids, drawn
-    large and scaled down as a dataset's images are). Stage 3's decoder blurred such lines away, so nothing
-    the UNet drew in an illustrated style could show them (docs/DEMO_MODEL.md)."""
-    def pixels() -> torch.Tensor:
-        plain, _ = plain_scene_set(args.sharpen_images, args.seed + 6, codec_extras=True)
-        drawn = [np.asarray(make_illustration(SIZE, random.Random(f"{args.seed}-illustration-{index}")))
-                 for index in range(args.sharpen_images)]
-        return torch.cat([torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2), plain])
-
-    train_decoder(args, work, vae, DecoderStage("sharpen", args.sharpen_steps, lambda step: args.sharpen_lr, SIZE,
-                                                16, args.seed + 8, pixels))
-
-
-def train_decoder(args, work: Path, vae: AutoencoderKL, stage: DecoderStage) -> None:
+    """Stage 3: the decoder alone, longer, with the encoder (so the latents the UNet learned) frozen, as
+    SD's ft-MSE VAE was made; it sharpens what the UNet's latents decode to without retraining the UNet."""
     decoder = [vae.decoder, vae.post_quant_conv]
     parameters = [p for module in decoder for p in module.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=stage.learning_rate(0), weight_decay=0.0)
-    checkpoint = work / f"{stage.name}.pt"
+    optimizer = torch.optim.AdamW(parameters, lr=args.vae_lr / 2, weight_decay=0.0)
+    checkpoint = work / "decoder.pt"
     start, _ = load_checkpoint(checkpoint, model=vae, optimizer=optimizer)
-    args.reached[stage.name] = start if args.export_only else stage.steps
-    if start < stage.steps and not args.export_only:
-        pixels = stage.pixels()
-        generator = torch.Generator().manual_seed(stage.seed + start)
+    args.reached["decoder"] = start if args.export_only else args.decoder_steps
+    if start < args.decoder_steps and not args.export_only:
+        pixels, _ = plain_scene_set(args.vae_images, args.seed + 6, codec_extras=True)
+        generator = torch.Generator().manual_seed(args.seed + 7 + start)
         for module in decoder:
             module.requires_grad_(True).train()
         began = time.time()
-        for step in range(start, stage.steps):
+        for step in range(start, args.decoder_steps):
             for group in optimizer.param_groups:
-                group["lr"] = stage.learning_rate(step)
-            batch = _random_crops(pixels, stage.batch, stage.crop, generator)
+                group["lr"] = lr_at(step, args.decoder_steps, args.vae_lr / 2, 20)
+            batch = _random_crops(pixels, args.vae_batch, 32, generator)
             with torch.no_grad():
                 latents = vae.encode(batch).latent_dist.sample(generator)
             reconstruction = vae.decode(latents).sample
@@ -252,8 +215,8 @@ def train_decoder(args, work: Path, vae: AutoencoderKL, stage: DecoderStage) -> 
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             if (step + 1) % 25 == 0:
-                _log(work, stage.name, step + 1, stage.steps, loss.item(), began, start)
-            if (step + 1) % args.save_every == 0 or step + 1 == stage.steps:
+                _log(work, "decoder", step + 1, args.decoder_steps, loss.item(), began, start)
+            if (step + 1) % args.save_every == 0 or step + 1 == args.decoder_steps:
                 save_checkpoint(checkpoint, model=vae.state_dict(), optimizer=optimizer.state_dict(), step=step + 1)
     vae.eval().requires_grad_(False)
 
@@ -412,9 +375,6 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--decoder-steps", type=int, default=1000)
-    parser.add_argument("--sharpen-steps", type=int, default=150)
-    parser.add_argument("--sharpen-lr", type=float, default=3e-4)
-    parser.add_argument("--sharpen-images", type=int, default=3000, help="of each kind: illustrations, plain")
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-images", type=int, default=6000)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
@@ -446,7 +406,6 @@ def main(argv=None) -> None:
     print(f"vae scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
     unet, text_encoder = train_denoiser(args, args.work, vae)
     finetune_decoder(args, args.work, vae)
-    sharpen_decoder(args, args.work, vae)
     export(args.output, vae, unet.eval(), text_encoder.eval(), args)
     print(f"wrote {args.output}", flush=True)
 

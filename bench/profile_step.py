@@ -2,7 +2,7 @@
 
     python -m bench.profile_step [--model sd1] [--network lora] [--steps 6] [--out FILE.json]
 
-Builds the same contender bench.train_step measures (trainer.loop.Trainer on the bench model), warms up,
+Builds the same contender bench.train_step measures (trainer.run.loop.Trainer on the bench model), warms up,
 then profiles `Trainer.optimizer_step` and prints the top costs.
 """
 

@@ -1,4 +1,4 @@
-"""Does the LoRA learn the style? Style and content scores against steps on demo:shapes (trainer/quality.py).
+"""Does the LoRA learn the style? Style and content scores against steps on demo:shapes (trainer/demo/quality.py).
 
     python -m bench.quality                      # every setting, ~20 min on 2 CPU cores
     python -m bench.quality --steps 20 --every 10 --only head-to-head   # a quick look
@@ -72,7 +72,7 @@ def sdlora_contender(setting: Setting, model_dir: Path, data_dir: Path, run_dir:
     from bench.ours import SdloraContender, bench_config
     from bench.peers import RECIPE_TARGETS
     from trainer.config import config_from_dict, merge_dicts
-    from trainer.presets import resolve_config
+    from trainer.config.presets import resolve_config
 
     quiet = {"sample": {"every_steps": 0, "every_epochs": 0, "at_start": False},
              "save": {"every_steps": 0, "every_epochs": 0}}
@@ -99,7 +99,7 @@ def recipe_contender(setting: Setting, model_dir: Path, data_dir: Path, run_dir:
 
 def sdlora_pipeline(contender, base):
     """The trainer's UNet (LoRA attached) and text encoder if it kept one (it trains it), else the base's."""
-    from trainer.sampling import build_pipeline
+    from trainer.run.sampling import build_pipeline
 
     model = contender.trainer.model
     encoders = model.text_encoders or base.text_encoders
@@ -109,7 +109,7 @@ def sdlora_pipeline(contender, base):
 
 
 def recipe_pipeline(contender, base):
-    from trainer.sampling import build_pipeline
+    from trainer.run.sampling import build_pipeline
 
     pipeline = build_pipeline(base, "ddim")
     pipeline.unet = contender.accelerator.unwrap_model(contender.unet)
@@ -118,7 +118,7 @@ def recipe_pipeline(contender, base):
 
 def train_and_score(setting: Setting, model_dir: Path, data_dir: Path, run_dir: Path, steps: int, every: int,
                     base, seeds: int = 4, log=print) -> Setting:
-    from trainer.quality import evaluate
+    from trainer.demo.quality import evaluate
 
     make = sdlora_contender if setting.contender == "sdlora" else recipe_contender
     contender = make(setting, model_dir, data_dir, run_dir, steps)
@@ -263,11 +263,11 @@ def main(argv=None) -> int:
     parser.add_argument("--plots", type=Path, default=REPO_ROOT / "docs")
     args = parser.parse_args(argv)
     from bench.harness import quiet_libraries, table
-    from trainer.demo_data import make_demo_dataset
-    from trainer.model_loading import load_model
-    from trainer.quality import evaluate, training_style
-    from trainer.sampling import build_pipeline
-    from trainer.tiny_models import demo_model_path
+    from trainer.demo.demo_data import make_demo_dataset
+    from trainer.demo.quality import evaluate, training_style
+    from trainer.model.model_loading import load_model
+    from trainer.model.tiny_models import demo_model_path
+    from trainer.run.sampling import build_pipeline
 
     quiet_libraries()
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -4,7 +4,7 @@ import torch
 
 from networks.network import LoraNetwork
 from networks.spec import NetworkSpec
-from trainer.tiny_models import build_tiny_pipeline_components
+from trainer.model.tiny_models import build_tiny_pipeline_components
 
 
 def text_encoders(components):

@@ -19,7 +19,7 @@ from networks.analysis import (
 )
 from networks.errors import SdloraError
 from tests.helpers import attached, randomise_up, text_encoders
-from trainer.tiny_models import build_tiny_pipeline_components
+from trainer.model.tiny_models import build_tiny_pipeline_components
 
 
 def trained_state(family="sd1", kind="locon", seed=1):

@@ -10,8 +10,8 @@ from networks.network import LoraNetwork
 from networks.spec import NetworkSpec
 from tests.helpers import text_encoders
 from trainer.config import config_from_dict
-from trainer.optimizers import parameter_groups
-from trainer.tiny_models import build_tiny_pipeline_components
+from trainer.model.tiny_models import build_tiny_pipeline_components
+from trainer.objective.optimizers import parameter_groups
 
 
 @pytest.mark.parametrize("name, sdxl, index", [
@@ -156,7 +156,7 @@ def test_a_file_with_block_ranks_gives_diffusers_the_same_outputs(tmp_path):
 
     from networks.lora_file import save_lora
     from tests.helpers import randomise_up
-    from trainer.tiny_models import build_tiny_pipeline
+    from trainer.model.tiny_models import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("sd1")
     spec = NetworkSpec(rank=4, alpha_ratio=1.0, block_dims=",".join(["4"] * 12 + ["8"] + ["2"] * 12))

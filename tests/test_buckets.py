@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from networks.errors import SdloraError
-from trainer.buckets import BucketSpec, bucket_for, bucket_sizes, closest_bucket, place, render
+from trainer.data.buckets import BucketSpec, bucket_for, bucket_sizes, closest_bucket, place, render
 
 SPEC_512 = BucketSpec(resolution=512, step=64, min_side=256, max_side=1024)
 

@@ -5,11 +5,11 @@ from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from trainer.buckets import BucketSpec
-from trainer.captions import CaptionOptions
-from trainer.dataset import DatasetOptions, ImageDataset
-from trainer.latent_cache import LatentCache, vae_identity
-from trainer.text_cache import TextEmbeddingCache, text_cache_allowed
+from trainer.caches.latent_cache import LatentCache, vae_identity
+from trainer.caches.text_cache import TextEmbeddingCache, text_cache_allowed
+from trainer.data.buckets import BucketSpec
+from trainer.data.captions import CaptionOptions
+from trainer.data.dataset import DatasetOptions, ImageDataset
 
 # 64 px buckets in 32 px steps: several buckets while keeping every VAE encode cheap.
 SMALL = BucketSpec(resolution=64, step=32, min_side=32, max_side=128)

@@ -14,7 +14,7 @@ from networks.errors import SdloraError
 from tests.tiny_captioners import tiny_blip, tiny_florence2, tiny_wd14
 from trainer.captioning.folder import CaptionEvent, FolderRequest, caption_folder, with_prefix
 from trainer.captioning.settings import CaptionerSettings
-from trainer.demo_data import make_demo_dataset
+from trainer.demo.demo_data import make_demo_dataset
 
 KEPT = "sdlorastyle, my own caption"
 BLUE = "some character (series), blue background, ^_^, simple background"  # the tiny tagger on pure blue

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from trainer.captions import (
+from trainer.data.captions import (
     CaptionOptions,
     Kept,
     add_trigger,

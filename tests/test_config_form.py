@@ -5,7 +5,7 @@ import pytest
 from app.ui.config_form import PROMPTS_KEY, SKIPPED_KEYS, ConfigForm, from_widget, prompts_to_text
 from networks.errors import SdloraError
 from trainer.config import TrainConfig, config_field_table
-from trainer.presets import resolve_config
+from trainer.config.presets import resolve_config
 
 
 def built_form(cfg: TrainConfig) -> ConfigForm:

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from networks.errors import SdloraError
-from trainer.buckets import BucketSpec
-from trainer.captions import CaptionOptions, split_tags
-from trainer.dataset import DatasetOptions, ImageDataset
+from trainer.data.buckets import BucketSpec
+from trainer.data.captions import CaptionOptions, split_tags
+from trainer.data.dataset import DatasetOptions, ImageDataset
 
 # At 128 px with 64 px steps the buckets are 64x192, 64x256, 128x128, 192x64 and 256x64.
 SMALL = BucketSpec(resolution=128, step=64, min_side=64, max_side=256)
@@ -256,7 +256,7 @@ def test_random_crop_is_drawn_per_sample_per_epoch(tmp_path):
 
 
 def test_bucket_no_upscale_from_the_config_keeps_small_images_at_their_size(tmp_path):
-    from trainer.presets import resolve_config
+    from trainer.config.presets import resolve_config
 
     Image.new("RGB", (300, 200), (200, 30, 30)).save(tmp_path / "small.png")
     Image.new("RGB", (1024, 1024), (30, 30, 200)).save(tmp_path / "big.png")
@@ -275,7 +275,7 @@ def test_bucket_no_upscale_from_the_config_keeps_small_images_at_their_size(tmp_
     ([10, 10], 5, [10, 0]),
 ])
 def test_reg_images_are_balanced_to_the_training_samples_as_kohya_does(repeats, train_samples, balanced):
-    from trainer.dataset import balance_reg_repeats
+    from trainer.data.dataset import balance_reg_repeats
 
     assert balance_reg_repeats(repeats, train_samples) == balanced
 
@@ -314,7 +314,7 @@ def test_a_bad_reg_folder_is_one_sentence(folder, tmp_path, contents, message):
 
 
 def test_validation_never_holds_out_a_reg_image(folder, tmp_path):
-    from trainer.validation import split_dataset
+    from trainer.objective.validation import split_dataset
 
     for i in range(8):
         _image(tmp_path / "reg" / "1_person" / f"r{i}.png", (96, 96))
@@ -326,7 +326,7 @@ def test_validation_never_holds_out_a_reg_image(folder, tmp_path):
 
 
 def test_a_validation_folder_is_validated_as_is_without_reg_images(folder, tmp_path):
-    from trainer.validation import validation_items
+    from trainer.objective.validation import validation_items
 
     _image(tmp_path / "reg" / "1_person" / "r0.png", (96, 96))
     _image(tmp_path / "val" / "v0.png", (96, 96))

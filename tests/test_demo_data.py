@@ -3,9 +3,9 @@ import pytest
 from PIL import Image
 
 from networks.errors import SdloraError
-from trainer.buckets import BucketSpec
-from trainer.dataset import DatasetOptions, ImageDataset
-from trainer.demo_data import TRIGGER, make_demo_dataset
+from trainer.data.buckets import BucketSpec
+from trainer.data.dataset import DatasetOptions, ImageDataset
+from trainer.demo.demo_data import TRIGGER, make_demo_dataset
 
 
 def test_writes_count_images_with_trigger_captions(tmp_path):

@@ -10,7 +10,7 @@ from networks.errors import SdloraError
 from networks.lora import LoraModule
 from networks.lora_file import read_lora, save_lora
 from networks.network import LoraNetwork
-from trainer.ema import AdapterEMA, ema_file
+from trainer.objective.ema import AdapterEMA, ema_file
 
 
 def toy_network(seed=0):

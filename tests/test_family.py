@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from networks.errors import SdloraError
-from trainer.family import SD1, SD2, SDXL, detect_family, get_family
-from trainer.tiny_models import build_tiny_pipeline
+from trainer.model.family import SD1, SD2, SDXL, detect_family, get_family
+from trainer.model.tiny_models import build_tiny_pipeline
 
 CAPTIONS = ["a photo of a cat", "an oil painting of a lighthouse at dusk, thick brush strokes"]
 
@@ -115,7 +115,7 @@ def test_unknown_family_name_is_a_user_error():
 
 
 def test_attention_mask_matches_the_tokenizer_for_both_pad_styles(pipes):
-    from trainer.family import _attention_mask
+    from trainer.model.family import _attention_mask
 
     for tok in (pipes["sd1"].tokenizer, pipes["sd2"].tokenizer):
         batch = tok(CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
@@ -162,7 +162,7 @@ def test_sdxl_clip_skip_equals_the_pipelines_one_layer_up(pipes):
 @pytest.mark.parametrize("name", ["sd1", "sdxl"])
 def test_sample_prompts_are_read_with_the_runs_clip_skip(pipes, name):
     from trainer.config import SamplePrompt
-    from trainer.sampling import prompt_kwargs
+    from trainer.run.sampling import prompt_kwargs
 
     pipe, family = pipes[name], get_family(name)
     prompt = SamplePrompt(prompt="a cat", negative_prompt="blurry", steps=1, width=64, height=64)
@@ -181,7 +181,7 @@ def test_sample_prompts_are_read_with_the_runs_clip_skip(pipes, name):
 @pytest.mark.parametrize("name", ["sd1", "sdxl"])
 def test_long_sample_prompts_reach_the_pipeline_in_windows(pipes, name):
     from trainer.config import SamplePrompt
-    from trainer.sampling import prompt_kwargs
+    from trainer.run.sampling import prompt_kwargs
 
     pipe, family = pipes[name], get_family(name)
     prompt = SamplePrompt(prompt=LONG, negative_prompt="", steps=1, width=64, height=64)

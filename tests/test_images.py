@@ -4,7 +4,14 @@ import pytest
 from PIL import Image
 
 from networks.errors import SdloraError
-from trainer.images import ImageInfo, UnreadableImageError, is_image_file, load_image, probe_image, to_rgb
+from trainer.data.images import (
+    ImageInfo,
+    UnreadableImageError,
+    is_image_file,
+    load_image,
+    probe_image,
+    to_rgb,
+)
 
 
 def _save(image: Image.Image, path, **params):

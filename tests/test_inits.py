@@ -11,10 +11,10 @@ from networks.inits import loraga_init, pissa_init
 from networks.network import LoraNetwork
 from networks.spec import NetworkSpec
 from tests.helpers import unet_out
-from trainer.demo_data import make_demo_dataset
-from trainer.loop import Trainer
-from trainer.presets import resolve_config
-from trainer.tiny_models import build_tiny_pipeline_components, demo_model_path
+from trainer.config.presets import resolve_config
+from trainer.demo.demo_data import make_demo_dataset
+from trainer.model.tiny_models import build_tiny_pipeline_components, demo_model_path
+from trainer.run.loop import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from networks.inspect import inspect_lora, lora_family, render_inspect
 from networks.lora_file import read_lora, save_lora
 from networks.metadata import network_metadata
 from tests.helpers import attached, randomise_up
-from trainer.tiny_models import save_demo_model
+from trainer.model.tiny_models import save_demo_model
 
 
 def export(path, family="sd1", kind="locon", minimal=False, seed=0):

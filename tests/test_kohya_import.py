@@ -5,8 +5,8 @@ import json
 import pytest
 
 from networks.errors import SdloraError
-from trainer.kohya_import import import_kohya_file, import_kohya_preset, read_kohya_preset
-from trainer.presets import list_presets, resolve_config
+from trainer.config.kohya_import import import_kohya_file, import_kohya_preset, read_kohya_preset
+from trainer.config.presets import list_presets, resolve_config
 
 # Shaped like kohya_ss presets/lora/*.json: numbers often as strings, unset values as "".
 LOCON_SD15 = {

@@ -13,7 +13,7 @@ from networks.metadata import network_metadata
 from networks.network import LoraNetwork
 from networks.spec import FAMILIES, NetworkSpec
 from tests.helpers import attached, randomise_up, text_encoders, unet_inputs, unet_out
-from trainer.tiny_models import build_tiny_pipeline, build_tiny_pipeline_components
+from trainer.model.tiny_models import build_tiny_pipeline, build_tiny_pipeline_components
 
 PROMPT_IDS = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 3])
 

@@ -7,10 +7,10 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from networks.errors import SdloraError
-from trainer.buckets import BucketSpec
-from trainer.dataset import DatasetOptions, ImageDataset
-from trainer.loss_mask import LossMasks, latent_mask, missing_masks
-from trainer.objective import diffusion_loss
+from trainer.data.buckets import BucketSpec
+from trainer.data.dataset import DatasetOptions, ImageDataset
+from trainer.data.loss_mask import LossMasks, latent_mask, missing_masks
+from trainer.objective.diffusion import diffusion_loss
 
 TRANSPARENT_COLUMNS = 36  # pixels 0..35 transparent: latent columns 0-3 fully, column 4 half (32..39)
 

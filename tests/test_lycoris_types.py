@@ -21,10 +21,10 @@ from networks.spec import NetworkSpec
 from tests.helpers import text_encoders, unet_out
 from tests.test_lora_file import text_outputs
 from tests.test_training import events, resume_run, stopped_after, tiny_config
-from trainer.demo_data import make_demo_dataset
-from trainer.loop import Trainer, train
+from trainer.demo.demo_data import make_demo_dataset
+from trainer.model.tiny_models import build_tiny_pipeline_components
 from trainer.preflight import preflight_report
-from trainer.tiny_models import build_tiny_pipeline_components
+from trainer.run.loop import Trainer, train
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya")
 

@@ -12,9 +12,9 @@ from networks.mix import mix_loras, mix_states
 from networks.network import LoraNetwork
 from networks.resize import RankChoice
 from tests.helpers import attached, randomise_up, text_encoders, unet_out
-from trainer.merge_checkpoint import merge_checkpoint
-from trainer.model_loading import load_model
-from trainer.tiny_models import build_tiny_pipeline_components, save_demo_model
+from trainer.model.merge_checkpoint import merge_checkpoint
+from trainer.model.model_loading import load_model
+from trainer.model.tiny_models import build_tiny_pipeline_components, save_demo_model
 
 
 def export(path, family="sd1", kind="locon", seed=1, **spec):

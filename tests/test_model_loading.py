@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from networks.errors import SdloraError
-from trainer.model_loading import SHIPPED_CONFIGS, guess_prediction_type, load_model
-from trainer.single_file import save_single_file, to_original_state_dict, unet_name_to_original
-from trainer.tiny_models import save_demo_model
+from trainer.model.model_loading import SHIPPED_CONFIGS, guess_prediction_type, load_model
+from trainer.model.single_file import save_single_file, to_original_state_dict, unet_name_to_original
+from trainer.model.tiny_models import save_demo_model
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_shipped_configs_describe_the_real_models():
 
 
 def test_prediction_type_guess_for_single_files(tmp_path):
-    from trainer.family import SD1, SD2, SDXL
+    from trainer.model.family import SD1, SD2, SDXL
 
     assert guess_prediction_type(SD2, tmp_path / "v2-1_768-ema-pruned.safetensors", []) == "v_prediction"
     assert guess_prediction_type(SD2, tmp_path / "v2-1_512-base.safetensors", []) == "epsilon"
@@ -165,7 +165,7 @@ def test_vae_identity_tracks_encoder_weights(folders):
     assert a.vae_identity == b.vae_identity and len(a.vae_identity) == 16
     with torch.no_grad():
         b.vae.decoder.conv_out.weight.add_(1.0)  # decoder-only change: latents unchanged
-    from trainer.model_loading import vae_identity
+    from trainer.model.model_loading import vae_identity
 
     assert vae_identity(b.vae) == a.vae_identity
     with torch.no_grad():
@@ -175,7 +175,7 @@ def test_vae_identity_tracks_encoder_weights(folders):
 
 @pytest.mark.parametrize("form", ["a1111-file", "ldm-file", "diffusers-folder"])
 def test_another_vae_replaces_the_models_own(folders, tmp_path, form):
-    from trainer.single_file import vae_to_original
+    from trainer.model.single_file import vae_to_original
 
     other = load_model(str(folders["sd1"]))
     with torch.no_grad():
@@ -194,7 +194,7 @@ def test_another_vae_replaces_the_models_own(folders, tmp_path, form):
     swapped = load_model(str(folders["sd1"]), vae=str(spec))
     for name, tensor in other.vae.state_dict().items():
         torch.testing.assert_close(swapped.vae.state_dict()[name], tensor, msg=name)
-    from trainer.model_loading import vae_identity
+    from trainer.model.model_loading import vae_identity
 
     assert swapped.vae_identity == vae_identity(other.vae) != base.vae_identity  # caches key on the new VAE
     torch.testing.assert_close(_unet_out(swapped), _unet_out(base))  # nothing else changed

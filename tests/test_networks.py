@@ -9,7 +9,7 @@ from networks.errors import SdloraError
 from networks.network import LoraNetwork
 from networks.spec import FAMILIES, NetworkSpec
 from tests.helpers import attached, randomise_up, text_encoders, unet_out
-from trainer.tiny_models import build_tiny_pipeline_components
+from trainer.model.tiny_models import build_tiny_pipeline_components
 
 
 def categories(network):

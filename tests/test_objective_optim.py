@@ -8,7 +8,8 @@ from networks.errors import SdloraError
 from networks.network import LoraNetwork
 from networks.spec import NetworkSpec
 from trainer.config import config_from_dict
-from trainer.objective import (
+from trainer.model.tiny_models import build_tiny_pipeline_components
+from trainer.objective.diffusion import (
     debiased_weights,
     diffusion_loss,
     min_snr_weights,
@@ -17,8 +18,7 @@ from trainer.objective import (
     sample_timesteps,
     training_target,
 )
-from trainer.optimizers import build_lr_scheduler, build_optimizer, parameter_groups
-from trainer.tiny_models import build_tiny_pipeline_components
+from trainer.objective.optimizers import build_lr_scheduler, build_optimizer, parameter_groups
 
 SCHEDULER = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -166,7 +166,7 @@ def test_debiased_weights_match_the_closed_form():
 
 
 def test_kohya_noise_settings_import():
-    from trainer.kohya_import import import_kohya_preset
+    from trainer.config.kohya_import import import_kohya_preset
 
     result = import_kohya_preset({"multires_noise_iterations": "8", "multires_noise_discount": 0.3,
                                   "ip_noise_gamma": 0.1, "debiased_estimation_loss": True})
@@ -177,7 +177,7 @@ def test_kohya_noise_settings_import():
 
 
 def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones():
-    from trainer.objective import pixel_loss
+    from trainer.objective.diffusion import pixel_loss
 
     c = torch.tensor([0.1])
     small, large = torch.full((1, 4), 0.001), torch.full((1, 4), 10.0)
@@ -193,7 +193,7 @@ def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones():
 
 
 def test_huber_c_schedules():
-    from trainer.objective import huber_c_per_sample
+    from trainer.objective.diffusion import huber_c_per_sample
 
     t = torch.tensor([0, 999])
     torch.testing.assert_close(huber_c_per_sample(SCHEDULER, t, 0.1, "constant"), torch.tensor([0.1, 0.1]))
@@ -206,7 +206,7 @@ def test_huber_c_schedules():
 
 
 def test_kohya_huber_settings_import():
-    from trainer.kohya_import import import_kohya_preset
+    from trainer.config.kohya_import import import_kohya_preset
 
     result = import_kohya_preset({"loss_type": "huber", "huber_c": "0.2", "huber_schedule": "exponential"})
     assert result.config["train"] == {"loss_type": "huber", "huber_c": 0.2, "huber_schedule": "exponential"}
@@ -257,7 +257,7 @@ def test_v_pred_loss_scales_follow_kohyas_snr_over_snr_plus_one():
 
 
 def test_zero_terminal_snr_makes_the_last_step_noise_and_keeps_weights_finite():
-    from trainer.objective import with_zero_terminal_snr
+    from trainer.objective.diffusion import with_zero_terminal_snr
 
     fixed = with_zero_terminal_snr(SCHEDULER)
     assert float(fixed.alphas_cumprod[-1]) == 2**-24  # pure noise, up to the 2**-24 that keeps SNR finite

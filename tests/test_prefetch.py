@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from networks.errors import SdloraError
-from trainer.buckets import BucketSpec
-from trainer.dataset import DatasetOptions, ImageDataset
-from trainer.demo_data import make_demo_dataset
-from trainer.prefetch import PixelPrefetch, batch_pixels
+from trainer.caches.prefetch import PixelPrefetch, batch_pixels
+from trainer.data.buckets import BucketSpec
+from trainer.data.dataset import DatasetOptions, ImageDataset
+from trainer.demo.demo_data import make_demo_dataset
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 from app.check_command import add_check_subcommand, add_import_kohya_action
-from trainer.dataset import ImageDataset
-from trainer.demo_data import make_demo_dataset
-from trainer.loop import Trainer
+from trainer.config.presets import resolve_config
+from trainer.data.dataset import ImageDataset
+from trainer.demo.demo_data import make_demo_dataset
+from trainer.model.tiny_models import demo_model_path
 from trainer.preflight import (
     ACTIVATION_BYTES_PER_PIXEL,
     CHECKPOINTING_ACTIVATIONS,
@@ -19,8 +20,7 @@ from trainer.preflight import (
     preflight_report,
     step_plan,
 )
-from trainer.presets import resolve_config
-from trainer.tiny_models import demo_model_path
+from trainer.run.loop import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_a_continued_lora_file_is_checked_before_training(tmp_path):
     from networks.lora_file import save_lora
     from networks.network import LoraNetwork
     from networks.spec import NetworkSpec
-    from trainer.tiny_models import build_tiny_pipeline_components
+    from trainer.model.tiny_models import build_tiny_pipeline_components
 
     make_demo_dataset(tmp_path / "data", count=3, seed=2)
     parts = build_tiny_pipeline_components("sd1")
@@ -318,3 +318,16 @@ def test_compile_needs_its_compiler(monkeypatch):
     report = Report()
     _check_compile(resolve_config("demo"), report, cuda=False)
     assert report.warnings == [] and report.info == []
+
+
+def test_every_fact_table_covers_exactly_the_configs_choices():
+    """Tables keyed by a config enumeration (facts per optimizer, the sampler classes) list each of its choices,
+    so adding a choice fails here until every table knows it."""
+    from typing import get_args
+
+    from trainer.config.sections import Optimizer, Sampler
+    from trainer.preflight import OPTIMIZER_FACTS
+    from trainer.run.sampling import SAMPLERS
+
+    assert set(OPTIMIZER_FACTS) == set(get_args(Optimizer))
+    assert set(SAMPLERS) == set(get_args(Sampler))

@@ -3,8 +3,7 @@ import pytest
 
 from networks.errors import SdloraError
 from trainer.config import load_config, save_config
-from trainer.demo_data import HELD_OUT
-from trainer.presets import (
+from trainer.config.presets import (
     builtin_names,
     list_presets,
     load_preset,
@@ -15,6 +14,7 @@ from trainer.presets import (
     save_user_preset,
     user_presets_dir,
 )
+from trainer.demo.demo_data import HELD_OUT
 
 CLI_PRESETS = ("style-lora", "style-locon", "demo")
 

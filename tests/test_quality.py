@@ -1,4 +1,4 @@
-"""The style and content scores (trainer/quality.py) measure what they claim, and the demo LoRA learns."""
+"""The style and content scores (trainer/demo/quality.py) measure what they claim, and the demo LoRA learns."""
 import random
 import re
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from trainer import demo_data
-from trainer.demo_data import HELD_OUT, PALETTE, PAPER, TRIGGER, demo_scenes
-from trainer.plain_scenes import COLOURS, make_plain_scene
-from trainer.quality import (
+from trainer.demo import demo_data
+from trainer.demo.demo_data import HELD_OUT, PALETTE, PAPER, TRIGGER, demo_scenes
+from trainer.demo.plain_scenes import COLOURS, make_plain_scene
+from trainer.demo.quality import (
     content_score,
     find_object,
     held_out_prompts,
@@ -18,7 +18,7 @@ from trainer.quality import (
     style_score,
     training_style,
 )
-from trainer.shapes import SHAPES, SUPERSAMPLE, draw_shape
+from trainer.demo.shapes import SHAPES, SUPERSAMPLE, draw_shape
 
 NAMED = re.compile(r"an? (\w+) (circle|square|triangle|diamond)")
 
@@ -94,9 +94,9 @@ def test_held_out_pairs_are_never_drawn_in_the_demo_dataset():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The `demo` preset as shipped (demo:shapes, its steps, rank, alpha and rate), on the demo dataset."""
-    from trainer.demo_data import make_demo_dataset
-    from trainer.loop import train
-    from trainer.presets import resolve_config
+    from trainer.config.presets import resolve_config
+    from trainer.demo.demo_data import make_demo_dataset
+    from trainer.run.loop import train
 
     root = tmp_path_factory.mktemp("demo-run")
     make_demo_dataset(root / "data")
@@ -111,9 +111,9 @@ def test_the_demo_lora_fits_the_style_images_better_than_the_base(demo_run):
 
     from networks.lora_file import read_lora
     from networks.network import LoraNetwork
-    from trainer.model_loading import load_model
-    from trainer.objective import training_target
-    from trainer.quality import as_pixels
+    from trainer.demo.quality import as_pixels
+    from trainer.model.model_loading import load_model
+    from trainer.objective.diffusion import training_target
 
     model = load_model("demo:shapes")
     images, captions = zip(*demo_scenes(12, seed=0))
@@ -143,9 +143,9 @@ def demo_scores(demo_run):
     """Held-out scores of demo:shapes alone and with the demo LoRA (fixed seeds: DDIM, 2 seeds a prompt)."""
     from networks.lora_file import read_lora
     from networks.network import LoraNetwork
-    from trainer.model_loading import load_model
-    from trainer.quality import evaluate
-    from trainer.sampling import build_pipeline
+    from trainer.demo.quality import evaluate
+    from trainer.model.model_loading import load_model
+    from trainer.run.sampling import build_pipeline
 
     base = load_model("demo:shapes")
     pipeline = build_pipeline(base, "ddim")

@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from app.cli import main
-from trainer.demo_data import make_demo_dataset
+from trainer.demo.demo_data import make_demo_dataset
 
 
 def test_rank_experiment_trains_both_ranks_and_saves_the_heatmap(tmp_path, capsys):

@@ -15,7 +15,7 @@ from networks.naming import components_for, kohya_name
 from networks.network import LoraNetwork
 from networks.resize import RankChoice, resize_lora, resize_state
 from tests.helpers import attached, randomise_up, text_encoders, unet_out
-from trainer.tiny_models import build_tiny_pipeline, build_tiny_pipeline_components
+from trainer.model.tiny_models import build_tiny_pipeline, build_tiny_pipeline_components
 
 
 @pytest.fixture(scope="module")

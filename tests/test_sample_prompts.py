@@ -5,9 +5,9 @@ import pytest
 from app.ui.config_form import prompts_from_text, prompts_to_text
 from networks.errors import SdloraError
 from trainer.config import ConfigError, config_from_dict
-from trainer.kohya_import import import_kohya_preset
-from trainer.presets import resolve_config
-from trainer.sample_prompts import parse_prompt_line, parse_prompt_text
+from trainer.config.kohya_import import import_kohya_preset
+from trainer.config.presets import resolve_config
+from trainer.config.sample_prompts import parse_prompt_line, parse_prompt_text
 
 
 def test_a_kohya_line_sets_every_option():

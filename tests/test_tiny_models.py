@@ -5,7 +5,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from networks.errors import SdloraError
-from trainer.tiny_models import (
+from trainer.model.tiny_models import (
     build_tiny_pipeline_components,
     demo_model_path,
     load_clip_tokenizer,

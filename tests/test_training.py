@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from networks.errors import SdloraError
 from tests.ui_support import free_port
-from trainer.batch_supply import BatchSupply
-from trainer.demo_data import make_demo_dataset
-from trainer.loop import Trainer, train
-from trainer.presets import resolve_config
-from trainer.tiny_models import build_tiny_pipeline, demo_model_path
+from trainer.caches.supply import BatchSupply
+from trainer.config.presets import resolve_config
+from trainer.demo.demo_data import make_demo_dataset
+from trainer.model.tiny_models import build_tiny_pipeline, demo_model_path
+from trainer.run.loop import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -436,9 +436,9 @@ def test_encoders_stay_while_something_still_needs_them(tmp_path, data8, flags, 
 
 
 def test_compiled_training_step_matches_the_eager_one(tmp_path, data8, monkeypatch):
-    import trainer.loop
+    import trainer.run.loop
 
-    monkeypatch.setattr(trainer.loop, "COMPILE_BACKEND", "eager")  # dynamo traces the LoRA hooks, no C++ build
+    monkeypatch.setattr(trainer.run.loop, "COMPILE_BACKEND", "eager")  # dynamo traces the LoRA hooks, no C++ build
     compiled = Trainer(tiny_config(data8, tmp_path / "compiled", "train.max_steps=3", "train.compile=true"))
     compiled_file = compiled.train()
     assert compiled.training_unet is not compiled.model.unet

@@ -80,7 +80,7 @@ def test_stop_saves_a_checkpoint_and_resume_finishes_from_there(trained):
 def test_the_final_file_loads_in_diffusers_and_changes_the_unet(trained):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.tiny_models import demo_model_path
+    from trainer.model.tiny_models import demo_model_path
 
     final = trained["finished"]["final_file"]
     assert final.endswith("demo-lora.safetensors")

@@ -25,7 +25,7 @@ from tests.ui_support import (
     train_notice,
     wait_for,
 )
-from trainer.demo_data import make_demo_dataset
+from trainer.demo.demo_data import make_demo_dataset
 
 sync_api = playwright_or_skip()
 
@@ -229,7 +229,7 @@ def test_stop_saves_a_checkpoint_and_shows_stopped(page, ui):
 def assert_loads_in_diffusers(lora: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from trainer.tiny_models import demo_model_path
+    from trainer.model.tiny_models import demo_model_path
 
     folder = lora.parent / "lora"
     folder.mkdir()

@@ -20,7 +20,7 @@ from tests.ui_support import (
     train_notice,
     wait_for,
 )
-from trainer.demo_data import make_demo_dataset
+from trainer.demo.demo_data import make_demo_dataset
 
 sync_api = playwright_or_skip()
 
@@ -193,7 +193,7 @@ def test_deleting_the_watched_run_points_at_the_others(page, ui):
 def finished_run(run, name: str, data) -> None:
     """A run folder as the trainer leaves it after 4 steps, without training (what the page reads)."""
     from trainer.config import save_config
-    from trainer.presets import resolve_config
+    from trainer.config.presets import resolve_config
 
     run.mkdir(parents=True)
     save_config(resolve_config("demo", [f"name={name}", f"dataset.path={data}", f"output.dir={run}"]),

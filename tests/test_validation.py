@@ -10,12 +10,12 @@ from networks.errors import SdloraError
 from networks.network import LoraNetwork
 from networks.spec import NetworkSpec
 from tests.helpers import randomise_up, text_encoders
-from trainer.buckets import BucketSpec
-from trainer.dataset import DatasetOptions, ImageDataset
-from trainer.demo_data import make_demo_dataset
-from trainer.family import get_family
-from trainer.tiny_models import build_tiny_pipeline_components
-from trainer.validation import (
+from trainer.data.buckets import BucketSpec
+from trainer.data.dataset import DatasetOptions, ImageDataset
+from trainer.demo.demo_data import make_demo_dataset
+from trainer.model.family import get_family
+from trainer.model.tiny_models import build_tiny_pipeline_components
+from trainer.objective.validation import (
     ValidationSample,
     ValidationSet,
     even_timesteps,

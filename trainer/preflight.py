@@ -19,12 +19,15 @@ from pathlib import Path
 
 from networks.errors import SdloraError
 from trainer.config import DEMO_MODELS, TrainConfig
-from trainer.steps import count_steps
+from trainer.data.steps import count_steps
 
 CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
 KOHYA_KEEP_SEPARATOR = "|||"  # the marker kohya_ss documents and its users write
-# Typical learning rates when no preset tells (Lion wants ~3-10x less than AdamW, Prodigy finds its own).
-TYPICAL_LR = {"adamw": 1e-4, "adamw8bit": 1e-4, "adafactor": 1e-4, "lion": 3e-5, "prodigy": 1.0}
+# What the report needs to know of each train.optimizer: its state per adapter parameter beyond the fp32
+# weight and gradient (4 + 4 bytes), and its typical learning rate when no preset tells (Lion wants ~3-10x
+# less than AdamW, Prodigy finds its own). tests/test_preflight.py holds the keys to the config's choices.
+OPTIMIZER_FACTS = {"adamw": (8, 1e-4), "adamw8bit": (2, 1e-4), "lion": (4, 3e-5), "prodigy": (16, 1.0),
+                   "adafactor": (1, 1e-4)}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -93,7 +96,7 @@ class StepPlan:
 def step_plan(images_with_repeats: int | Sequence[int] | Mapping[object, int], batch_size: int,
               accumulation: int = 1, epochs: int = 1, max_steps: int | None = None,
               world_size: int = 1) -> StepPlan:
-    """Optimizer steps as trainer.loop counts them. `images_with_repeats` is the number of samples per
+    """Optimizer steps as trainer.run.loop counts them. `images_with_repeats` is the number of samples per
     epoch in each bucket (a list or {bucket: count}; a plain int is one bucket), because the dataset
     batches each bucket on its own and rounds its last batch up."""
     if isinstance(images_with_repeats, int):
@@ -115,8 +118,6 @@ def step_plan(images_with_repeats: int | Sequence[int] | Mapping[object, int], b
 # -- memory and time ---------------------------------------------------------------------------------------
 # The constants of the estimate; docs/PREFLIGHT.md explains each. None is calibrated on a GPU yet.
 WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
-# Per adapter parameter beyond its fp32 weight and gradient (4 + 4 bytes): the optimizer's state.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "prodigy": 16, "adafactor": 1}
 # Activation memory per image per pixel kept for the backward pass, at half precision, no checkpointing.
 ACTIVATION_BYTES_PER_PIXEL = {"sd1": 10_000, "sd2": 10_000, "sdxl": 18_000}
 CHECKPOINTING_ACTIVATIONS = 0.25  # gradient checkpointing keeps about a quarter of them
@@ -155,8 +156,8 @@ def _meta_models(config_name: str):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from trainer.family import FAMILIES
-    from trainer.model_loading import SHIPPED_CONFIGS, _text_encoder_classes
+    from trainer.model.family import FAMILIES
+    from trainer.model.model_loading import SHIPPED_CONFIGS, _text_encoder_classes
 
     folder = SHIPPED_CONFIGS / config_name
     family = next(f for f in FAMILIES.values() if config_name in (f.shipped_config_name("epsilon"),
@@ -171,7 +172,7 @@ def _meta_models(config_name: str):
 
 def model_parameters(family: str, prediction_type: str = "epsilon") -> dict[str, int]:
     """Parameter counts of the family's real UNet, text encoders and VAE (from the shipped configs)."""
-    from trainer.family import get_family
+    from trainer.model.family import get_family
 
     unet, encoders, vae = _meta_models(get_family(family).shipped_config_name(prediction_type))
     return {"unet": _count(unet), "text_encoders": sum(_count(e) for e in encoders), "vae": _count(vae)}
@@ -200,7 +201,7 @@ def adapter_parameters(family: str, network) -> int:
 
 
 def _config_name(family: str) -> str:
-    from trainer.family import get_family
+    from trainer.model.family import get_family
 
     return get_family(family).shipped_config_name("epsilon")
 
@@ -219,7 +220,7 @@ def estimate_resources(cfg: TrainConfig, family: str, prediction_type: str = "ep
         activation *= CHECKPOINTING_ACTIVATIONS
     memory = {"weights": (params["unet"] + params["text_encoders"]) * WEIGHT_BYTES[train.mixed_precision],
               "vae": params["vae"] * 4,  # sdlora keeps the VAE in fp32 (SDXL's overflows in fp16)
-              "adapter": params["adapter"] * (8 + OPTIMIZER_STATE_BYTES[train.optimizer]),
+              "adapter": params["adapter"] * (8 + OPTIMIZER_FACTS[train.optimizer][0]),
               "activations": activation, "overhead": OVERHEAD_BYTES}
     memory["total"] = sum(memory.values())
     flop = (SD15_FLOP_PER_IMAGE * FLOP_PER_PIXEL_FACTOR[family] * resolution ** 2 / 512 ** 2
@@ -324,7 +325,7 @@ def _check_precision(cfg: TrainConfig, family: str, report: Report) -> None:
 
 def _check_model(cfg: TrainConfig, report: Report) -> tuple[str | None, str]:
     """(family, prediction type) of the base model, read from its configs or weight names, not loaded."""
-    from trainer.family import detect_family, get_family
+    from trainer.model.family import detect_family, get_family
 
     path, family = cfg.model.path.strip(), cfg.model.family
     prediction, native = cfg.model.prediction_type, None
@@ -387,7 +388,7 @@ def _folder_family(folder: Path, detect_family) -> tuple[str, str, int | None]:
 
 
 def _file_family(path: Path) -> tuple[str | None, str, str]:
-    from trainer.model_loading import detect_checkpoint_family, guess_prediction_type
+    from trainer.model.model_loading import detect_checkpoint_family, guess_prediction_type
 
     if path.suffix.lower() != ".safetensors":
         guess = "sdxl" if "xl" in path.name.lower() else None
@@ -472,7 +473,7 @@ def _explain_block_weights(cfg: TrainConfig, family: str | None, report: Report)
 
 
 def _check_dataset(cfg: TrainConfig, report: Report):
-    from trainer.dataset import ImageDataset
+    from trainer.data.dataset import ImageDataset
 
     if not cfg.dataset.path:
         report.errors.append("dataset.path is empty; give the image folder with --data DIR.")
@@ -552,7 +553,7 @@ def _check_caption_length(cfg: TrainConfig, dataset, report: Report) -> None:
 
 @lru_cache(maxsize=1)
 def _clip_tokenizer():
-    from trainer.tiny_models import load_clip_tokenizer
+    from trainer.model.tiny_models import load_clip_tokenizer
 
     return load_clip_tokenizer()
 
@@ -564,7 +565,7 @@ def _check_masks(cfg: TrainConfig, dataset, report: Report) -> None:
         report.warnings.append("dataset.loss_mask is alpha but no image has transparency, so every pixel trains; "
                                "use RGBA PNGs or a mask folder.")
     elif source == "folder":
-        from trainer.loss_mask import LossMasks, missing_masks
+        from trainer.data.loss_mask import LossMasks, missing_masks
 
         try:
             missing = missing_masks(LossMasks(dataset, "folder", getattr(cfg.dataset, "mask_folder", None)))
@@ -578,7 +579,7 @@ def _check_masks(cfg: TrainConfig, dataset, report: Report) -> None:
 
 def _check_validation(cfg: TrainConfig, dataset, report: Report):
     """The training part of the dataset (held-out validation images removed)."""
-    from trainer.validation import split_dataset
+    from trainer.objective.validation import split_dataset
 
     val = cfg.validation
     if (val.images or val.folder) and not val.every_steps:
@@ -743,7 +744,7 @@ def _check_learning_rates(cfg: TrainConfig, preset: str | None, report: Report) 
 
 def _reference_lr(optimizer: str, preset: str | None) -> tuple[float, str]:
     if preset:
-        from trainer.presets import load_preset
+        from trainer.config.presets import load_preset
 
         try:
             train = load_preset(preset).get("train", {})
@@ -751,7 +752,7 @@ def _reference_lr(optimizer: str, preset: str | None) -> tuple[float, str]:
             train = {}
         if "learning_rate" in train and train.get("optimizer", "adamw") == optimizer:
             return float(train["learning_rate"]), f"the {preset} preset's"
-    return TYPICAL_LR[optimizer], "the typical rate"
+    return OPTIMIZER_FACTS[optimizer][1], "the typical rate"
 
 
 def _check_sampling_and_saving(cfg: TrainConfig, report: Report) -> None:

@@ -18,8 +18,8 @@ from app.ui.live_view import run_dict
 from app.ui.notices import api_errors
 from networks.errors import SdloraError
 from networks.inspect import inspect_lora as inspect_file
-from trainer.presets import list_presets as preset_infos
-from trainer.presets import resolve_config
+from trainer.config.presets import list_presets as preset_infos
+from trainer.config.presets import resolve_config
 
 
 def register(ctx: UIContext) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from app.security import is_inside
 from networks.atomic import write_text_atomic
 from networks.errors import SdloraError
-from trainer.captions import add_trigger
+from trainer.data.captions import add_trigger
 
 
 def caption_path(image: Path, extension: str = ".txt") -> Path:

@@ -17,8 +17,8 @@ import gradio as gr
 
 from networks.errors import SdloraError
 from trainer.config import ConfigError, ConfigField, SamplePrompt, TrainConfig, config_field_table
-from trainer.presets import resolve_config
-from trainer.sample_prompts import OPTION_HELP, format_prompt_line, parse_prompt_text
+from trainer.config.presets import resolve_config
+from trainer.config.sample_prompts import OPTION_HELP, format_prompt_line, parse_prompt_text
 
 PROMPTS_KEY = "sample.prompts"  # edited as one prompt per line in the main form
 SKIPPED_KEYS = ("output.dir",)  # the run manager sets it to the new run's folder

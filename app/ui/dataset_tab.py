@@ -1,6 +1,6 @@
 """Dataset tab: open a folder, see every image with its caption, edit captions, check the stats.
 
-The scan is the trainer's own (trainer/dataset.py) with the trainer's own options (`DatasetSection.options()`)
+The scan is the trainer's own (trainer/data/dataset.py) with the trainer's own options (`DatasetSection.options()`)
 built from the Train tab's dataset settings, so what this tab reports (usable images, skipped files and why,
 buckets) is exactly what the Train tab's Check and the training will use.
 """
@@ -22,8 +22,8 @@ from app.ui.notices import guarded, notice, ok
 from app.ui.thumbnails import PREVIEW_SIDE, thumbnail
 from networks.errors import SdloraError
 from trainer.config import ConfigError, TrainConfig, config_from_dict
-from trainer.dataset import DatasetReport, Item, scan_folder
-from trainer.demo_data import make_demo_dataset
+from trainer.data.dataset import DatasetReport, Item, scan_folder
+from trainer.demo.demo_data import make_demo_dataset
 
 GALLERY_LIMIT = 500  # thumbnails shown; stats always cover the whole folder
 LISTED_PROBLEMS = 20

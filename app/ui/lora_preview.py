@@ -22,8 +22,8 @@ from networks.errors import SdloraError
 from networks.inspect import lora_family
 from networks.lora_file import read_lora
 from networks.network import LoraNetwork
-from trainer.model_loading import LoadedModel, load_model
-from trainer.sampling import build_pipeline, prompt_kwargs
+from trainer.model.model_loading import LoadedModel, load_model
+from trainer.run.sampling import build_pipeline, prompt_kwargs
 
 GPU_HEADROOM = 2.5e9  # bytes beyond the weights: a 1024 px SDXL denoising step in fp16 and the CUDA context
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from app.ui.config_form import PROMPTS_KEY, ConfigForm, from_widget, prompts_to_text, to_widget
 from networks.errors import SdloraError
-from trainer.presets import list_presets, load_preset, resolve_config
+from trainer.config.presets import list_presets, load_preset, resolve_config
 
 OWN_KEYS = ("model.path", "name")  # what one user's run is about, not a recipe
 SHOWN_CHANGES = 8  # the notice lists this many changed fields, then counts the rest

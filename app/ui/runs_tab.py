@@ -17,7 +17,7 @@ from app.ui.live_view import (
 )
 from app.ui.notices import guarded, notice, ok
 from networks.errors import SdloraError
-from trainer.run_dir import RunDir
+from trainer.run.run_dir import RunDir
 
 
 @dataclass

@@ -21,8 +21,8 @@ from app.ui.preset_fill import fill_from_preset
 from networks.errors import SdloraError
 from networks.spec import alpha_for
 from trainer.config import TrainConfig, load_config
-from trainer.presets import list_presets, resolve_config, save_user_preset
-from trainer.run_dir import RunDir
+from trainer.config.presets import list_presets, resolve_config, save_user_preset
+from trainer.run.run_dir import RunDir
 
 DEFAULT_PRESET = "demo"
 POLL_SECONDS = 1.0

@@ -7,8 +7,8 @@ from app.security import user_file
 from app.ui.context import UIContext
 from app.ui.notices import guarded, ok
 from networks.errors import SdloraError
-from trainer.demo_data import TRIGGER
-from trainer.sampling import SAMPLERS
+from trainer.demo.demo_data import TRIGGER
+from trainer.run.sampling import SAMPLERS
 
 
 def lora_choices(ctx: UIContext) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""Captioning a dataset folder: the images training would use (trainer/dataset.py's scan), those without a
+"""Captioning a dataset folder: the images training would use (trainer/data/dataset.py's scan), those without a
 caption or all of them, one atomic caption file each, with progress events for the CLI and the UI."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 from networks.atomic import write_text_atomic
 from trainer.captioning.settings import CaptionerSettings
 from trainer.captioning.sources import captioner_kind, resolve
-from trainer.captions import join_tags, split_tags
-from trainer.dataset import DatasetOptions, scan_folder
-from trainer.images import UnreadableImageError, load_image
+from trainer.data.captions import join_tags, split_tags
+from trainer.data.dataset import DatasetOptions, scan_folder
+from trainer.data.images import UnreadableImageError, load_image
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from networks.errors import SdloraError
 from trainer.config.fields import _annotation_at, _arms, _choices, _unwrap, config_keys
-from trainer.kohya_names import KOHYA_KEYS, OTHER_NAMES
+from trainer.config.kohya_names import KOHYA_KEYS, OTHER_NAMES
 
 
 class ConfigError(SdloraError):

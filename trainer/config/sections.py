@@ -12,10 +12,10 @@ from pydantic_core import PydanticCustomError
 from networks.block_lr import block_weights, parse_block_values
 from networks.errors import SdloraError
 from networks.spec import FAMILIES, LYCORIS_TYPES, NetworkInit, NetworkSpec, NetworkType
-from trainer.buckets import BucketSpec
-from trainer.captions import CaptionOptions
-from trainer.dataset import DatasetOptions
-from trainer.sample_prompts import OPTION_HELP, parse_prompt_line
+from trainer.config.sample_prompts import OPTION_HELP, parse_prompt_line
+from trainer.data.buckets import BucketSpec
+from trainer.data.captions import CaptionOptions
+from trainer.data.dataset import DatasetOptions
 
 # Each enumeration is written once, here or in networks/spec.py, and read everywhere else.
 Family = Literal[("auto", *FAMILIES)]
@@ -41,6 +41,7 @@ LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "c
 
 
 Sampler = Literal["euler_a", "euler", "ddim", "dpmpp_2m"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
 # Built-in models and their family: demo:shapes was pretrained to draw (docs/DEMO_MODEL.md); the other
@@ -180,7 +181,7 @@ class DatasetSection(Section):
 
     @model_validator(mode="after")
     def _buckets_fit(self) -> DatasetSection:
-        # The same rules trainer/buckets.py enforces, checked here so the message names the keys at once.
+        # The same rules trainer/data/buckets.py enforces, checked here so the message names the keys at once.
         step, res = self.bucket_step, self.resolution
         if res % step:
             raise _rule(f"dataset.resolution ({res}) must be a multiple of dataset.bucket_step ({step})")
@@ -318,7 +319,7 @@ class TrainSection(Section):
     scale_weight_norms: float = Field(0.0, ge=0, description=(
         "kohya's max-norm regularization: after each step, modules whose change (scale x up x down) has a norm "
         "above this are scaled back to it (1 is usual); keeps a LoRA from overcooking. 0 = off."))
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+    mixed_precision: MixedPrecision = Field(
         "no", description="Compute precision on GPU; bf16 needs an Ampere or newer card.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
     compile: bool = Field(False, description="Compile the UNet's training step with torch.compile: faster steps "
@@ -397,7 +398,7 @@ class SampleSection(Section):
     @classmethod
     def _plain_strings(cls, prompts: Any) -> Any:
         # `prompts = ["a cat", "a dog --w 512 --d 3"]` is the short form of a list of {prompt = ...} tables,
-        # with kohya's inline options (trainer.sample_prompts).
+        # with kohya's inline options (trainer.config.sample_prompts).
         if isinstance(prompts, list):
             return [_prompt_from_line(p) if isinstance(p, str) else p for p in prompts]
         return prompts

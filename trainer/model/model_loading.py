@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 
 from networks.errors import SdloraError
 from trainer.config import PREDICTION_TYPES
-from trainer.family import ModelFamily, detect_family, get_family
-from trainer.tiny_models import ASSETS, demo_model_path, load_clip_tokenizer
+from trainer.model.family import ModelFamily, detect_family, get_family
+from trainer.model.tiny_models import ASSETS, demo_model_path, load_clip_tokenizer
 
 SHIPPED_CONFIGS = ASSETS / "configs"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from networks.errors import SdloraError
-from trainer.shapes import SHAPES, SUPERSAMPLE, draw_shape
+from trainer.demo.shapes import SHAPES, SUPERSAMPLE, draw_shape
 
 TRIGGER = "sdlorastyle"
 PALETTE = {"coral": (238, 108, 77), "teal": (42, 157, 143), "mustard": (233, 196, 106), "plum": (131, 56, 117)}

@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from networks.atomic import atomic_write
-from trainer.buckets import Placement
-from trainer.dataset import Batch, ImageDataset, Item
+from trainer.data.buckets import Placement
+from trainer.data.dataset import Batch, ImageDataset, Item
 
 # Bump when resizing/cropping/normalising changes, so old cache files stop matching.
 PIXEL_PIPELINE_VERSION = "1"

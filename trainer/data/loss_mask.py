@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from networks.errors import SdloraError
-from trainer.buckets import Placement, render
-from trainer.dataset import Batch, ImageDataset, Item
-from trainer.images import IMAGE_EXTENSIONS
+from trainer.data.buckets import Placement, render
+from trainer.data.dataset import Batch, ImageDataset, Item
+from trainer.data.images import IMAGE_EXTENSIONS
 
 MASK_SOURCES = ("none", "alpha", "folder")
 

@@ -3,7 +3,7 @@
 Both are deterministic measurements of 64 px images, hand-written because no library measures this
 particular style (docs/QUALITY.md explains the choices):
 
-- **style** (0-100): three pixel fractions of the demo style (trainer/demo_data.py), each divided by its
+- **style** (0-100): three pixel fractions of the demo style (trainer/demo/demo_data.py), each divided by its
   mean on the demo training images and capped at 1, then averaged: cream paper (PAPER or DOTS), navy ink
   (INK: outlines and shadows), and "in the style's palette" (paper, dots, ink or one of the four fills).
   The training images score about 100 by construction; plain scenes score near 0.
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.demo_data import DOTS, HELD_OUT, INK, PALETTE, PAPER, TRIGGER, demo_scenes
-from trainer.plain_scenes import COLOURS, article
+from trainer.demo.demo_data import DOTS, HELD_OUT, INK, PALETTE, PAPER, TRIGGER, demo_scenes
+from trainer.demo.plain_scenes import COLOURS, article
 
 SIZE = 64
 CREAM_TOLERANCE = 30.0  # RGB distance: a pixel this close to PAPER or DOTS is cream paper

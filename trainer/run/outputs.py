@@ -16,12 +16,12 @@ from networks.lora_file import DTYPES, save_lora
 from networks.metadata import network_metadata
 from networks.network import LoraNetwork
 from trainer.config import TrainConfig
-from trainer.dataset import ImageDataset
-from trainer.ema import AdapterEMA, ema_file
-from trainer.model_loading import LoadedModel
-from trainer.run_dir import RunDir
-from trainer.sampling import build_pipeline, render_samples
-from trainer.state import Position, save_state
+from trainer.data.dataset import ImageDataset
+from trainer.model.model_loading import LoadedModel
+from trainer.objective.ema import AdapterEMA, ema_file
+from trainer.run.run_dir import RunDir
+from trainer.run.sampling import build_pipeline, render_samples
+from trainer.run.state import Position, save_state
 
 
 def report_skipped(run: RunDir, report) -> None:

@@ -21,23 +21,23 @@ from networks.inspect import lora_family
 from networks.lora_file import read_lora
 from networks.max_norm import apply_max_norm
 from networks.network import LoraNetwork
-from trainer.batch_supply import BatchSupply
+from trainer.caches.latent_cache import LatentCache, vae_identity
+from trainer.caches.supply import BatchSupply
 from trainer.config import TrainConfig, save_config
-from trainer.dataset import ImageDataset
-from trainer.ema import AdapterEMA
-from trainer.family import unet_conditioning
-from trainer.latent_cache import LatentCache, vae_identity
-from trainer.lora_init import initialise
-from trainer.loss_mask import LossMasks
-from trainer.model_loading import check_model_spec, load_model
-from trainer.objective import Objective, with_zero_terminal_snr
-from trainer.optimizers import build_lr_scheduler, build_optimizer
-from trainer.run_dir import RunDir
-from trainer.run_outputs import RunOutputs, report_skipped
-from trainer.state import Position, load_state
-from trainer.steps import StepCount, count_steps
-from trainer.stop import StopSignal
-from trainer.validation import ValidationSample, ValidationSet, unet_predictor, validation_items
+from trainer.data.dataset import ImageDataset
+from trainer.data.loss_mask import LossMasks
+from trainer.data.steps import StepCount, count_steps
+from trainer.model.family import unet_conditioning
+from trainer.model.model_loading import check_model_spec, load_model
+from trainer.objective.diffusion import Objective, with_zero_terminal_snr
+from trainer.objective.ema import AdapterEMA
+from trainer.objective.lora_init import initialise
+from trainer.objective.optimizers import build_lr_scheduler, build_optimizer
+from trainer.objective.validation import ValidationSample, ValidationSet, unet_predictor, validation_items
+from trainer.run.outputs import RunOutputs, report_skipped
+from trainer.run.run_dir import RunDir
+from trainer.run.state import Position, load_state
+from trainer.run.stop import StopSignal
 
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests trace with "eager" (no C++ build)
 

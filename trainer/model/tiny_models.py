@@ -37,7 +37,7 @@ from networks.errors import SdloraError
 from networks.spec import FAMILIES
 from trainer.config import DEMO_MODELS
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 SHAPES_DIR = ASSETS / "demo_shapes"
 DEMO_NAMES = tuple(name.removeprefix("demo:") for name in DEMO_MODELS)

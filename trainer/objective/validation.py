@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from networks.errors import SdloraError
-from trainer.buckets import Placement
-from trainer.dataset import DatasetReport, ImageDataset, Item, scan_folder
-from trainer.family import unet_conditioning
-from trainer.objective import diffusion_loss, training_target
+from trainer.data.buckets import Placement
+from trainer.data.dataset import DatasetReport, ImageDataset, Item, scan_folder
+from trainer.model.family import unet_conditioning
+from trainer.objective.diffusion import diffusion_loss, training_target
 
 DEFAULT_TIMESTEP_COUNT = 5
 

@@ -8,13 +8,13 @@ import torch
 from accelerate.utils import gather_object
 
 from networks.errors import SdloraError
+from trainer.caches.latent_cache import LatentCache, scale_latents, vae_identity
+from trainer.caches.prefetch import PixelPrefetch, batch_pixels
+from trainer.caches.text_cache import TextEmbeddingCache, text_cache_allowed
 from trainer.config import TrainConfig
-from trainer.dataset import ImageDataset
-from trainer.latent_cache import LatentCache, scale_latents, vae_identity
-from trainer.model_loading import LoadedModel
-from trainer.prefetch import PixelPrefetch, batch_pixels
-from trainer.text_cache import TextEmbeddingCache, text_cache_allowed
-from trainer.tiny_models import cache_root
+from trainer.data.dataset import ImageDataset
+from trainer.model.model_loading import LoadedModel
+from trainer.model.tiny_models import cache_root
 
 
 class BatchSupply:

@@ -1,4 +1,4 @@
-"""kohya's names for sdlora's config keys: one table, read by the kohya_ss preset import (trainer/kohya_import.py)
+"""kohya's names for sdlora's config keys: one table, read by the kohya_ss preset import (trainer/config/kohya_import.py)
 and by the config's unknown-key sentences ("did you mean 'network.rank'?" for network_dim)."""
 
 # kohya_ss GUI / sd-scripts key -> sdlora's dotted key.

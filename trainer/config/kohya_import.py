@@ -15,18 +15,18 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from networks.errors import SdloraError
 from trainer.config import config_field_table, config_from_dict
-from trainer.kohya_names import KOHYA_KEYS
-from trainer.sample_prompts import OPTION_HELP, parse_prompt_text
+from trainer.config.kohya_names import KOHYA_KEYS
+from trainer.config.sample_prompts import OPTION_HELP, parse_prompt_text
+from trainer.config.sections import LrScheduler, MixedPrecision, Optimizer
 
 NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon"}
-OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "prodigy": "prodigy",
-              "adafactor": "adafactor"}
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-MIXED_PRECISION = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
+OPTIMIZERS = {name: name for name in get_args(Optimizer)}  # kohya_ss's names, lowercased, are sdlora's
+SCHEDULERS = get_args(LrScheduler)
+MIXED_PRECISION = {name: name for name in get_args(MixedPrecision)}
 SAVE_PRECISION = {"fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32"}
 SAMPLERS = {"euler_a": "euler_a", "k_euler_a": "euler_a", "euler": "euler", "k_euler": "euler", "ddim": "ddim"}
 # kohya_ss keys for one run on one machine; a preset leaves them out (see trainer.presets.RUN_SPECIFIC_KEYS).
@@ -427,7 +427,7 @@ def read_kohya_preset(path: str | os.PathLike) -> KohyaImport:
 
 def import_kohya_file(path: str | os.PathLike, name: str) -> tuple[Path, KohyaImport]:
     """Convert a kohya_ss JSON preset and save it as the user preset `name`."""
-    from trainer.presets import save_user_preset
+    from trainer.config.presets import save_user_preset
 
     result = read_kohya_preset(path)
     description = f"Imported from kohya_ss preset {Path(path).name}"

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from trainer.captions import CaptionOptions
-from trainer.latent_cache import atomic_save
+from trainer.caches.latent_cache import atomic_save
+from trainer.data.captions import CaptionOptions
 
 
 def text_cache_allowed(captions: CaptionOptions, train_text_encoder: bool) -> bool:

@@ -15,7 +15,7 @@ import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import save_file
 
-from trainer.family import detect_family
+from trainer.model.family import detect_family
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

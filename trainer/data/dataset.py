@@ -21,9 +21,16 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from networks.errors import SdloraError
-from trainer.buckets import BucketSpec, Placement, Size, bucket_for, bucket_sizes, place, render
-from trainer.captions import CaptionOptions, Kept, add_trigger, augment_caption, mark_kept, parse_kohya_folder
-from trainer.images import is_image_file, load_image, probe_image
+from trainer.data.buckets import BucketSpec, Placement, Size, bucket_for, bucket_sizes, place, render
+from trainer.data.captions import (
+    CaptionOptions,
+    Kept,
+    add_trigger,
+    augment_caption,
+    mark_kept,
+    parse_kohya_folder,
+)
+from trainer.data.images import is_image_file, load_image, probe_image
 
 if TYPE_CHECKING:
     import torch

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from networks.errors import SdloraError
-from trainer.dataset import Batch, ImageDataset
+from trainer.data.dataset import Batch, ImageDataset
 
 
 def batch_pixels(dataset: ImageDataset, batch: Batch) -> torch.Tensor:

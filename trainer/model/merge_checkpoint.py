@@ -2,7 +2,7 @@
 
 Each file is loaded with networks' own loader (so a file made for another model fails with its message),
 merged at its weight, and the model saved as a diffusers folder and/or one original-layout .safetensors
-checkpoint (trainer.single_file). Weights are merged in fp32 and cast only when saving.
+checkpoint (trainer.model.single_file). Weights are merged in fp32 and cast only when saving.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from networks.atomic import atomic_write
 from networks.errors import SdloraError
 from networks.lora_file import read_lora
 from networks.network import LoraNetwork
-from trainer.model_loading import LoadedModel, load_model
-from trainer.single_file import save_single_file
+from trainer.model.model_loading import LoadedModel, load_model
+from trainer.model.single_file import save_single_file
 
 LoraSource = tuple[dict[str, torch.Tensor], float, str]  # (kohya state dict, weight, name for messages)
 
