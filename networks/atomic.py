@@ -1,9 +1,10 @@
-"""The one atomic writer: every file sdlora writes (LoRA files, configs, captions, samples, caches) goes
-through a temporary file beside it and a rename, so a reader never sees half a file and a failed write
+"""The one atomic writer: every file sdlora writes (LoRA files, configs, captions, samples, caches, model
+folders) goes through a temporary file or folder beside it and a rename, so a reader never sees half a file and a failed write
 leaves the old one. Torch-free, so the config and the CLI load fast."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,20 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object], sync
 def _remove(temporary: str | None) -> None:
     if temporary is not None:
         Path(temporary).unlink(missing_ok=True)
+
+
+def atomic_folder(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """The same for a folder: write(staging) in a temporary folder beside `target`, then one rename. An
+    OSError propagates (callers decide: a disk error, or a parallel process that renamed its copy first)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

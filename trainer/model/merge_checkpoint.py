@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 from torch import nn
 
 from networks.analysis import check_lora_keys
-from networks.atomic import atomic_write
+from networks.atomic import atomic_folder, atomic_write
 from networks.errors import SdloraError
 from networks.lora_file import read_lora
 from networks.network import LoraNetwork
@@ -98,17 +96,12 @@ def components(loaded: LoadedModel) -> dict[str, nn.Module]:
 
 def save_folder(loaded: LoadedModel, target: Path) -> Path:
     """A diffusers folder written beside `target` and renamed into place, so no half folder is left behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def write(staging: Path) -> None:
         loaded.pipeline().save_pretrained(staging, safe_serialization=True)
         if target.is_dir():
             target.rmdir()  # empty, checked before the merge
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return atomic_folder(target, write)
 
 
 def _check_free(output_dir, single_file) -> None:

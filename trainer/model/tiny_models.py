@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from networks.atomic import atomic_folder
 from networks.errors import SdloraError
 from networks.spec import FAMILIES
 from trainer.config import DEMO_MODELS
@@ -276,14 +276,9 @@ def build_folder_once(target: Path, build) -> Path:
     it exists. Parallel processes may race: the first rename wins and the others use its copy."""
     if (target / "model_index.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(staging)
-        os.replace(staging, target)
+        atomic_folder(target, build)
     except OSError:
         if not (target / "model_index.json").is_file():
             raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
