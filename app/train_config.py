@@ -6,6 +6,11 @@ from pathlib import Path
 
 from networks.errors import SdloraError
 
+# What a run's saved state fixes: the network's shapes, and the optimizer with its rates, schedule and RNGs.
+# A --set of one of these on --resume would fail to load, or be overwritten by the state without a word.
+FIXED_ON_RESUME = ("network.", "train.learning_rate", "train.unet_lr", "train.text_encoder_lr", "train.loraplus_ratio",
+                   "train.optimizer", "train.weight_decay", "train.lr_scheduler", "train.lr_warmup_steps", "train.seed")
+
 
 def train_config(args):
     """The TrainConfig a `train` invocation means, and whether it resumes."""
@@ -22,6 +27,7 @@ def train_config(args):
         if not config_file.is_file():
             raise SdloraError(f"'{args.resume}' is not a run folder (no {RunDir.CONFIG_NAME}); give the folder "
                               "that `sdlora train --output` wrote.")
+        _refuse_fixed_keys(args.set, RunDir(args.resume))
         overrides.append(f"output.dir={Path(args.resume).resolve()}")
         return apply_overrides(load_config(config_file), overrides), True
     for flag, key in (("model", "model.path"), ("data", "dataset.path"), ("output", "output.dir"), ("name", "name")):
@@ -33,3 +39,14 @@ def train_config(args):
     if not args.data and not args.preset:
         raise SdloraError("Give --config FILE.toml, or --data DIR --output DIR (with --preset NAME and --model).")
     return resolve_config(args.preset, overrides), False
+
+
+def _refuse_fixed_keys(overrides: list[str], run) -> None:
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.startswith(FIXED_ON_RESUME):
+            files = run.list_checkpoints() or sorted(run.root.glob("*.safetensors"))  # else its finished file
+            start_from = f"--set network.weights={files[-1]}" if files else "--set network.weights=FILE"
+            raise SdloraError(f"--set {item} cannot change a resumed run: its saved state fixes the network and the "
+                              f"optimizer's rates and schedule; drop it, or start a new run from its last file with "
+                              f"{start_from}.")

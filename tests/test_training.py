@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 from networks.errors import SdloraError
 from tests.ui_support import free_port
 from trainer.caches.supply import BatchSupply
+from trainer.config import TrainConfig, save_config
 from trainer.config.presets import resolve_config
 from trainer.demo.demo_data import make_demo_dataset
 from trainer.model.tiny_models import build_tiny_pipeline, demo_model_path
 from trainer.run.loop import Trainer, train
+from trainer.run.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -290,6 +292,23 @@ def test_cli_error_is_one_line_on_stderr(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: network.rank must be an integer >= 1 (got 0)."
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=1e-5", "network.rank=4", "train.optimizer_args.betas=[0.9, 0.9]"])
+def test_resume_refuses_a_set_that_its_saved_state_would_undo(tmp_path, capsys, override):
+    """The state fixes the network's shapes and the optimizer's rates: such a --set would fail to load (a
+    rank) or be silently overwritten (a learning rate), so the CLI says so before loading anything."""
+    from app.cli import main
+
+    run = RunDir(tmp_path / "run")
+    save_config(TrainConfig(), run.config)
+    run.checkpoints.mkdir(parents=True)
+    (run.checkpoints / "my-lora-step-00000100.safetensors").write_bytes(b"")
+    assert main(["train", "--resume", str(run.root), "--set", override, "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: --set {override} cannot change a resumed run: its saved state fixes the network and the "
+        "optimizer's rates and schedule; drop it, or start a new run from its last file with "
+        f"--set network.weights={run.checkpoints / 'my-lora-step-00000100.safetensors'}.")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs fork-capable platforms")
