@@ -152,7 +152,8 @@ def run_train(args) -> int:
     cfg, resume = train_config(args)  # config errors show before the heavy imports below
     from trainer.run.loop import train
 
-    final = train(cfg, resume=resume, progress=not args.no_progress)
+    preset = None if resume or args.config else args.preset
+    final = train(cfg, resume=resume, progress=not args.no_progress, preset=preset)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one line per run, not per process

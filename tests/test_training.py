@@ -84,6 +84,7 @@ def test_cli_trains_locon_two_epochs_and_the_file_loads_in_diffusers(tmp_path, d
     assert any(k.endswith("conv1.lora_down.weight") or "in_layers_2" in k for k in state)
     assert load_in_diffusers(family, final) == len([k for k in state if k.endswith(".alpha")])
     assert f"Saved {final}" in result.stdout
+    assert RunDir(out).preset.read_text().strip() == "style-locon"  # the Runs table names the CLI's preset too
 
 
 def test_overfitting_one_image_lowers_the_loss(tmp_path):

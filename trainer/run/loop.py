@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from networks.atomic import atomic_write
+from networks.atomic import atomic_write, write_text_atomic
 from networks.errors import SdloraError
 from networks.inspect import lora_family
 from networks.lora_file import read_lora
@@ -59,13 +59,13 @@ def build_network(cfg: TrainConfig, model, continued_copy: Path | None = None) -
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, preset: str | None = None):
         if not cfg.output.dir:
             raise SdloraError("output.dir is empty; give the run folder with --output DIR.")
         if not cfg.dataset.path:
             raise SdloraError("dataset.path is empty; give the image folder with --data DIR.")
         check_model_spec(cfg.model.path)  # before the run folder exists: a typo leaves nothing behind
-        self.cfg, self.resume = cfg, resume
+        self.cfg, self.resume, self.preset = cfg, resume, preset
         self.run = RunDir(cfg.output.dir)
         mixed = cfg.train.mixed_precision if torch.cuda.is_available() else "no"
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
@@ -237,6 +237,8 @@ class Trainer:
             run.create()
             if not self.resume:
                 save_config(cfg, run.config)
+                if self.preset:  # config.toml holds the resolved settings; the preset's name only this
+                    write_text_atomic(run.preset, self.preset + "\n")
                 self._copy_continued_file()
             run.write_pid()
         self.accelerator.wait_for_everyone()
@@ -351,9 +353,10 @@ class NonFiniteLoss(Exception):
         self.value = value
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path | None:
-    """Run training; errors are written as an `error` event, then re-raised for the front door."""
-    trainer = Trainer(cfg, resume=resume)
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, preset: str | None = None) -> Path | None:
+    """Run training; errors are written as an `error` event, then re-raised for the front door. `preset` is
+    the name of the preset the config came from, noted in the run folder for the Runs table."""
+    trainer = Trainer(cfg, resume=resume, preset=preset)
     try:
         trainer.show_progress = progress and trainer.main
         # The step bar is the run's only bar: loading and saving bars are noise on stderr and in train.log.
