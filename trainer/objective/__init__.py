@@ -1,1 +1,2 @@
-"""objective"""
+"""What training minimises and how: the diffusion objective, optimizers and schedules, LoRA inits, EMA,
+validation loss."""
