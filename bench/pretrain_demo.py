@@ -44,7 +44,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from trainer.demo.plain_scenes import make_plain_scene
+from trainer.demo.plain_scenes import make_illustration, make_plain_scene
 from trainer.model.tiny_models import _scheduler, load_clip_tokenizer
 
 SIZE = 64
@@ -62,12 +62,12 @@ def v_scheduler() -> DDIMScheduler:
                                      clip_sample=False, set_alpha_to_one=False)
 
 
-def vae_config() -> dict:
+def vae_config(layers: int = 1) -> dict:
     # Three levels (scale factor 2**2 = 4): a 64 px image is a 16x16 latent, enough for thin outlines.
     # Several channels per norm group: with one, GroupNorm is InstanceNorm and flat colours lose their level.
     return dict(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=layers,
         norm_num_groups=8, latent_channels=4, sample_size=SIZE,
     )
 
@@ -136,7 +136,7 @@ def load_checkpoint(path: Path, **parts) -> tuple[int, dict]:
 
 def train_vae(args, work: Path) -> AutoencoderKL:
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**vae_config())
+    vae = AutoencoderKL(**vae_config(args.vae_layers))
     # Start the posterior nearly deterministic (log-variance -10, as SD's VAE ends up): with the default
     # log-variance 0, the decoder would learn from latents drowned in unit noise, slowly and blurrily.
     channels = vae.config.latent_channels
@@ -153,7 +153,7 @@ def train_vae(args, work: Path) -> AutoencoderKL:
     args.reached["vae"] = start if args.export_only else args.vae_steps
     if start >= args.vae_steps or args.export_only:
         return vae
-    pixels, _ = plain_scene_set(args.vae_images, args.seed + 1, codec_extras=True)
+    pixels = codec_images(args)
     generator = torch.Generator().manual_seed(args.seed + 2 + start)
     began = time.time()
     for step in range(start, args.vae_steps):
@@ -174,6 +174,17 @@ def train_vae(args, work: Path) -> AutoencoderKL:
             save_checkpoint(checkpoint, model=vae.state_dict(), optimizer=optimizer.state_dict(),
                             rng=torch.get_rng_state(), step=step + 1)
     return vae
+
+
+def codec_images(args) -> torch.Tensor:
+    """The VAE's images: plain scenes with codec extras, of which an --illustrations share is replaced by
+    illustrations in random colours (thin outlines, offset shadows, faint dots; make_illustration)."""
+    pixels, _ = plain_scene_set(args.vae_images, args.seed + 1, codec_extras=True)
+    drawn = round(args.illustrations * args.vae_images)
+    for index in range(drawn):
+        image = make_illustration(SIZE, random.Random(f"{args.seed}-illustration-{index}"))
+        pixels[index] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    return pixels
 
 
 def _random_crops(pixels: torch.Tensor, count: int, crop: int, generator) -> torch.Tensor:
@@ -270,7 +281,7 @@ def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, n
         if step in (args.steps, v_start) and step != start:  # each phase draws as it does when resumed there
             generator = torch.Generator().manual_seed(args.seed + 4 + step)
         for group in optimizer.param_groups:
-            group["lr"] = (args.v_lr if v_phase else args.offset_lr if offset_phase
+            group["lr"] = (v_rate(args, step - v_start) if v_phase else args.offset_lr if offset_phase
                            else lr_at(step, args.steps, args.lr, 100))
         picks = torch.randint(0, len(means), (args.batch,), generator=generator)
         latents = (means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)) * scale
@@ -301,6 +312,14 @@ def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, n
                             optimizer=optimizer.state_dict(), ema=ema.state_dict(), step=step + 1)
             scheduler = v_scheduler() if step + 1 > v_start else DDIMScheduler.from_config(_scheduler("sd1").config)
             _preview(work, vae, unet, text_encoder, ema, parameters, step + 1, scheduler)
+
+
+def v_rate(args, step: int) -> float:
+    """The v phase's rate: constant --v-lr after epsilon phases; warm-up and cosine decay when it is the
+    whole run (--steps 0 --offset-steps 0: v-prediction with zero terminal SNR from the first step)."""
+    if args.steps + args.offset_steps == 0:
+        return lr_at(step, args.v_steps, args.v_lr, 100)
+    return args.v_lr
 
 
 def tokenize(captions: list[str]) -> torch.Tensor:
@@ -343,6 +362,24 @@ def _log(work: Path, stage: str, step: int, total: int, loss: float, began: floa
 
 
 @torch.no_grad()
+def _log_round_trip(work: Path, vae: AutoencoderKL) -> None:
+    """The demo style images through the VAE and back, scored: the most style any LoRA on this model can show
+    (docs/QUALITY.md: the first v-prediction model's VAE gave 75.8 of the originals' 93.8)."""
+    from trainer.demo.demo_data import demo_scenes
+    from trainer.demo.quality import as_pixels, style_score
+
+    images = [as_pixels(image) for image, _ in demo_scenes(12, seed=0)]
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    decoded = vae.decode(vae.encode(to_unit(pixels)).latent_dist.mode()).sample.clamp(-1, 1)
+    back = ((decoded.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    line = (f"vae round trip of the demo style images: style {style_score(Image.fromarray(b) for b in back):.1f} "
+            f"(the images themselves: {style_score(Image.fromarray(i.astype(np.uint8)) for i in images):.1f})")
+    print(line, flush=True)
+    with open(work / "log.txt", "a", encoding="utf-8") as log:
+        log.write(line + "\n")
+
+
+@torch.no_grad()
 def latent_scale(vae: AutoencoderKL, seed: int) -> float:
     """SD's rule: scaling_factor = 1 / std of the latents, so diffusion sees unit-variance inputs."""
     pixels, _ = plain_scene_set(512, seed + 5, codec_extras=False)
@@ -376,6 +413,9 @@ def parse_args(argv=None):
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--decoder-steps", type=int, default=1000)
     parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-layers", type=int, default=1, help="ResNet layers per VAE level")
+    parser.add_argument("--illustrations", type=float, default=0.0,
+                        help="share of the VAE's images that are illustrations in random colours (0-1)")
     parser.add_argument("--vae-images", type=int, default=6000)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-4)
@@ -404,6 +444,7 @@ def main(argv=None) -> None:
     vae.eval().requires_grad_(False)
     vae.register_to_config(scaling_factor=latent_scale(vae, args.seed))
     print(f"vae scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
+    _log_round_trip(args.work, vae)
     unet, text_encoder = train_denoiser(args, args.work, vae)
     finetune_decoder(args, args.work, vae)
     export(args.output, vae, unet.eval(), text_encoder.eval(), args)

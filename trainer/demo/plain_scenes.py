@@ -117,3 +117,29 @@ def _dot_grid(draw, side: int, rng: random.Random) -> None:
     for y in range(spacing // 2, side, spacing):
         for x in range(spacing // 2, side, spacing):
             draw.circle((x, y), radius, fill=colour)
+
+
+def make_illustration(size: int, rng: random.Random) -> Image.Image:
+    """Codec practice only (the VAE's --illustrations share, bench/pretrain_demo.py): an illustration in random
+    colours, drawn large and scaled down as a dataset's images are: light paper with a faint dot grid, and
+    shapes with a thin dark outline and an offset shadow in the same ink. Its structure is what illustrated
+    styles share; its colours are random, so it teaches the codec thin lines and faint texture, not one style."""
+    scale = rng.choice((1, 2, 3, 4)) * SUPERSAMPLE
+    side = size * scale
+    paper = tuple(rng.randint(170, 255) for _ in range(3))
+    canvas = Image.new("RGB", (side, side), paper)
+    draw = ImageDraw.Draw(canvas)
+    spacing = round(rng.uniform(4, 8) * scale)
+    dots = tuple(max(0, c - rng.randint(10, 35)) for c in paper)
+    for y in range(spacing // 2, side, spacing):
+        for x in range(spacing // 2, side, spacing):
+            draw.circle((x, y), rng.uniform(0.3, 0.8) * scale, fill=dots)
+    ink = tuple(rng.randint(0, 110) for _ in range(3))
+    for _ in range(rng.choices((1, 2, 3), weights=(4, 3, 3))[0]):
+        shape, radius = rng.choice(SHAPES), rng.uniform(0.15, 0.3) * side
+        centre = (rng.uniform(radius, side - radius), rng.uniform(radius, side - radius))
+        width = max(1, round(rng.uniform(1.0, 2.2) * scale))
+        shadow = (centre[0] + 2 * width, centre[1] + 2 * width)
+        draw_shape(draw, shape, shadow, radius, ink, outline=ink, width=width)
+        draw_shape(draw, shape, centre, radius, _random_rgb(rng), outline=ink, width=width)
+    return canvas.resize((size, size), Image.Resampling.LANCZOS)
