@@ -63,3 +63,15 @@ def test_numbers_from_the_browser_become_the_configs_types():
     assert from_widget(fields["train.epochs"], 3.0) == 3
     assert from_widget(fields["model.config_dir"], "  ") is None
     assert from_widget(fields["validation.timesteps"], "") is None
+
+
+def test_the_train_tab_shows_the_conv_rank_where_the_network_uses_it():
+    """LoCon, and LoHa / LoKr with network.include_convs, adapt the 3x3 convs at conv_rank: the Train tab shows
+    the conv fields and the conv alpha for exactly those (the spec's rule, not a second copy of it)."""
+    from app.ui.train_tab import adapts_convs, alpha_text
+
+    cases = [("lora", False), ("locon", False), ("loha", False), ("loha", True), ("lokr", True)]
+    assert [adapts_convs(kind, convs) for kind, convs in cases] == [False, True, False, True, True]
+    assert alpha_text("lokr", 8, 0.5, None, 4, 0.5, None, True).endswith(
+        "**conv alpha 2** <span class='sd-muted'>(= 0.5 x 4)</span>")
+    assert "conv alpha" not in alpha_text("loha", 8, 0.5, None, 4, 0.5, None, False)

@@ -19,7 +19,7 @@ from app.ui.notices import guarded, notice, ok
 from app.ui.preflight_view import report_html
 from app.ui.preset_fill import fill_from_preset
 from networks.errors import SdloraError
-from networks.spec import alpha_for
+from networks.spec import NetworkSpec, alpha_for
 from trainer.config import TrainConfig, load_config
 from trainer.config.presets import list_presets, resolve_config, save_user_preset
 from trainer.run.run_dir import RunDir
@@ -31,7 +31,7 @@ LOSS_COLOURS = {"loss": "#c7d2fe", "smoothed": "#4f46e5", "validation": "#f59e0b
 LOG_LINES = 80
 CONV_KEYS = ("network.conv_rank", "network.conv_alpha_ratio")
 ALPHA_KEYS = ("network.type", "network.rank", "network.alpha_ratio", "network.alpha", "network.conv_rank",
-              "network.conv_alpha_ratio", "network.conv_alpha")
+              "network.conv_alpha_ratio", "network.conv_alpha", "network.include_convs")
 
 
 def preset_choices() -> list[tuple[str, str]]:
@@ -52,11 +52,16 @@ def preset_description(name: str | None) -> str:
     return f"<span class='sd-muted'>{html.escape(info.description)}</span>" if info and info.description else ""
 
 
-def alpha_text(kind, rank, ratio, alpha, conv_rank, conv_ratio, conv_alpha) -> str:
+def adapts_convs(kind, include_convs) -> bool:
+    """Whether the conv rank applies, by the spec's own rule: locon, or loha / lokr with include_convs."""
+    return NetworkSpec(type=kind or "lora", include_convs=bool(include_convs)).adapts_convs
+
+
+def alpha_text(kind, rank, ratio, alpha, conv_rank, conv_ratio, conv_alpha, include_convs=False) -> str:
     """The alpha the update will be scaled with, as the form stands (half-typed values show as '-')."""
     value, how = _resolved_alpha(alpha, rank, ratio)
     text = f"**alpha {value:g}** <span class='sd-muted'>({how})</span>" if value is not None else "alpha -"
-    if kind == "locon":
+    if adapts_convs(kind, include_convs):
         conv_value, conv_how = _resolved_alpha(conv_alpha, conv_rank, conv_ratio)
         if conv_value is not None:
             text += f"<br>**conv alpha {conv_value:g}** <span class='sd-muted'>({conv_how})</span>"
@@ -99,7 +104,7 @@ def start_config() -> TrainConfig:
 def build(ctx: UIContext) -> TrainTab:
     start_cfg = start_config()
     form = ConfigForm(start_cfg)
-    start_locon = start_cfg.network.type == "locon"
+    start_locon = start_cfg.network.adapts_convs
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, elem_classes="sd-panel"):
             gr.Markdown("#### Data and model")
@@ -120,7 +125,8 @@ def build(ctx: UIContext) -> TrainTab:
                 alpha = gr.Markdown(alpha_text(*(_dotted(start_cfg, k) for k in ALPHA_KEYS)),
                                     elem_id="alpha-display", elem_classes="sd-alpha")
             with gr.Row(equal_height=True):
-                form.add("network.conv_rank", label="Conv rank", info="LoCon 3x3 convs.", visible=start_locon)
+                form.add("network.conv_rank", label="Conv rank", info="3x3 convs: locon, or include_convs.",
+                         visible=start_locon)
                 form.add("network.conv_alpha_ratio", label="Conv alpha / r", info="Conv alpha = this x conv r.",
                          visible=start_locon)
             with gr.Row(equal_height=True):
@@ -171,7 +177,7 @@ def build(ctx: UIContext) -> TrainTab:
 
     # -- the form ---------------------------------------------------------------------------------
     def form_values(cfg: TrainConfig) -> list:
-        locon = cfg.network.type == "locon"
+        locon = cfg.network.adapts_convs
         values = form.values(cfg)
         return [gr.update(value=v, visible=locon) if k in CONV_KEYS else v for k, v in zip(form.keys, values)]
 
@@ -201,9 +207,11 @@ def build(ctx: UIContext) -> TrainTab:
                  api_visibility="private").then(alpha_text, alpha_inputs, alpha, api_visibility="private")
     for widget in alpha_inputs:
         widget.change(alpha_text, alpha_inputs, alpha, api_visibility="private", show_progress="hidden")
-    form.widgets["network.type"].change(lambda t: [gr.update(visible=t == "locon")] * len(CONV_KEYS),
-                                        form.widgets["network.type"], [form.widgets[k] for k in CONV_KEYS],
-                                        api_visibility="private", show_progress="hidden")
+    conv_inputs = [form.widgets["network.type"], form.widgets["network.include_convs"]]
+    for widget in conv_inputs:
+        widget.change(lambda kind, convs: [gr.update(visible=adapts_convs(kind, convs))] * len(CONV_KEYS),
+                      conv_inputs, [form.widgets[k] for k in CONV_KEYS], api_visibility="private",
+                      show_progress="hidden")
 
     # -- the live view ----------------------------------------------------------------------------
     live_outputs = [header, bar, run_message, loss, samples, log, start, stop, resume, timer, fingerprint, message]
