@@ -114,10 +114,29 @@ def test_saved_as_a_user_preset_that_resolves(tmp_path, monkeypatch):
     assert info.source == "user" and info.alpha_ratio == 0.25 and "kohya_ss" in info.description
 
 
+def test_lycoris_loha_and_lokr_presets_import_with_their_conv_and_kronecker_settings():
+    gui_fields = {"factor": -1, "decompose_both": False, "use_tucker": False}  # saved with every GUI preset
+    loha = import_kohya_preset({**STANDARD_SDXL, **gui_fields, "LoRA_type": "LyCORIS/LoHa", "network_dim": "16",
+                                "network_alpha": "8", "conv_dim": 8, "conv_alpha": 2}, source="loha.json")
+    net = loha.config["network"]
+    assert (net["type"], net["rank"], net["alpha_ratio"]) == ("loha", 16, 0.5)
+    # conv_dim set: LyCORIS adapts the convolutions too, at their own rank and alpha/r
+    assert net["include_convs"] is True and net["conv_rank"] == 8 and net["conv_alpha_ratio"] == 0.25
+    assert "factor" not in net and loha.unmapped["factor"] == -1 and loha.unmapped["decompose_both"] is False
+
+    lokr = import_kohya_preset({**STANDARD_SDXL, **gui_fields, "LoRA_type": "LyCORIS/LoKr", "conv_dim": "0",
+                                "factor": "4", "decompose_both": "true"}, source="lokr.json")
+    net = lokr.config["network"]
+    assert (net["type"], net["factor"], net["decompose_both"], net["include_convs"]) == ("lokr", 4, True, False)
+    assert "conv_rank" not in net and lokr.unmapped["conv_dim"] == "0" and "factor" not in lokr.unmapped
+    assert lokr.unmapped["use_tucker"] is False  # no sdlora counterpart: listed, not dropped
+
+
 def test_unsupported_types_and_bad_values_are_one_sentence(tmp_path):
-    with pytest.raises(SdloraError, match=r"LoRA_type 'LyCORIS/LoHa' in x.json is not supported; sdlora imports "
-                                          r"'Standard', 'LoCon', 'Kohya LoCon', 'LyCORIS/LoCon' presets\."):
-        import_kohya_preset({**STANDARD_SDXL, "LoRA_type": "LyCORIS/LoHa"}, source="x.json")
+    with pytest.raises(SdloraError, match=r"LoRA_type 'LyCORIS/iA3' in x.json is not supported; sdlora imports "
+                                          r"'Standard', 'LoCon', 'Kohya LoCon', 'LyCORIS/LoCon', 'LyCORIS/LoHa', "
+                                          r"'LyCORIS/LoKr' presets\."):
+        import_kohya_preset({**STANDARD_SDXL, "LoRA_type": "LyCORIS/iA3"}, source="x.json")
     with pytest.raises(SdloraError, match="optimizer 'DAdaptAdam' in x.json is not offered by sdlora"):
         import_kohya_preset({**STANDARD_SDXL, "optimizer": "DAdaptAdam"}, source="x.json")
     with pytest.raises(SdloraError, match="network_dim in x.json is 'big', not a number"):

@@ -23,7 +23,9 @@ from trainer.config.kohya_names import KOHYA_KEYS
 from trainer.config.sample_prompts import OPTION_HELP, parse_prompt_text
 from trainer.config.sections import LrScheduler, MixedPrecision, Optimizer
 
-NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon"}
+NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon",
+                 "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}
+LOKR_KEYS = {"factor": "network.factor", "decompose_both": "network.decompose_both"}  # kohya_ss GUI's LoKr fields
 OPTIMIZERS = {name: name for name in get_args(Optimizer)}  # kohya_ss's names, lowercased, are sdlora's
 SCHEDULERS = get_args(LrScheduler)
 MIXED_PRECISION = {name: name for name in get_args(MixedPrecision)}
@@ -113,7 +115,7 @@ SPECIAL = ("LoRA_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha"
            "cache_latents", "cache_latents_to_disk", "v_parameterization", "sample_sampler", "sample_prompts",
            "dim_from_weights",  # sdlora always continues a file at its own ranks
            "sdxl_no_half_vae",  # sdlora's VAE is always fp32
-           "masked_loss")
+           "masked_loss", *LOKR_KEYS)
 
 
 CONFIG_FIELDS = {field.key: field for field in config_field_table()}
@@ -192,7 +194,12 @@ def _network(b: _Builder) -> None:
         network = "lora"
         b.notes.append(f"LoRA_type {kind!r} with conv_dim 0 adapts no convolution: imported as a plain LoRA.")
     b.set("network.type", network)
-    if network != "locon":
+    _lokr_shape(b, network)
+    # LyCORIS adapts the convolutions of a LoHa / LoKr when conv_dim is set, as LoCon always does.
+    adapts_convs = network == "locon" or (network in ("loha", "lokr") and bool(conv_dim))
+    if network in ("loha", "lokr"):
+        b.set("network.include_convs", adapts_convs)
+    if not adapts_convs:
         for key in ("conv_dim", "conv_alpha"):
             if key in b.data:
                 b.unmapped[key] = b.data[key]  # kohya_ss itself ignores them for a Standard LoRA
@@ -201,6 +208,18 @@ def _network(b: _Builder) -> None:
         b.set("network.conv_rank", conv_dim)
         if b.given("conv_alpha"):
             b.set("network.conv_alpha_ratio", _number("conv_alpha", b.data["conv_alpha"], b.source) / conv_dim)
+
+
+def _lokr_shape(b: _Builder, network: str) -> None:
+    """LoKr's factor and decompose_both; the GUI saves them with every preset, so other types list them."""
+    for key, dotted in LOKR_KEYS.items():
+        if key not in b.data:
+            continue
+        if network != "lokr":
+            b.unmapped[key] = b.data[key]
+        elif b.given(key):
+            read = _integer if key == "factor" else _flag
+            b.set(dotted, read(key, b.data[key], b.source))
 
 
 def _learning_rates(b: _Builder) -> None:
