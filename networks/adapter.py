@@ -10,6 +10,7 @@ LoHa and LoKr in loha.py and lokr.py.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch import nn
 ALPHA = "alpha"  # every adapter type's file-key suffix for its alpha (`<name>.alpha`, a 0-dim float32)
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, ABC):
     kind = "adapter"  # "lora", "loha", "lokr": the file layout export writes
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
@@ -63,12 +64,13 @@ class Adapter(nn.Module):
             return out
         return out + self.delta_output(x).to(out.dtype)
 
+    @abstractmethod
     def delta_output(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """What the adapter adds to the base module's output for input x (multiplier applied)."""
 
+    @abstractmethod
     def delta_weight(self) -> torch.Tensor:
         """The change to the base weight, in its shape, in fp32 (multiplier not applied)."""
-        raise NotImplementedError
 
     # -- merging -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -107,15 +109,15 @@ class WeightDeltaAdapter(Adapter):
             return nn.functional.conv2d(h, weight, None, base.stride, base.padding, base.dilation, base.groups)
         return nn.functional.linear(h, weight)
 
+    @abstractmethod
     def weight_change(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """scale x the factors' product in the base weight's shape, its factors cast to `dtype` (None: as
         they are, with autograd, for training)."""
-        raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:
         with torch.no_grad():
             return self.weight_change(torch.float32)
 
+    @abstractmethod
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """{suffix: tensor} of LyCORIS's layout for this module, the scale folded in and alpha = rank."""
-        raise NotImplementedError
