@@ -132,6 +132,25 @@ def test_lycoris_loha_and_lokr_presets_import_with_their_conv_and_kronecker_sett
     assert lokr.unmapped["use_tucker"] is False  # no sdlora counterpart: listed, not dropped
 
 
+def test_a_lokr_dim_past_any_weight_asks_for_full_halves_and_imports_at_the_top_rank():
+    """LyCORIS's idiom (dim 10000 / 100000 = no decomposition, scale 1) would fail sdlora's rank bound."""
+    result = import_kohya_preset({**STANDARD_SDXL, "LoRA_type": "LyCORIS/LoKr", "network_dim": 100000,
+                                  "network_alpha": 1, "conv_dim": 10000, "conv_alpha": 1}, source="full.json")
+    net = result.config["network"]
+    assert (net["rank"], net["alpha_ratio"], net["conv_rank"], net["conv_alpha_ratio"]) == (1024, 1.0, 1024, 1.0)
+    assert any("network_dim 100000 asks LyCORIS's LoKr for full Kronecker halves" in n for n in result.notes)
+    # what that config builds: every tiny SD1 module full on both halves, so its scale is 1 as in LyCORIS
+    from networks.network import LoraNetwork
+    from tests.helpers import text_encoders
+    from trainer.config import config_from_dict
+    from trainer.model.tiny_models import build_tiny_pipeline_components
+
+    spec = config_from_dict(result.config, source="full.json").network.spec()
+    components = build_tiny_pipeline_components("sd1", seed=0)
+    network = LoraNetwork.create("sd1", components["unet"], text_encoders(components), spec)
+    assert network.adapters and all(a.full_halves and a.scale == 1.0 for a in network.adapters.values())
+
+
 def test_unsupported_types_and_bad_values_are_one_sentence(tmp_path):
     with pytest.raises(SdloraError, match=r"LoRA_type 'LyCORIS/iA3' in x.json is not supported; sdlora imports "
                                           r"'Standard', 'LoCon', 'Kohya LoCon', 'LyCORIS/LoCon', 'LyCORIS/LoHa', "

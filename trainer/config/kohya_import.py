@@ -21,11 +21,12 @@ from networks.errors import SdloraError
 from trainer.config import config_field_table, config_from_dict
 from trainer.config.kohya_names import KOHYA_KEYS
 from trainer.config.sample_prompts import OPTION_HELP, parse_prompt_text
-from trainer.config.sections import LrScheduler, MixedPrecision, Optimizer
+from trainer.config.sections import LrScheduler, MixedPrecision, NetworkSection, Optimizer
 
 NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon",
                  "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}
 LOKR_KEYS = {"factor": "network.factor", "decompose_both": "network.decompose_both"}  # kohya_ss GUI's LoKr fields
+MAX_RANK = next(rule.le for rule in NetworkSection.model_fields["rank"].metadata if hasattr(rule, "le"))
 OPTIMIZERS = {name: name for name in get_args(Optimizer)}  # kohya_ss's names, lowercased, are sdlora's
 SCHEDULERS = get_args(LrScheduler)
 MIXED_PRECISION = {name: name for name in get_args(MixedPrecision)}
@@ -182,7 +183,8 @@ def _network(b: _Builder) -> None:
     dim = _integer("network_dim", b.data["network_dim"], b.source) if b.given("network_dim") else None
     if dim is not None:
         b.set("network.rank", dim)
-    if b.given("network_alpha"):
+    full = network == "lokr" and _full_lokr(b, "network_dim", dim, "network.rank", "network.alpha_ratio")
+    if b.given("network_alpha") and not full:
         alpha = _number("network_alpha", b.data["network_alpha"], b.source)
         if dim:
             b.set("network.alpha_ratio", alpha / dim)
@@ -206,8 +208,23 @@ def _network(b: _Builder) -> None:
         return
     if conv_dim:
         b.set("network.conv_rank", conv_dim)
+        if network == "lokr" and _full_lokr(b, "conv_dim", conv_dim, "network.conv_rank", "network.conv_alpha_ratio"):
+            return
         if b.given("conv_alpha"):
             b.set("network.conv_alpha_ratio", _number("conv_alpha", b.data["conv_alpha"], b.source) / conv_dim)
+
+
+def _full_lokr(b: _Builder, key: str, dim: int | None, rank_key: str, ratio_key: str) -> bool:
+    """LyCORIS's LoKr idiom: a dim past any weight's size (10000, 100000) asks for full, undecomposed halves,
+    whose scale is 1. sdlora's LoKr makes a half full from r >= half its longer side, so its top rank gives
+    the same wherever a side is at most twice that (every SD layer split with the default factor)."""
+    if not dim or dim <= MAX_RANK:
+        return False
+    b.set(rank_key, MAX_RANK)
+    b.set(ratio_key, 1.0)
+    b.notes.append(f"{key} {dim} asks LyCORIS's LoKr for full Kronecker halves (scale 1): imported as "
+                   f"{rank_key} {MAX_RANK} with alpha/r 1, which makes sdlora's LoKr halves full as well.")
+    return True
 
 
 def _lokr_shape(b: _Builder, network: str) -> None:
