@@ -6,7 +6,7 @@ import pytest
 
 from networks.errors import SdloraError
 from trainer.config.kohya_import import import_kohya_file, import_kohya_preset, read_kohya_preset
-from trainer.config.presets import list_presets, resolve_config
+from trainer.config.presets import list_presets, load_preset, resolve_config
 
 # Shaped like kohya_ss presets/lora/*.json: numbers often as strings, unset values as "".
 LOCON_SD15 = {
@@ -112,6 +112,11 @@ def test_saved_as_a_user_preset_that_resolves(tmp_path, monkeypatch):
     assert cfg.network.type == "locon" and cfg.train.optimizer == "adamw8bit"
     info = next(p for p in list_presets() if p.name == "edg-locon")
     assert info.source == "user" and info.alpha_ratio == 0.25 and "kohya_ss" in info.description
+    # Every imported key is kept, sdlora's defaults too (512 px, batch 1 here): choosing the preset in the UI
+    # sets the keys it names, so one left out would keep an earlier preset's value (the demo's 64 px).
+    saved = load_preset("edg-locon")
+    assert saved["dataset"]["resolution"] == 512 and saved["network"]["train_unet"] is True
+    assert saved["network"]["conv_rank"] == 16 and "reg_path" not in saved["dataset"]
 
 
 def test_lycoris_loha_and_lokr_presets_import_with_their_conv_and_kronecker_settings():

@@ -7,6 +7,8 @@ last: the defaults, the preset, `base` (a config file, the UI form, --model/--da
 """
 from __future__ import annotations
 
+import copy
+
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -156,8 +158,13 @@ def save_user_preset(name: str, cfg_or_partial: TrainConfig | Mapping[str, Any],
                           f"and '.', starting with a letter or digit.")
     if name in _builtin_files():
         raise SdloraError(f"{name!r} is a built-in preset and cannot be overwritten; choose another name.")
-    cfg = cfg_or_partial if isinstance(cfg_or_partial, TrainConfig) else config_from_dict(cfg_or_partial)
-    partial = _without_run_keys(_differences(config_to_dict(cfg), config_to_dict(TrainConfig())))
+    if isinstance(cfg_or_partial, TrainConfig):
+        cfg = cfg_or_partial
+        partial = _without_run_keys(_differences(config_to_dict(cfg), config_to_dict(TrainConfig())))
+    else:  # a partial config names its keys on purpose (an imported kohya_ss preset): keep each, defaults too,
+        # since choosing a preset in the UI sets only the keys it names
+        cfg = config_from_dict(cfg_or_partial)
+        partial = _without_run_keys(copy.deepcopy(dict(cfg_or_partial)))
     comment = description or f"User preset {name}: {_summary(cfg)}."
     header = f"# {comment}\n# Saved by sdlora; a partial config over the defaults.\n\n"
     return write_text_atomic(user_presets_dir() / f"{name}.toml", header + tomli_w.dumps(partial))
