@@ -8,7 +8,6 @@ last: the defaults, the preset, `base` (a config file, the UI form, --model/--da
 from __future__ import annotations
 
 import copy
-
 import os
 import re
 from collections.abc import Iterable, Mapping
