@@ -171,3 +171,24 @@ def test_unsupported_types_and_bad_values_are_one_sentence(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(SdloraError, match="broken.json is not a readable kohya_ss JSON preset"):
         read_kohya_preset(broken)
+
+
+def test_the_train_tabs_upload_names_the_preset_after_the_file_and_says_what_was_left_out(tmp_path, monkeypatch):
+    from app.ui.preset_import import SHOWN_UNMAPPED, import_uploaded_kohya
+
+    monkeypatch.setenv("SDLORA_HOME", str(tmp_path / "home"))
+    source = tmp_path / "EDG LoCon.json"
+    source.write_text(json.dumps(LOCON_SD15))
+    name, sentence = import_uploaded_kohya(str(source), "")
+    assert name == "edg-locon" and load_preset(name)["network"]["conv_rank"] == 16
+    assert sentence.startswith("Imported EDG LoCon.json as preset edg-locon. lr_warmup is 10% of the total steps")
+    # the meaningful keys with no counterpart, named; kohya's empty or off fields are not
+    assert sentence.endswith(" Not imported, no sdlora counterpart: LyCORIS_preset, lr_warmup, noise_offset_type, "
+                             "xformers.")  # not training_comment = "" nor v2 = False
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps({**LOCON_SD15, **{f"extra_{i}": i + 1 for i in range(10)}}))
+    left_out = import_uploaded_kohya(str(many), "")[1].split("Not imported, no sdlora counterpart: ")[1]
+    assert left_out.endswith(" and 6 more.") and len(left_out.split(" and ")[0].split(", ")) == SHOWN_UNMAPPED
+    assert import_uploaded_kohya(str(source), " mine ")[0] == "mine"
+    with pytest.raises(SdloraError, match="'demo' is a built-in preset and cannot be overwritten"):
+        import_uploaded_kohya(str(source), "demo")

@@ -18,6 +18,7 @@ from app.ui.live_view import header_markdown, log_html, loss_frame, progress_htm
 from app.ui.notices import guarded, notice, ok
 from app.ui.preflight_view import report_html
 from app.ui.preset_fill import fill_from_preset
+from app.ui.preset_import import import_uploaded_kohya
 from networks.errors import SdloraError
 from networks.spec import NetworkSpec, alpha_for
 from trainer.config import TrainConfig, load_config
@@ -152,11 +153,13 @@ def build(ctx: UIContext) -> TrainTab:
                 resume = gr.Button("Resume", size="lg", elem_id="train-resume", interactive=False, min_width=80)
             message = gr.HTML(elem_id="train-notice")
             report = gr.HTML(elem_id="preflight")
-            with gr.Accordion("Save these settings as a preset", open=False):
+            with gr.Accordion("Save these settings as a preset, or import a kohya_ss preset", open=False):
                 with gr.Row(elem_classes="sd-align-end"):
                     preset_name = gr.Textbox(label="Preset name", placeholder="my-style", scale=3,
                                              elem_id="preset-name")
                     save_preset = gr.Button("Save preset", scale=1, min_width=120, elem_id="preset-save")
+                import_kohya = gr.UploadButton("Import a kohya_ss preset (.json)", file_types=[".json"],
+                                               type="filepath", size="sm", elem_id="preset-import-kohya")
         with gr.Column(scale=6, elem_classes="sd-panel"):
             header = gr.Markdown(header_markdown(None), elem_id="run-header")
             bar = gr.HTML(progress_html(None), elem_id="progress")
@@ -296,6 +299,21 @@ def build(ctx: UIContext) -> TrainTab:
 
     save_preset.click(on_save_preset, [preset_name, preset, prompts, *widgets], [message, preset, description, applied],
                       api_name="train_save_preset", api_visibility="undocumented")
+
+    @guarded(len(fill_outputs) + 3)
+    def on_import_kohya(path, typed_name, prompts_text, *values):
+        """The uploaded kohya_ss preset becomes a user preset (named as typed, else after the file) and fills
+        the form as choosing it would."""
+        name, sentence = import_uploaded_kohya(path, typed_name)
+        fill = fill_from_preset(form, name, values, prompts_text)
+        updates = [fill.updates.get(key, gr.skip()) for key in form.keys]
+        prompts_value = gr.skip() if fill.prompts is None else fill.prompts
+        return (ok(f"{sentence} {fill.sentence}"), *updates, prompts_value, preset_description(name),
+                gr.Dropdown(choices=preset_choices(), value=name), name, "")
+
+    import_kohya.upload(on_import_kohya, [import_kohya, preset_name, prompts, *widgets],
+                        [*fill_outputs, preset, applied, report], api_visibility="private").then(
+        alpha_text, alpha_inputs, alpha, api_visibility="private")
 
     # -- page load: presets may have changed on disk, and a run may be training ------------------
     def on_load():

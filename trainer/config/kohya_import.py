@@ -47,12 +47,16 @@ class KohyaImport:
     unmapped: dict[str, Any] = field(default_factory=dict)  # kohya key -> value, with no sdlora counterpart
     notes: list[str] = field(default_factory=list)  # conversions worth knowing about, one sentence each
 
+    def meaningful_unmapped(self) -> dict[str, Any]:
+        """The unmapped keys that were set to something (kohya_ss saves every field, most empty or off)."""
+        return {key: value for key, value in self.unmapped.items() if not _is_blank(value)}
+
     def text(self) -> str:
         """What was imported and what was not, for the terminal."""
         lines = [f"  {key} = {value!r}" for key, value in sorted(_flatten(self.config).items())]
         lines = ["Imported:"] + lines
         lines += [f"Note: {note}" for note in self.notes]
-        meaningful = {k: v for k, v in self.unmapped.items() if not _is_blank(v)}
+        meaningful = self.meaningful_unmapped()
         blank = sorted(set(self.unmapped) - set(meaningful))
         if meaningful:
             lines.append("Not imported (no sdlora counterpart): "
