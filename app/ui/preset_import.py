@@ -18,9 +18,10 @@ def preset_name_for(file_name: str, typed: str | None) -> str:
     return slug or "kohya-preset"
 
 
-def import_uploaded_kohya(path: str, typed_name: str | None, shown_name: str | None = None) -> tuple[str, str]:
-    """Import the uploaded file as a user preset: (preset name, what happened in sentences)."""
-    shown = shown_name or Path(path).name
+def import_uploaded_kohya(path: str, typed_name: str | None) -> tuple[str, str]:
+    """Import the uploaded file as a user preset: (preset name, what happened in sentences). Gradio keeps
+    an upload's own file name, so the path's name is the one the user chose."""
+    shown = Path(path).name
     name = preset_name_for(shown, typed_name)
     _, result = import_kohya_file(path, name)
     sentences = [f"Imported {shown} as preset {name}."]

@@ -186,16 +186,20 @@ def build(ctx: UIContext) -> TrainTab:
 
     applied = gr.State(DEFAULT_PRESET)  # the preset the form was last filled from
 
+    def filled_by_preset(name, values, prompts_text, before: str = "") -> tuple:
+        """fill_outputs after choosing preset `name`: the keys it names set, and a notice saying which."""
+        fill = fill_from_preset(form, name, values, prompts_text)
+        updates = [fill.updates.get(key, gr.skip()) for key in form.keys]
+        prompts_value = gr.skip() if fill.prompts is None else fill.prompts
+        return (ok(before + fill.sentence), *updates, prompts_value, preset_description(name))
+
     @guarded(len(fill_outputs) + 2)
     def on_preset(name, last, prompts_text, *values):
         """Set the keys the preset names, and say which. Gradio's dropdown sends an input event on every
         blur too (a look at the list, a Tab through the form): the same preset again changes nothing."""
         if not name or name == last:
             return (gr.skip(),) * (len(fill_outputs) + 2)
-        fill = fill_from_preset(form, name, values, prompts_text)
-        updates = [fill.updates.get(key, gr.skip()) for key in form.keys]
-        prompts_value = gr.skip() if fill.prompts is None else fill.prompts
-        return (ok(fill.sentence), *updates, prompts_value, preset_description(name), name, "")
+        return (*filled_by_preset(name, values, prompts_text), name, "")
 
     @guarded(len(fill_outputs))
     def fill_from_run(run):
@@ -305,10 +309,7 @@ def build(ctx: UIContext) -> TrainTab:
         """The uploaded kohya_ss preset becomes a user preset (named as typed, else after the file) and fills
         the form as choosing it would."""
         name, sentence = import_uploaded_kohya(path, typed_name)
-        fill = fill_from_preset(form, name, values, prompts_text)
-        updates = [fill.updates.get(key, gr.skip()) for key in form.keys]
-        prompts_value = gr.skip() if fill.prompts is None else fill.prompts
-        return (ok(f"{sentence} {fill.sentence}"), *updates, prompts_value, preset_description(name),
+        return (*filled_by_preset(name, values, prompts_text, before=sentence + " "),
                 gr.Dropdown(choices=preset_choices(), value=name), name, "")
 
     import_kohya.upload(on_import_kohya, [import_kohya, preset_name, prompts, *widgets],

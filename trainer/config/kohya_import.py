@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any, get_args
 
 from networks.errors import SdloraError
+from networks.spec import NetworkSpec
 from trainer.config import config_field_table, config_from_dict
 from trainer.config.kohya_names import KOHYA_KEYS
 from trainer.config.sample_prompts import OPTION_HELP, parse_prompt_text
-from trainer.config.sections import LrScheduler, MixedPrecision, NetworkSection, Optimizer
+from trainer.config.sections import LrScheduler, MixedPrecision, Optimizer
 
 NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon",
                  "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}
 LOKR_KEYS = {"factor": "network.factor", "decompose_both": "network.decompose_both"}  # kohya_ss GUI's LoKr fields
-MAX_RANK = next(rule.le for rule in NetworkSection.model_fields["rank"].metadata if hasattr(rule, "le"))
 OPTIMIZERS = {name: name for name in get_args(Optimizer)}  # kohya_ss's names, lowercased, are sdlora's
 SCHEDULERS = get_args(LrScheduler)
 MIXED_PRECISION = {name: name for name in get_args(MixedPrecision)}
@@ -202,10 +202,10 @@ def _network(b: _Builder) -> None:
     b.set("network.type", network)
     _lokr_shape(b, network)
     # LyCORIS adapts the convolutions of a LoHa / LoKr when conv_dim is set, as LoCon always does.
-    adapts_convs = network == "locon" or (network in ("loha", "lokr") and bool(conv_dim))
+    include_convs = network in ("loha", "lokr") and bool(conv_dim)
     if network in ("loha", "lokr"):
-        b.set("network.include_convs", adapts_convs)
-    if not adapts_convs:
+        b.set("network.include_convs", include_convs)
+    if not NetworkSpec(type=network, include_convs=include_convs).adapts_convs:  # the spec's rule for conv_rank
         for key in ("conv_dim", "conv_alpha"):
             if key in b.data:
                 b.unmapped[key] = b.data[key]  # kohya_ss itself ignores them for a Standard LoRA
@@ -222,12 +222,13 @@ def _full_lokr(b: _Builder, key: str, dim: int | None, rank_key: str, ratio_key:
     """LyCORIS's LoKr idiom: a dim past any weight's size (10000, 100000) asks for full, undecomposed halves,
     whose scale is 1. sdlora's LoKr makes a half full from r >= half its longer side, so its top rank gives
     the same wherever a side is at most twice that (every SD layer split with the default factor)."""
-    if not dim or dim <= MAX_RANK:
+    top = int(CONFIG_FIELDS[rank_key].bounds["le"])
+    if not dim or dim <= top:
         return False
-    b.set(rank_key, MAX_RANK)
+    b.set(rank_key, top)
     b.set(ratio_key, 1.0)
     b.notes.append(f"{key} {dim} asks LyCORIS's LoKr for full Kronecker halves (scale 1): imported as "
-                   f"{rank_key} {MAX_RANK} with alpha/r 1, which makes sdlora's LoKr halves full as well.")
+                   f"{rank_key} {top} with alpha/r 1, which makes sdlora's LoKr halves full as well.")
     return True
 
 
@@ -239,8 +240,7 @@ def _lokr_shape(b: _Builder, network: str) -> None:
         if network != "lokr":
             b.unmapped[key] = b.data[key]
         elif b.given(key):
-            read = _integer if key == "factor" else _flag
-            b.set(dotted, read(key, b.data[key], b.source))
+            b.set(dotted, _reader(dotted)(key, b.data[key], b.source))
 
 
 def _learning_rates(b: _Builder) -> None:
