@@ -75,3 +75,22 @@ def test_the_train_tab_shows_the_conv_rank_where_the_network_uses_it():
     assert alpha_text("lokr", 8, 0.5, None, 4, 0.5, None, True).endswith(
         "**conv alpha 2** <span class='sd-muted'>(= 0.5 x 4)</span>")
     assert "conv alpha" not in alpha_text("loha", 8, 0.5, None, 4, 0.5, None, False)
+
+
+def test_a_saved_form_preset_names_every_field_so_choosing_it_refills_the_form(tmp_path, monkeypatch):
+    from app.ui.preset_fill import fill_from_preset
+    from trainer.config.presets import load_preset
+
+    monkeypatch.setenv("SDLORA_HOME", str(tmp_path))
+    defaults = resolve_config(None, ["dataset.path=/data"])
+    form = built_form(defaults)
+    form.save_as_preset("mine", None, prompts_to_text(defaults), form.values(defaults))
+    saved = load_preset("mine")
+    assert saved["dataset"]["resolution"] == 512 and saved["train"]["learning_rate"] == 1e-4  # defaults, named
+    assert "path" not in saved["dataset"]  # still nothing that ties it to one run
+    demo = resolve_config("demo", ["dataset.path=/data"])
+    fill = fill_from_preset(form, "mine", form.values(demo), prompts_to_text(demo))
+    # After the demo preset (64 px, lr 2e-3), the saved preset brings its own values back.
+    assert fill.updates["dataset.resolution"] == 512
+    assert float(fill.updates["train.learning_rate"]) == 1e-4
+    assert fill.prompts == prompts_to_text(defaults)

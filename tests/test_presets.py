@@ -167,3 +167,8 @@ def test_cli_bodies(tmp_path, sdlora_home):
         f"Saved preset 'from-run' to {sdlora_home / 'presets' / 'from-run.toml'}.\n"
     assert resolve_config("from-run").network.rank == 8
     assert load_config(run_config).network.rank == 8
+    # A file names its keys on purpose: a default value (512 px) is kept, so the preset sets it when chosen.
+    typed = tmp_path / "typed.toml"
+    typed.write_text('[dataset]\npath = "/my/data"\nresolution = 512\n[network]\nrank = 4\n')
+    presets_save_text("typed", typed)
+    assert load_preset("typed") == {"dataset": {"resolution": 512}, "network": {"rank": 4}}

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from networks.errors import SdloraError
 from trainer.config import ConfigError, ConfigField, SamplePrompt, TrainConfig, config_field_table
-from trainer.config.presets import resolve_config
+from trainer.config.presets import resolve_config, save_user_preset
 from trainer.config.sample_prompts import OPTION_HELP, format_prompt_line, parse_prompt_text
 
 PROMPTS_KEY = "sample.prompts"  # edited as one prompt per line in the main form
@@ -100,6 +101,12 @@ class ConfigForm:
             raise SdloraError(self._error_sentence(error, typed)) from None
         except SdloraError as error:  # from_widget's: about a value typed in the form
             raise SdloraError(self.in_words(_you_typed(str(error)))) from None
+
+    def save_as_preset(self, name: str, preset: str | None, prompts_text: str, values: Sequence[Any]) -> Path:
+        """Save the form as user preset `name`, naming every field, defaults too: a preset sets only the keys
+        it names, so one that left out a default would let the previous preset's value stay when chosen."""
+        cfg = self.to_config(preset, prompts_text, values)
+        return save_user_preset(name, cfg, keep=[*self.keys, PROMPTS_KEY])
 
     def _error_sentence(self, error: ConfigError, typed: dict) -> str:
         key, message = error.key, str(error)

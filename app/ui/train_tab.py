@@ -22,7 +22,7 @@ from app.ui.preset_import import import_uploaded_kohya
 from networks.errors import SdloraError
 from networks.spec import NetworkSpec, alpha_for
 from trainer.config import TrainConfig, load_config
-from trainer.config.presets import list_presets, resolve_config, save_user_preset
+from trainer.config.presets import list_presets, resolve_config
 from trainer.run.run_dir import RunDir
 
 DEFAULT_PRESET = "demo"
@@ -295,9 +295,8 @@ def build(ctx: UIContext) -> TrainTab:
 
     @guarded(4)
     def on_save_preset(name, preset_name, prompts_text, *values):
-        cfg = form.to_config(preset_name, prompts_text, values)
         name = (name or "").strip()
-        path = save_user_preset(name, cfg)
+        path = form.save_as_preset(name, preset_name, prompts_text, values)
         return (ok(f"Saved preset {name} to {path}."), gr.Dropdown(choices=preset_choices(), value=name),
                 preset_description(name), name)  # the form holds the new preset: choosing it again changes nothing
 

@@ -150,8 +150,11 @@ def resolve_config(preset: str | None = None, overrides: Iterable[str] = (),
 
 
 def save_user_preset(name: str, cfg_or_partial: TrainConfig | Mapping[str, Any],
-                     description: str | None = None) -> Path:
-    """Write the keys that differ from the defaults as a user preset; a built-in name is refused."""
+                     description: str | None = None, keep: Iterable[str] = ()) -> Path:
+    """Write a user preset; a built-in name is refused. From a config: the keys that differ from the defaults
+    plus the dotted keys in `keep`, defaults too (the UI keeps every field it shows). From a partial config:
+    every key it names (an imported kohya_ss preset or a TOML file), defaults too. A preset sets only the keys
+    it names, so a key left out at its default would keep whatever the form held before it was chosen."""
     if not _NAME.fullmatch(name):
         raise SdloraError(f"Preset name {name!r} is not usable; use lower-case letters, digits, '-', '_' "
                           f"and '.', starting with a letter or digit.")
@@ -159,14 +162,25 @@ def save_user_preset(name: str, cfg_or_partial: TrainConfig | Mapping[str, Any],
         raise SdloraError(f"{name!r} is a built-in preset and cannot be overwritten; choose another name.")
     if isinstance(cfg_or_partial, TrainConfig):
         cfg = cfg_or_partial
-        partial = _without_run_keys(_differences(config_to_dict(cfg), config_to_dict(TrainConfig())))
-    else:  # a partial config names its keys on purpose (an imported kohya_ss preset): keep each, defaults too,
-        # since choosing a preset in the UI sets only the keys it names
+        values = config_to_dict(cfg)
+        partial = _differences(values, config_to_dict(TrainConfig()))
+        for dotted in keep:
+            _copy_key(values, partial, dotted)
+    else:
         cfg = config_from_dict(cfg_or_partial)
-        partial = _without_run_keys(copy.deepcopy(dict(cfg_or_partial)))
+        partial = copy.deepcopy(dict(cfg_or_partial))
     comment = description or f"User preset {name}: {_summary(cfg)}."
     header = f"# {comment}\n# Saved by sdlora; a partial config over the defaults.\n\n"
-    return write_text_atomic(user_presets_dir() / f"{name}.toml", header + tomli_w.dumps(partial))
+    return write_text_atomic(user_presets_dir() / f"{name}.toml", header + tomli_w.dumps(_without_run_keys(partial)))
+
+
+def _copy_key(source: dict, target: dict, dotted: str) -> None:
+    """Copy the value at the dotted key from `source` into `target`, making the sections it needs."""
+    *sections, leaf = dotted.split(".")
+    for section in sections:
+        source, target = source.get(section, {}), target.setdefault(section, {})
+    if leaf in source and source[leaf] is not None:  # TOML has no null: an unset optional key stays unnamed
+        target[leaf] = copy.deepcopy(source[leaf])
 
 
 def _differences(values: dict, defaults: dict) -> dict:
@@ -232,6 +246,6 @@ def presets_show_text(name: str) -> str:
 def presets_save_text(name: str, from_file: str | os.PathLike) -> str:
     """`sdlora presets save NAME --from FILE.toml`: validate the file and store it as a user preset."""
     cfg = load_config(from_file)
-    path = save_user_preset(name, cfg, description=f"User preset {name} (from {Path(from_file).name}): "
+    path = save_user_preset(name, read_toml(from_file), description=f"User preset {name} (from {Path(from_file).name}): "
                                                    f"{_summary(cfg)}.")
     return f"Saved preset {name!r} to {path}.\n"
