@@ -266,11 +266,11 @@ def train_denoiser(args, work: Path, vae: AutoencoderKL) -> tuple[UNet2DConditio
 
 
 def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, noise_scheduler, start):
-    pixels, captions = plain_scene_set(args.images, args.seed + 3, codec_extras=False)
-    means, stds = encode_all(vae, pixels)
+    means, stds, captions = encoded_scenes(args, work, vae)
     scale = vae.config.scaling_factor
     tokens = tokenize(captions + [""])
     empty = tokens[-1]
+    named = tokenize(with_unknown_words(captions, args.seed + 7)) if args.unknown_words else None
     generator = torch.Generator().manual_seed(args.seed + 4 + start)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     v_start = args.steps + args.offset_steps
@@ -286,6 +286,9 @@ def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, n
         picks = torch.randint(0, len(means), (args.batch,), generator=generator)
         latents = (means[picks] + stds[picks] * torch.randn(means[picks].shape, generator=generator)) * scale
         ids = tokens[picks].clone()
+        if named is not None:  # drawn only when asked, so a run without it draws as before
+            unknown = torch.rand(args.batch, generator=generator) < args.unknown_words
+            ids[unknown] = named[picks][unknown]
         ids[torch.rand(args.batch, generator=generator) < 0.1] = empty
         noise = torch.randn(latents.shape, generator=generator)
         if offset_phase:  # offset noise: the image's mean colour stops being read from the noise
@@ -312,6 +315,31 @@ def _train_denoiser_steps(args, work, vae, unet, text_encoder, optimizer, ema, n
                             optimizer=optimizer.state_dict(), ema=ema.state_dict(), step=step + 1)
             scheduler = v_scheduler() if step + 1 > v_start else DDIMScheduler.from_config(_scheduler("sd1").config)
             _preview(work, vae, unet, text_encoder, ema, parameters, step + 1, scheduler)
+
+
+def encoded_scenes(args, work: Path, vae: AutoencoderKL) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The plain scenes' latent means and stds and their captions; kept in --work, since encoding 24,000
+    images takes longer than a hundred steps and the VAE's encoder no longer changes after its stage."""
+    cache = work / f"scenes-{args.images}-{args.seed}.pt"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        return saved["means"], saved["stds"], saved["captions"]
+    pixels, captions = plain_scene_set(args.images, args.seed + 3, codec_extras=False)
+    means, stds = encode_all(vae, pixels)
+    save_checkpoint(cache, means=means, stds=stds, captions=captions)
+    return means, stds, captions
+
+
+def with_unknown_words(captions: list[str], seed: int) -> list[str]:
+    """Each caption led by a made-up word, as real captions lead with names a base model never learned
+    (artist tags, trigger words): so a word the model does not know leaves the scene it draws alone."""
+    rng = random.Random(seed)
+    return [f"{made_up_word(rng)}, {caption}" for caption in captions]
+
+
+def made_up_word(rng: random.Random) -> str:
+    syllables = [rng.choice("bcdfghjklmnprstvwxz") + rng.choice("aeiouy") for _ in range(rng.randint(2, 5))]
+    return "".join(syllables) + rng.choice(("", "", "", "r", "n", "s", "x"))
 
 
 def v_rate(args, step: int) -> float:
@@ -427,6 +455,9 @@ def parse_args(argv=None):
     parser.add_argument("--noise-offset", type=float, default=0.1)
     parser.add_argument("--v-steps", type=int, default=2000)
     parser.add_argument("--v-lr", type=float, default=3e-4)
+    parser.add_argument("--unknown-words", type=float, default=0.0,
+                        help="share of the UNet's captions led by a made-up word (0-1), so a trigger word "
+                             "the base never saw does not change what it draws")
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
