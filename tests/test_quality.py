@@ -163,9 +163,10 @@ def test_the_demo_lora_moves_the_style_and_keeps_the_content(demo_scores):
     assert after.content >= before.content - 10, (before, after)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11's full target, not met yet: the 400-step demo LoRA gets about "
-                   "60% of the way to the training images' style (cream paper, navy outlines and shadows, no dot pattern yet); see "
-                   "docs/QUALITY.md. Strict: this fails CI once it passes, so the mark comes off.")
+@pytest.mark.xfail(strict=True, reason="issue 11's full target, not met: the 400-step demo LoRA gets about 60% "
+                   "of the way to the training images' style (cream paper, navy outlines and shadows, no dot "
+                   "pattern); not even a full UNet fine-tune draws the navy ink on this base (docs/QUALITY.md). "
+                   "Strict: this fails CI once it passes, so the mark comes off.")
 def test_the_demo_lora_learns_the_style_and_keeps_the_content(demo_scores):
     before, after = demo_scores
     # The LoRA moves most of the way to the training images' style on pairs it never saw,
