@@ -135,3 +135,50 @@ def test_the_load_check_badge_names_where_a_lycoris_file_loads():
     assert "loads in A1111 / ComfyUI / LyCORIS (not diffusers) · 12 modules" in load_check_html(loha)
     assert "does not load in A1111 / ComfyUI / LyCORIS (not diffusers): bad shape" in load_check_html(
         {**loha, "ok": False, "problems": ["bad shape"]})
+
+
+def test_a_training_run_redraws_its_loss_plot_at_most_every_few_seconds(manager, monkeypatch):
+    """Each output a poll sends costs the browser CPU that a GPU-less machine takes from the training:
+    while a run trains, the bar follows every step, the loss plot every LOSS_REDRAW_SECONDS, the buttons
+    only when the status changes; once it ends, the plot shows every step at once."""
+    from app.ui.context import UIContext
+    from app.ui.train_tab import LIVE_OUTPUTS, LOSS_REDRAW_SECONDS, live_update
+
+    events = [{"event": "started", "total_steps": 4, "start_step": 0, "name": "demo-lora"}, *steps(1, 1)]
+    run = write_run(manager.runs_dir / "live", events, validation=False)
+    monkeypatch.setattr(manager, "live_pid", lambda run_dir: 12345)  # a trainer process is running it
+    monkeypatch.setattr(manager, "_current_process_started", lambda run_dir, events: True)
+    ctx = UIContext(manager, manager.runs_dir.parent / "datasets")
+
+    def add_steps(first, last):
+        with (run / "events.jsonl").open("a") as log:
+            for event in steps(first, last):
+                log.write(json.dumps({"time": "2026-01-01T00:00:01+00:00", **event}) + "\n")
+
+    def sent(outputs):  # output name -> whether this poll sends it
+        names = ["header", "bar", "run_notice", "loss", "samples", "log", "start", "stop", "resume", "timer",
+                 "fingerprint", "notice"]
+        assert len(outputs) == len(names) == LIVE_OUTPUTS
+        return {name: not isinstance(value, dict) or value.get("__type__") != "update" or len(value) > 1
+                for name, value in zip(names, outputs)}
+
+    first = live_update(ctx, "live", None, now=100.0)
+    assert sent(first)["loss"] and sent(first)["stop"] and len(first[3]) == 2  # loss and smoothed, step 1
+    add_steps(2, 2)
+    soon = live_update(ctx, "live", first[10], now=100.0 + LOSS_REDRAW_SECONDS / 2)
+    assert sent(soon)["bar"] and 'data-step="2"' in soon[1]
+    assert not any(sent(soon)[name] for name in ("loss", "start", "stop", "resume", "timer", "samples"))
+    nothing_new = live_update(ctx, "live", soon[10], now=100.0 + LOSS_REDRAW_SECONDS - 0.1)
+    assert not any(sent(nothing_new)[name] for name in ("header", "bar", "loss"))
+    assert not isinstance(nothing_new[10], list)  # all skipped, so the page keeps the fingerprint it had
+    due = live_update(ctx, "live", soon[10], now=100.0 + LOSS_REDRAW_SECONDS)
+    assert sent(due)["loss"] and len(due[3]) == 4  # the step that came meanwhile, without a new event
+    add_steps(3, 4)
+    with (run / "events.jsonl").open("a") as log:
+        log.write(json.dumps({"time": "2026-01-01T00:00:02+00:00", "event": "finished", "step": 4,
+                              "path": "demo-lora.safetensors"}) + "\n")
+    (run / "demo-lora.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(manager, "live_pid", lambda run_dir: None)  # the trainer has exited
+    ended = live_update(ctx, "live", due[10], now=100.0 + LOSS_REDRAW_SECONDS + 0.5)
+    assert sent(ended)["loss"] and len(ended[3]) == 8  # at once, though the last draw was half a second ago
+    assert sent(ended)["start"] and sent(ended)["timer"]

@@ -1,12 +1,14 @@
 """Train tab: the form (a view of TrainConfig), Train / Stop / Resume, and the live view of the run.
 
-The live view polls the run folder once a second (gr.Timer) and sends only what changed. Which run it
+The live view polls the run folder every POLL_SECONDS (gr.Timer) and sends only what changed. Which run it
 shows is per browser session; on page load it picks up the newest run still training, so a refresh or
 a UI restart reattaches to a run that never stopped (it is a separate process).
 """
 from __future__ import annotations
 
 import html
+import math
+import time
 from dataclasses import dataclass
 
 import gradio as gr
@@ -26,7 +28,8 @@ from trainer.config.presets import list_presets, resolve_config
 from trainer.run.run_dir import RunDir
 
 DEFAULT_PRESET = "demo"
-POLL_SECONDS = 1.0
+POLL_SECONDS = 2.0
+LOSS_REDRAW_SECONDS = 6.0
 DISCOVER_SECONDS = 5.0  # how soon a run started from the CLI or another tab shows up
 LOSS_COLOURS = {"loss": "#c7d2fe", "smoothed": "#4f46e5", "validation": "#f59e0b"}
 LOG_LINES = 80
@@ -338,31 +341,41 @@ def idle_update(ctx: UIContext, seen: list | None, control_notice=None) -> tuple
             gr.Timer(active=False), key, gr.skip() if control_notice is None else control_notice)
 
 
-def live_update(ctx: UIContext, run: str | None, seen: list | None) -> tuple:
-    """The live view's outputs for `run`; only what changed since `seen` (the last fingerprint) is sent."""
+def live_update(ctx: UIContext, run: str | None, seen: list | None, now: float | None = None) -> tuple:
+    """The live view's outputs for `run`; only what changed since `seen` (the last fingerprint) is sent.
+
+    The fingerprint is [run, events, samples, status, log length, events the loss plot shows, when it was
+    drawn]. While a run trains, the loss plot is redrawn at most every LOSS_REDRAW_SECONDS, the buttons
+    only when the status changes: every output a tick sends keeps the browser busy (gradio's status
+    tracker animates it), and on a machine without a GPU that time comes out of the training itself."""
     if not run:
         return idle_update(ctx, seen)
     try:
         run_dir = ctx.runs.resolve(run)
     except SdloraError:
         return idle_update(ctx, seen, notice())  # deleted meanwhile (in the Runs tab, which said so)
+    now = time.monotonic() if now is None else now
     progress = ctx.runs.progress(run_dir)
     info, log_text = progress.info, ctx.runs.log_tail(run_dir, LOG_LINES)
-    key = [run, progress.event_count, len(progress.samples), info.status, len(log_text)]
-    if key == seen:
-        return (gr.skip(),) * LIVE_OUTPUTS
+    state = [run, progress.event_count, len(progress.samples), info.status, len(log_text)]
     same_run = bool(seen) and seen[0] == run
     active = info.status in ACTIVE
-    new_loss = not same_run or seen[1] != key[1]
-    new_samples = not same_run or seen[2] != key[2]
+    drawn_for, drawn_at = (seen[5], seen[6]) if same_run else (None, -math.inf)
+    new_loss = drawn_for != progress.event_count and (not active or now - drawn_at >= LOSS_REDRAW_SECONDS)
+    if same_run and seen[:5] == state and not new_loss:
+        return (gr.skip(),) * LIVE_OUTPUTS
+    new_status = not same_run or seen[3] != info.status
+    key = state + ([progress.event_count, now] if new_loss else [drawn_for, drawn_at])
     error = notice(info.message) if info.status in ("error", "interrupted") and info.message else notice()
     # "Started ...", "Stopping ..." describe a run in motion: once it has stopped, the bar says the rest.
     ended = same_run and seen[3] in ACTIVE and not active
-    return (header_markdown(info), progress_html(progress), error,
+    controls = (gr.Button(interactive=not active), gr.Button(interactive=active),
+                gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active))
+    return (header_markdown(info), progress_html(progress), error if new_status else gr.skip(),
             loss_frame(progress.losses, progress.validation, progress.validating) if new_loss else gr.skip(),
-            sample_grid_html(progress) if new_samples else gr.skip(), log_html(log_text),
-            gr.Button(interactive=not active), gr.Button(interactive=active),
-            gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active), key,
+            sample_grid_html(progress) if not same_run or seen[2] != state[2] else gr.skip(),
+            log_html(log_text) if not same_run or seen[4] != state[4] else gr.skip(),
+            *(controls if new_status else (gr.skip(),) * len(controls)), key,
             notice() if ended else gr.skip())
 
 
