@@ -167,7 +167,7 @@ def test_a_training_run_redraws_its_loss_plot_at_most_every_few_seconds(manager,
     add_steps(2, 2)
     soon = live_update(ctx, "live", first[10], now=100.0 + LOSS_REDRAW_SECONDS / 2)
     assert sent(soon)["bar"] and 'data-step="2"' in soon[1]
-    assert not any(sent(soon)[name] for name in ("loss", "start", "stop", "resume", "timer", "samples"))
+    assert not any(sent(soon)[name] for name in ("header", "loss", "start", "stop", "resume", "timer", "samples"))
     nothing_new = live_update(ctx, "live", soon[10], now=100.0 + LOSS_REDRAW_SECONDS - 0.1)
     assert not any(sent(nothing_new)[name] for name in ("header", "bar", "loss"))
     assert not isinstance(nothing_new[10], list)  # all skipped, so the page keeps the fingerprint it had

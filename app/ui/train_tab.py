@@ -371,7 +371,7 @@ def live_update(ctx: UIContext, run: str | None, seen: list | None, now: float |
     ended = same_run and seen[3] in ACTIVE and not active
     controls = (gr.Button(interactive=not active), gr.Button(interactive=active),
                 gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active))
-    return (header_markdown(info), progress_html(progress), error if new_status else gr.skip(),
+    return (header_markdown(info) if new_status else gr.skip(), progress_html(progress), error if new_status else gr.skip(),
             loss_frame(progress.losses, progress.validation, progress.validating) if new_loss else gr.skip(),
             sample_grid_html(progress) if not same_run or seen[2] != state[2] else gr.skip(),
             log_html(log_text) if not same_run or seen[4] != state[4] else gr.skip(),
