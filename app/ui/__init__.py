@@ -34,7 +34,7 @@ def build_ui(runs_dir: str | Path = "runs", trainer_command: list[str] | None = 
             with gr.Tab("Runs", id="runs") as runs_item:
                 runs = runs_tab.build(ctx)
             with gr.Tab("Try", id="try") as try_item:
-                try_dropdown, try_choices = try_tab.build(ctx)
+                try_list = try_tab.build(ctx)
             with gr.Tab("Inspect", id="inspect") as inspect_item:
                 inspect_dropdown, inspect_choices = inspect_tab.build(ctx)
         api.register(ctx)
@@ -43,7 +43,8 @@ def build_ui(runs_dir: str | Path = "runs", trainer_command: list[str] | None = 
         runs_item.select(runs.refresh, None, runs.refresh_outputs, api_visibility="private")
         # The LoRA pickers list the runs' files as the page opens, and again whenever their tab is opened.
         for event in (demo.load, try_item.select):
-            event(try_choices, None, try_dropdown, api_visibility="private", show_progress="hidden")
+            event(try_list.refresh, try_list.components, try_list.components, api_visibility="private",
+                  show_progress="hidden")
         for event in (demo.load, inspect_item.select):
             event(inspect_choices, None, inspect_dropdown, api_visibility="private", show_progress="hidden")
     demo.sdlora = ctx  # for tests and embedding: the run manager behind this page

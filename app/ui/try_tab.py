@@ -1,6 +1,9 @@
 """Try tab: the same prompt and seed without and with a LoRA, side by side, at any weight."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import gradio as gr
 
 from app.security import user_file
@@ -9,6 +12,13 @@ from app.ui.notices import guarded, ok
 from networks.errors import SdloraError
 from trainer.demo.demo_data import TRIGGER
 from trainer.run.sampling import SAMPLERS
+
+
+@dataclass(frozen=True)
+class TryList:
+    """The LoRA list's refresh, for the page's other events (page load, opening the tab) to call too."""
+    refresh: Callable
+    components: list
 
 
 def lora_choices(ctx: UIContext) -> list[tuple[str, str]]:
@@ -20,6 +30,17 @@ def lora_choices(ctx: UIContext) -> list[tuple[str, str]]:
         for checkpoint in reversed(ctx.runs.checkpoints(run.path)):
             choices.append((f"{run.folder} / {checkpoint.name}", str(checkpoint)))
     return choices
+
+
+def refreshed_choice(ctx: UIContext, current: str | None, newest_before: str | None) -> tuple[list, str | None, str | None]:
+    """(choices, value, newest file) for the LoRA list made again: a file newer than any the list had
+    before (a run just finished) is chosen, since that is what a user opens the tab to try; otherwise the
+    file the user picked stays chosen while it exists."""
+    choices = lora_choices(ctx)
+    paths = [path for _, path in choices]
+    newest = paths[0] if paths else None
+    keep = current in paths and newest == newest_before
+    return choices, current if keep else newest, newest
 
 
 def check_settings(steps, guidance, size, weight) -> None:
@@ -39,8 +60,10 @@ def build(ctx: UIContext):
             model = gr.Textbox("demo:shapes", label="Base model", elem_id="try-model",
                                info="Diffusers folder, .safetensors/.ckpt, or demo:shapes.")
             with gr.Row(elem_classes="sd-align-end"):
-                lora = gr.Dropdown(lora_choices(ctx), label="LoRA from a run", scale=4, elem_id="try-lora",
+                choices, first, _ = refreshed_choice(ctx, None, None)
+                lora = gr.Dropdown(choices, value=first, label="LoRA from a run", scale=4, elem_id="try-lora",
                                    allow_custom_value=False)
+                newest_listed = gr.State(first)
                 refresh = gr.Button("Refresh", size="sm", scale=1, min_width=90)
             lora_path = gr.Textbox(label="...or a LoRA file path", placeholder="/path/to/lora.safetensors",
                                    elem_id="try-lora-path", info="Used instead of the list when filled.")
@@ -83,7 +106,11 @@ def build(ctx: UIContext):
         return (ok(f"{path.name} at weight {float(weight_value):g}."), result.without, result.with_lora,
                 f"{loaded}2 images in {result.render_seconds:.1f} s")
 
-    refresh.click(lambda: gr.Dropdown(choices=lora_choices(ctx)), None, lora, api_visibility="private")
+    def refresh_list(current, newest_before):
+        choices, value, newest = refreshed_choice(ctx, current, newest_before)
+        return gr.Dropdown(choices=choices, value=value), newest
+
+    refresh.click(refresh_list, [lora, newest_listed], [lora, newest_listed], api_visibility="private")
     generate.click(on_generate, [model, lora, lora_path, prompt, negative, seed, steps, guidance, size, sampler, weight],
                    [message, without, with_lora, timing], api_name="try_lora")
-    return lora, lambda: gr.Dropdown(choices=lora_choices(ctx))
+    return TryList(refresh_list, [lora, newest_listed])
