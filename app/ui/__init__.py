@@ -36,7 +36,7 @@ def build_ui(runs_dir: str | Path = "runs", trainer_command: list[str] | None = 
             with gr.Tab("Try", id="try") as try_item:
                 try_list = try_tab.build(ctx)
             with gr.Tab("Inspect", id="inspect") as inspect_item:
-                inspect_dropdown, inspect_choices = inspect_tab.build(ctx)
+                inspect_list = inspect_tab.build(ctx)
         api.register(ctx)
         _wire(demo, tabs, dataset, train, runs)
         _share_dataset_settings(demo, dataset_item, dataset, train)
@@ -46,7 +46,8 @@ def build_ui(runs_dir: str | Path = "runs", trainer_command: list[str] | None = 
             event(try_list.refresh, try_list.components, try_list.components, api_visibility="private",
                   show_progress="hidden")
         for event in (demo.load, inspect_item.select):
-            event(inspect_choices, None, inspect_dropdown, api_visibility="private", show_progress="hidden")
+            event(inspect_list.refresh, inspect_list.components, inspect_list.components, api_visibility="private",
+                  show_progress="hidden")
     demo.sdlora = ctx  # for tests and embedding: the run manager behind this page
     threading.Thread(target=_warm_up_checks, name="sdlora-warm-up", daemon=True).start()
     return demo

@@ -11,7 +11,7 @@ from app.security import user_file
 from app.ui import inspect_frames as frames
 from app.ui.context import UIContext
 from app.ui.notices import guarded, ok
-from app.ui.try_tab import lora_choices
+from app.ui.try_tab import LoraList, lora_choices, refreshed_choice
 from networks.analysis import SIDES, spectrum, subspace_similarity
 from networks.errors import SdloraError
 from networks.inspect import inspect_lora
@@ -92,7 +92,13 @@ def build(ctx: UIContext):
     component.input(lines_value, [view, component], values, api_visibility="private").then(
         lines_settings, [view, component], values, api_visibility="private", show_progress="hidden")
     chosen_b = build_similarity(uploaded, typed, chosen, ctx)
-    return [chosen, chosen_b], lambda: tuple(gr.Dropdown(choices=lora_choices(ctx)) for _ in range(2))
+    newest_listed = gr.State(refreshed_choice(ctx, None, None)[2])
+
+    def refresh_lists(current, newest_before, _current_b):
+        choices, value, newest = refreshed_choice(ctx, current, newest_before)
+        return gr.Dropdown(choices=choices, value=value), newest, gr.Dropdown(choices=choices)
+
+    return LoraList(refresh_lists, [chosen, newest_listed, chosen_b])
 
 
 MIN_AXIS_SPAN = 5  # a count axis spanning fewer units gets half-unit ticks (0.5, 1.5) from the plot library

@@ -15,8 +15,9 @@ from trainer.run.sampling import SAMPLERS
 
 
 @dataclass(frozen=True)
-class TryList:
-    """The LoRA list's refresh, for the page's other events (page load, opening the tab) to call too."""
+class LoraList:
+    """A tab's LoRA list refresh, for the page's events (page load, opening the tab) to call: its inputs
+    and outputs are `components`."""
     refresh: Callable
     components: list
 
@@ -113,4 +114,4 @@ def build(ctx: UIContext):
     refresh.click(refresh_list, [lora, newest_listed], [lora, newest_listed], api_visibility="private")
     generate.click(on_generate, [model, lora, lora_path, prompt, negative, seed, steps, guidance, size, sampler, weight],
                    [message, without, with_lora, timing], api_name="try_lora")
-    return TryList(refresh_list, [lora, newest_listed])
+    return LoraList(refresh_list, [lora, newest_listed])
