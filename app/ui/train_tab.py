@@ -345,8 +345,8 @@ def live_update(ctx: UIContext, run: str | None, seen: list | None, now: float |
     """The live view's outputs for `run`; only what changed since `seen` (the last fingerprint) is sent.
 
     The fingerprint is [run, events, samples, status, log length, events the loss plot shows, when it was
-    drawn]. While a run trains, the loss plot is redrawn at most every LOSS_REDRAW_SECONDS, the buttons
-    only when the status changes: every output a tick sends keeps the browser busy (gradio's status
+    drawn]. While a run trains, the loss plot is redrawn at most every LOSS_REDRAW_SECONDS, the header
+    and buttons only when the status changes (the header's final file and history come with one): every output a tick sends keeps the browser busy (gradio's status
     tracker animates it), and on a machine without a GPU that time comes out of the training itself."""
     if not run:
         return idle_update(ctx, seen)
@@ -371,7 +371,8 @@ def live_update(ctx: UIContext, run: str | None, seen: list | None, now: float |
     ended = same_run and seen[3] in ACTIVE and not active
     controls = (gr.Button(interactive=not active), gr.Button(interactive=active),
                 gr.Button(interactive=info.status in RESUMABLE), gr.Timer(active=active))
-    return (header_markdown(info) if new_status else gr.skip(), progress_html(progress), error if new_status else gr.skip(),
+    return (header_markdown(info) if new_status else gr.skip(), progress_html(progress),
+            error if new_status else gr.skip(),
             loss_frame(progress.losses, progress.validation, progress.validating) if new_loss else gr.skip(),
             sample_grid_html(progress) if not same_run or seen[2] != state[2] else gr.skip(),
             log_html(log_text) if not same_run or seen[4] != state[4] else gr.skip(),

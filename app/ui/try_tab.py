@@ -33,7 +33,8 @@ def lora_choices(ctx: UIContext) -> list[tuple[str, str]]:
     return choices
 
 
-def refreshed_choice(ctx: UIContext, current: str | None, newest_before: str | None) -> tuple[list, str | None, str | None]:
+def refreshed_choice(ctx: UIContext, current: str | None,
+                     newest_before: str | None) -> tuple[list, str | None, str | None]:
     """(choices, value, newest file) for the LoRA list made again: a file newer than any the list had
     before (a run just finished) is chosen, since that is what a user opens the tab to try; otherwise the
     file the user picked stays chosen while it exists."""
