@@ -346,8 +346,9 @@ def live_update(ctx: UIContext, run: str | None, seen: list | None, now: float |
 
     The fingerprint is [run, events, samples, status, log length, events the loss plot shows, when it was
     drawn]. While a run trains, the loss plot is redrawn at most every LOSS_REDRAW_SECONDS, the header
-    and buttons only when the status changes (the header's final file and history come with one): every output a tick sends keeps the browser busy (gradio's status
-    tracker animates it), and on a machine without a GPU that time comes out of the training itself."""
+    and buttons only when the status changes (the header's final file and history come with one): every
+    output a tick sends keeps the browser busy (gradio's status tracker animates it), and on a machine
+    without a GPU that time comes out of the training itself."""
     if not run:
         return idle_update(ctx, seen)
     try:
