@@ -92,7 +92,7 @@ def build(ctx: UIContext):
     component.input(lines_value, [view, component], values, api_visibility="private").then(
         lines_settings, [view, component], values, api_visibility="private", show_progress="hidden")
     chosen_b = build_similarity(uploaded, typed, chosen, ctx)
-    newest_listed = gr.State(refreshed_choice(ctx, None, None)[2])
+    newest_listed = gr.State(chosen.value)  # a dropdown starts on its first (newest) file
 
     def refresh_lists(current, newest_before, _current_b):
         choices, value, newest = refreshed_choice(ctx, current, newest_before)

@@ -62,10 +62,9 @@ def build(ctx: UIContext):
             model = gr.Textbox("demo:shapes", label="Base model", elem_id="try-model",
                                info="Diffusers folder, .safetensors/.ckpt, or demo:shapes.")
             with gr.Row(elem_classes="sd-align-end"):
-                choices, first, _ = refreshed_choice(ctx, None, None)
-                lora = gr.Dropdown(choices, value=first, label="LoRA from a run", scale=4, elem_id="try-lora",
+                lora = gr.Dropdown(lora_choices(ctx), label="LoRA from a run", scale=4, elem_id="try-lora",
                                    allow_custom_value=False)
-                newest_listed = gr.State(first)
+                newest_listed = gr.State(lora.value)  # a dropdown starts on its first (newest) file
                 refresh = gr.Button("Refresh", size="sm", scale=1, min_width=90)
             lora_path = gr.Textbox(label="...or a LoRA file path", placeholder="/path/to/lora.safetensors",
                                    elem_id="try-lora-path", info="Used instead of the list when filled.")
