@@ -9,6 +9,7 @@ from networks.errors import SdloraError
 from trainer.data.buckets import BucketSpec
 from trainer.data.captions import CaptionOptions, split_tags
 from trainer.data.dataset import DatasetOptions, ImageDataset
+from trainer.data.steps import BatchCount
 
 # At 128 px with 64 px steps the buckets are 64x192, 64x256, 128x128, 192x64 and 256x64.
 SMALL = BucketSpec(resolution=128, step=64, min_side=64, max_side=256)
@@ -143,7 +144,7 @@ def test_epoch_plan_covers_every_repeat_once_in_single_bucket_batches(folder):
     for batch in batches:
         assert 1 <= len(batch.samples) <= 4
         assert {dataset.items[s.item].bucket for s in batch.samples} == {batch.bucket}
-    assert dataset.steps_per_epoch(4) == len(batches)
+    assert dataset.batch_count(4) == BatchCount(len(batches), len(batches))
     # 128x128 holds 1 + 1 + 10 samples (3 batches), 64x192 10 (3), 192x64 1 (1)
     assert len(batches) == 7
 
@@ -157,13 +158,28 @@ def test_epoch_plan_is_reproducible_and_changes_per_epoch(folder):
     assert first.batches(3, 2)[4:] == restarted.batches(3, 2)[4:]  # skip to (epoch, batch index)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_batch_count_is_the_length_of_the_batch_plan(folder, batch_size, world_size):
+    dataset = _scan(folder)
+    count = dataset.batch_count(batch_size, world_size)
+    assert count.per_epoch == len(dataset.batches(2, batch_size))
+    assert count.per_process == len(dataset.batches(2, batch_size, world_size - 1, world_size))
+
+
+def test_batch_count_refuses_a_batch_size_below_one(folder):
+    with pytest.raises(SdloraError, match="train.batch_size is 0; use 1 or more."):
+        _scan(folder).batch_count(0)
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_sharding_gives_each_rank_every_nth_batch_and_equal_lengths(folder, world_size):
     dataset = _scan(folder)
     full = dataset.batches(1, 3)
     shards = [dataset.batches(1, 3, rank=rank, world_size=world_size) for rank in range(world_size)]
     assert len({len(shard) for shard in shards}) == 1
-    assert len(shards[0]) == dataset.steps_per_epoch(3, world_size)
+    assert len(shards[0]) == dataset.batch_count(3, world_size).per_process
+    assert dataset.batch_count(3, world_size).per_epoch == len(full)
     interleaved = [shards[i % world_size][i // world_size] for i in range(world_size * len(shards[0]))]
     assert interleaved[: len(full)] == full
     assert interleaved[len(full) :] == full[: len(interleaved) - len(full)]  # padding wraps around

@@ -31,6 +31,7 @@ from trainer.data.captions import (
     parse_kohya_folder,
 )
 from trainer.data.images import is_image_file, load_image, probe_image
+from trainer.data.steps import BatchCount, count_batches
 
 if TYPE_CHECKING:
     import torch
@@ -185,9 +186,17 @@ class ImageDataset:
             plan = plan + [plan[i % len(plan)] for i in range(shortfall)]
         return [self._batch(epoch, slots) for slots in plan[rank::world_size]]
 
-    def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
-        batches = len(_epoch_plan(self.items, batch_size, random.Random(0)))  # the count ignores the rng
-        return -(-batches // world_size)
+    def samples_per_bucket(self) -> dict[Size, int]:
+        """Samples per epoch (images x repeats) in each bucket: what the batch plan batches bucket by bucket."""
+        counts: Counter[Size] = Counter()
+        for item in self.items:
+            counts[item.bucket] += item.repeats
+        return dict(counts)
+
+    def batch_count(self, batch_size: int, world_size: int = 1) -> BatchCount:
+        """How many batches `batches` plans per epoch, in all and per process (the same every epoch)."""
+        _check_batch_size(batch_size)
+        return count_batches(self.samples_per_bucket().values(), batch_size, world_size)
 
     def pixels(self, item: Item, flip: bool = False, placement: Placement | None = None) -> torch.Tensor:
         """RGB in its bucket, CHW float32 in [-1, 1] (the VAE's input); the item's own crop by default."""
@@ -374,10 +383,14 @@ def _why_empty(report: DatasetReport) -> str:
     return "add .png/.jpg/.jpeg/.webp/.bmp files (or kohya '10_mystyle' sub-folders)."
 
 
-def _epoch_plan(items: list[Item], batch_size: int, rng: random.Random) -> list[list[tuple[int, int, bool]]]:
-    """Batches of (item index, repeat, flip): single-bucket, shuffled within and across buckets."""
+def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise SdloraError(f"train.batch_size is {batch_size}; use 1 or more.")
+
+
+def _epoch_plan(items: list[Item], batch_size: int, rng: random.Random) -> list[list[tuple[int, int, bool]]]:
+    """Batches of (item index, repeat, flip): single-bucket, shuffled within and across buckets."""
+    _check_batch_size(batch_size)
     by_bucket: dict[Size, list[tuple[int, int]]] = {}
     for item in items:
         by_bucket.setdefault(item.bucket, []).extend((item.index, r) for r in range(item.repeats))

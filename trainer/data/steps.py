@@ -1,9 +1,23 @@
-"""How many optimizer steps a run takes: the one count the training loop runs, the pre-flight report states
-and the UI shows (through the report), so the three never disagree."""
+"""How many batches and optimizer steps a run takes: the one count the training loop runs, the pre-flight
+report states and the UI shows (through the report), so the three never disagree."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BatchCount:
+    per_epoch: int  # all processes together, each bucket's last batch partial
+    per_process: int  # after padding the last round so every process steps alike
+
+
+def count_batches(samples_per_bucket: Iterable[int], batch_size: int, world_size: int = 1) -> BatchCount:
+    """Batches per epoch as the dataset plans them: each bucket batched on its own (its last batch rounded
+    up), then dealt round-robin to `world_size` processes, the last round padded (DistributedSampler-like)."""
+    batches = sum(math.ceil(n / batch_size) for n in samples_per_bucket if n > 0)
+    return BatchCount(batches, math.ceil(batches / world_size))
 
 
 @dataclass(frozen=True)

@@ -158,8 +158,8 @@ class Trainer:
 
     def _step_count(self) -> StepCount:
         train = self.cfg.train
-        return count_steps(len(self._epoch_batches(0)), train.gradient_accumulation_steps, train.epochs,
-                           train.max_steps)
+        batches = self.dataset.batch_count(train.batch_size, self.accelerator.num_processes)
+        return count_steps(batches.per_process, train.gradient_accumulation_steps, train.epochs, train.max_steps)
 
     def steps_per_epoch(self) -> int:
         return self._step_count().steps_per_epoch
