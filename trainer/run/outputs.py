@@ -19,6 +19,17 @@ from trainer.config import TrainConfig
 from trainer.data.dataset import ImageDataset
 from trainer.model.model_loading import LoadedModel
 from trainer.objective.ema import AdapterEMA, ema_file
+from trainer.run.events import (
+    CheckpointEvent,
+    FinishedEvent,
+    LoadCheckEvent,
+    SampleEvent,
+    SkippedEvent,
+    StartedEvent,
+    StepEvent,
+    StoppedEvent,
+    ValidationEvent,
+)
 from trainer.run.run_dir import RunDir
 from trainer.run.sampling import build_pipeline, render_samples
 from trainer.run.state import Position, save_state
@@ -30,7 +41,7 @@ def report_skipped(run: RunDir, report) -> None:
     left_out += [(p, "regularization image or folder") for p in report.reg_problems]
     for problem, what in left_out:
         print(f"Skipped {what} {problem.name}: {problem.reason}.", file=sys.stderr)
-        run.emit("skipped", name=problem.name, reason=problem.reason, kind=what)
+        run.emit(SkippedEvent(name=problem.name, reason=problem.reason, kind=what))
 
 
 class RunOutputs:
@@ -51,8 +62,8 @@ class RunOutputs:
     def start(self, position: Position, total_steps: int, epochs: int, show_progress: bool, **counts) -> None:
         self.total_steps, self.started, self.start_step = total_steps, time.perf_counter(), position.step
         if self.main:
-            self.run.emit("started", total_steps=total_steps, epochs=epochs, start_step=position.step,
-                          name=self.cfg.name, num_images=len(self.dataset), **counts)
+            self.run.emit(StartedEvent(total_steps=total_steps, epochs=epochs, start_step=position.step,
+                                       name=self.cfg.name, num_images=len(self.dataset), **counts))
         if show_progress:  # made here, not before setup: an error there leaves no empty bar behind
             from tqdm import tqdm
 
@@ -72,9 +83,9 @@ class RunOutputs:
         norms = max_norm_stats
         extra = {} if norms is None else {"keys_scaled": norms.keys_scaled, "max_key_norm": round(norms.max_norm, 6),
                                           "mean_key_norm": round(norms.mean_norm, 6)}
-        self.run.emit("step", step=position.step, epoch=position.epoch + 1, loss=round(loss, 6), lr=lr,
-                      it_per_s=round(rate, 4), eta_s=round(eta, 1) if eta is not None else None,
-                      total_steps=self.total_steps, **extra)
+        self.run.emit(StepEvent(step=position.step, epoch=position.epoch + 1, loss=round(loss, 6), lr=lr,
+                                it_per_s=round(rate, 4), eta_s=round(eta, 1) if eta is not None else None,
+                                total_steps=self.total_steps, **extra))
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, position.step)
             self.tensorboard.add_scalar("lr", lr, position.step)
@@ -85,7 +96,7 @@ class RunOutputs:
             self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
     def validation(self, step: int, result) -> None:
-        self.run.emit("validation", **result.event_fields(step))
+        self.run.emit(ValidationEvent(**result.event_fields(step)))
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("validation_loss", result.loss, step)
 
@@ -100,8 +111,8 @@ class RunOutputs:
         size = (cfg.dataset.resolution, cfg.dataset.resolution)
         paths = render_samples(pipeline, cfg.sample.prompts, size, self.run.samples, step, self.model.family,
                                cfg.model.clip_skip, cfg.model.prompt_chunks)
-        self.run.emit("sample", step=step, paths=[self.run.relative(p) for p in paths],
-                      prompts=[p.prompt for p in cfg.sample.prompts])
+        self.run.emit(SampleEvent(step=step, paths=tuple(self.run.relative(p) for p in paths),
+                                  prompts=tuple(p.prompt for p in cfg.sample.prompts)))
 
     def export(self, path: Path, position: Position, state: dict | None = None, title: str | None = None) -> Path:
         """Write a LoRA file, then verify it loads the way generators read it (a `load_check` event)."""
@@ -125,7 +136,7 @@ class RunOutputs:
             metadata["sdlora_rerank_max_relative_error"] = f"{max(self.network.export_errors.values()):.6g}"
         save_lora(path, state, metadata)
         check = check_lora_file(path, model.family.name, model.unet, model.text_encoders)
-        self.run.emit("load_check", **check.event_fields(self.run.relative(path)))
+        self.run.emit(LoadCheckEvent(**check.event_fields(self.run.relative(path))))
         if not check.ok:
             raise SdloraError(f"{path.name} failed the load check ({check.problems[0]}); it is kept for "
                               "inspection but is not a usable LoRA.")
@@ -147,14 +158,14 @@ class RunOutputs:
             self.export(path, position)  # the LoRA first: a state is never newer than its checkpoint
             save_state(self.accelerator, run.state, position)
             run.prune_checkpoints(cfg.save.keep_last)
-            run.emit("checkpoint", step=position.step, path=run.relative(path))
+            run.emit(CheckpointEvent(step=position.step, path=run.relative(path)))
         self.accelerator.wait_for_everyone()
 
     def stopped(self, position: Position) -> None:
         self.checkpoint(position)
         if self.main:
-            self.run.emit("stopped", step=position.step,
-                          checkpoint=self.run.relative(self.run.checkpoint_path(self.cfg.name, position.step)))
+            self.run.emit(StoppedEvent(step=position.step, checkpoint=self.run.relative(
+                self.run.checkpoint_path(self.cfg.name, position.step))))
 
     def finish(self, position: Position) -> Path:
         cfg, run = self.cfg, self.run
@@ -170,7 +181,7 @@ class RunOutputs:
                                                       max_norm=cfg.train.scale_weight_norms)
                 extra["ema_path"] = run.relative(self.export(ema_file(final), position, ema_state, cfg.name + "-ema"))
             save_state(self.accelerator, run.state, position)
-            run.emit("finished", step=position.step, path=run.relative(final), **extra)
+            run.emit(FinishedEvent(step=position.step, path=run.relative(final), **extra))
         return final
 
     def non_finite(self, position: Position, value: float) -> None:
