@@ -1,6 +1,9 @@
 """load_model: demo specs, diffusers folders, original-layout single files, and the user errors."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ from networks.errors import SdloraError
 from trainer.model.model_loading import SHIPPED_CONFIGS, guess_prediction_type, load_model
 from trainer.model.single_file import save_single_file, to_original_state_dict, unet_name_to_original
 from trainer.model.tiny_models import save_demo_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +155,28 @@ def test_user_errors(tmp_path):
     text.write_text("x")
     with pytest.raises(SdloraError, match="model.txt is not a model checkpoint"):
         load_model(str(text))
+
+
+def test_a_text_file_named_ckpt_is_one_sentence_and_no_run_folder(tmp_path):
+    from trainer.demo.demo_data import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "data", count=2, seed=0)
+    notes = tmp_path / "notes.ckpt"
+    notes.write_text("these are my notes, not a model\n")
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "app.cli", "train", "--data", str(tmp_path / "data"), "--preset",
+                             "demo", "--output", str(out), "--model", str(notes)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    sentence = (f"The file {notes} is not a valid checkpoint (neither the zip nor the pickle format torch.save "
+                "writes); choose a Stable Diffusion .safetensors or .ckpt file.")
+    assert result.stderr.strip().splitlines() == ["error: " + sentence]
+    assert not out.exists()
+    damaged = tmp_path / "damaged.ckpt"  # the pickle protocol byte, then nothing torch.load can read
+    damaged.write_bytes(b"\x80\x02these are not opcodes")
+    with pytest.raises(SdloraError) as error:
+        load_model(str(damaged))
+    assert str(error.value) == sentence.replace(str(notes), str(damaged))
 
 
 def test_pickled_code_in_ckpt_is_refused(tmp_path):

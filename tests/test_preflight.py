@@ -218,8 +218,8 @@ def test_each_risky_setting_gets_its_warning(tmp_path):
 def test_blocking_errors(tmp_path):
     make_demo_dataset(tmp_path, count=2, seed=4)
     assert preflight_report(config(tmp_path, "model.path=/no/such/model.safetensors")).errors == [
-        "model.path /no/such/model.safetensors was not found; give a diffusers folder, a .safetensors/.ckpt file, "
-        "a hub id or demo:shapes."]
+        "The model /no/such/model.safetensors was not found; give a diffusers folder, a .safetensors/.ckpt file or "
+        "demo:shapes."]
     held = preflight_report(config(tmp_path, "validation.images=2", "validation.every_steps=5"))
     assert not held.ok and "validation.images is 2 but the dataset has only 2 usable images" in held.errors[0]
     empty = preflight_report(config(tmp_path, "dataset.path="))
@@ -264,6 +264,50 @@ def test_scale_is_explained_in_words(tmp_path):
     assert any(line.startswith("Scale: conv alpha 4 / conv r 8 = 0.5") for line in info)
 
 
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    """A diffusers folder of each family, as a user would point model.path at it."""
+    from trainer.model.tiny_models import save_demo_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {family: str(save_demo_model(root / family, family)) for family in ("sd1", "sd2", "sdxl")}
+
+
+@pytest.mark.parametrize("model", ["demo:shapes", "demo:sd1", "demo:sd2", "demo:sdxl", "sd1", "sd2", "sdxl"])
+def test_the_model_facts_are_what_the_loader_loads(data, model_folders, model):
+    from trainer.model.model_loading import load_model
+
+    path = model_folders.get(model, model)
+    facts = preflight_report(config(data, f"model.path={path}")).data["model"]
+    loaded = load_model(path)
+    vae_factor = 2 ** (len(loaded.vae.config.block_out_channels) - 1)
+    assert facts == {"family": loaded.family.name, "prediction_type": loaded.prediction_type, "path": path,
+                     "zero_terminal_snr": loaded.noise_scheduler.config.rescale_betas_zero_snr,
+                     "native_resolution": loaded.unet.config.sample_size * vae_factor}
+    assert loaded.noise_scheduler.config.prediction_type == loaded.prediction_type
+
+
+def test_demo_shapes_is_a_v_prediction_model_with_zero_terminal_snr(data):
+    """Its shipped scheduler says so (trainer/assets/demo_shapes), and the noise checks reason from it."""
+    report = preflight_report(config(data, "model.path=demo:shapes", "train.v_pred_like_loss=0.1",
+                                     "train.zero_terminal_snr=true"))
+    assert "Model: sd1, v_prediction prediction; the built-in tiny demo model." in report.info
+    assert report.data["model"]["prediction_type"] == "v_prediction" and report.data["model"]["zero_terminal_snr"]
+    assert ("train.v_pred_like_loss is for epsilon models and this one predicts v, so it is not applied; turn it "
+            "off.") in report.warnings
+    assert not [w for w in report.warnings if w.startswith("train.zero_terminal_snr")]
+
+
+def test_a_machine_without_a_gpu_is_told_what_the_cpu_costs(data, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    info = preflight_report(config(data, "train.mixed_precision=bf16")).info
+    assert ("No CUDA GPU here: training runs on the CPU (in fp32: train.mixed_precision bf16 applies on a GPU only), "
+            "where the tiny demo model trains in minutes, a full-size model trains hundreds of times slower than on "
+            "a GPU; the live view shows the measured rate and ETA from the first steps.") in info
+
+
 def parser():
     top = argparse.ArgumentParser()
     commands = top.add_subparsers()
@@ -302,21 +346,22 @@ def test_import_kohya_command(tmp_path, capsys, monkeypatch):
 def test_compile_needs_its_compiler(monkeypatch):
     import shutil
 
-    from trainer.preflight import Report, _check_compile
+    from trainer.preflight import CheckContext, check_compile
+
+    def checked(cfg):
+        ctx = CheckContext(cfg)
+        check_compile(ctx, cuda=False)
+        return ctx.report
 
     cfg = resolve_config("demo", ["train.compile=true"])
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    report = Report()
-    _check_compile(cfg, report, cuda=False)
+    report = checked(cfg)
     assert report.warnings == ["train.compile is on but no C++ compiler (c++, g++, clang++ or cl) is on the PATH, "
                                "so compiling will fail at the first step; install one or set train.compile = false."]
     assert any(line.startswith("train.compile: the first step") for line in report.info)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
-    report = Report()
-    _check_compile(cfg, report, cuda=False)
-    assert report.warnings == []
-    report = Report()
-    _check_compile(resolve_config("demo"), report, cuda=False)
+    assert checked(cfg).warnings == []
+    report = checked(resolve_config("demo"))
     assert report.warnings == [] and report.info == []
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from app.runs import EventLog, RunManager
+from app.run_list import EventLog
+from app.runs import RunManager
 from app.security import run_folder
 from networks.errors import SdloraError
 from trainer.config import TrainConfig, apply_overrides
+from trainer.run.events import FinishedEvent, StartedEvent
 
 FAKE = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
 DATA = Path("/nonexistent")  # set by the `manager` fixture to a folder with one image
@@ -91,8 +93,8 @@ def test_stop_saves_and_resume_continues_from_the_stop(manager, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.01")
     manager.resume(run)
     assert manager.wait(run, timeout=20) == 0
-    starts = [e for e in manager.events(run) if e["event"] == "started"]
-    assert [e["start_step"] for e in starts] == [0, info.step]
+    starts = [e for e in manager.events(run) if isinstance(e, StartedEvent)]
+    assert [e.start_step for e in starts] == [0, info.step]
     assert manager.info(run).status == "finished"
     with pytest.raises(SdloraError, match="has finished"):
         manager.resume(run)
@@ -110,7 +112,7 @@ def test_status_while_loading_and_while_exiting(manager, monkeypatch):
     manager.resume(run)
     # Alive, and the last lifecycle event is still the old `stopped`: the new process is loading.
     assert manager.info(run).status == "starting"
-    wait_for(lambda: manager.events(run)[-1]["event"] == "finished")
+    wait_for(lambda: isinstance(manager.events(run)[-1], FinishedEvent))
     # `finished` is written but the process is still saving and exiting: it runs until it is gone.
     assert manager.live_pid(run) is not None
     assert manager.info(run).status == "running"
@@ -209,13 +211,13 @@ def test_event_log_reads_only_complete_lines_and_notices_a_replaced_file(tmp_pat
     log = EventLog(path)
     assert log.read() == []
     path.write_text('{"event": "started"}\n{"event": "st')
-    assert [e["event"] for e in log.read()] == ["started"]
+    assert [e.event for e in log.read()] == ["started"]
     with open(path, "a") as handle:
         handle.write('ep", "step": 1}\nnot json\n')
-    assert [e["event"] for e in log.read()] == ["started", "step"]
+    assert [e.event for e in log.read()] == ["started", "step"]
     path.unlink()
     path.write_text('{"event": "finished"}\n')
-    assert [e["event"] for e in log.read()] == ["finished"]
+    assert [e.event for e in log.read()] == ["finished"]
 
 
 def test_log_tail_keeps_the_last_state_of_a_redrawn_line(manager):
@@ -245,7 +247,7 @@ def test_start_refuses_bad_inputs_before_creating_a_run(manager, tmp_path):
         f"dataset.path={empty}": "has no images",
         f"dataset.path={tmp_path / 'missing'}": "does not exist",
         "dataset.path=": "Enter the dataset folder.",
-        f"model.path={tmp_path / 'model.safetensors'}": "The base model .* was not found",
+        f"model.path={tmp_path / 'model.safetensors'}": "The model .* was not found",
     }
     for override, message in cases.items():
         with pytest.raises(SdloraError, match=message):

@@ -2,14 +2,8 @@
 
 Single files are converted by diffusers' own single-file loaders; the configs they need come from the
 folders shipped under trainer/assets/configs (the real SD1.5, SD2.1, SD2.1-base and SDXL-base configs), so
-nothing is looked up on the hub.
-
-Prediction type, when "auto":
-- diffusers folder / hub id / demo: the `prediction_type` of the model's scheduler config.
-- single file: "v_prediction" when the file holds a `v_pred` key (ComfyUI's marker) or a sidecar
-  `<name>.yaml` (A1111's convention) says `parameterization: "v"`; with a sidecar yaml but no such line,
-  "epsilon". Otherwise SD2 files are v_prediction (SD2.x 768-v is the common SD2 checkpoint) unless the
-  file name contains "base" or "512"; SD1 and SDXL files are epsilon. Always overridable.
+nothing is looked up on the hub. What the model is (family, prediction type, which config) is asked of
+trainer/model/facts.py, as the pre-flight asks it.
 """
 
 from __future__ import annotations
@@ -18,7 +12,7 @@ import hashlib
 import importlib
 import json
 import pickle
-import re
+import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,16 +24,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from networks.errors import SdloraError
-from trainer.config import PREDICTION_TYPES
-from trainer.model.family import ModelFamily, detect_family, get_family
-from trainer.model.tiny_models import ASSETS, demo_model_path, load_clip_tokenizer
+from trainer.model.facts import (
+    SHIPPED_CONFIGS,
+    WHAT_MODELS,
+    ModelFacts,
+    PartConfigs,
+    check_checkpoint_file,
+    checked_overrides,
+    detect_checkpoint_family,
+    first_line,
+    guess_prediction_type,
+    locate_model,
+    model_facts,
+    not_a_checkpoint,
+    unreadable_checkpoint,
+)
+from trainer.model.family import ModelFamily, get_family
+from trainer.model.tiny_models import demo_model_path, load_clip_tokenizer
 
-SHIPPED_CONFIGS = ASSETS / "configs"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 # Pipeline parts a trainer never needs; not loading them saves time, memory and downloads.
 _UNNEEDED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_ADAPTER_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "hada_w1", "lokr_w1", "lora_unet_", "lora_te")
+# Re-exported: callers and tests read these here, beside load_model.
+__all__ = ["SHIPPED_CONFIGS", "WHAT_MODELS", "LoadedModel", "check_model_spec", "detect_checkpoint_family",
+           "guess_prediction_type", "load_model", "read_checkpoint", "vae_identity", "with_vae"]
 
 
 @dataclass
@@ -84,42 +91,19 @@ def load_model(
 
 
 def _load_base(spec, family, prediction_type, dtype, config_dir) -> LoadedModel:
-    if prediction_type not in ("auto", *PREDICTION_TYPES):
-        raise SdloraError(f"Unknown prediction type {prediction_type!r}; use auto, epsilon or v_prediction.")
-    wanted = None if family == "auto" else get_family(family)
-    spec = str(spec)
-    if spec.startswith("demo:"):
-        return _load_pretrained(
-            demo_model_path(spec.removeprefix("demo:")), spec, wanted, prediction_type, dtype
-        )
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise SdloraError(
-                f"The folder {path} has no model_index.json, so it is not a diffusers model; "
-                "point to the folder that holds model_index.json or to a single .safetensors file."
-            )
-        return _load_pretrained(path, spec, wanted, prediction_type, dtype)
-    if path.is_file():
-        return _load_single_file(path, wanted, prediction_type, dtype, config_dir)
-    if _HUB_ID.match(spec) and not path.suffix:
-        return _load_pretrained(spec, spec, wanted, prediction_type, dtype)
-    check_model_spec(spec)
-    raise SdloraError(f"The model {spec} was not found; {WHAT_MODELS}.")
-
-
-WHAT_MODELS = "give a diffusers folder, a .safetensors/.ckpt file or demo:shapes"
+    checked_overrides(family, prediction_type)  # before a large file is read
+    location = locate_model(spec)
+    if location.kind == "file":
+        state = read_checkpoint(location.where)
+        facts = model_facts(location, family, prediction_type, config_dir, keys=state.keys())
+        return _load_single_file(state, facts, dtype)
+    return _load_pretrained(location, family, prediction_type, dtype)
 
 
 def check_model_spec(spec: str) -> None:
-    """One sentence when `spec` can name no model at all (no such file or folder, not a hub id); cheap, so
-    it runs before anything is written."""
-    spec = str(spec).strip()
-    if spec.startswith("demo:"):
-        return  # the config accepts only the built-in names
-    path = Path(spec).expanduser()
-    if not (path.exists() or (_HUB_ID.match(spec) and not path.suffix)):
-        raise SdloraError(f"The model {spec} was not found; {WHAT_MODELS}.")
+    """One sentence when `spec` can name no model at all (no such file or folder, not a hub id, a file that is no
+    checkpoint); cheap, so it runs before anything is written."""
+    locate_model(spec)
 
 
 # --- diffusers folders and hub ids ------------------------------------------------------------------
@@ -131,7 +115,9 @@ def _fp16_only(folder: Path) -> bool:
     return unet.is_dir() and not any(unet.glob("diffusion_pytorch_model.*")) and any(unet.glob("*.fp16.*"))
 
 
-def _load_pretrained(where, source: str, wanted, prediction_type: str, dtype) -> LoadedModel:
+def _load_pretrained(location, family, prediction_type: str, dtype) -> LoadedModel:
+    where, source = location.where, location.spec
+    facts = model_facts(location, family, prediction_type)  # a hub id's are known once it is downloaded
     kwargs = {}
     if isinstance(where, Path) and _fp16_only(where):
         kwargs["variant"] = "fp16"
@@ -141,16 +127,15 @@ def _load_pretrained(where, source: str, wanted, prediction_type: str, dtype) ->
         pipe = DiffusionPipeline.from_pretrained(where, dtype=dtype, **kwargs)
     except (OSError, ValueError) as error:
         raise SdloraError(
-            f"The model {source} could not be loaded ({_first_line(error)}); check the path or hub id."
+            f"The model {source} could not be loaded ({first_line(error)}); check the path or hub id."
         ) from None
     if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
         raise SdloraError(
             f"The model {source} is a {type(pipe).__name__}, not Stable Diffusion 1.x, 2.x or XL."
         )
-    encoders = [
-        getattr(pipe, a) for a in ("text_encoder", "text_encoder_2") if getattr(pipe, a, None) is not None
-    ]
-    family = wanted or detect_family(pipe.unet.config, [e.config for e in encoders])
+    if location.kind == "hub":
+        facts = model_facts(location, family, prediction_type, configs=_pipeline_configs(pipe))
+    family = get_family(facts.family)
     missing = [
         a for a in family.text_encoder_attrs + family.tokenizer_attrs if getattr(pipe, a, None) is None
     ]
@@ -158,33 +143,29 @@ def _load_pretrained(where, source: str, wanted, prediction_type: str, dtype) ->
         raise SdloraError(
             f"The model {source} has no {missing[0]}, so it is not an {family.name} model; set family to auto."
         )
-    scheduler_config = dict(pipe.scheduler.config)
-    if prediction_type == "auto":
-        prediction_type = scheduler_config.get("prediction_type", "epsilon")
     return _assemble(
         pipe.unet,
         pipe.vae,
         [getattr(pipe, a) for a in family.text_encoder_attrs],
         [getattr(pipe, a) for a in family.tokenizer_attrs],
-        family,
-        prediction_type,
+        facts,
         str(where),
-        scheduler_config,
+        dict(pipe.scheduler.config),
     )
+
+
+def _pipeline_configs(pipe) -> PartConfigs:
+    encoders = [getattr(pipe, a) for a in ("text_encoder", "text_encoder_2") if getattr(pipe, a, None) is not None]
+    return PartConfigs(dict(pipe.unet.config), [e.config.to_dict() for e in encoders], dict(pipe.scheduler.config),
+                       dict(pipe.vae.config))
 
 
 # --- single original-layout checkpoints -------------------------------------------------------------
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
-
-
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a .safetensors or .ckpt file; pickles only through torch.load(weights_only=True)."""
-    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise SdloraError(f"The file {path} is not a model checkpoint; use a .safetensors or .ckpt file.")
+    check_checkpoint_file(path)
     try:
         if path.suffix.lower() == ".safetensors":
             state = load_file(str(path))
@@ -195,9 +176,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             f"The checkpoint {path} holds Python objects that cannot be loaded safely; convert it to .safetensors first."
         ) from None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
-        raise SdloraError(
-            f"The file {path} is not a readable model checkpoint ({_first_line(error)})."
-        ) from None
+        raise unreadable_checkpoint(path, error) from None
+    except (KeyError, IndexError, struct.error):  # a damaged pickle stream: torch.load's unpickler trips on it
+        raise not_a_checkpoint(path) from None
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state:
@@ -207,44 +188,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def detect_checkpoint_family(keys, path: Path | str = "checkpoint") -> ModelFamily:
-    """The family of an original-layout checkpoint from its text-encoder keys."""
-    keys = list(keys)
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return get_family("sdxl")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return get_family("sd2")
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return get_family("sd1")
-    if any(marker in k for k in keys[:200] for marker in _ADAPTER_MARKERS):
-        raise SdloraError(
-            f"The file {path} is a LoRA/LyCORIS adapter, not a base model; choose a full SD checkpoint as the model."
-        )
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        raise SdloraError(
-            f"The file {path} holds a UNet but no text encoder; use a full checkpoint or a diffusers folder."
-        )
-    raise SdloraError(
-        f"The file {path} is not a Stable Diffusion 1.x, 2.x or XL checkpoint (none of their weight names are in it)."
-    )
-
-
-def guess_prediction_type(family: ModelFamily, path: Path, keys) -> str:
-    """See the module docstring; the user can always override the guess."""
-    if "v_pred" in keys:
-        return "v_prediction"
-    sidecar = path.with_suffix(".yaml")
-    if sidecar.is_file():
-        v = re.search(
-            r"parameterization:\s*[\"']?v[\"']?\s*$", sidecar.read_text(errors="ignore"), re.MULTILINE
-        )
-        return "v_prediction" if v else "epsilon"
-    if family.is_v2 and not re.search(r"base|512", path.name.lower()):
-        return "v_prediction"
-    return "epsilon"
-
-
-def _text_encoder_classes(config_dir: Path, family: ModelFamily) -> list:
+def text_encoder_classes(config_dir: Path, family: ModelFamily) -> list:
     index = json.loads((config_dir / "model_index.json").read_text())
     classes = []
     for attr in family.text_encoder_attrs:
@@ -253,23 +197,15 @@ def _text_encoder_classes(config_dir: Path, family: ModelFamily) -> list:
     return classes
 
 
-def _load_single_file(path: Path, wanted, prediction_type: str, dtype, config_dir) -> LoadedModel:
-    state = read_checkpoint(path)
-    family = wanted or detect_checkpoint_family(state.keys(), path)
-    if prediction_type == "auto":
-        prediction_type = guess_prediction_type(family, path, state.keys())
-    config = Path(config_dir) if config_dir else SHIPPED_CONFIGS / family.shipped_config_name(prediction_type)
-    if not (config / "model_index.json").is_file():
-        raise SdloraError(
-            f"The config folder {config} has no model_index.json; pass a diffusers model folder as config_dir."
-        )
+def _load_single_file(state: dict, facts: ModelFacts, dtype) -> LoadedModel:
+    path, config, family = facts.location.where, facts.config_folder, get_family(facts.family)
     common = dict(config=str(config), local_files_only=True)
     try:
         unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", dtype=dtype, **common)
         vae = AutoencoderKL.from_single_file(state, subfolder="vae", dtype=dtype, **common)
         encoders = [
             create_diffusers_clip_model_from_ldm(cls, state, subfolder=attr, torch_dtype=dtype, **common)
-            for cls, attr in zip(_text_encoder_classes(config, family), family.text_encoder_attrs)
+            for cls, attr in zip(text_encoder_classes(config, family), family.text_encoder_attrs)
         ]
     except (
         ValueError,
@@ -279,14 +215,14 @@ def _load_single_file(path: Path, wanted, prediction_type: str, dtype, config_di
         diffusers.loaders.single_file_utils.SingleFileComponentError,
     ) as error:
         raise SdloraError(
-            f"The checkpoint {path} does not fit the {config.name} model layout ({_first_line(error)}); "
+            f"The checkpoint {path} does not fit the {config.name} model layout ({first_line(error)}); "
             "check the family setting or pass a matching config folder."
         ) from None
     for name, module in (("unet", unet), ("vae", vae), *(("text encoder", e) for e in encoders)):
         _check_complete(module, name, path)
     tokenizers = [load_clip_tokenizer(pad) for pad in family.tokenizer_pad_tokens]
     scheduler_config = dict(DDPMScheduler.load_config(str(config), subfolder="scheduler"))
-    return _assemble(unet, vae, encoders, tokenizers, family, prediction_type, str(path), scheduler_config)
+    return _assemble(unet, vae, encoders, tokenizers, facts, str(path), scheduler_config)
 
 
 def with_vae(model: LoadedModel, spec: str | Path, dtype=torch.float32, config_dir=None) -> LoadedModel:
@@ -309,7 +245,7 @@ def with_vae(model: LoadedModel, spec: str | Path, dtype=torch.float32, config_d
         except (ValueError, RuntimeError, KeyError, OSError,
                 diffusers.loaders.single_file_utils.SingleFileComponentError) as error:
             raise SdloraError(f"model.vae {path} does not fit this {model.family.name} model's VAE "
-                              f"({_first_line(error)}); choose a VAE made for {model.family.name}.") from None
+                              f"({first_line(error)}); choose a VAE made for {model.family.name}.") from None
         _check_complete(vae, "VAE", path)
     else:
         raise SdloraError(f"model.vae {spec} was not found; give a VAE .safetensors file or a diffusers VAE folder.")
@@ -355,12 +291,10 @@ def vae_identity(vae: AutoencoderKL) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _assemble(
-    unet, vae, encoders, tokenizers, family, prediction_type, source, scheduler_config
-) -> LoadedModel:
+def _assemble(unet, vae, encoders, tokenizers, facts: ModelFacts, source: str, scheduler_config: dict) -> LoadedModel:
     # Training noise always follows DDPM with the model's betas; clip_sample only matters when sampling.
     noise_scheduler = DDPMScheduler.from_config(
-        scheduler_config, prediction_type=prediction_type, clip_sample=False
+        scheduler_config, prediction_type=facts.prediction_type, clip_sample=False
     )
     return LoadedModel(
         unet=unet,
@@ -368,8 +302,8 @@ def _assemble(
         text_encoders=list(encoders),
         tokenizers=list(tokenizers),
         noise_scheduler=noise_scheduler,
-        family=family,
-        prediction_type=prediction_type,
+        family=get_family(facts.family),
+        prediction_type=facts.prediction_type,
         source=source,
         vae_identity=vae_identity(vae),
         scheduler_config=scheduler_config,
