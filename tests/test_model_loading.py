@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from networks.errors import SdloraError
-from trainer.model.model_loading import SHIPPED_CONFIGS, guess_prediction_type, load_model
+from trainer.model.facts import SHIPPED_CONFIGS, guess_prediction_type
+from trainer.model.model_loading import load_model
 from trainer.model.single_file import save_single_file, to_original_state_dict, unet_name_to_original
 from trainer.model.tiny_models import save_demo_model
 

@@ -1,4 +1,4 @@
-"""The pre-flight report (trainer/preflight.py, docs/PREFLIGHT.md) as a panel under the Train button."""
+"""The pre-flight report (trainer/preflight/, docs/PREFLIGHT.md) as a panel under the Train button."""
 from __future__ import annotations
 
 import html

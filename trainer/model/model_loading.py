@@ -26,14 +26,11 @@ from safetensors.torch import load_file
 from networks.errors import SdloraError
 from trainer.model.facts import (
     SHIPPED_CONFIGS,
-    WHAT_MODELS,
     ModelFacts,
     PartConfigs,
     check_checkpoint_file,
     checked_overrides,
-    detect_checkpoint_family,
     first_line,
-    guess_prediction_type,
     locate_model,
     model_facts,
     not_a_checkpoint,
@@ -44,9 +41,6 @@ from trainer.model.tiny_models import demo_model_path, load_clip_tokenizer
 
 # Pipeline parts a trainer never needs; not loading them saves time, memory and downloads.
 _UNNEEDED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
-# Re-exported: callers and tests read these here, beside load_model.
-__all__ = ["SHIPPED_CONFIGS", "WHAT_MODELS", "LoadedModel", "check_model_spec", "detect_checkpoint_family",
-           "guess_prediction_type", "load_model", "read_checkpoint", "vae_identity", "with_vae"]
 
 
 @dataclass
