@@ -2,6 +2,7 @@
 written by hand: the events follow docs/RUN_DIRECTORY.md, no trainer runs."""
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from app.runs import RunManager
 from app.ui.live_view import files_html, loss_frame, progress_html, sample_grid_html
 from app.ui.preflight_view import report_html
 from trainer.preflight import Report
+from trainer.run.events import LoadCheckEvent
+from trainer.run.status import Process
 
 PROMPTS = ["sdlorastyle, a red ball", "sdlorastyle, a blue cube"]
 
@@ -129,12 +132,12 @@ def test_the_preflight_panel_lists_errors_warnings_plan_and_buckets():
 def test_the_load_check_badge_names_where_a_lycoris_file_loads():
     from app.ui.live_view import load_check_html
 
-    lora = {"path": "a.safetensors", "ok": True, "modules": 12}
-    loha = {**lora, "path": "b.safetensors", "not_loaded_by": ["diffusers load_lora_weights"]}
+    lora = LoadCheckEvent(path="a.safetensors", ok=True, modules=12)
+    loha = replace(lora, path="b.safetensors", not_loaded_by=("diffusers load_lora_weights",))
     assert "loads in A1111 / ComfyUI / diffusers · 12 modules" in load_check_html(lora)
     assert "loads in A1111 / ComfyUI / LyCORIS (not diffusers) · 12 modules" in load_check_html(loha)
     assert "does not load in A1111 / ComfyUI / LyCORIS (not diffusers): bad shape" in load_check_html(
-        {**loha, "ok": False, "problems": ["bad shape"]})
+        replace(loha, ok=False, problems=("bad shape",)))
 
 
 def test_a_training_run_redraws_its_loss_plot_at_most_every_few_seconds(manager, monkeypatch):
@@ -146,8 +149,8 @@ def test_a_training_run_redraws_its_loss_plot_at_most_every_few_seconds(manager,
 
     events = [{"event": "started", "total_steps": 4, "start_step": 0, "name": "demo-lora"}, *steps(1, 1)]
     run = write_run(manager.runs_dir / "live", events, validation=False)
-    monkeypatch.setattr(manager, "live_pid", lambda run_dir: 12345)  # a trainer process is running it
-    monkeypatch.setattr(manager, "_current_process_started", lambda run_dir, events: True)
+    # A trainer process is running it, past its own `started` event.
+    monkeypatch.setattr(manager, "process", lambda run_dir, events: Process(alive=True, started=True))
     ctx = UIContext(manager, manager.runs_dir.parent / "datasets")
 
     def add_steps(first, last):
@@ -178,7 +181,7 @@ def test_a_training_run_redraws_its_loss_plot_at_most_every_few_seconds(manager,
         log.write(json.dumps({"time": "2026-01-01T00:00:02+00:00", "event": "finished", "step": 4,
                               "path": "demo-lora.safetensors"}) + "\n")
     (run / "demo-lora.safetensors").write_bytes(b"x")
-    monkeypatch.setattr(manager, "live_pid", lambda run_dir: None)  # the trainer has exited
+    monkeypatch.setattr(manager, "process", lambda run_dir, events: Process())  # the trainer has exited
     ended = live_update(ctx, "live", due[10], now=100.0 + LOSS_REDRAW_SECONDS + 0.5)
     assert sent(ended)["loss"] and len(ended[3]) == 8  # at once, though the last draw was half a second ago
     assert sent(ended)["start"] and sent(ended)["timer"]

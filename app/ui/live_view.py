@@ -1,6 +1,6 @@
 """How a run looks while it trains: the progress bar, the loss curve, the samples, the header.
 
-Pure functions of what app.runs reads from the run folder, so the Train tab, the Runs tab and the
+Pure functions of what app.run_list reads from the run folder, so the Train tab, the Runs tab and the
 tests all render a run the same way.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from app.runs import Progress, RunInfo
+from app.run_list import Progress, RunInfo
+from trainer.run.events import LoadCheckEvent
 
 SMOOTHING = 0.9  # exponential moving average of the loss; single steps are noisy at batch 1-4
 SAMPLE_STEPS_SHOWN = 10  # columns of the sample grid: the newest steps
@@ -61,7 +62,7 @@ def progress_html(progress: Progress | None, other_runs: int = 0) -> str:
             f'{load_check_html(shown_check(progress))}</div>')
 
 
-def shown_check(progress: Progress) -> dict | None:
+def shown_check(progress: Progress) -> LoadCheckEvent | None:
     """The load check the live view shows: the final file's, else the newest written file's."""
     if progress.info.final_check is not None:
         return progress.info.final_check
@@ -70,23 +71,22 @@ def shown_check(progress: Progress) -> dict | None:
     return progress.last_check
 
 
-def targets_of(check: dict) -> str:
+def targets_of(check: LoadCheckEvent) -> str:
     """Where the checked file loads: LoHa/LoKr files are read by A1111, ComfyUI and LyCORIS, not diffusers."""
-    return LYCORIS_TARGETS if check.get("not_loaded_by") else TARGETS
+    return LYCORIS_TARGETS if check.not_loaded_by else TARGETS
 
 
-def load_check_html(check: dict | None) -> str:
+def load_check_html(check: LoadCheckEvent | None) -> str:
     """A green or red line saying whether a written LoRA file loads the way generators read it."""
-    if not check:
+    if check is None:
         return ""
-    name = html.escape(Path(str(check.get("path", ""))).name)
+    name = html.escape(Path(check.path).name)
     targets = targets_of(check)
-    if check.get("ok"):
-        modules = check.get("modules")
-        count = f" · {int(modules)} modules" if isinstance(modules, int) else ""
+    if check.ok:
+        count = f" · {check.modules} modules" if check.modules is not None else ""
         return (f'<div class="sd-loadcheck sd-loadcheck-ok" data-ok="true" title="{name}">'
                 f'<span class="sd-loadcheck-mark">✓</span><b>{name}</b> loads in {targets}{count}</div>')
-    problems = [str(p) for p in check.get("problems") or []] or ["unknown problem"]
+    problems = [str(p) for p in check.problems] or ["unknown problem"]
     listed = "; ".join(html.escape(p) for p in problems[:PROBLEMS_SHOWN])
     more = f" (+{len(problems) - PROBLEMS_SHOWN} more)" if len(problems) > PROBLEMS_SHOWN else ""
     return (f'<div class="sd-loadcheck sd-loadcheck-bad" data-ok="false" title="{name}">'
@@ -193,7 +193,7 @@ def log_html(text: str) -> str:
     return f'<div class="sd-log"><pre>{html.escape(text)}</pre></div>'
 
 
-def files_html(paths: list[Path], empty: str = "None yet.", checks: dict[str, dict] | None = None,
+def files_html(paths: list[Path], empty: str = "None yet.", checks: dict[str, LoadCheckEvent] | None = None,
                run_dir: Path | None = None) -> str:
     """Download links for files in the runs folder (served from there: it is in allowed_paths), each with
     its load check when `checks` (relative path -> `load_check` event) has one."""
@@ -206,10 +206,10 @@ def files_html(paths: list[Path], empty: str = "None yet.", checks: dict[str, di
                 f'{html.escape(p.name)}</a>')
         if check is None:
             verdict = ""
-        elif check.get("ok"):
+        elif check.ok:
             verdict = '<span class="sd-chip sd-chip-ok" title="loads in ' + targets_of(check) + '">✓ loads</span>'
         else:
-            problems = "; ".join(str(x) for x in (check.get("problems") or [])[:PROBLEMS_SHOWN])
+            problems = "; ".join(str(x) for x in check.problems[:PROBLEMS_SHOWN])
             verdict = (f'<span class="sd-chip sd-chip-bad" title="{html.escape(problems, quote=True)}">'
                        '✗ fails the load check</span>')
             link = f'<span class="sd-file-bad">{html.escape(p.name)}</span>'  # not offered as a usable file
@@ -217,7 +217,7 @@ def files_html(paths: list[Path], empty: str = "None yet.", checks: dict[str, di
     return f'<table class="sd-files">{"".join(rows)}</table>'
 
 
-def _check_of(path: Path, checks: dict[str, dict] | None, run_dir: Path | None) -> dict | None:
+def _check_of(path: Path, checks: dict[str, LoadCheckEvent] | None, run_dir: Path | None) -> LoadCheckEvent | None:
     if not checks or run_dir is None:
         return None
     try:
@@ -226,13 +226,13 @@ def _check_of(path: Path, checks: dict[str, dict] | None, run_dir: Path | None) 
         return None
 
 
-def _check_dict(run_dir: Path, check: dict | None) -> dict | None:
+def _check_dict(run_dir: Path, check: LoadCheckEvent | None) -> dict | None:
     """A load check for the API: the file as an absolute `file` (a `path` key would make gradio_client
     take the dict for a file to download)."""
-    if not check:
+    if check is None:
         return None
-    return {"file": str(run_dir / str(check.get("path", ""))), "ok": bool(check.get("ok")),
-            "problems": list(check.get("problems") or []), "modules": check.get("modules")}
+    return {"file": str(run_dir / check.path), "ok": check.ok, "problems": list(check.problems),
+            "modules": check.modules}
 
 
 def _size(path: Path) -> str:

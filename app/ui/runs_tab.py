@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from app.runs import ACTIVE, RESUMABLE
 from app.ui.context import UIContext
 from app.ui.live_view import (
     RUN_COLUMNS,
@@ -18,6 +17,7 @@ from app.ui.live_view import (
 from app.ui.notices import guarded, notice, ok
 from networks.errors import SdloraError
 from trainer.run.run_dir import RunDir
+from trainer.run.status import ACTIVE, RESUMABLE
 
 
 @dataclass
@@ -81,7 +81,7 @@ def build(ctx: UIContext) -> RunsTab:
         progress = ctx.runs.progress(run_dir)
         info = progress.info
         final_file = info.final_file
-        failed = info.final_check is not None and not info.final_check.get("ok")
+        failed = info.final_check is not None and not info.final_check.ok
         download = (gr.DownloadButton(f"Download {final_file.name}", value=str(final_file), interactive=True,
                                       variant="primary") if final_file else
                     gr.DownloadButton("The final file failed its load check" if failed else "No final file yet",

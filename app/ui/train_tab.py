@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from app.runs import ACTIVE, RESUMABLE
 from app.ui.config_form import ConfigForm, prompts_to_text
 from app.ui.context import UIContext
 from app.ui.live_view import header_markdown, log_html, loss_frame, progress_html, sample_grid_html
@@ -26,6 +25,7 @@ from networks.spec import NetworkSpec, alpha_for
 from trainer.config import TrainConfig, load_config
 from trainer.config.presets import list_presets, resolve_config
 from trainer.run.run_dir import RunDir
+from trainer.run.status import ACTIVE, RESUMABLE
 
 DEFAULT_PRESET = "demo"
 POLL_SECONDS = 2.0
