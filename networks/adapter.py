@@ -9,11 +9,12 @@ LoHa and LoKr in loha.py and lokr.py.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
+
+from .spec import scale_for
 
 ALPHA = "alpha"  # every adapter type's file-key suffix for its alpha (`<name>.alpha`, a 0-dim float32)
 
@@ -25,9 +26,8 @@ class Adapter(nn.Module, ABC):
                  rank_dropout: float = 0.0, module_dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         self.rank, self.alpha = int(rank), float(alpha)
-        # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so larger ranks keep learning.
         self.rslora = rslora
-        self.scale = self.alpha / (math.sqrt(self.rank) if rslora else self.rank)
+        self.scale = scale_for(self.alpha, self.rank, rslora)
         self.multiplier = 1.0
         self.enabled = True
         self.merged = False

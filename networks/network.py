@@ -65,8 +65,9 @@ class LoraNetwork(nn.Module):
     # -- building ----------------------------------------------------------------------------
     @classmethod
     def create(cls, family: str, unet: nn.Module | None, text_encoders: list[nn.Module],
-               spec: NetworkSpec) -> LoraNetwork:
-        """Build (not yet attached) adapters for every target module the spec selects."""
+               spec: NetworkSpec, device: torch.device | str | None = None) -> LoraNetwork:
+        """Build (not yet attached) adapters for every target module the spec selects, each on its module's
+        device (or on `device`)."""
         spec.validate()
         parts = components_for(family, unet if spec.train_unet else None,
                                text_encoders if spec.train_text_encoder else [])
@@ -81,7 +82,7 @@ class LoraNetwork(nn.Module):
             if rank == 0:
                 continue  # kohya: a block at rank 0 gets no adapter
             adapter = make_adapter(spec, target.module, rank, alpha)
-            adapters[target.name] = adapter.to(device=target.module.weight.device)
+            adapters[target.name] = adapter.to(device=device or target.module.weight.device)
             roles[target.name], paths[target.name] = target.role, target.path
         if not adapters:
             raise SdloraError("Every block's learning-rate weight or rank is 0, so nothing would train; raise "
@@ -232,6 +233,16 @@ class LoraNetwork(nn.Module):
         for name, adapter in self.adapters.items():
             _load_adapter_weights(adapter, name, state[f"{name}.{LORA_DOWN}"],
                                   state[f"{name}.{LORA_UP}"], source)
+
+
+def count_adapter_parameters(family: str, unet: nn.Module | None, text_encoders: list[nn.Module],
+                             spec: NetworkSpec) -> int:
+    """Trainable parameters of the network `spec` builds on this model (real or on the meta device), for
+    every adapter type: its adapters are built on the meta device (no memory, no init), so the adapter
+    classes stay the only owners of their sizes. A spec `create` refuses raises its SdloraError."""
+    with torch.device("meta"):
+        network = LoraNetwork.create(family, unet, text_encoders, spec, device="meta")
+    return sum(parameter.numel() for parameter in network.parameters())
 
 
 def _common_alpha(alphas: list[float]) -> float | None:

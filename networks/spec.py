@@ -5,6 +5,7 @@ loading torch. Its field names and defaults are `[network]`'s (trainer's Network
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -26,6 +27,12 @@ def alpha_for(alpha: float | None, alpha_ratio: float, rank: int) -> float:
     """The one alpha rule: an absolute alpha when given, else alpha_ratio x rank (so alpha follows r and the
     scale alpha / r stays put when r changes)."""
     return float(alpha) if alpha is not None else alpha_ratio * rank
+
+
+def scale_for(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The one scale rule: an adapter's update is multiplied by alpha / r, or alpha / sqrt(r) with rsLoRA
+    (Kalajdzievski 2023: larger ranks keep learning)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
 
 
 @dataclass
@@ -82,6 +89,13 @@ class NetworkSpec:
         if conv:
             return alpha_for(self.conv_alpha, self.conv_alpha_ratio, rank)
         return alpha_for(self.alpha, self.alpha_ratio, rank)
+
+    def scale(self, conv: bool = False) -> float:
+        """The scale of the spec's linear (or, with `conv`, 3x3-conv) adapters: alpha / r, rsLoRA's alpha /
+        sqrt(r) when `rslora` (a block's own rank aside)."""
+        if conv:
+            return scale_for(self.resolved_conv_alpha, self.conv_rank, self.rslora)
+        return scale_for(self.resolved_alpha, self.rank, self.rslora)
 
     @property
     def adapts_convs(self) -> bool:

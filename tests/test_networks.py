@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from networks.errors import SdloraError
-from networks.network import LoraNetwork
+from networks.network import LoraNetwork, count_adapter_parameters
 from networks.spec import FAMILIES, NetworkSpec
 from tests.helpers import attached, randomise_up, text_encoders, unet_out
 from trainer.model.tiny_models import build_tiny_pipeline_components
@@ -189,3 +189,37 @@ def test_continuing_a_file_whose_parts_are_not_trained_is_one_sentence():
                                   "old.safetensors")
     assert str(error.value) == ("old.safetensors adapts the text encoder, but network.train_text_encoder is false; "
                                 "set it to true to continue those modules.")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("kind", ["lora", "locon", "loha", "lokr"])
+def test_counted_adapter_parameters_equal_the_built_networks(family, kind):
+    components = build_tiny_pipeline_components(family)
+    unet, encoders = components["unet"], text_encoders(components)
+    spec = NetworkSpec(type=kind, rank=4, conv_rank=2, train_text_encoder=True)
+    before = {name: p.clone() for name, p in unet.named_parameters()}
+    counted = count_adapter_parameters(family, unet, encoders, spec)
+    built = LoraNetwork.create(family, unet, encoders, spec)
+    assert counted == sum(p.numel() for p in built.parameters()) > 0
+    assert all(torch.equal(p, before[name]) for name, p in unet.named_parameters())  # the model is untouched
+    assert not any(a.base_forward for a in built.adapters.values())  # counting attached nothing
+
+
+def test_counted_adapter_parameters_follow_the_lora_size_rule_on_a_meta_model():
+    components = build_tiny_pipeline_components("sd1")
+    with torch.device("meta"):
+        meta_unet = type(components["unet"]).from_config(components["unet"].config)
+    spec = NetworkSpec(type="lora", rank=4)
+    # LoRA: down [r, in] + up [out, r] per Linear (1x1 convs alike); the rule the pre-flight wrote by hand
+    bases = [a.base for a in LoraNetwork.create("sd1", components["unet"], [], spec).adapters.values()]
+    expected = sum(4 * base.weight[0].numel() + base.weight.shape[0] * 4 for base in bases)
+    assert count_adapter_parameters("sd1", meta_unet, [], spec) == expected
+
+
+def test_spec_scale_is_alpha_over_rank_or_its_root_with_rslora():
+    spec = NetworkSpec(rank=16, alpha=8.0, conv_rank=4, conv_alpha_ratio=1.0)
+    assert (spec.scale(), spec.scale(conv=True)) == (0.5, 1.0)
+    rs = NetworkSpec(rank=16, alpha=8.0, conv_rank=4, conv_alpha=1.0, rslora=True)
+    assert (rs.scale(), rs.scale(conv=True)) == (2.0, 0.5)
+    _, network = attached("sd1", "lora", rslora=True)
+    assert {a.scale for a in network.adapters.values()} == {2 / 2.0}  # rank 4, alpha 0.5 x 4, rsLoRA: 2 / sqrt(4)
