@@ -13,7 +13,7 @@ import sys
 from app.caption_command import add_caption_subcommand
 from app.check_command import add_check_subcommand, add_import_kohya_action
 from app.lora_commands import add_lora_subcommands
-from app.train_config import train_config
+from app.train_config import make_run_folder, train_config
 from networks.errors import SdloraError
 from networks.spec import FAMILIES
 
@@ -150,6 +150,8 @@ def run_demo_data(args) -> int:
 
 def run_train(args) -> int:
     cfg, resume = train_config(args)  # config errors show before the heavy imports below
+    if cfg.output.dir:
+        make_run_folder(cfg.output.dir)
     from trainer.run.loop import train
 
     preset = None if resume or args.config else args.preset

@@ -12,6 +12,10 @@ FIXED_ON_RESUME = ("network.", "train.learning_rate", "train.unet_lr", "train.te
                    "train.optimizer", "train.weight_decay", "train.lr_scheduler", "train.lr_warmup_steps", "train.seed")
 
 
+FLAG_MEANS = {"model": "a diffusers folder, a .safetensors/.ckpt file or demo:shapes", "data": "the folder of images",
+              "output": "the run folder", "name": "the exported file's name"}
+
+
 def train_config(args):
     """The TrainConfig a `train` invocation means, and whether it resumes."""
     from trainer.config import apply_overrides, load_config
@@ -32,6 +36,9 @@ def train_config(args):
         return apply_overrides(load_config(config_file), overrides), True
     for flag, key in (("model", "model.path"), ("data", "dataset.path"), ("output", "output.dir"), ("name", "name")):
         value = getattr(args, flag)
+        if value is not None and not value.strip():
+            # Path("  ").resolve() and an empty --set value would both mean the current folder.
+            raise SdloraError(f"--{flag} is empty; give {FLAG_MEANS[flag]}.")
         if value:
             overrides.append(f"{key}={Path(value).resolve() if flag in ('data', 'output') else value}")
     if args.config:
@@ -50,3 +57,18 @@ def _refuse_fixed_keys(overrides: list[str], run) -> None:
             raise SdloraError(f"--set {item} cannot change a resumed run: its saved state fixes the network and the "
                               f"optimizer's rates and schedule; drop it, or start a new run from its last file with "
                               f"{start_from}.")
+
+
+def make_run_folder(folder: str) -> None:
+    """Make the run folder (or find it made) before the trainer writes in it, so a file in its place or a place
+    where no folder can be made (/proc, a read-only disk) is one sentence, not an OSError from deep inside."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise SdloraError(f"The run folder {path} is a file, not a folder; give --output (output.dir) a new "
+                          "folder's name or an earlier run's folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = (error.strerror or type(error).__name__).lower()
+        raise SdloraError(f"The run folder {path} cannot be made ({reason}); give --output (output.dir) a "
+                          "folder in a place you can write to.") from None

@@ -120,11 +120,18 @@ class NetworkSpec:
                 raise SdloraError(f"network.{key} must be in [0, 1) (got {value}).")
         if self.init not in INITS:
             raise SdloraError(f"network.init must be one of {', '.join(INITS)} (got '{self.init}').")
+        problem = self.rule_problem()
+        if problem:
+            raise SdloraError(problem + ".")
+
+    def rule_problem(self) -> str | None:
+        """The first rule across the keys that this spec breaks, as a sentence without its full stop, or None.
+        `validate` and the config's validation both ask here, so a rule and its sentence are written once."""
         if not (self.train_unet or self.train_text_encoder):
-            raise SdloraError("Nothing to train: set network.train_unet or network.train_text_encoder to true.")
+            return "network.train_unet and network.train_text_encoder are both false; enable at least one"
         if self.type in LYCORIS_TYPES and self.init != "kaiming":
-            raise SdloraError(f"network.init {self.init} is for lora and locon; {self.type} starts as LyCORIS "
-                              "starts it, so leave network.init at kaiming.")
+            return (f"network.init {self.init} is for lora and locon; {self.type} starts as LyCORIS starts it, "
+                    "so leave network.init at kaiming")
         if isinstance(self.factor, bool) or not isinstance(self.factor, int) or not (self.factor == -1 or self.factor >= 1):
-            raise SdloraError(f"network.factor must be -1 (LyCORIS's balanced split) or an integer >= 1 "
-                              f"(got {self.factor}).")
+            return "network.factor must be -1 (the balanced split) or an integer >= 1"
+        return None

@@ -309,3 +309,15 @@ def test_save_config_disk_error_is_one_sentence(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(SdloraError, match=r"^Cannot write .*config\.toml \(.*\); check that the folder is writable"):
         save_config(TrainConfig(), blocker / "config.toml")
+
+
+@pytest.mark.parametrize("network", [
+    {"train_unet": False}, {"type": "loha", "init": "pissa"}, {"type": "lokr", "factor": 0},
+])
+def test_network_rules_are_the_specs_own(network):
+    """The config asks NetworkSpec for its cross-key rules, so a spec built in code meets the same sentence."""
+    from networks.spec import NetworkSpec
+
+    with pytest.raises(SdloraError) as spec_error:
+        NetworkSpec(**network).validate()
+    assert _error({"network": network}) == str(spec_error.value)

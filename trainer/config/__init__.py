@@ -1,8 +1,9 @@
 """The training config: one pydantic model (`TrainConfig`) that presets, CLI flags, the UI form and the run
 folder share, split by job:
 
-- `sections`: the keys, their bounds, defaults and descriptions; the network spec and dataset options are
-  built from their sections (`NetworkSection.spec()`, `DatasetSection.options()`);
+- `sections` (with `network_section`, `train_section`, `section`, `choices`): the keys, their bounds, defaults
+  and descriptions, the enumerations; the network spec and dataset options are built from their sections
+  (`NetworkSection.spec()`, `DatasetSection.options()`);
 - `files`: TOML in and out; `overrides`: `--set KEY=VALUE` and partial configs laid over others;
 - `fields`: the field table the UI form is generated from; `errors`: one-sentence validation errors;
 - `presets`, `kohya_import`, `kohya_names`, `sample_prompts`: named partial configs, kohya_ss presets and

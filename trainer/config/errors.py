@@ -101,6 +101,8 @@ def _value_problem(err: dict, loc: tuple) -> str:
     word = _type_word(annotation)
     if kind == "missing":
         return "is required"
+    if kind == "finite_number":  # before the union's list: a number arm was the one meant
+        return f"must be a finite number{got}"
     if annotation is not None and len(_arms(annotation)) > 1 and not _choices(annotation):
         return f"must be {word}{got}"  # a union: every arm failed, so name them all
     if kind in _LIMITS:

@@ -1,67 +1,46 @@
 """The config sections: every key a user can set, with its bounds and a short description; `TrainConfig`
-holds them all. The enumerations are written once, here or in networks/spec.py."""
+holds them all. This module holds the model, dataset and output sections and the whole; `[network]` and
+`[train]` have modules of their own, the enumerations are in choices.py (and networks/spec.py), and every
+name stays importable from here."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from networks.block_lr import block_weights, parse_block_values
+from networks.block_lr import block_weights
 from networks.errors import SdloraError
-from networks.spec import FAMILIES, LYCORIS_TYPES, NetworkInit, NetworkSpec, NetworkType
+from trainer.config.choices import (
+    DEMO_MODELS,
+    LOSS_TYPES,
+    PREDICTION_TYPES,
+    SEED_MAX,
+    Family,
+    LossType,
+    LrScheduler,
+    MixedPrecision,
+    Optimizer,
+    OptimizerArg,
+    PredictionType,
+    Sampler,
+)
+from trainer.config.network_section import NetworkSection
 from trainer.config.sample_prompts import OPTION_HELP, parse_prompt_line
+from trainer.config.section import Section, rule
+from trainer.config.train_section import TrainSection
 from trainer.data.buckets import BucketSpec
 from trainer.data.captions import CaptionOptions
 from trainer.data.dataset import DatasetOptions
 
-# Each enumeration is written once, here or in networks/spec.py, and read everywhere else.
-Family = Literal[("auto", *FAMILIES)]
-
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-PredictionType = Literal[("auto", *PREDICTION_TYPES)]
-
-
-LossType = Literal["l2", "huber", "smooth_l1"]
-
-
-LOSS_TYPES: tuple[str, ...] = get_args(LossType)
-
-
-Optimizer = Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]
-
-
-# The names diffusers.optimization.get_scheduler accepts, so the loop can pass the value straight through.
-LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
-
-
-Sampler = Literal["euler_a", "euler", "ddim", "dpmpp_2m"]
-MixedPrecision = Literal["no", "fp16", "bf16"]
-
-
-# Built-in models and their family: demo:shapes was pretrained to draw (docs/DEMO_MODEL.md); the other
-# three have random weights and exist so every family's layout can be tried and tested in seconds.
-DEMO_MODELS = {"demo:shapes": "sd1", "demo:sd1": "sd1", "demo:sd2": "sd2", "demo:sdxl": "sdxl"}
-
-
-SEED_MAX = 2**32 - 1  # numpy's limit; torch accepts more, but a seed must work everywhere
-
-
-OptimizerArg = float | int | bool | str | list[float]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _rule(message: str) -> PydanticCustomError:
-    """A cross-field error whose message is already a full sentence naming its keys."""
-    return PydanticCustomError("sdlora_rule", message)
+__all__ = [
+    "DEMO_MODELS", "LOSS_TYPES", "PREDICTION_TYPES", "SEED_MAX", "DatasetSection", "EmaSection", "Family",
+    "LossType", "LrScheduler", "MixedPrecision", "ModelSection", "NetworkSection", "Optimizer", "OptimizerArg",
+    "OutputSection", "PredictionType", "SamplePrompt", "SampleSection", "Sampler", "SaveSection", "Section",
+    "TrainConfig", "TrainSection", "ValidationSection",
+]
 
 
 class ModelSection(Section):
@@ -92,6 +71,9 @@ class ModelSection(Section):
     @field_validator("path")
     @classmethod
     def _known_demo(cls, path: str) -> str:
+        if not path.strip():  # a blank path would be read as the current folder
+            raise PydanticCustomError("sdlora_value", "is empty; give a diffusers folder, a .safetensors/.ckpt "
+                                                      "file or demo:shapes")
         if path.startswith("demo:") and path not in DEMO_MODELS:
             raise PydanticCustomError("sdlora_value", "must be one of " + ", ".join(DEMO_MODELS))
         return path
@@ -100,7 +82,7 @@ class ModelSection(Section):
     def _demo_matches_family(self) -> ModelSection:
         demo_family = DEMO_MODELS.get(self.path)
         if demo_family and self.family not in ("auto", demo_family):
-            raise _rule(f"model.path {self.path} is the tiny {demo_family} model but model.family is "
+            raise rule(f"model.path {self.path} is the tiny {demo_family} model but model.family is "
                         f"{self.family}; set model.family to auto or use demo:{self.family}")
         return self
 
@@ -150,6 +132,14 @@ class DatasetSection(Section):
                                                          "step (cache_latents = none, or random_crop); 0 loads "
                                                          "them in the training process.")
 
+    @field_validator("path")
+    @classmethod
+    def _not_blank(cls, path: str) -> str:
+        # "" means not given yet (--data gives it); spaces alone would be read as the current folder.
+        if path and not path.strip():
+            raise PydanticCustomError("sdlora_value", "is only spaces; give the folder of images")
+        return path
+
     @field_validator("caption_extension", mode="before")
     @classmethod
     def _leading_dot(cls, ext: Any) -> Any:
@@ -184,182 +174,16 @@ class DatasetSection(Section):
         # The same rules trainer/data/buckets.py enforces, checked here so the message names the keys at once.
         step, res = self.bucket_step, self.resolution
         if res % step:
-            raise _rule(f"dataset.resolution ({res}) must be a multiple of dataset.bucket_step ({step})")
+            raise rule(f"dataset.resolution ({res}) must be a multiple of dataset.bucket_step ({step})")
         for key in ("min_bucket_side", "max_bucket_side"):
             side = getattr(self, key)
             if side is not None and side % step:
-                raise _rule(f"dataset.{key} ({side}) must be a multiple of dataset.bucket_step ({step})")
+                raise rule(f"dataset.{key} ({side}) must be a multiple of dataset.bucket_step ({step})")
         low, high = self.resolved_min_bucket_side, self.resolved_max_bucket_side
         if self.enable_buckets and not step <= low <= res <= high:
-            raise _rule(f"dataset.min_bucket_side ({low}) <= dataset.resolution ({res}) <= "
+            raise rule(f"dataset.min_bucket_side ({low}) <= dataset.resolution ({res}) <= "
                         f"dataset.max_bucket_side ({high}) must hold; change the bucket sides or leave them empty")
         return self
-
-
-class NetworkSection(Section):
-    type: NetworkType = Field("lora", description="lora adapts attention and linear layers; locon also "
-                                                  "adapts 3x3 convolutions; loha / lokr are LyCORIS's Hadamard / "
-                                                  "Kronecker products (A1111, ComfyUI and LyCORIS load them, "
-                                                  "diffusers does not).")
-    rank: int = Field(16, ge=1, le=1024, description="Rank r: the adapter's capacity and file size.")
-    alpha_ratio: float = Field(0.5, gt=0, description="alpha / r; the update is scaled by alpha / r, so "
-                                                      "this stays meaningful when r changes.")
-    alpha: float | None = Field(None, gt=0, description="Absolute alpha; overrides alpha_ratio when set.")
-    include_convs: bool = Field(False, description="loha / lokr: also adapt the ResNet convolutions and samplers "
-                                                   "at conv_rank, as locon does (LyCORIS's conv_dim).")
-    factor: int = Field(-1, ge=-1, description="lokr: LyCORIS's factor; each weight side splits as a x b with a = "
-                                               "factor where it divides, -1 = the most balanced split.")
-    decompose_both: bool = Field(False, description="lokr: the small Kronecker half as a rank-r product too.")
-    conv_rank: int = Field(8, ge=1, le=1024, description="Rank of the 3x3 convolution adapters (locon).")
-    conv_alpha_ratio: float = Field(0.5, gt=0, description="conv alpha / conv rank (locon).")
-    conv_alpha: float | None = Field(None, gt=0, description="Absolute conv alpha; overrides conv_alpha_ratio.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's hidden features.")
-    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Chance of dropping each rank component per step.")
-    module_dropout: float = Field(0.0, ge=0, lt=1, description="Chance of skipping a whole adapter per step.")
-    init: NetworkInit = Field("kaiming", description="kaiming/gaussian: random down matrix, zero up matrix; "
-                                                     "pissa/loraga start from the base weight's principal "
-                                                     "directions / the first gradient (the base is adjusted).")
-    rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r (exported "
-                                            "with alpha x sqrt(r), so every generator loads it right).")
-    loraga_batches: int = Field(4, ge=1, le=256, description="Batches whose gradient initialises LoRA-GA.")
-    weights: str | None = Field(None, description=(
-        "Continue training this LoRA file (kohya's network_weights): its modules keep their ranks, alphas and "
-        "weights; modules it lacks start fresh with rank and alpha above."))
-    export: Literal["exact", "svd"] = Field(
-        "exact", description="After a PiSSA/LoRA-GA init: export the true change at rank 2r (exact) or "
-                             "re-ranked to r by SVD (the error is reported).")
-    train_unet: bool = Field(True, description="Attach adapters to the UNet.")
-    train_text_encoder: bool = Field(False, description="Attach adapters to the text encoder(s) too.")
-    include_conv_in_out: bool = Field(False, description="Also adapt the UNet's first and last convolutions.")
-    include_time_embedding: bool = Field(False, description="Also adapt the timestep embedding layers.")
-    target_modules: list[str] | None = Field(
-        None, description="Adapt only modules whose path ends with one of these (e.g. to_q, to_k, to_v, "
-                          "to_out.0); empty = every module the type adapts.")
-    down_lr_weight: str | None = Field(
-        None, description="kohya's block learning rates for the UNet's input blocks IN00-IN11 (SDXL IN00-IN08): "
-                          "numbers like 0,0,0,0.5,1 (missing ones are 1) or sine, cosine, linear, reverse_linear, "
-                          "zeros with an optional +offset; a block at 0 gets no adapter.")
-    mid_lr_weight: str | None = Field(None, description="The same for the middle block (SDXL: 3).")
-    up_lr_weight: str | None = Field(
-        None, description="The same for the output blocks OUT00-OUT11 (SDXL OUT00-OUT08).")
-    block_lr_zero_threshold: float = Field(0.0, ge=0, description="Block weights at or below this count as 0 "
-                                                                  "(no adapter).")
-    block_dims: str | None = Field(
-        None, description="kohya's rank per UNet block, one per block (25 for SD1/SD2: IN00-IN11, MID, OUT00-OUT11; "
-                          "23 for SDXL); 0 = no adapter in that block. Empty = rank for every block.")
-    block_alphas: str | None = Field(None, description="Alpha per block, like block_dims; empty = alpha / "
-                                                       "alpha_ratio applied to each block's rank.")
-    conv_block_dims: str | None = Field(None, description="Rank of the 3x3 convolutions per block (locon); "
-                                                          "empty = conv_rank everywhere.")
-    conv_block_alphas: str | None = Field(None, description="Alpha of the 3x3 convolutions per block; empty = "
-                                                            "conv_alpha / conv_alpha_ratio applied to each rank.")
-
-    def spec(self) -> NetworkSpec:
-        """The adapters these keys describe, with the same field names (alpha as given, not resolved, so
-        per-block ranks keep alpha / r too)."""
-        fields = {name: getattr(self, name) for name in NetworkSpec.__dataclass_fields__}
-        fields["target_modules"] = tuple(self.target_modules) if self.target_modules else None
-        return NetworkSpec(**fields)
-
-    # The spec's own rules, so the config, the trainer and the UI resolve alpha one way.
-    resolved_alpha = property(lambda self: self.spec().resolved_alpha)
-    resolved_conv_alpha = property(lambda self: self.spec().resolved_conv_alpha)
-    adapts_convs = property(lambda self: self.spec().adapts_convs)
-
-    @model_validator(mode="after")
-    def _block_settings_read(self) -> NetworkSection:
-        try:
-            for sdxl in (False, True):  # the syntax, for either block count; the family is known only at load
-                block_weights(sdxl, self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight)
-            for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
-                parse_block_values(getattr(self, key), f"network.{key}", whole=key.endswith("dims"))
-        except SdloraError as error:
-            raise _rule(str(error).rstrip(".")) from None
-        return self
-
-    @model_validator(mode="after")
-    def _trains_something(self) -> NetworkSection:
-        if not (self.train_unet or self.train_text_encoder):
-            raise _rule("network.train_unet and network.train_text_encoder are both false; enable at least one")
-        if self.type in LYCORIS_TYPES and self.init != "kaiming":
-            raise _rule(f"network.init {self.init} is for lora and locon; {self.type} starts as LyCORIS starts it, "
-                        "so leave network.init at kaiming")
-        if self.factor == 0:
-            raise _rule("network.factor must be -1 (the balanced split) or an integer >= 1")
-        if self.weights and self.init in ("pissa", "loraga"):
-            raise _rule(f"network.weights continues a LoRA file, but network.init {self.init} would start from the "
-                        "base weight instead; use network.init kaiming or gaussian")
-        return self
-
-
-class TrainSection(Section):
-    epochs: int = Field(10, ge=1, le=100000, description="Passes over the dataset.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps; "
-                                                          "overrides epochs when set.")
-    batch_size: int = Field(1, ge=1, le=1024, description="Images per step on each GPU.")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Batches summed per optimizer step.")
-    learning_rate: float = Field(1e-4, gt=0, description="Learning rate for every adapter without its own.")
-    unet_lr: float | None = Field(None, gt=0, description="UNet learning rate; empty = learning_rate.")
-    text_encoder_lr: float | None = Field(None, gt=0, description="Text encoder learning rate; "
-                                                                  "empty = learning_rate.")
-    loraplus_ratio: float = Field(1.0, ge=1, description="LoRA+: learning-rate multiplier for the up (B) "
-                                                         "weights; 1 turns it off, 16 is typical.")
-    optimizer: Optimizer = Field("adamw", description="adamw8bit needs bitsandbytes, prodigy needs prodigyopt "
-                                                      "(use learning_rate 1 with prodigy).")
-    optimizer_args: dict[str, OptimizerArg] = Field(
-        default_factory=dict, description="Extra optimizer keyword arguments, e.g. {betas = [0.9, 0.99]}.")
-    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay.")
-    lr_scheduler: LrScheduler = Field("constant", description="How the learning rate changes over the run.")
-    lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up from 0 to the learning rate.")
-    lr_scheduler_num_cycles: int = Field(1, ge=1, le=1000, description="Restarts for cosine_with_restarts.")
-    lr_scheduler_power: float = Field(1.0, gt=0, description="Power of the polynomial scheduler.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Clip gradients to this norm; 0 disables clipping.")
-    prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of regularization images "
-                                                             "(dataset.reg_path) against training images.")
-    scale_weight_norms: float = Field(0.0, ge=0, description=(
-        "kohya's max-norm regularization: after each step, modules whose change (scale x up x down) has a norm "
-        "above this are scaled back to it (1 is usual); keeps a LoRA from overcooking. 0 = off."))
-    mixed_precision: MixedPrecision = Field(
-        "no", description="Compute precision on GPU; bf16 needs an Ampere or newer card.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
-    compile: bool = Field(False, description="Compile the UNet's training step with torch.compile: faster steps "
-                                             "after a first one that takes minutes (and again per new bucket "
-                                             "shape); for long runs.")
-    noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise (about 0.05) helps very dark "
-                                                             "and bright images.")
-    noise_offset_random_strength: bool = Field(False, description="Scale the noise offset by a random 0-1 each "
-                                                                  "step (kohya's).")
-    adaptive_noise_scale: float = Field(0.0, ge=-1, le=1, description=(
-        "kohya's adaptive noise: add this times each channel's |mean latent| to the noise offset (needs "
-        "noise_offset; about noise_offset / 10); 0 = off."))
-    multires_noise_iterations: int = Field(0, ge=0, le=20, description="Multi-resolution (pyramid) noise "
-                                                                     "levels, kohya's; 6-10 is typical, 0 off.")
-    multires_noise_discount: float = Field(0.3, gt=0, le=1, description="Weight decay per multires noise level.")
-    ip_noise_gamma: float | None = Field(None, ge=0, le=1, description="Input perturbation noise (about 0.1) "
-                                                                       "against exposure bias; empty disables.")
-    ip_noise_gamma_random_strength: bool = Field(False, description="Scale ip_noise_gamma by a random 0-1 each "
-                                                                    "step (kohya's).")
-    zero_terminal_snr: bool = Field(False, description="Rescale the noise schedule so the last timestep is pure "
-                                                       "noise (Lin et al.; kohya's); for v-prediction models.")
-    min_timestep: int = Field(0, ge=0, le=999, description="Lowest noise timestep trained (kohya's; 0 = all).")
-    max_timestep: int = Field(1000, ge=1, le=1000, description="Timesteps below this are trained (kohya's, "
-                                                               "exclusive; 1000 = all).")
-    scale_v_pred_loss_like_noise_pred: bool = Field(False, description=(
-        "v-prediction models: weight the loss by SNR/(SNR+1) so it behaves like an epsilon model's (kohya's)."))
-    v_pred_like_loss: float = Field(0.0, ge=0, description="Add this much of a v-prediction-like loss (kohya's; "
-                                                           "about 0.1); 0 = off.")
-    debiased_estimation: bool = Field(False, description="Weight the loss by 1/sqrt(SNR) (debiased "
-                                                         "estimation, kohya's debiased_estimation_loss).")
-    loss_type: LossType = Field(
-        "l2", description="l2 (mean squared error), or kohya's pseudo-Huber / smooth L1, which outlier "
-                          "pixels pull on less.")
-    huber_c: float = Field(0.1, gt=0, le=1, description="Huber parameter: the error size where the loss turns "
-                                                        "from quadratic to linear.")
-    huber_schedule: Literal["snr", "exponential", "constant"] = Field(
-        "snr", description="How huber_c varies with the timestep (kohya's default: snr).")
-    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5 is "
-                                                                "typical); empty disables.")
-    seed: int = Field(42, ge=0, le=SEED_MAX, description="Random seed for shuffling, noise and dropout.")
 
 
 class SamplePrompt(Section):
@@ -430,7 +254,7 @@ class ValidationSection(Section):
     @model_validator(mode="after")
     def _one_source(self) -> ValidationSection:
         if self.images and self.folder:
-            raise _rule("validation.images and validation.folder are both set; use one of them")
+            raise rule("validation.images and validation.folder are both set; use one of them")
         return self
 
 
@@ -464,32 +288,32 @@ class TrainConfig(Section):
         if train.optimizer != "prodigy":
             return self
         if train.loraplus_ratio != 1:
-            raise _rule("train.optimizer prodigy needs one learning rate for every parameter, so "
+            raise rule("train.optimizer prodigy needs one learning rate for every parameter, so "
                         "train.loraplus_ratio must be 1")
         rates = {train.unet_lr or train.learning_rate} if net.train_unet else set()
         if net.train_text_encoder:
             rates.add(train.text_encoder_lr or train.learning_rate)
         if len(rates) > 1:
-            raise _rule("train.optimizer prodigy needs one learning rate for every parameter, so leave "
+            raise rule("train.optimizer prodigy needs one learning rate for every parameter, so leave "
                         "train.unet_lr and train.text_encoder_lr empty or equal")
         weights = {w for sdxl in (False, True) for w in block_weights(
             sdxl, net.down_lr_weight, net.mid_lr_weight, net.up_lr_weight, net.block_lr_zero_threshold) or []}
         if weights - {0.0, 1.0}:
-            raise _rule("train.optimizer prodigy needs one learning rate for every parameter, so block "
+            raise rule("train.optimizer prodigy needs one learning rate for every parameter, so block "
                         "learning-rate weights can only be 0 or 1")
         return self
 
     @model_validator(mode="after")
     def _timestep_range(self) -> TrainConfig:
         if self.train.min_timestep >= self.train.max_timestep:
-            raise _rule(f"train.min_timestep ({self.train.min_timestep}) must be below train.max_timestep "
+            raise rule(f"train.min_timestep ({self.train.min_timestep}) must be below train.max_timestep "
                         f"({self.train.max_timestep})")
         return self
 
     @model_validator(mode="after")
     def _max_norm_needs_a_zero_start(self) -> TrainConfig:
         if self.train.scale_weight_norms and self.network.init in ("pissa", "loraga"):
-            raise _rule(f"train.scale_weight_norms works on a LoRA that starts at zero, but network.init is "
+            raise rule(f"train.scale_weight_norms works on a LoRA that starts at zero, but network.init is "
                         f"{self.network.init} (it starts from the base weight); use network.init kaiming or gaussian, "
                         "or set train.scale_weight_norms to 0")
         return self

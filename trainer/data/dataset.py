@@ -264,6 +264,8 @@ def scan_folder(options: DatasetOptions) -> tuple[list[Item], DatasetReport]:
     folder = Path(options.folder)
     if options.default_repeats < 1:
         raise SdloraError(f"dataset.default_repeats is {options.default_repeats}; use 1 or more.")
+    if folder.is_file():
+        raise SdloraError(f"Dataset folder '{folder}' is a file, not a folder; point dataset.path at a folder of images.")
     if not folder.is_dir():
         raise SdloraError(f"Dataset folder '{folder}' does not exist; point dataset.path at a folder of images.")
     report = DatasetReport(folder, options.caption_suffix)
