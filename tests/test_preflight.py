@@ -224,6 +224,10 @@ def test_blocking_errors(tmp_path):
     assert not held.ok and "validation.images is 2 but the dataset has only 2 usable images" in held.errors[0]
     empty = preflight_report(config(tmp_path, "dataset.path="))
     assert empty.errors == ["dataset.path is empty; give the image folder with --data DIR."]
+    nothing = preflight_report(config(tmp_path, "network.down_lr_weight=zeros", "network.mid_lr_weight=0",
+                                      "network.up_lr_weight=zeros"))  # the network code's own sentence
+    assert nothing.errors == ["Every block's learning-rate weight or rank is 0, so nothing would train; raise "
+                              "network.down_lr_weight / mid_lr_weight / up_lr_weight or network.block_dims."]
     lora_as_model = tmp_path / "adapter.safetensors"
     import torch
     from safetensors.torch import save_file

@@ -3,16 +3,14 @@ docs/PREFLIGHT.md), and what the run costs on this machine."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from networks.naming import components_for
-from networks.network import make_adapter, target_rules
-from networks.targets import find_targets, uses_conv_rank
+from networks.errors import SdloraError
+from networks.network import count_adapter_parameters
 from trainer.config import TrainConfig
 from trainer.model.facts import SHIPPED_CONFIGS
 from trainer.model.family import FAMILIES, get_family
@@ -75,21 +73,10 @@ def model_parameters(family: str, prediction_type: str = "epsilon") -> dict[str,
 
 
 def adapter_parameters(family: str, network) -> int:
-    """Trainable parameters of the adapter the config's network section describes, on the real model."""
-    spec = network.spec()
+    """Trainable parameters of the adapter the config's network section describes, on the real model: the
+    network code builds it on the meta device, so every adapter type counts its own parameters."""
     unet, encoders, _ = _meta_models(get_family(family).shipped_config_name("epsilon"))
-    total = 0
-    for part in components_for(family, unet if spec.train_unet else None,
-                               encoders if spec.train_text_encoder else []):
-        for _, module in find_targets(part.model, part.is_unet, target_rules(spec)):
-            rank = spec.conv_rank if uses_conv_rank(module) else spec.rank
-            weight = module.weight.shape
-            if spec.type == "lokr":  # its halves' sizes follow LyCORIS's factorization; they are small
-                total += sum(p.numel() for p in make_adapter(spec, module, rank, 1.0).parameters())
-                continue
-            low_rank = rank * math.prod(weight[1:]) + weight[0] * rank  # down [r, in, k, k] + up [out, r]
-            total += 2 * low_rank if spec.type == "loha" else low_rank  # LoHa: two such pairs
-    return total
+    return count_adapter_parameters(family, unet, encoders, network.spec())
 
 
 def _count(module) -> int:
@@ -123,7 +110,11 @@ def explain_estimate(ctx: CheckContext) -> None:
     if ctx.family is None:
         return
     cfg, report = ctx.cfg, ctx.report
-    estimate = estimate_resources(cfg, ctx.family, ctx.prediction)
+    try:
+        estimate = estimate_resources(cfg, ctx.family, ctx.prediction)
+    except SdloraError as error:  # a network the trainer would refuse too (e.g. every block at weight 0)
+        report.errors.append(str(error))
+        return
     report.data["estimate"] = asdict(estimate)
     demo = f"For a full-size {ctx.family} model (the demo model is tiny): " if ctx.is_demo else ""
     report.info.append(demo + estimate.words())

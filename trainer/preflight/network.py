@@ -62,15 +62,15 @@ def explain_block_weights(ctx: CheckContext) -> None:
 
 
 def explain_scale(ctx: CheckContext) -> None:
-    net, report = ctx.cfg.network, ctx.report
-    rslora = getattr(net, "rslora", False)  # rsLoRA scales by alpha / sqrt(r)
-    scales = {"linear": (net.rank, net.resolved_alpha, net.alpha is not None)}
-    if getattr(net, "adapts_convs", net.type == "locon"):
-        scales["conv"] = (net.conv_rank, net.resolved_conv_alpha, net.conv_alpha is not None)
-    report.data["scale"] = {kind: {"rank": r, "alpha": a, "scale": a / (math.sqrt(r) if rslora else r),
-                                   "rslora": rslora} for kind, (r, a, _) in scales.items()}
-    for kind, (rank, alpha, absolute) in scales.items():
-        scale = report.data["scale"][kind]["scale"]
+    """The adapter's scale (the spec's own rule: alpha / r, or alpha / sqrt(r) with rsLoRA) in words."""
+    spec, report = ctx.cfg.network.spec(), ctx.report
+    rslora = spec.rslora
+    scales = {"linear": (spec.rank, spec.resolved_alpha, spec.alpha is not None, spec.scale())}
+    if spec.adapts_convs:
+        scales["conv"] = (spec.conv_rank, spec.resolved_conv_alpha, spec.conv_alpha is not None, spec.scale(conv=True))
+    report.data["scale"] = {kind: {"rank": r, "alpha": a, "scale": s, "rslora": rslora}
+                            for kind, (r, a, _, s) in scales.items()}
+    for kind, (rank, alpha, absolute, scale) in scales.items():
         label = "" if kind == "linear" else "conv "
         divisor = f"sqrt({label}r {rank})" if rslora else f"{label}r {rank}"
         report.info.append(f"Scale: {label}alpha {alpha:g} / {divisor} = {scale:g}; {_scale_words(scale, absolute, rslora)}")
