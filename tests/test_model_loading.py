@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from networks.errors import SdloraError
-from trainer.model.facts import SHIPPED_CONFIGS, guess_prediction_type
+from trainer.model.facts import SHIPPED_CONFIGS, guess_prediction_type, model_facts
 from trainer.model.model_loading import load_model
 from trainer.model.single_file import save_single_file, to_original_state_dict, unet_name_to_original
 from trainer.model.tiny_models import save_demo_model
@@ -70,6 +70,8 @@ def test_single_file_round_trip_gives_the_same_model(folders, tmp_path, family):
     loaded = load_model(str(path), config_dir=folders[family])
     assert loaded.family.name == family
     assert loaded.prediction_type == original.prediction_type  # SD2: the name has no "base": v_prediction
+    facts = model_facts(str(path), config_dir=folders[family])  # what the pre-flight reads: the header only
+    assert (facts.family, facts.prediction_type, facts.read_from) == (family, loaded.prediction_type, "weights")
     torch.testing.assert_close(_unet_out(loaded), _unet_out(original), atol=1e-5, rtol=0)
     for a, b in zip(_parts(original).values(), _parts(loaded).values()):
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
