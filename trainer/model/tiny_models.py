@@ -218,10 +218,21 @@ def _copy_shapes_model(directory: Path) -> None:
         raise SdloraError(f"The demo:shapes weights are missing from {SHAPES_DIR}; reinstall sdlora or "
                           "remake them with python -m bench.pretrain_demo.")
     shutil.copytree(SHAPES_DIR, directory, dirs_exist_ok=True)
+    _open_in_fp32(directory / "text_encoder" / "config.json")
     load_clip_tokenizer().save_pretrained(directory / "tokenizer")
     index = json.loads((directory / "model_index.json").read_text(encoding="utf-8"))
     index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _open_in_fp32(config_file: Path) -> None:
+    """The weights ship in fp16 to stay small. diffusers loads the UNet and VAE in fp32 unless told otherwise,
+    but transformers 5 loads the text encoder in the config's `dtype`, so a plain
+    `DiffusionPipeline.from_pretrained(folder)` would mix fp16 and fp32 and fail at the first prompt. Naming
+    fp32 here makes every part open in one dtype."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["dtype"] = "float32"
+    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def cache_root() -> Path:
@@ -233,7 +244,7 @@ def _demo_fingerprint(name: str) -> str:
     """Changes whenever the tiny architecture (or the shipped demo:shapes files) does, so a stale cached
     folder is never reused."""
     if name == "shapes":
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(b"text encoder in fp32")  # how the copy is made, so older copies are remade
         for path in sorted(p for p in SHAPES_DIR.rglob("*") if p.is_file()):
             digest.update(path.relative_to(SHAPES_DIR).as_posix().encode())
             digest.update(path.read_bytes())
