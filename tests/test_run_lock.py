@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from app.runs import RunManager
+from networks.errors import SdloraError
 from trainer.demo.demo_data import make_demo_dataset
 from trainer.run.run_dir import RunDir
 
@@ -78,9 +80,6 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_runs_lock_does_
 
 
 def test_the_run_manager_refuses_a_folder_whose_lock_a_live_process_holds(tmp_path):
-    from app.runs import RunManager
-    from networks.errors import SdloraError
-
     manager = RunManager(tmp_path / "runs", trainer_command=["false"])
     run = manager.runs_dir / "elsewhere"
     (run / "state").mkdir(parents=True)
