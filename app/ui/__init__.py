@@ -11,10 +11,12 @@ import threading
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from app.security import is_loopback, parse_auth
 from app.ui import api, dataset_tab, inspect_tab, runs_tab, train_tab, try_tab
 from app.ui.context import UIContext
+from app.ui.login_gate import LoginGate
 from app.ui.theme import CSS, HEADER, theme
 from networks.errors import SdloraError
 
@@ -120,11 +122,15 @@ def _share_dataset_settings(demo, dataset_item, dataset, train) -> None:
 
 def launch_options(runs_dir: str | Path, host: str = "127.0.0.1", port: int | None = 7860,
                    auth: str | tuple[str, str] | None = None, share: bool = False) -> dict:
-    """Keyword arguments for Blocks.launch: the security settings and the look."""
-    return dict(server_name=host, server_port=port, auth=parse_auth(auth), share=share,
+    """Keyword arguments for Blocks.launch: the security settings and the look. With a login, Gradio's
+    app sits behind our LoginGate, which serves nothing but a login page until Gradio's login succeeds."""
+    login = parse_auth(auth)
+    message = "sdlora: sign in with the user and password given to --auth." if login else None
+    gate = {"middleware": [Middleware(LoginGate, message=message)]} if login else {}
+    return dict(server_name=host, server_port=port, auth=login, share=share,
                 allowed_paths=[str(Path(runs_dir).expanduser().resolve())], theme=theme(), css=CSS,
                 show_error=False, footer_links=["api", "settings"], mcp_server=False, ssr_mode=False,
-                auth_message="sdlora: sign in with the user and password given to --auth." if auth else None)
+                auth_message=message, app_kwargs=gate)
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | tuple[str, str] | None = None,
