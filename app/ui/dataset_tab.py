@@ -139,6 +139,11 @@ def _size(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+DEMO_INTRO = ("### No images yet? Create the demo dataset\n"
+              "Twelve generated pictures in one style, with captions: the `demo` preset (Train tab) teaches it to "
+              "the built-in demo:shapes model in a few minutes on a CPU.")
+
+
 @dataclass
 class DatasetTab:
     folder: gr.Textbox
@@ -162,12 +167,15 @@ def build(ctx: UIContext, start_resolution: int) -> DatasetTab:
                                min_width=120, elem_id="dataset-resolution",
                                info="The Train tab's Resolution.")
         open_button = gr.Button("Open", variant="primary", scale=1, min_width=100, elem_id="dataset-open")
-    with gr.Accordion("No images yet? Create the demo dataset", open=False, elem_id="demo-accordion"):
+    # Open on the first screen, not folded away: a newcomer without images starts here.
+    with gr.Group(elem_id="demo-dataset"):
+        gr.Markdown(DEMO_INTRO, elem_id="demo-intro", padding=True)
         with gr.Row(elem_classes="sd-align-end"):
             demo_folder = gr.Textbox(str(ctx.free_demo_folder()), label="New folder", scale=5,
                                      elem_id="demo-folder")
             demo_count = gr.Number(12, label="Images", precision=0, scale=1, min_width=100)
-            demo_button = gr.Button("Create demo dataset", scale=1, min_width=160, elem_id="demo-create")
+            demo_button = gr.Button("Create demo dataset", variant="primary", scale=1, min_width=160,
+                                    elem_id="demo-create")
     message = gr.HTML(elem_id="dataset-notice")
     with gr.Row():
         with gr.Column(scale=3):
