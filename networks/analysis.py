@@ -22,7 +22,8 @@ from .errors import SdloraError
 from .loha import HADA_W1_A, HADA_W1_B, HADA_W2_A, HADA_W2_B, hadamard_factors
 from .lokr import LOKR_W1, LOKR_W1_A, LOKR_W1_B, LOKR_W2, LOKR_W2_A, LOKR_W2_B, kron_factors
 from .lora import LORA_DOWN, LORA_UP
-from .lycoris_keys import ALGO_NAMES, ALL_SUFFIXES, group_modules, module_algo
+from .lycoris_keys import ALGO_NAMES, ALL_SUFFIXES, group_modules, module_algo, split_key
+from .naming import PREFIXES, role_of
 from .network import LoraNetwork
 
 ENERGY_LEVELS = (0.9, 0.99)
@@ -79,14 +80,44 @@ def check_lora_keys(state: dict[str, torch.Tensor], source: str = "the file", ly
                           "at the rank you want.")
 
 
+def module_problem(parts: dict[str, torch.Tensor]) -> str | None:
+    """What keeps one module of a file from being analysed, as a clause naming its key: a weight that is not
+    a matrix (0-dim, 1-D), rank 0 (an empty weight) or NaN / infinite values; None for a sound module."""
+    for key, tensor in parts.items():
+        if key == ALPHA:
+            if tensor.numel() != 1:
+                return f"its alpha holds {tensor.numel()} values instead of one; the file is damaged there"
+        elif tensor.dim() < 2:
+            return f"its {key} is a {tensor.dim()}-dim tensor, not a matrix; the file is damaged there"
+        elif tensor.numel() == 0:
+            return f"it has rank 0 ({key} is {list(tensor.shape)}), so it changes nothing"
+    for key, tensor in parts.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"its {key} holds NaN or infinite values, so its update is undefined"
+    return None
+
+
+def split_analysable(state: dict[str, torch.Tensor], source: str = "the file",
+                     lycoris: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(the state without the modules that cannot be analysed, {module name: why it was left out}), so a
+    report on the rest can name the odd ones; a non-LoRA file is one SdloraError (check_lora_keys)."""
+    check_lora_keys(state, source, lycoris)
+    odd = {name: f"Module '{name}' was left out: {problem}." for name, parts in group_modules(state).items()
+           if (problem := module_problem(parts)) is not None}
+    return {key: tensor for key, tensor in state.items() if split_key(key)[0] not in odd}, odd
+
+
 def lora_factors(state: dict[str, torch.Tensor], source: str = "the file",
                  lycoris: bool = True) -> dict[str, ModuleFactors]:
     """Every module of a kohya-layout state dict as flat factors, in model order; a non-LoRA file (or a
-    LyCORIS one when not `lycoris`) is one SdloraError."""
+    LyCORIS one when not `lycoris`) or a module that cannot be analysed (module_problem) is one SdloraError."""
     check_lora_keys(state, source, lycoris)
     modules = group_modules(state)
     factors = {}
     for name in sorted(modules, key=lambda n: (block_order(n), n)):
+        problem = module_problem(modules[name])
+        if problem is not None:
+            raise SdloraError(f"Module '{name}' in {source} cannot be analysed: {problem}.")
         algo = module_algo(modules[name])
         if algo in ("loha", "lokr"):
             factors[name] = _lycoris_factors(name, algo, modules[name], source)
@@ -178,7 +209,6 @@ _BLOCK_PATTERNS = [
     (re.compile(r"^(up_blocks|output_blocks)_(\d+)_"), "{0}.{1}", 2),
     (re.compile(r"^(?:text_model_)?encoder_(layers)_(\d+)_"), "{0}.{1}", 0),
 ]
-_COMPONENTS = {"lora_unet_": "unet", "lora_te_": "te", "lora_te1_": "te1", "lora_te2_": "te2"}
 
 
 def block_of(name: str) -> str:
@@ -192,10 +222,9 @@ def block_order(name: str) -> tuple:
 
 
 def _block_key(name: str) -> tuple[tuple, str]:
-    prefix = next((p for p in _COMPONENTS if name.startswith(p)), "")
-    component = _COMPONENTS.get(prefix, "other")
-    rest = name[len(prefix):]
-    component_order = list(_COMPONENTS.values()).index(component) if prefix else len(_COMPONENTS)
+    component = role_of(name) or "other"
+    rest = name[len(PREFIXES[component]):] if component in PREFIXES else name
+    component_order = list(PREFIXES).index(component) if component in PREFIXES else len(PREFIXES)
     for pattern, label, section in _BLOCK_PATTERNS:
         m = pattern.match(rest)
         if m:
@@ -216,10 +245,12 @@ def module_spectrum(module: ModuleFactors) -> dict:
 
 
 def spectrum(state: dict[str, torch.Tensor], source: str = "the file") -> dict:
-    """{"modules": {name: {...}}, "blocks": {block: {...}}}: per-module singular values and effective ranks,
-    and per block the module count, the mean effective ranks and the block's total update norm."""
-    modules = {name: module_spectrum(m) for name, m in lora_factors(state, source).items()}
-    return {"modules": modules, "blocks": block_summary(modules)}
+    """{"modules": {name: {...}}, "blocks": {block: {...}}, "left_out": {name: why}}: per-module singular values
+    and effective ranks, per block the module count, the mean effective ranks and the block's total update
+    norm; modules that cannot be analysed (NaN, rank 0, not a matrix) are left out and named."""
+    analysable, left_out = split_analysable(state, source)
+    modules = {name: module_spectrum(m) for name, m in lora_factors(analysable, source).items()}
+    return {"modules": modules, "blocks": block_summary(modules), "left_out": left_out}
 
 
 def block_summary(modules: dict[str, dict]) -> dict[str, dict]:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 
 from .errors import SdloraError
+from .naming import UNET_PREFIX
 
 # diffusers-style SD1/SD2 names: down_blocks_1_attentions_0_..., up_blocks_2_upsamplers_0_...
 _UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
@@ -23,9 +24,9 @@ PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 
 def block_index(name: str, sdxl: bool) -> int | None:
     """The kohya block a UNet adapter belongs to (its index into `block_weights`); None outside the UNet."""
-    if not name.startswith("lora_unet_"):
+    if not name.startswith(UNET_PREFIX):
         return None
-    rest = name[len("lora_unet_"):]
+    rest = name[len(UNET_PREFIX):]
     if sdxl:
         for prefix, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
             if rest.startswith(prefix):

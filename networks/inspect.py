@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 
 from .adapter import ALPHA
-from .analysis import block_of, block_order, lora_factors, module_svd
+from .analysis import block_of, block_order, lora_factors, module_svd, split_analysable
 from .lora import LORA_DOWN
 from .lora_file import module_summary, read_lora
+from .naming import SGM_HEADS, TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, role_of
 
 # ss_base_model_version / modelspec.architecture prefixes -> family
 _VERSION_FAMILIES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("stable-diffusion-xl", "sdxl"),
                      ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
-SGM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+SGM_UNET = tuple(UNET_PREFIX + head for head in SGM_HEADS[:3])  # input, middle and output blocks
 # kohya names of the UNet's 3x3 convs: diffusers' (SD1/SD2) and SGM's (SDXL) spellings
 CONV_NAME = re.compile(r"_(conv1|conv2|in_layers_2|out_layers_3|op|conv|conv_in|conv_out|input_blocks_0_0|out_2)$")
 LONG_VALUE = 160  # metadata values longer than this (tag frequencies, dataset dirs) are cut in the text view
@@ -37,7 +38,7 @@ def lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str] | None 
                 return family
     if metadata.get("ss_v2") == "True":
         return "sd2"
-    if any(k.startswith(("lora_te1_", "lora_te2_", *SGM_UNET)) for k in state):
+    if any(k.startswith((TE1_PREFIX, TE2_PREFIX, *SGM_UNET)) for k in state):
         return "sdxl"
     return _family_from_shapes(state)
 
@@ -45,7 +46,7 @@ def lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str] | None 
 def _family_from_shapes(state: dict[str, torch.Tensor]) -> str | None:
     # cross-attention reads the text encoder's width: 768 for SD1's CLIP-L, 1024 for SD2's OpenCLIP-H
     for key, tensor in state.items():
-        if key.endswith(f"attn2_to_k.{LORA_DOWN}") and tensor.shape[1] in (768, 1024):
+        if key.endswith(f"attn2_to_k.{LORA_DOWN}") and tensor.dim() >= 2 and tensor.shape[1] in (768, 1024):
             return "sd1" if tensor.shape[1] == 768 else "sd2"
     # SD1's proj_in / proj_out are 1x1 convs (4-D LoRA tensors), SD2's are Linear (2-D)
     for key, tensor in state.items():
@@ -56,7 +57,10 @@ def _family_from_shapes(state: dict[str, torch.Tensor]) -> str | None:
 
 def inspect_state(state: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "the file") -> dict:
     """LoRA/LoCon and LyCORIS LoHa/LoKr files alike; a LyCORIS module's rank is its dim (LoKr with both
-    halves full: None) and its norm that of its exact update."""
+    halves full: None) and its norm that of its exact update. Modules that cannot be analysed (NaN, rank 0,
+    a weight that is not a matrix) are named in "left_out", one sentence each, and the rest reported."""
+    full_state = state
+    state, left_out = split_analysable(full_state, source)
     factors = lora_factors(state, source)
     summary = module_summary(state)
     modules = {}
@@ -70,15 +74,16 @@ def inspect_state(state: dict[str, torch.Tensor], metadata: dict[str, str], sour
                          "rank": info["rank"], "alpha": info["alpha"], "scale": module.scale,
                          "down": info.get("down"), "up": info.get("up"), "shapes": info["shapes"],
                          "norm": float(module_svd(module).S.norm())}
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in state.items() if not k.endswith(f".{ALPHA}")})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for k, t in full_state.items()
+                     if not k.endswith(f".{ALPHA}")})
     algos = {m["algo"] for m in modules.values()}
     kind = "locon" if any(m["kind"] == "conv" for m in modules.values()) else "lora"
-    return {"family": lora_family(state, metadata),
+    return {"family": lora_family(full_state, metadata),
             "type": "+".join(sorted(algos - {"lora"})) if algos - {"lora"} else kind,
             "dtype": ", ".join(dtypes), "module_count": len(modules),
-            "components": dict(Counter(name.split("_", 2)[1] for name in modules)),
+            "components": dict(Counter(role_of(name) for name in modules)),
             "rank_alpha": _rank_alpha_groups(modules), "blocks": _blocks(modules),
-            "metadata": dict(sorted(metadata.items())), "modules": modules}
+            "metadata": dict(sorted(metadata.items())), "modules": modules, "left_out": left_out}
 
 
 def inspect_lora(path: str | os.PathLike) -> dict:
@@ -119,6 +124,9 @@ def render_inspect(report: dict, per_module: bool = False) -> str:
     for block, row in report["blocks"].items():
         lines.append(f"{block:<26}{row['modules']:>8}{_set(row['ranks']):>10}{_set(row['alphas']):>10}"
                      f"{row['norm']:>12.4g}")
+    if report.get("left_out"):
+        lines += ["", f"{len(report['left_out'])} module(s) left out of this report:"]
+        lines += [f"  {sentence}" for sentence in report["left_out"].values()]
     if per_module:
         lines += ["", f"{'module':<72}{'rank':>6}{'alpha':>8}{'|dW|_F':>12}"]
         for name, m in report["modules"].items():

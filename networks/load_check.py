@@ -30,13 +30,19 @@ from .loha import LOHA_KEYS
 from .lokr import LOKR_HALVES
 from .lora import LORA_DOWN, LORA_UP
 from .lycoris_keys import ALGO_NAMES, ALL_SUFFIXES, module_algo
-from .naming import FAMILIES, alias_names, components_for, kohya_name
+from .naming import (
+    DIFFUSERS_HEADS,
+    FAMILY_PREFIXES,
+    PREFIXES,
+    SGM_HEADS,
+    UNET_PREFIX,
+    alias_names,
+    components_for,
+    kohya_name,
+)
+from .spec import FAMILIES
 from .targets import is_adaptable
 
-PREFIXES = {"sd1": ("lora_unet_", "lora_te_"), "sd2": ("lora_unet_", "lora_te_"),
-            "sdxl": ("lora_unet_", "lora_te1_", "lora_te2_")}
-SGM_HEADS = ("input_blocks_", "middle_block_", "output_blocks_", "out_2", "time_embed_", "label_emb_")
-DIFFUSERS_HEADS = ("down_blocks_", "mid_block_", "up_blocks_", "conv_in", "conv_out", "time_embedding_")
 WEIGHT_DTYPES = ("F16", "BF16", "F32")
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit; a larger "header" means a foreign file
 
@@ -195,13 +201,13 @@ def flat(shape: tuple[int, ...]) -> tuple[int, int] | None:
 
 
 def _name_problems(name: str, family: str | None) -> list[str]:
-    prefixes = PREFIXES.get(family, ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))
+    prefixes = FAMILY_PREFIXES.get(family, tuple(PREFIXES.values()))
     prefix = next((p for p in prefixes if name.startswith(p)), None)
     if prefix is None:
         where = f" for {family}" if family else ""
         return [f"Module '{name}' does not start with {', '.join(prefixes)}{where}; loaders skip it."]
     rest = name[len(prefix):]
-    if prefix != "lora_unet_":
+    if prefix != UNET_PREFIX:
         if rest.count("text_model_") != 1:
             return [f"Text-encoder module '{name}' must contain 'text_model_' exactly once; A1111 and ComfyUI "
                     "ignore it otherwise."]

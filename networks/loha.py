@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .adapter import WeightDeltaAdapter
+from .spec import NetworkSpec
 
 # The file-key suffixes of one LoHa module, alpha aside (adapter.ALPHA).
 HADA_W1_A, HADA_W1_B, HADA_W2_A, HADA_W2_B = "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"
@@ -19,7 +20,8 @@ LOHA_KEYS = (HADA_W1_A, HADA_W1_B, HADA_W2_A, HADA_W2_B)
 
 
 class LohaModule(WeightDeltaAdapter):
-    kind = "loha"
+    kind, label, spec_types, file_keys = "loha", "LoHa", ("loha",), LOHA_KEYS
+    network_module = "lycoris.kohya"  # as kohya's sd-scripts record LyCORIS networks
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                  rank_dropout: float = 0.0, module_dropout: float = 0.0, rslora: bool = False):
@@ -34,6 +36,10 @@ class LohaModule(WeightDeltaAdapter):
         nn.init.normal_(self.hada_w1_a, std=0.1)
         nn.init.normal_(self.hada_w2_b, std=1.0)
         nn.init.zeros_(self.hada_w2_a)
+
+    @classmethod
+    def from_spec(cls, spec: NetworkSpec, base: nn.Module, rank: int, alpha: float) -> LohaModule:
+        return cls(base, rank, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout, rslora=spec.rslora)
 
     def weight_change(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w1a, w1b, w2a, w2b = (getattr(self, key) if dtype is None else getattr(self, key).to(dtype)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .adapter import WeightDeltaAdapter
+from .spec import NetworkSpec
 
 # The file-key suffixes of one LoKr module, alpha aside (adapter.ALPHA): each half is full or a product a @ b.
 LOKR_W1, LOKR_W1_A, LOKR_W1_B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
@@ -45,7 +46,8 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 class LokrModule(WeightDeltaAdapter):
-    kind = "lokr"
+    kind, label, spec_types, file_keys = "lokr", "LoKr", ("lokr",), LOKR_KEYS
+    network_module = "lycoris.kohya"  # as kohya's sd-scripts record LyCORIS networks
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, factor: int = -1, decompose_both: bool = False,
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
@@ -73,6 +75,14 @@ class LokrModule(WeightDeltaAdapter):
                 nn.init.zeros_(getattr(self, key))
             else:
                 nn.init.kaiming_uniform_(getattr(self, key), a=math.sqrt(5))
+
+    @classmethod
+    def from_spec(cls, spec: NetworkSpec, base: nn.Module, rank: int, alpha: float) -> LokrModule:
+        return cls(base, rank, alpha, spec.factor, spec.decompose_both, spec.dropout, spec.rank_dropout,
+                   spec.module_dropout, rslora=spec.rslora)
+
+    def network_args(self) -> dict[str, str]:
+        return {**super().network_args(), "factor": str(self.factor)}
 
     @property
     def keys(self) -> list[str]:

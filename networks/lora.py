@@ -1,6 +1,8 @@
 """One LoRA/LoCon adapter around one Linear or Conv2d: y = base(x) + multiplier * (alpha / r) * up(down(x)).
 
-Hooking, forward, merge and unmerge are the shared ones of networks/adapter.py.
+Hooking, forward, merge and unmerge are the shared ones of networks/adapter.py. Max-norm's ||B A||_F is taken
+through the r x r Gram matrices, ||B A||_F^2 = trace((B^T B)(A A^T)), so the full out x in (x k x k) matrix
+is never built: that is the one part written by hand here, no library has it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import math
 import torch
 from torch import nn
 
-from .adapter import Adapter
+from .adapter import Adapter, FileModule
+from .errors import SdloraError
+from .spec import NetworkSpec
 
 # The file-key suffixes of one LoRA/LoCon module (`<name>.lora_down.weight`, ...; docs/LORA_FORMAT.md), alpha
 # aside (adapter.ALPHA).
@@ -20,7 +24,8 @@ LORA_KEYS = (LORA_DOWN, LORA_UP)
 
 
 class LoraModule(Adapter):
-    kind = "lora"
+    kind, label, spec_types, file_keys = "lora", "LoRA", ("lora", "locon"), LORA_KEYS
+    network_module = "networks.lora"  # kohya's networks.lora reads LoCon too (conv_dim)
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, init: str = "kaiming",
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
@@ -29,6 +34,57 @@ class LoraModule(Adapter):
         self.__dict__["original_weight"] = None  # a CPU copy, kept while an init has moved the base
         self.lora_down, self.lora_up = _make_down_up(base, self.rank)
         self.reset_parameters(init)
+
+    @classmethod
+    def from_spec(cls, spec: NetworkSpec, base: nn.Module, rank: int, alpha: float) -> LoraModule:
+        return cls(base, rank, alpha, spec.init, spec.dropout, spec.rank_dropout, spec.module_dropout,
+                   rslora=spec.rslora)
+
+    @classmethod
+    def read(cls, base: nn.Module, tensors: dict[str, torch.Tensor], alpha: float | None, name: str,
+             source: str) -> LoraModule:
+        down, up = tensors.get(LORA_DOWN), tensors.get(LORA_UP)
+        if down is None or up is None:
+            raise SdloraError(f"Module '{name}' in {source} lacks lora_down or lora_up weights; "
+                              "only complete LoRA/LoCon or LoHa/LoKr modules can be loaded.")
+        rank = down.shape[0]
+        adapter = cls(base, rank, alpha if alpha is not None else float(rank))
+        adapter.load_factors(name, down, up, source)
+        return adapter
+
+    @torch.no_grad()
+    def load_factors(self, name: str, down: torch.Tensor, up: torch.Tensor, source: str) -> None:
+        for kind, layer, tensor in (("lora_down", self.lora_down, down), ("lora_up", self.lora_up, up)):
+            expected = tuple(layer.weight.shape)
+            if tensor.dim() == 2 and len(expected) == 4 and expected[2:] == (1, 1):
+                tensor = tensor[:, :, None, None]  # some trainers store 1x1-conv LoRA as 2-D
+            if tuple(tensor.shape) != expected:
+                raise SdloraError(f"{source}: {name}.{kind}.weight has shape {tuple(tensor.shape)} but the model "
+                                  f"needs {expected}; the file was made for a different base model.")
+            layer.weight.copy_(tensor.to(layer.weight.dtype))
+
+    def learning_rate_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"down": [self.lora_down.weight], "up": [self.lora_up.weight]}
+
+    def export(self, exact: bool = True) -> FileModule:
+        down, up, alpha, error = self.export_weights(exact)
+        conv = down.dim() == 4 and down.shape[-1] > 1  # a 3x3 conv keeps its alpha: diffusers reads those right
+        return FileModule({LORA_DOWN: down, LORA_UP: up}, alpha, "own" if conv else "common",
+                          error if self.moved_base and not exact else None)
+
+    def change_norm(self) -> torch.Tensor:
+        """||scale * B A||_F through the Gram matrices, for linear and conv adapters alike."""
+        up = self.lora_up.weight.detach().float().flatten(1)  # [out, r]
+        down = self.lora_down.weight.detach().float().flatten(1)  # [r, in * k * k]
+        gram = (up.T @ up) * (down @ down.T)  # elementwise: the trace of a product of symmetric matrices
+        return gram.sum().clamp(min=0).sqrt() * abs(self.scale)
+
+    @torch.no_grad()
+    def scale_change(self, factor: torch.Tensor) -> None:
+        """Multiply the change by `factor`, its square root on each of up and down."""
+        root = factor.sqrt()
+        self.lora_up.weight.mul_(root.to(self.lora_up.weight.dtype))
+        self.lora_down.weight.mul_(root.to(self.lora_down.weight.dtype))
 
     def reset_parameters(self, init: str = "kaiming") -> None:
         if init == "gaussian":

@@ -9,15 +9,14 @@ diffusers' `load_lora_weights` does not.
 from __future__ import annotations
 
 from .adapter import ALPHA
-from .loha import LOHA_KEYS
-from .lokr import LOKR_KEYS
-from .lora import LORA_KEYS
+from .adapter_types import ADAPTER_TYPES, type_owning
 
-ALGO_KEYS = {"lora": LORA_KEYS, "loha": LOHA_KEYS, "lokr": LOKR_KEYS}
-ALL_SUFFIXES = (*LORA_KEYS, *LOHA_KEYS, *LOKR_KEYS, ALPHA)
-ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
-# what ss_network_module / ss_network_args say (kohya's sd-scripts write these for LyCORIS networks)
-NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
+# Views of the adapter table (adapter_types.py), keyed by each type's `kind` ("lora", "loha", "lokr").
+ALGO_KEYS = {cls.kind: cls.file_keys for cls in ADAPTER_TYPES}
+ALL_SUFFIXES = (*(key for cls in ADAPTER_TYPES for key in cls.file_keys), ALPHA)
+ALGO_NAMES = {cls.kind: cls.label for cls in ADAPTER_TYPES}
+# what ss_network_module says (kohya's sd-scripts write lycoris.kohya for LyCORIS networks)
+NETWORK_MODULES = {cls.kind: cls.network_module for cls in ADAPTER_TYPES}
 NOT_IN_DIFFUSERS = ("diffusers' load_lora_weights does not load LoHa/LoKr files (it reads LoRA/LoCon only); "
                     "A1111/Forge, ComfyUI and LyCORIS do.")
 
@@ -30,10 +29,8 @@ def split_key(key: str) -> tuple[str, str]:
 
 def module_algo(suffixes: set[str] | list[str]) -> str | None:
     """"lora", "loha" or "lokr" from the suffixes one module holds; None when it holds none of them."""
-    for algo in ("loha", "lokr", "lora"):
-        if any(suffix in ALGO_KEYS[algo] for suffix in suffixes):
-            return algo
-    return None
+    owner = type_owning(suffixes)
+    return owner.kind if owner is not None else None
 
 
 def group_modules(state) -> dict[str, dict[str, object]]:

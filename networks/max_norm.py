@@ -3,8 +3,8 @@ change scale * B A has a Frobenius norm above `max_norm` is scaled back to it, B
 square root of the ratio. It keeps single modules from growing large enough to "fry" a LoRA at
 multiplier 1 and makes files mix better.
 
-The norm is taken through the r x r Gram matrices, ||B A||_F^2 = trace((B^T B)(A A^T)), so the full
-out x in (x k x k) matrix is never built: that is the one part written by hand here, no library has it.
+Each adapter type measures and scales its own change (`change_norm`, `scale_change`): LoRA through the
+r x r Gram matrices without building the full matrix (networks/lora.py), LoHa/LoKr from their whole change.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import Adapter
-from .lora import LoraModule
 
 
 @dataclass(frozen=True)
@@ -24,14 +23,8 @@ class MaxNormStats:
 
 
 def delta_norm(adapter: Adapter) -> torch.Tensor:
-    """||scale * B A||_F in fp32 (a 0-dim tensor), for linear and conv adapters alike; a LoHa/LoKr's from its
-    whole change (it is built every step anyway)."""
-    if not isinstance(adapter, LoraModule):
-        return adapter.delta_weight().norm()
-    up = adapter.lora_up.weight.detach().float().flatten(1)  # [out, r]
-    down = adapter.lora_down.weight.detach().float().flatten(1)  # [r, in * k * k]
-    gram = (up.T @ up) * (down @ down.T)  # elementwise: the trace of a product of symmetric matrices
-    return gram.sum().clamp(min=0).sqrt() * abs(adapter.scale)
+    """||scale * delta W||_F in fp32 (a 0-dim tensor), for every adapter type."""
+    return adapter.change_norm()
 
 
 @torch.no_grad()
@@ -44,12 +37,7 @@ def apply_max_norm(adapters: dict[str, Adapter], max_norm: float) -> MaxNormStat
     for adapter in adapters.values():
         norm = delta_norm(adapter)
         ratio = (max_norm / norm.clamp(min=1e-30)).clamp(max=1.0)
-        if isinstance(adapter, LoraModule):
-            factor = ratio.sqrt()
-            adapter.lora_up.weight.mul_(factor.to(adapter.lora_up.weight.dtype))
-            adapter.lora_down.weight.mul_(factor.to(adapter.lora_down.weight.dtype))
-        else:
-            adapter.scale_change(ratio)
+        adapter.scale_change(ratio)
         norms.append(norm * ratio)
         kept.append(ratio < 1.0)
     norms_after, scaled = torch.stack(norms).cpu(), torch.stack(kept).cpu()  # one transfer each

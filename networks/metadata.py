@@ -37,10 +37,7 @@ def network_metadata(network: LoraNetwork, network_type: str, v_prediction: bool
     conv = [m for name, m in modules.items() if name in conv_names]
     first = linear[0] if linear else conv[0]
     algo = first["algo"]
-    args = {"algo": algo} if algo != "lora" else {}  # as kohya's sd-scripts records LyCORIS's network_args
-    if algo == "lokr":
-        lokr = next(a for _, a in network.items() if a.kind == "lokr")
-        args["factor"] = str(lokr.factor)
+    args = next(a for _, a in network.items() if a.kind == algo).network_args()
     if conv:
         args |= {"conv_dim": str(conv[0]["rank"] or 1), "conv_alpha": _number(conv[0]["alpha"])}
     now = datetime.now(timezone.utc)

@@ -9,11 +9,40 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import SdloraError
-from .spec import FAMILIES
+
+if TYPE_CHECKING:  # torch-free at run time: block_lr.py and so the config read these names
+    from torch import nn
+
+# kohya's module-name prefixes, by the short part names inspect and analysis print (model order).
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"  # SD1/SD2's one text encoder (and what some trainers write for SDXL's first)
+TE1_PREFIX, TE2_PREFIX = "lora_te1_", "lora_te2_"  # SDXL's two text encoders
+PREFIXES = {"unet": UNET_PREFIX, "te": TE_PREFIX, "te1": TE1_PREFIX, "te2": TE2_PREFIX}
+TEXT_ENCODER_PREFIXES = (TE_PREFIX, TE1_PREFIX, TE2_PREFIX)
+SD_PREFIXES = (UNET_PREFIX, TE_PREFIX)  # what SD1 and SD2 files use
+SDXL_PREFIXES = (UNET_PREFIX, TE1_PREFIX, TE2_PREFIX)
+FAMILY_PREFIXES = {"sd1": SD_PREFIXES, "sd2": SD_PREFIXES, "sdxl": SDXL_PREFIXES}  # spec.FAMILIES, in order
+# The heads of a UNet name after its prefix: SDXL's SGM (original Stability) blocks and diffusers' blocks
+SGM_HEADS = ("input_blocks_", "middle_block_", "output_blocks_", "out_2", "time_embed_", "label_emb_")
+DIFFUSERS_HEADS = ("down_blocks_", "mid_block_", "up_blocks_", "conv_in", "conv_out", "time_embedding_")
+
+
+def prefix_of(name: str) -> str | None:
+    """The kohya prefix a module name or file key starts with ("lora_te1_"), None for a foreign name."""
+    return next((prefix for prefix in PREFIXES.values() if name.startswith(prefix)), None)
+
+
+def role_of(name: str) -> str | None:
+    """Which part a module name or file key belongs to: "unet", "te", "te1" or "te2"; None for a foreign
+    name."""
+    return next((role for role, prefix in PREFIXES.items() if name.startswith(prefix)), None)
+
+
+def is_text_encoder_name(name: str) -> bool:
+    return name.startswith(TEXT_ENCODER_PREFIXES)
 
 
 @dataclass
@@ -22,7 +51,7 @@ class Component:
 
     role: str  # "unet", "text_encoder", "text_encoder_2": the attribute name in a diffusers pipeline
     model: nn.Module
-    prefix: str  # "lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"
+    prefix: str  # one of PREFIXES
     sgm_names: bool = False  # SDXL UNet only
 
     @property
@@ -32,15 +61,15 @@ class Component:
 
 def components_for(family: str, unet: nn.Module | None, text_encoders: list[nn.Module]) -> list[Component]:
     """The per-family component list; a None/empty part is left out (UNet-only or TE-only networks)."""
-    if family not in FAMILIES:
-        raise SdloraError(f"Unknown model family '{family}'; use one of {', '.join(FAMILIES)}.")
+    if family not in FAMILY_PREFIXES:
+        raise SdloraError(f"Unknown model family '{family}'; use one of {', '.join(FAMILY_PREFIXES)}.")
     parts: list[Component] = []
     if unet is not None:
-        parts.append(Component("unet", unet, "lora_unet_", sgm_names=family == "sdxl"))
+        parts.append(Component("unet", unet, UNET_PREFIX, sgm_names=family == "sdxl"))
     if family == "sdxl":
-        prefixes = [("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")]
+        prefixes = [("text_encoder", TE1_PREFIX), ("text_encoder_2", TE2_PREFIX)]
     else:
-        prefixes = [("text_encoder", "lora_te_")]
+        prefixes = [("text_encoder", TE_PREFIX)]
     for (role, prefix), encoder in zip(prefixes, text_encoders):
         if encoder is not None:
             parts.append(Component(role, encoder, prefix))
@@ -65,8 +94,8 @@ def alias_names(component: Component, module_path: str) -> list[str]:
     names.add(component.prefix + plain.replace(".", "_"))
     if component.is_unet and component.sgm_names:
         names.add(component.prefix + module_path.replace(".", "_"))  # diffusers-style SDXL names
-    if component.prefix == "lora_te1_":
-        names |= {n.replace("lora_te1_", "lora_te_", 1) for n in list(names)}
+    if component.prefix == TE1_PREFIX:
+        names |= {n.replace(TE1_PREFIX, TE_PREFIX, 1) for n in list(names)}
     return sorted(names)
 
 

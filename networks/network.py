@@ -6,7 +6,6 @@ it was. The adapters live in `LoraNetwork.adapters`, keyed by their kohya file n
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,26 +13,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import ALPHA, Adapter, WeightDeltaAdapter
+from .adapter import ALPHA, Adapter
+from .adapter_types import type_for_spec, type_reading
 from .block_lr import block_index, parse_block_values
 from .errors import SdloraError
-from .loha import LohaModule
-from .lokr import LokrModule
-from .lora import LORA_DOWN, LORA_UP, LoraModule
-from .lycoris_keys import ALL_SUFFIXES, group_modules, module_algo
-from .naming import Component, alias_names, components_for, kohya_name
+from .lycoris_keys import ALL_SUFFIXES, group_modules
+from .naming import TEXT_ENCODER_PREFIXES, UNET_PREFIX, Component, alias_names, components_for, kohya_name
 from .spec import NetworkSpec
 from .targets import TargetRules, find_targets, uses_conv_rank
 
 
 def make_adapter(spec: NetworkSpec, module: nn.Module, rank: int, alpha: float) -> Adapter:
     """One adapter of the spec's type around `module`."""
-    dropouts = (spec.dropout, spec.rank_dropout, spec.module_dropout)
-    if spec.type == "loha":
-        return LohaModule(module, rank, alpha, *dropouts, rslora=spec.rslora)
-    if spec.type == "lokr":
-        return LokrModule(module, rank, alpha, spec.factor, spec.decompose_both, *dropouts, rslora=spec.rslora)
-    return LoraModule(module, rank, alpha, spec.init, *dropouts, rslora=spec.rslora)
+    return type_for_spec(spec.type).from_spec(spec, module, rank, alpha)
 
 
 def target_rules(spec: NetworkSpec) -> TargetRules:
@@ -107,7 +99,9 @@ class LoraNetwork(nn.Module):
         adapters, roles, paths = {}, {}, {}
         for name, parts in sorted(group_modules(state).items()):
             target = modules[name]
-            adapter = _adapter_from_file(target, parts, source).to(device=target.module.weight.device)
+            alpha = float(parts[ALPHA]) if ALPHA in parts else None
+            adapter = type_reading(parts).read(target.module, parts, alpha, target.name, source)
+            adapter = adapter.to(device=target.module.weight.device)
             adapters[target.name], roles[target.name], paths[target.name] = adapter, target.role, target.path
         return cls(family, adapters, roles, paths)
 
@@ -181,11 +175,8 @@ class LoraNetwork(nn.Module):
         groups: dict[str, dict[str, list[nn.Parameter]]] = {}
         for name, adapter in self.adapters.items():
             group = groups.setdefault(self.roles[name], {"down": [], "up": []})
-            if isinstance(adapter, LoraModule):
-                group["down"].append(adapter.lora_down.weight)
-                group["up"].append(adapter.lora_up.weight)
-            else:
-                group["down"].extend(adapter.parameters())
+            for side, parameters in adapter.learning_rate_groups().items():
+                group[side].extend(parameters)
         return groups
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32, exact: bool = True) -> dict[str, torch.Tensor]:
@@ -200,39 +191,18 @@ class LoraNetwork(nn.Module):
         LoHa/LoKr modules are written in LyCORIS's layout with their scale folded into the factors and
         alpha = r: LyCORIS 4.1.3's merge_to applies alpha / r twice where its forward, ComfyUI and A1111 apply
         it once, and at scale 1 every loader agrees (tests/test_lycoris_types.py)."""
-        exported, self.export_errors = {}, {}
+        exported = {name: adapter.export(exact) for name, adapter in self.adapters.items()}
+        self.export_errors = {name: m.error for name, m in exported.items() if m.error is not None}
+        common = _common_alpha([m.alpha for m in exported.values() if m.alpha_rule == "common"])
         state = {}
-        for name, adapter in self.adapters.items():
-            if isinstance(adapter, WeightDeltaAdapter):  # LoHa / LoKr: the scale is folded in, alpha = r
-                for suffix, tensor in adapter.file_tensors().items():
-                    state[f"{name}.{suffix}"] = tensor.to("cpu", dtype).contiguous()
-                state[f"{name}.{ALPHA}"] = torch.tensor(float(adapter.rank), dtype=torch.float32)
-                continue
-            down, up, alpha, error = adapter.export_weights(exact)
-            exported[name] = (down, up, alpha, down.dim() == 4 and down.shape[-1] > 1)
-            if adapter.moved_base and not exact:
-                self.export_errors[name] = error
-        common = _common_alpha([alpha for _, _, alpha, conv in exported.values() if not conv])
-        for name, (down, up, alpha, conv) in exported.items():
-            if not conv and common is not None and alpha != common:
-                factor = math.sqrt(alpha / common)  # common / r * (factor^2 up down) == alpha / r * up down
-                down, up, alpha = down.float() * factor, up.float() * factor, common
-            state[f"{name}.{LORA_DOWN}"] = down.to("cpu", dtype).contiguous()
-            state[f"{name}.{LORA_UP}"] = up.to("cpu", dtype).contiguous()
-            state[f"{name}.{ALPHA}"] = torch.tensor(alpha, dtype=torch.float32)
+        # alpha = r modules first, then the others, each in network order: the order files have always had
+        for name, module in sorted(exported.items(), key=lambda item: item[1].alpha_rule != "rank"):
+            if module.alpha_rule == "common" and common is not None and module.alpha != common:
+                module = module.at_alpha(common)
+            for suffix, tensor in module.tensors.items():
+                state[f"{name}.{suffix}"] = tensor.to("cpu", dtype).contiguous()
+            state[f"{name}.{ALPHA}"] = torch.tensor(module.alpha, dtype=torch.float32)
         return state
-
-    def load_kohya_state_dict(self, state: dict[str, torch.Tensor], source: str = "the file") -> None:
-        """Load weights into this network's existing adapters (same names and ranks)."""
-        names = {key.split(".", 1)[0] for key in state}
-        unknown = sorted(names - set(self.adapters))
-        missing = sorted(set(self.adapters) - names)
-        if unknown or missing:
-            raise SdloraError(f"{source} does not fit this network: {len(unknown)} unknown module(s) "
-                              f"{', '.join(unknown[:3])}, {len(missing)} missing {', '.join(missing[:3])}.")
-        for name, adapter in self.adapters.items():
-            _load_adapter_weights(adapter, name, state[f"{name}.{LORA_DOWN}"],
-                                  state[f"{name}.{LORA_UP}"], source)
 
 
 def count_adapter_parameters(family: str, unet: nn.Module | None, text_encoders: list[nn.Module],
@@ -285,8 +255,8 @@ def _block_lr_weights(family: str, spec: NetworkSpec, names: list[str]) -> dict[
 
 def check_parts_trained(state: dict[str, torch.Tensor], spec: NetworkSpec, source: str = "the file") -> None:
     """A continued file's UNet / text-encoder modules need that part trained (kohya would silently drop them)."""
-    for role, prefixes, trained in (("UNet", ("lora_unet_",), spec.train_unet),
-                                    ("text encoder", ("lora_te_", "lora_te1_", "lora_te2_"), spec.train_text_encoder)):
+    for role, prefixes, trained in (("UNet", (UNET_PREFIX,), spec.train_unet),
+                                    ("text encoder", TEXT_ENCODER_PREFIXES, spec.train_text_encoder)):
         if not trained and any(key.startswith(prefixes) for key in state):
             flag = "train_unet" if role == "UNet" else "train_text_encoder"
             raise SdloraError(f"{source} adapts the {role}, but network.{flag} is false; set it to true to "
@@ -325,38 +295,3 @@ def _all_modules_by_alias(parts: list[Component]) -> dict[str, AdaptedModule]:
             for alias in alias_names(part, path):
                 found.setdefault(alias, target)
     return found
-
-
-def _adapter_from_file(target: AdaptedModule, parts: dict[str, torch.Tensor], source: str) -> Adapter:
-    """The adapter one module of a file describes: LoRA/LoCon, LoHa or LoKr, by its keys."""
-    alpha = float(parts[ALPHA]) if ALPHA in parts else None
-    algo = module_algo(parts)
-    if algo in ("loha", "lokr"):
-        kind = {"loha": LohaModule, "lokr": LokrModule}[algo]
-        try:
-            return kind.from_file(target.module, parts, alpha)
-        except (KeyError, ValueError, RuntimeError) as error:
-            raise SdloraError(f"{source}: {algo} module {target.name} does not fit the model's "
-                              f"{tuple(target.module.weight.shape)} weight ({error}); the file was made for a "
-                              "different base model or is incomplete.") from None
-    down, up = parts.get(LORA_DOWN), parts.get(LORA_UP)
-    if down is None or up is None:
-        raise SdloraError(f"Module '{target.name}' in {source} lacks lora_down or lora_up weights; "
-                          "only complete LoRA/LoCon or LoHa/LoKr modules can be loaded.")
-    rank = down.shape[0]
-    adapter = LoraModule(target.module, rank, alpha if alpha is not None else float(rank))
-    _load_adapter_weights(adapter, target.name, down, up, source)
-    return adapter
-
-
-def _load_adapter_weights(adapter: LoraModule, name: str, down: torch.Tensor, up: torch.Tensor,
-                          source: str) -> None:
-    for kind, layer, tensor in (("lora_down", adapter.lora_down, down), ("lora_up", adapter.lora_up, up)):
-        expected = tuple(layer.weight.shape)
-        if tensor.dim() == 2 and len(expected) == 4 and expected[2:] == (1, 1):
-            tensor = tensor[:, :, None, None]  # some trainers store 1x1-conv LoRA as 2-D
-        if tuple(tensor.shape) != expected:
-            raise SdloraError(f"{source}: {name}.{kind}.weight has shape {tuple(tensor.shape)} but the model "
-                              f"needs {expected}; the file was made for a different base model.")
-        with torch.no_grad():
-            layer.weight.copy_(tensor.to(layer.weight.dtype))

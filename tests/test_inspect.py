@@ -8,7 +8,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from app.cli import main
-from networks.analysis import lora_factors
+from networks.analysis import lora_factors, spectrum
+from networks.errors import SdloraError
 from networks.inspect import inspect_lora, lora_family, render_inspect
 from networks.lora_file import read_lora, save_lora
 from networks.metadata import network_metadata
@@ -143,3 +144,59 @@ def test_cli_merge_extract_round_trip(sd1_file, tmp_path, capsys):
     assert read_lora(out)[1]["ss_base_model_version"] == "sd_v1"
     assert main(["lora", "merge", str(path), "--model", str(base), "--output", str(tmp_path / "m.safetensors")]) == 1
     assert "--output is a folder" in capsys.readouterr().err
+
+
+ODD = "lora_unet_mid_block_attentions_0_proj_out"
+ODD_CASES = {  # the odd module's tensors, and the sentence naming it
+    "nan": ({"lora_up.weight": torch.full((32, 4), float("nan"))},
+            f"Module '{ODD}' was left out: its lora_up.weight holds NaN or infinite values, so its update is "
+            "undefined."),
+    "rank0": ({"lora_down.weight": torch.zeros(0, 32), "lora_up.weight": torch.zeros(32, 0)},
+              f"Module '{ODD}' was left out: it has rank 0 (lora_down.weight is [0, 32]), so it changes nothing."),
+    "zero_dim": ({"lora_down.weight": torch.tensor(1.0)},
+                 f"Module '{ODD}' was left out: its lora_down.weight is a 0-dim tensor, not a matrix; the file is "
+                 "damaged there."),
+}
+
+
+def odd_file(tmp_path, case):
+    """Two modules of a valid LoRA, the second made odd as `case` says."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name in ("lora_unet_mid_block_attentions_0_proj_in", ODD):
+        state |= {f"{name}.lora_down.weight": torch.randn(4, 32, generator=g),
+                  f"{name}.lora_up.weight": torch.randn(32, 4, generator=g), f"{name}.alpha": torch.tensor(2.0)}
+    state |= {f"{ODD}.{key}": tensor for key, tensor in ODD_CASES[case][0].items()}
+    path = tmp_path / f"{case}.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+@pytest.mark.parametrize("case", list(ODD_CASES))
+def test_cli_inspect_names_odd_modules_and_reports_the_rest(tmp_path, capsys, case):
+    path, state = odd_file(tmp_path, case)
+    assert main(["lora", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"1 module(s) left out of this report:\n  {ODD_CASES[case][1]}" in out
+    assert "unet mid_block                   1" in out  # the sound module is still reported
+    assert main(["lora", "inspect", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["left_out"] == {ODD: ODD_CASES[case][1]}
+    sound = "lora_unet_mid_block_attentions_0_proj_in"
+    assert list(data["modules"]) == [sound] and data["module_count"] == 1
+    expected = (2.0 / 4) * state[f"{sound}.lora_up.weight"].double() @ state[f"{sound}.lora_down.weight"].double()
+    assert data["modules"][sound]["norm"] == pytest.approx(float(expected.norm()), rel=1e-9)
+
+
+@pytest.mark.parametrize("case", list(ODD_CASES))
+def test_analysis_leaves_odd_modules_out_by_name_and_refuses_them_where_it_must_use_them(tmp_path, capsys, case):
+    path, state = odd_file(tmp_path, case)
+    report = spectrum(state, str(path))
+    assert list(report["modules"]) == ["lora_unet_mid_block_attentions_0_proj_in"]
+    assert report["left_out"] == {ODD: ODD_CASES[case][1]}
+    reason = ODD_CASES[case][1].split(" was left out: ", 1)[1]
+    with pytest.raises(SdloraError) as error:
+        lora_factors(state, "odd.safetensors")
+    assert str(error.value) == f"Module '{ODD}' in odd.safetensors cannot be analysed: {reason}"
+    assert main(["lora", "resize", str(path), "--rank", "2", "--output", str(tmp_path / "out.safetensors")]) == 1
+    assert f"Module '{ODD}' in {path} cannot be analysed" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from networks.errors import SdloraError
+from networks.naming import FAMILY_PREFIXES, prefix_of, role_of
 from networks.network import LoraNetwork, count_adapter_parameters
 from networks.spec import FAMILIES, NetworkSpec
 from tests.helpers import attached, randomise_up, text_encoders, unet_out
@@ -223,3 +224,13 @@ def test_spec_scale_is_alpha_over_rank_or_its_root_with_rslora():
     assert (rs.scale(), rs.scale(conv=True)) == (2.0, 0.5)
     _, network = attached("sd1", "lora", rslora=True)
     assert {a.scale for a in network.adapters.values()} == {2 / 2.0}  # rank 4, alpha 0.5 x 4, rsLoRA: 2 / sqrt(4)
+
+
+def test_kohya_prefixes_and_roles_are_named_once():
+    assert tuple(FAMILY_PREFIXES) == FAMILIES
+    assert [role_of(n) for n in ("lora_unet_conv_in", "lora_te_text_model_x", "lora_te1_text_model_x",
+                                 "lora_te2_text_model_x.alpha", "lycoris_x", "lora_tex")] == \
+        ["unet", "te", "te1", "te2", None, None]
+    for family in FAMILIES:  # every name a network writes has one of its family's prefixes
+        components, network = attached(family, "locon")
+        assert {prefix_of(name) for name in network.adapters} == set(FAMILY_PREFIXES[family])
