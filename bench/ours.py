@@ -1,7 +1,7 @@
-"""sdlora as a contender: the real `trainer.run.loop.Trainer`, built from a TrainConfig and stepped with
-`Trainer.optimizer_step`, so the numbers measure sdlora's own loop, caches and adapters.
+"""sdlora as a contender: the real `trainer.run.loop.Trainer`, over parts built from a TrainConfig and stepped
+with `Trainer.optimizer_step`, so the numbers measure sdlora's own loop, caches and adapters.
 
-Trainer.setup() runs unchanged (dataset scan, model load, LoraNetwork, optimizer, latent and text
+`build_run` runs unchanged (dataset scan, model load, LoraNetwork, optimizer, latent and text
 caches). To adapt only the peers' modules it sets `network.target_modules`.
 """
 
@@ -47,34 +47,35 @@ class SdloraContender:
         self.breakdown: dict[str, float] = {}
 
     def setup(self) -> None:
+        from trainer.run.build import build_run, make_accelerator
         from trainer.run.loop import Trainer
+        from trainer.run.run_dir import RunDir
 
-        self.trainer = Trainer(self.cfg)
-        self.trainer.run.create()
-        self.trainer.setup()
-        self.steps_per_epoch = self.trainer.steps_per_epoch()
+        self.parts = build_run(self.cfg, make_accelerator(self.cfg), RunDir(self.cfg.output.dir).create())
+        self.trainer = Trainer(self.parts)
+        self.steps_per_epoch = self.parts.steps.steps_per_epoch
 
     def batches(self):
         epoch = 0
         while True:
-            yield from self.trainer._epoch_batches(epoch)
+            yield from self.parts.epoch_batches(epoch)
             epoch += 1
 
     def step(self, batch) -> float:
         return self.trainer.optimizer_step([batch])
 
     def adapted_modules(self) -> int:
-        return len(self.trainer.network.adapters)
+        return len(self.parts.network.adapters)
 
     def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.trainer.network.parameters() if p.requires_grad)
+        return sum(p.numel() for p in self.parts.network.parameters() if p.requires_grad)
 
     def export(self, path: Path) -> Path:
         from trainer.run.state import Position
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return self.trainer.outputs.export(path, Position(step=1, epoch=1))
+        return self.parts.outputs.export(path, Position(step=1, epoch=1))
 
     def export_bytes_per_param(self) -> int:
         return {"fp16": 2, "bf16": 2, "fp32": 4}[self.cfg.save.precision]

@@ -101,7 +101,7 @@ def sdlora_pipeline(contender, base):
     """The trainer's UNet (LoRA attached) and text encoder if it kept one (it trains it), else the base's."""
     from trainer.run.sampling import build_pipeline
 
-    model = contender.trainer.model
+    model = contender.parts.model
     encoders = model.text_encoders or base.text_encoders
     pipeline = build_pipeline(base, "ddim")
     pipeline.unet, pipeline.text_encoder = model.unet, encoders[0]
@@ -142,7 +142,7 @@ def _export(contender, path: Path) -> Path:
     from networks.lora_file import save_lora
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    return save_lora(path, contender.trainer.network.kohya_state_dict(), {})
+    return save_lora(path, contender.parts.network.kohya_state_dict(), {})
 
 
 # --- results ----------------------------------------------------------------------------------------

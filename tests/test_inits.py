@@ -14,7 +14,7 @@ from tests.helpers import unet_out
 from trainer.config.presets import resolve_config
 from trainer.demo.demo_data import make_demo_dataset
 from trainer.model.tiny_models import build_tiny_pipeline_components, demo_model_path
-from trainer.run.loop import Trainer
+from trainer.run.loop import run_training
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,9 @@ def trained(tmp_path, data, *overrides):
                                   "sample.every_steps=0", "save.every_steps=0", "save.precision=fp32",
                                   "network.rank=4", "network.type=locon", "network.conv_rank=2",
                                   "train.learning_rate=5e-3", *overrides])
-    trainer = Trainer(cfg)
-    final = trainer.train()
-    trainer.network.eval()
-    return trainer, final
+    final, parts = run_training(cfg, progress=False)
+    parts.network.eval()
+    return parts, final
 
 
 def diffusers_output(lora_path):

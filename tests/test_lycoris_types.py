@@ -20,11 +20,11 @@ from networks.resize import RankChoice, resize_lora
 from networks.spec import NetworkSpec
 from tests.helpers import text_encoders, unet_out
 from tests.test_lora_file import text_outputs
-from tests.test_training import events, resume_run, stopped_after, tiny_config
+from tests.test_training import events, resume_run, stop_at, tiny_config
 from trainer.demo.demo_data import make_demo_dataset
 from trainer.model.tiny_models import build_tiny_pipeline_components
 from trainer.preflight import preflight_report
-from trainer.run.loop import Trainer, train
+from trainer.run.loop import train
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya")
 
@@ -274,7 +274,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, kind):
     flags = [f"network.type=\"{kind}\"", "network.include_convs=true", "train.max_steps=4", "train.batch_size=2",
              "network.rank_dropout=0.2", "network.module_dropout=0.1", "train.scale_weight_norms=1.0"]
     train(tiny_config(tmp_path / "data", tmp_path / "straight", *flags), progress=False)
-    assert stopped_after(Trainer(tiny_config(tmp_path / "data", tmp_path / "stopped", *flags)), 2).train() is None
+    assert train(tiny_config(tmp_path / "data", tmp_path / "stopped", *flags), progress=False, on_step=stop_at(2)) is None
     resume_run(tmp_path / "stopped")
     straight, _ = read_lora(Path(tmp_path / "straight" / "demo-lora.safetensors"))
     resumed, _ = read_lora(Path(tmp_path / "stopped" / "demo-lora.safetensors"))

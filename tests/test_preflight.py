@@ -3,7 +3,6 @@
 import argparse
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 
@@ -20,7 +19,7 @@ from trainer.preflight import (
     preflight_report,
     step_plan,
 )
-from trainer.run.loop import Trainer
+from trainer.run.build import step_count
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +39,9 @@ def config(data, *overrides, preset="style-lora"):
 
 
 def loop_total(cfg, dataset, world):
-    """What Trainer computes, on a Trainer that has only what _step_count reads."""
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.dataset = cfg, dataset
-    trainer.accelerator = SimpleNamespace(process_index=0, num_processes=world)
-    count = trainer._step_count()
-    return count.total_steps, count.epochs, trainer.steps_per_epoch()
+    """What the training loop runs (trainer.run.build.step_count, the count build_run gives the Trainer)."""
+    count = step_count(cfg, dataset, world)
+    return count.total_steps, count.epochs, count.steps_per_epoch
 
 
 @pytest.mark.parametrize("max_steps", [None, 7])

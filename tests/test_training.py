@@ -20,7 +20,8 @@ from trainer.config import TrainConfig, save_config
 from trainer.config.presets import resolve_config
 from trainer.demo.demo_data import make_demo_dataset
 from trainer.model.tiny_models import build_tiny_pipeline, demo_model_path
-from trainer.run.loop import Trainer, train
+from trainer.run.build import build_run, make_accelerator
+from trainer.run.loop import Trainer, run_training, train
 from trainer.run.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, data
              *loading]
     train(tiny_config(data8, tmp_path / "straight", *flags), progress=False)
 
-    assert stopped_after(Trainer(tiny_config(data8, tmp_path / "stopped", *flags)), 3).train() is None
+    assert train(tiny_config(data8, tmp_path / "stopped", *flags), progress=False, on_step=stop_at(3)) is None
     assert [e["event"] for e in events(tmp_path / "stopped")][-1] == "stopped"
     resume_run(tmp_path / "stopped")
 
@@ -125,16 +126,14 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, data
     assert losses(tmp_path / "straight") == losses(tmp_path / "stopped")
 
 
-def stopped_after(trainer: Trainer, step: int) -> Trainer:
-    """`trainer`, set to stop (as Stop / Ctrl+C would) once `step` is done."""
-    original = trainer._after_step
+def stop_at(step: int):
+    """An on_step hook that stops the run (as Stop / Ctrl+C would) once `step` is done."""
+    return lambda position: position.step == step
 
-    def after_step(position):
-        original(position)
-        if position.step == step:
-            trainer.stop.requested = True
-    trainer._after_step = after_step
-    return trainer
+
+def built(cfg):
+    """The parts a run of `cfg` trains with, built as the run builds them, without training."""
+    return build_run(cfg, make_accelerator(cfg), RunDir(cfg.output.dir))
 
 
 def resume_run(run_dir):
@@ -173,32 +172,30 @@ def test_sigint_after_first_step_saves_checkpoint_and_exits_zero(tmp_path, data8
 
 def test_nan_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, data8, monkeypatch):
     cfg = tiny_config(data8, tmp_path / "run", "train.max_steps=6", "save.every_steps=2")
-    trainer = Trainer(cfg)
-    original = trainer.micro_step_loss
+    original = Trainer.micro_step_loss
     calls = {"n": 0}
 
-    def poisoned(batch):
+    def poisoned(self, batch):
         calls["n"] += 1
-        loss = original(batch)
+        loss = original(self, batch)
         return loss * float("nan") if calls["n"] >= 3 else loss
-    trainer.micro_step_loss = poisoned
+    monkeypatch.setattr(Trainer, "micro_step_loss", poisoned)
     with pytest.raises(SdloraError, match=r"The loss became nan at step 3; the last checkpoint "
                                           r"\(demo-lora-step-000002.safetensors\) is intact; lower "
                                           r"train.learning_rate and continue from it in a new run with "
                                           r"--set network.weights=.*demo-lora-step-000002.safetensors\.$"):
-        trainer.train()
-    # emitted by train(); Trainer.train alone raises: check the checkpoint survived
+        train(cfg, progress=False)
+    assert events(tmp_path / "run")[-1]["event"] == "error"
     checkpoint = tmp_path / "run" / "checkpoints" / "demo-lora-step-000002.safetensors"
     assert checkpoint.is_file() and load_file(checkpoint)
     assert (tmp_path / "run" / "state" / "trainer.json").is_file()
 
 
-def test_nan_loss_before_any_checkpoint_says_to_start_again(tmp_path, data8):
-    trainer = Trainer(tiny_config(data8, tmp_path / "run", "train.max_steps=6", "save.every_epochs=0"))
-    original = trainer.micro_step_loss
-    trainer.micro_step_loss = lambda batch: original(batch) * float("nan")
+def test_nan_loss_before_any_checkpoint_says_to_start_again(tmp_path, data8, monkeypatch):
+    original = Trainer.micro_step_loss
+    monkeypatch.setattr(Trainer, "micro_step_loss", lambda self, batch: original(self, batch) * float("nan"))
     with pytest.raises(SdloraError) as error:
-        trainer.train()
+        train(tiny_config(data8, tmp_path / "run", "train.max_steps=6", "save.every_epochs=0"), progress=False)
     assert str(error.value) == ("The loss became nan at step 1; no checkpoint was saved yet, so lower "
                                 "train.learning_rate and start the run again.")  # no bf16 advice on a CPU
     assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
@@ -364,14 +361,13 @@ def test_kill_9_resumes_from_the_last_checkpoint(tmp_path, data8):
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, data8):
     grads = []
     for checkpointing in ("false", "true"):
-        trainer = Trainer(tiny_config(data8, tmp_path / checkpointing, f"train.gradient_checkpointing={checkpointing}"))
-        trainer.setup()
+        parts = built(tiny_config(data8, tmp_path / checkpointing, f"train.gradient_checkpointing={checkpointing}"))
         torch.manual_seed(0)
-        batch = trainer._epoch_batches(0)[0]
-        trainer.network.train()
-        trainer.micro_step_loss(batch).backward()
-        grads.append([p.grad.clone() for p in trainer.network.parameters()])
-        assert trainer.model.unet.is_gradient_checkpointing == (checkpointing == "true")
+        batch = parts.epoch_batches(0)[0]
+        parts.network.train()
+        Trainer(parts).micro_step_loss(batch).backward()
+        grads.append([p.grad.clone() for p in parts.network.parameters()])
+        assert parts.model.unet.is_gradient_checkpointing == (checkpointing == "true")
     assert all(g is not None for g in grads[0]) and len(grads[0]) == len(grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
@@ -423,15 +419,15 @@ def test_validation_ema_masks_and_load_checks_in_one_run(tmp_path):
 
 
 def test_cached_runs_drop_the_text_encoder_and_vae_encoder_and_train_the_same(tmp_path, data8, monkeypatch):
-    released = Trainer(tiny_config(data8, tmp_path / "released", "train.max_steps=3"))
-    released_file = released.train()
+    released_run = run_training(tiny_config(data8, tmp_path / "released", "train.max_steps=3"), progress=False)
+    released, released_file = released_run.parts, released_run.file
     assert released.model.text_encoders == []  # every caption is in the text cache
     assert not hasattr(released.model.vae, "encoder") and not hasattr(released.model.vae, "decoder")  # no previews
     assert len(released.batches.encode_text._memory) == len({item.caption for item in released.dataset.items})
 
     monkeypatch.setattr(BatchSupply, "release_encoders", lambda self, previews: None)
-    kept = Trainer(tiny_config(data8, tmp_path / "kept", "train.max_steps=3"))
-    kept_file = kept.train()
+    kept_run = run_training(tiny_config(data8, tmp_path / "kept", "train.max_steps=3"), progress=False)
+    kept, kept_file = kept_run.parts, kept_run.file
     assert len(kept.model.text_encoders) == 1 and hasattr(kept.model.vae, "encoder")
     a, b = load_file(released_file), load_file(kept_file)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -448,24 +444,24 @@ def test_cached_runs_drop_the_text_encoder_and_vae_encoder_and_train_the_same(tm
 ])
 def test_encoders_stay_while_something_still_needs_them(tmp_path, data8, flags, keeps_text_encoder,
                                                           keeps_vae_encoder, keeps_vae_decoder):
-    trainer = Trainer(tiny_config(data8, tmp_path / "run", "train.max_steps=1", *flags))
-    trainer.setup()
-    assert bool(trainer.model.text_encoders) == keeps_text_encoder
-    assert hasattr(trainer.model.vae, "encoder") == keeps_vae_encoder
-    assert hasattr(trainer.model.vae, "decoder") == keeps_vae_decoder
+    parts = built(tiny_config(data8, tmp_path / "run", "train.max_steps=1", *flags))
+    assert bool(parts.model.text_encoders) == keeps_text_encoder
+    assert hasattr(parts.model.vae, "encoder") == keeps_vae_encoder
+    assert hasattr(parts.model.vae, "decoder") == keeps_vae_decoder
 
 
 def test_compiled_training_step_matches_the_eager_one(tmp_path, data8, monkeypatch):
-    import trainer.run.loop
+    import trainer.run.build
 
-    monkeypatch.setattr(trainer.run.loop, "COMPILE_BACKEND", "eager")  # dynamo traces the LoRA hooks, no C++ build
-    compiled = Trainer(tiny_config(data8, tmp_path / "compiled", "train.max_steps=3", "train.compile=true"))
-    compiled_file = compiled.train()
-    assert compiled.training_unet is not compiled.model.unet
-    assert compiled.training_unet._orig_mod is compiled.model.unet  # one set of weights, adapters included
-    eager = Trainer(tiny_config(data8, tmp_path / "eager", "train.max_steps=3"))
-    eager_file = eager.train()
-    assert eager.training_unet is eager.model.unet
+    monkeypatch.setattr(trainer.run.build, "COMPILE_BACKEND", "eager")  # dynamo traces the LoRA hooks, no C++ build
+    compiled_run = run_training(tiny_config(data8, tmp_path / "compiled", "train.max_steps=3", "train.compile=true"),
+                                progress=False)
+    compiled, compiled_file = compiled_run.parts, compiled_run.file
+    assert compiled.loss.unet is not compiled.model.unet
+    assert compiled.loss.unet._orig_mod is compiled.model.unet  # one set of weights, adapters included
+    eager_run = run_training(tiny_config(data8, tmp_path / "eager", "train.max_steps=3"), progress=False)
+    eager, eager_file = eager_run.parts, eager_run.file
+    assert eager.loss.unet is eager.model.unet
     losses = lambda run: [e["loss"] for e in events(run) if e["event"] == "step"]  # noqa: E731
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
     a, b = load_file(compiled_file), load_file(eager_file)
@@ -475,11 +471,10 @@ def test_compiled_training_step_matches_the_eager_one(tmp_path, data8, monkeypat
 @pytest.mark.parametrize("flags", [["dataset.cache_latents=none"], ["dataset.random_crop=true"]])
 def test_worker_processes_load_the_same_pixels_ahead_of_the_step(tmp_path, data8, flags):
     common = ["train.max_steps=5", "train.batch_size=2", "dataset.flip=true", *flags]  # 4 batches an epoch
-    workers = Trainer(tiny_config(data8, tmp_path / "workers", "dataset.num_workers=2", *common))
-    workers.train()
+    workers = run_training(tiny_config(data8, tmp_path / "workers", "dataset.num_workers=2", *common),
+                           progress=False).parts
     assert workers.batches.prefetch.loader_pids and os.getpid() not in workers.batches.prefetch.loader_pids
-    inline = Trainer(tiny_config(data8, tmp_path / "inline", *common))
-    inline.train()
+    inline = run_training(tiny_config(data8, tmp_path / "inline", *common), progress=False).parts
     assert inline.batches.prefetch is None
     losses = lambda run: [e["loss"] for e in events(run) if e["event"] == "step"]  # noqa: E731
     assert len(losses(tmp_path / "workers")) == 5
@@ -487,16 +482,15 @@ def test_worker_processes_load_the_same_pixels_ahead_of_the_step(tmp_path, data8
 
 
 def test_cached_runs_start_no_workers(tmp_path, data8):
-    trainer = Trainer(tiny_config(data8, tmp_path / "run", "dataset.num_workers=2"))
-    trainer.setup()
-    assert trainer.batches.prefetch is None  # every latent is in the cache: nothing to decode per step
+    parts = built(tiny_config(data8, tmp_path / "run", "dataset.num_workers=2"))
+    assert parts.batches.prefetch is None  # every latent is in the cache: nothing to decode per step
 
 
 def test_clip_skip_reaches_the_captions_and_the_file(tmp_path, data8):
     from networks.lora_file import read_lora
 
-    trainer = Trainer(tiny_config(data8, tmp_path / "run", "train.max_steps=1", "model.clip_skip=2"))
-    final = trainer.train()
+    final, trainer = run_training(tiny_config(data8, tmp_path / "run", "train.max_steps=1", "model.clip_skip=2"),
+                                  progress=False)
     caption = trainer.dataset.items[0].caption
     model = build_tiny_pipeline("sd1")
     expected = trainer.model.family.encode_prompt([model.text_encoder], [model.tokenizer], [caption], clip_skip=2)
@@ -528,9 +522,8 @@ def test_max_token_length_trains_on_every_window_and_is_written_to_the_file(tmp_
     long_caption = ", ".join(["sdlorastyle"] + ["red circle"] * 40)  # well over 75 tokens
     for caption in (tmp_path / "data").glob("*.txt"):
         caption.write_text(long_caption, encoding="utf-8")
-    trainer = Trainer(tiny_config(tmp_path / "data", tmp_path / "run", "train.max_steps=1",
-                                  "model.max_token_length=225", "sample.every_steps=1"))
-    final = trainer.train()
+    final, trainer = run_training(tiny_config(tmp_path / "data", tmp_path / "run", "train.max_steps=1",
+                                              "model.max_token_length=225", "sample.every_steps=1"), progress=False)
     model = build_tiny_pipeline("sd1")
     expected = trainer.model.family.encode_prompt([model.text_encoder], [model.tokenizer], [long_caption], chunks=3)
     cached = trainer.batches.encode_text([long_caption])["hidden"]  # what the step was conditioned on
@@ -547,11 +540,11 @@ def test_reg_images_double_the_epoch_and_prior_loss_weight_zero_makes_their_step
     make_demo_dataset(tmp_path / "reg" / "1_shape", count=6, seed=2)
     for caption in (tmp_path / "reg").rglob("*.txt"):
         caption.unlink()  # reg images go by their class word
-    trainer = Trainer(tiny_config(tmp_path / "data", tmp_path / "run", "train.max_steps=8", "train.batch_size=1",
-                                  f"dataset.reg_path={tmp_path / 'reg'}", "train.prior_loss_weight=0"))
-    final = trainer.train()
+    final, trainer = run_training(tiny_config(tmp_path / "data", tmp_path / "run", "train.max_steps=8",
+                                              "train.batch_size=1", f"dataset.reg_path={tmp_path / 'reg'}",
+                                              "train.prior_loss_weight=0"), progress=False)
     losses = [e["loss"] for e in events(tmp_path / "run") if e["event"] == "step"]
-    assert trainer.steps_per_epoch() == len(losses) == 8  # 4 training samples + 4 of the 6 reg images
+    assert trainer.steps.steps_per_epoch == len(losses) == 8  # 4 training samples + 4 of the 6 reg images
     assert losses.count(0.0) == 4  # a reg-only batch weighs nothing at prior_loss_weight 0
     metadata = read_lora(final)[1]
     assert (metadata["ss_num_train_images"], metadata["ss_num_reg_images"]) == ("4", "4")
@@ -564,14 +557,12 @@ def test_network_weights_continues_a_finished_lora(tmp_path, data8):
     first = train(tiny_config(data8, tmp_path / "first", "train.max_steps=3", "train.learning_rate=1e-2"),
                   progress=False)
     state = read_lora(first)[0]
-    trainer = Trainer(tiny_config(data8, tmp_path / "second", "train.max_steps=2", "network.rank=8",
-                                  f"network.weights={first}"))
-    trainer.setup()
-    continued = trainer.network.kohya_state_dict()
+    cfg = tiny_config(data8, tmp_path / "second", "train.max_steps=2", "network.rank=8", f"network.weights={first}")
+    continued = built(cfg).network.kohya_state_dict()
     assert continued.keys() == state.keys()  # the same modules, at the file's rank 4 (not 8)
     for key in state:
         assert torch.equal(continued[key], state[key]), key
-    final = trainer.train()
+    final = train(cfg, progress=False)
     assert read_lora(final)[0]["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"].shape[0] == 4
 
 
@@ -593,7 +584,7 @@ def test_a_continued_run_resumes_after_its_network_weights_file_is_gone(tmp_path
     moved = first.rename(tmp_path / "old.safetensors")
     flags = ["train.max_steps=4", f"network.weights={moved}", "save.every_steps=2", "network.train_text_encoder=true"]
     train(tiny_config(data8, tmp_path / "straight", *flags), progress=False)
-    assert stopped_after(Trainer(tiny_config(data8, tmp_path / "second", *flags)), 2).train() is None
+    assert train(tiny_config(data8, tmp_path / "second", *flags), progress=False, on_step=stop_at(2)) is None
     moved.unlink()  # the user cleaned up the file the run continued
     resumed = resume_run(tmp_path / "second")
     straight = load_file(tmp_path / "straight" / "demo-lora.safetensors")

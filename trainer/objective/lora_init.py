@@ -2,33 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from networks.inits import apply_loraga, apply_pissa
+from networks.network import LoraNetwork
+
+Gradients = dict[str, torch.Tensor]  # adapter name -> gradient of its base weight
 
 
-def initialise(trainer) -> None:
-    init = trainer.cfg.network.init
+def initialise(network: LoraNetwork, init: str, first_gradients: Callable[[], Gradients]) -> None:
+    """`first_gradients` is only called for LoRA-GA (it runs forward and backward passes)."""
     if init == "pissa":
-        apply_pissa(trainer.network)
+        apply_pissa(network)
     elif init == "loraga":
-        apply_loraga(trainer.network, first_gradients(trainer, trainer.cfg.network.loraga_batches))
+        apply_loraga(network, first_gradients())
 
 
-def first_gradients(trainer, num_batches: int) -> dict[str, torch.Tensor]:
-    """Mean gradient of the loss w.r.t. every adapted base weight over the first batches of epoch 0
-    (the adapters start at zero, so this is full fine-tuning's first gradient)."""
-    adapters = dict(trainer.network.adapters.items())
-    weights = {name: adapter.base.weight for name, adapter in adapters.items()}
+def first_gradients(network: LoraNetwork, loss: Callable[[object], torch.Tensor], batches: Sequence) -> Gradients:
+    """Mean gradient of `loss` w.r.t. every adapted base weight over `batches` (the first ones of epoch 0;
+    the adapters start at zero, so this is full fine-tuning's first gradient)."""
+    weights = {name: adapter.base.weight for name, adapter in network.adapters.items()}
     for weight in weights.values():
         weight.requires_grad_(True)
-    batches = trainer._epoch_batches(0)[:num_batches]
     try:
         for batch in batches:
-            (trainer.micro_step_loss(batch) / len(batches)).backward()
+            (loss(batch) / len(batches)).backward()
         return {name: weight.grad.detach().float().clone() for name, weight in weights.items()}
     finally:
         for weight in weights.values():
             weight.grad = None
             weight.requires_grad_(False)
-        trainer.network.zero_grad(set_to_none=True)
+        network.zero_grad(set_to_none=True)

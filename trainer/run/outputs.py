@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
+from networks.atomic import DiskFull
 from networks.errors import SdloraError
 from networks.load_check import check_lora_file
 from networks.lora_file import DTYPES, save_lora
@@ -19,6 +22,7 @@ from trainer.config import TrainConfig
 from trainer.data.dataset import ImageDataset
 from trainer.model.model_loading import LoadedModel
 from trainer.objective.ema import AdapterEMA, ema_file
+from trainer.run.disk_space import disk_full_error
 from trainer.run.events import (
     CheckpointEvent,
     FinishedEvent,
@@ -109,8 +113,9 @@ class RunOutputs:
         self.network.eval()
         pipeline = build_pipeline(self.model, cfg.sample.sampler)
         size = (cfg.dataset.resolution, cfg.dataset.resolution)
-        paths = render_samples(pipeline, cfg.sample.prompts, size, self.run.samples, step, self.model.family,
-                               cfg.model.clip_skip, cfg.model.prompt_chunks)
+        with self.saving(step):
+            paths = render_samples(pipeline, cfg.sample.prompts, size, self.run.samples, step, self.model.family,
+                                   cfg.model.clip_skip, cfg.model.prompt_chunks)
         self.run.emit(SampleEvent(step=step, paths=tuple(self.run.relative(p) for p in paths),
                                   prompts=tuple(p.prompt for p in cfg.sample.prompts)))
 
@@ -155,11 +160,22 @@ class RunOutputs:
         self.accelerator.wait_for_everyone()
         if self.main:
             path = run.checkpoint_path(cfg.name, position.step)
-            self.export(path, position)  # the LoRA first: a state is never newer than its checkpoint
-            save_state(self.accelerator, run.state, position)
+            with self.saving(position.step):
+                self.export(path, position)  # the LoRA first: a state is never newer than its checkpoint
+                save_state(self.accelerator, run.state, position)
             run.prune_checkpoints(cfg.save.keep_last)
             run.emit(CheckpointEvent(step=position.step, path=run.relative(path)))
         self.accelerator.wait_for_everyone()
+
+    @contextmanager
+    def saving(self, step: int):
+        """A full disk while writing: one sentence with what the next save needs and how to resume."""
+        try:
+            yield
+        except DiskFull as full:
+            parameters = sum(p.numel() for p in self.network.parameters())
+            raise disk_full_error(self.run, full, step, parameters, DTYPES[self.cfg.save.precision].itemsize,
+                                  self.ema is not None) from None
 
     def stopped(self, position: Position) -> None:
         self.checkpoint(position)
@@ -174,17 +190,20 @@ class RunOutputs:
         if self.main:
             if (cfg.sample.every_steps or cfg.sample.every_epochs) and self.last_sample_step != position.step:
                 self.sample(position.step)  # always show where the run ended
-            self.export(final, position)
             extra = {}
-            if self.ema is not None:
-                ema_state = self.ema.kohya_state_dict(DTYPES[cfg.save.precision], exact=cfg.network.export == "exact",
-                                                      max_norm=cfg.train.scale_weight_norms)
-                extra["ema_path"] = run.relative(self.export(ema_file(final), position, ema_state, cfg.name + "-ema"))
-            save_state(self.accelerator, run.state, position)
+            with self.saving(position.step):
+                self.export(final, position)
+                if self.ema is not None:
+                    ema_state = self.ema.kohya_state_dict(DTYPES[cfg.save.precision],
+                                                          exact=cfg.network.export == "exact",
+                                                          max_norm=cfg.train.scale_weight_norms)
+                    extra["ema_path"] = run.relative(self.export(ema_file(final), position, ema_state,
+                                                                 cfg.name + "-ema"))
+                save_state(self.accelerator, run.state, position)
             run.emit(FinishedEvent(step=position.step, path=run.relative(final), **extra))
         return final
 
-    def non_finite(self, position: Position, value: float) -> None:
+    def non_finite(self, position: Position, value: float) -> NoReturn:
         """A loss of inf/nan: one sentence saying which checkpoint is intact and what to change."""
         checkpoints = self.run.list_checkpoints()
         fix = "lower train.learning_rate"
