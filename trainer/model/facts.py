@@ -23,6 +23,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from networks.errors import SdloraError
+from networks.naming import PREFIXES
 from trainer.config import PREDICTION_TYPES
 from trainer.model.family import ModelFamily, detect_family, get_family
 from trainer.model.tiny_models import ASSETS, demo_model_path
@@ -33,7 +34,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 WHAT_MODELS = "give a diffusers folder, a .safetensors/.ckpt file or demo:shapes"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name, matched whole
 # Keys only adapter files hold (kohya's, peft's, LyCORIS's); a base model never has them.
-_ADAPTER_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "hada_w1", "lokr_w1", "lora_unet_", "lora_te")
+_ADAPTER_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "hada_w1", "lokr_w1", *PREFIXES.values())
 # What torch.save writes: a zip archive, or (before torch 1.6) a pickle stream opening with its protocol.
 _TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 

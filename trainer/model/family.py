@@ -15,6 +15,7 @@ import torch
 
 from networks.errors import SdloraError
 from networks.metadata import ARCHITECTURE, BASE_MODEL_VERSION
+from networks.naming import TE1_PREFIX, TE2_PREFIX, TE_PREFIX, UNET_PREFIX
 
 OPENAI_PAD = "<|endoftext|>"
 OPENCLIP_PAD = "!"
@@ -61,8 +62,8 @@ class ModelFamily:
     text_encoder_attrs: tuple[str, ...] = ("text_encoder",)
     tokenizer_attrs: tuple[str, ...] = ("tokenizer",)
     tokenizer_pad_tokens: tuple[str, ...] = (OPENAI_PAD,)
-    text_encoder_lora_prefixes: tuple[str, ...] = ("lora_te_",)
-    unet_lora_prefix: str = "lora_unet_"
+    text_encoder_lora_prefixes: tuple[str, ...] = (TE_PREFIX,)
+    unet_lora_prefix: str = UNET_PREFIX
     # SDXL LoRA keys must use the original (SGM) UNet names; SD1/SD2 loaders read diffusers names.
     unet_key_style: str = "diffusers"
     modelspec_implementation: str = "https://github.com/Stability-AI/generative-models"
@@ -161,7 +162,7 @@ class SDXLFamily(ModelFamily):
     text_encoder_attrs: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     tokenizer_attrs: tuple[str, ...] = ("tokenizer", "tokenizer_2")
     tokenizer_pad_tokens: tuple[str, ...] = (OPENAI_PAD, OPENCLIP_PAD)
-    text_encoder_lora_prefixes: tuple[str, ...] = ("lora_te1_", "lora_te2_")
+    text_encoder_lora_prefixes: tuple[str, ...] = (TE1_PREFIX, TE2_PREFIX)
     unet_key_style: str = "sgm"
 
     def default_resolution(self, prediction_type: str = "epsilon") -> int:
