@@ -100,5 +100,5 @@ class NetworkSection(Section):
             raise rule(problem)
         if self.weights and self.init in ("pissa", "loraga"):
             raise rule(f"network.weights continues a LoRA file, but network.init {self.init} would start from the "
-                        "base weight instead; use network.init kaiming or gaussian")
+                       "base weight instead; use network.init kaiming or gaussian")
         return self

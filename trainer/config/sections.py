@@ -83,7 +83,7 @@ class ModelSection(Section):
         demo_family = DEMO_MODELS.get(self.path)
         if demo_family and self.family not in ("auto", demo_family):
             raise rule(f"model.path {self.path} is the tiny {demo_family} model but model.family is "
-                        f"{self.family}; set model.family to auto or use demo:{self.family}")
+                       f"{self.family}; set model.family to auto or use demo:{self.family}")
         return self
 
 
@@ -182,7 +182,7 @@ class DatasetSection(Section):
         low, high = self.resolved_min_bucket_side, self.resolved_max_bucket_side
         if self.enable_buckets and not step <= low <= res <= high:
             raise rule(f"dataset.min_bucket_side ({low}) <= dataset.resolution ({res}) <= "
-                        f"dataset.max_bucket_side ({high}) must hold; change the bucket sides or leave them empty")
+                       f"dataset.max_bucket_side ({high}) must hold; change the bucket sides or leave them empty")
         return self
 
 
@@ -289,33 +289,33 @@ class TrainConfig(Section):
             return self
         if train.loraplus_ratio != 1:
             raise rule("train.optimizer prodigy needs one learning rate for every parameter, so "
-                        "train.loraplus_ratio must be 1")
+                       "train.loraplus_ratio must be 1")
         rates = {train.unet_lr or train.learning_rate} if net.train_unet else set()
         if net.train_text_encoder:
             rates.add(train.text_encoder_lr or train.learning_rate)
         if len(rates) > 1:
             raise rule("train.optimizer prodigy needs one learning rate for every parameter, so leave "
-                        "train.unet_lr and train.text_encoder_lr empty or equal")
+                       "train.unet_lr and train.text_encoder_lr empty or equal")
         weights = {w for sdxl in (False, True) for w in block_weights(
             sdxl, net.down_lr_weight, net.mid_lr_weight, net.up_lr_weight, net.block_lr_zero_threshold) or []}
         if weights - {0.0, 1.0}:
             raise rule("train.optimizer prodigy needs one learning rate for every parameter, so block "
-                        "learning-rate weights can only be 0 or 1")
+                       "learning-rate weights can only be 0 or 1")
         return self
 
     @model_validator(mode="after")
     def _timestep_range(self) -> TrainConfig:
         if self.train.min_timestep >= self.train.max_timestep:
             raise rule(f"train.min_timestep ({self.train.min_timestep}) must be below train.max_timestep "
-                        f"({self.train.max_timestep})")
+                       f"({self.train.max_timestep})")
         return self
 
     @model_validator(mode="after")
     def _max_norm_needs_a_zero_start(self) -> TrainConfig:
         if self.train.scale_weight_norms and self.network.init in ("pissa", "loraga"):
             raise rule(f"train.scale_weight_norms works on a LoRA that starts at zero, but network.init is "
-                        f"{self.network.init} (it starts from the base weight); use network.init kaiming or gaussian, "
-                        "or set train.scale_weight_norms to 0")
+                       f"{self.network.init} (it starts from the base weight); use network.init kaiming or gaussian, "
+                       "or set train.scale_weight_norms to 0")
         return self
 
     @field_validator("name")
