@@ -13,7 +13,7 @@ import sys
 from app.caption_command import add_caption_subcommand
 from app.check_command import add_check_subcommand, add_import_kohya_action
 from app.lora_commands import add_lora_subcommands
-from app.train_config import make_run_folder, train_config
+from app.train_config import make_run_folder, remove_if_empty, train_config
 from networks.errors import SdloraError
 from networks.spec import FAMILIES
 
@@ -150,12 +150,15 @@ def run_demo_data(args) -> int:
 
 def run_train(args) -> int:
     cfg, resume = train_config(args)  # config errors show before the heavy imports below
-    if cfg.output.dir:
-        make_run_folder(cfg.output.dir)
+    created = make_run_folder(cfg.output.dir) if cfg.output.dir else None
     from trainer.run.loop import train
 
     preset = None if resume or args.config else args.preset
-    final = train(cfg, resume=resume, progress=not args.no_progress, preset=preset)
+    try:
+        final = train(cfg, resume=resume, progress=not args.no_progress, preset=preset)
+    except BaseException:
+        remove_if_empty(created)
+        raise
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one line per run, not per process

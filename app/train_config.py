@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from networks.errors import SdloraError
@@ -59,16 +60,26 @@ def _refuse_fixed_keys(overrides: list[str], run) -> None:
                               f"{start_from}.")
 
 
-def make_run_folder(folder: str) -> None:
+def make_run_folder(folder: str) -> Path | None:
     """Make the run folder (or find it made) before the trainer writes in it, so a file in its place or a place
-    where no folder can be made (/proc, a read-only disk) is one sentence, not an OSError from deep inside."""
+    where no folder can be made (/proc, a read-only disk) is one sentence, not an OSError from deep inside.
+    Returns the outermost folder this call created (None if it existed), for `remove_if_empty`."""
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise SdloraError(f"The run folder {path} is a file, not a folder; give --output (output.dir) a new "
                           "folder's name or an earlier run's folder.")
+    created = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         reason = (error.strerror or type(error).__name__).lower()
         raise SdloraError(f"The run folder {path} cannot be made ({reason}); give --output (output.dir) a "
                           "folder in a place you can write to.") from None
+    return created
+
+
+def remove_if_empty(created: Path | None) -> None:
+    """Take back a run folder made for a run that failed before writing anything (a typo leaves nothing behind)."""
+    if created is None or not created.is_dir() or any(p.is_file() for p in created.rglob("*")):
+        return
+    shutil.rmtree(created, ignore_errors=True)
