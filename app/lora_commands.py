@@ -140,7 +140,8 @@ def run_inspect(args) -> int:
     from networks.inspect import inspect_lora, render_inspect
 
     report = inspect_lora(args.file)
-    return _emit(args, report, render_inspect(report, per_module=args.modules))
+    _emit(args, report, render_inspect(report, per_module=args.modules))
+    return 1 if report.get("left_out") else 0  # the rest is reported, but the file is damaged: scripts must see it
 
 
 # -- resize -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from app.cli import main
+from app.ui.inspect_frames import modules_frame, summary_markdown
 from networks.analysis import lora_factors, spectrum
 from networks.errors import SdloraError
 from networks.inspect import inspect_lora, lora_family, render_inspect
@@ -175,11 +176,11 @@ def odd_file(tmp_path, case):
 @pytest.mark.parametrize("case", list(ODD_CASES))
 def test_cli_inspect_names_odd_modules_and_reports_the_rest(tmp_path, capsys, case):
     path, state = odd_file(tmp_path, case)
-    assert main(["lora", "inspect", str(path)]) == 0
+    assert main(["lora", "inspect", str(path)]) == 1
     out = capsys.readouterr().out
     assert f"1 module(s) left out of this report:\n  {ODD_CASES[case][1]}" in out
     assert "unet mid_block                   1" in out  # the sound module is still reported
-    assert main(["lora", "inspect", str(path), "--json"]) == 0
+    assert main(["lora", "inspect", str(path), "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["left_out"] == {ODD: ODD_CASES[case][1]}
     sound = "lora_unet_mid_block_attentions_0_proj_in"
@@ -200,3 +201,11 @@ def test_analysis_leaves_odd_modules_out_by_name_and_refuses_them_where_it_must_
     assert str(error.value) == f"Module '{ODD}' in odd.safetensors cannot be analysed: {reason}"
     assert main(["lora", "resize", str(path), "--rank", "2", "--output", str(tmp_path / "out.safetensors")]) == 1
     assert f"Module '{ODD}' in {path} cannot be analysed" in capsys.readouterr().err
+
+
+def test_the_inspect_tab_summary_names_the_odd_module(tmp_path):
+    path, _ = odd_file(tmp_path, "nan")
+    report = inspect_lora(str(path))
+    summary = summary_markdown(report)
+    assert summary.endswith(f"**1 module(s) left out of this report:**\n- {ODD_CASES['nan'][1]}")
+    assert list(modules_frame(report)["module"]) == ["lora_unet_mid_block_attentions_0_proj_in"]

@@ -28,12 +28,14 @@ def summary_markdown(report: dict) -> str:
     components = ", ".join(f"{name} {count}" for name, count in report["components"].items())
     groups = "; ".join(f"{g['kind']} r {g['rank']} / alpha {g['alpha']:g} ({g['modules']} modules)"
                        for g in report["rank_alpha"])
+    left_out = [f"- {sentence}" for sentence in report.get("left_out", {}).values()]
     return "\n".join([
         f"### {report['file'].rsplit('/', 1)[-1]}",
         f"- **{report['type']}** for **{report['family'] or 'an unknown family'}**, "
         f"{report['module_count']} modules ({components}), {report['dtype']}, "
         f"{report['size_bytes'] / 1e6:.2f} MB",
         f"- Rank / alpha: {groups}",
+        *([f"\n**{len(left_out)} module(s) left out of this report:**", *left_out] if left_out else []),
     ])
 
 
