@@ -16,8 +16,9 @@ from pathlib import Path
 from app.security import run_folder
 from trainer.run import status as run_status
 from trainer.run.events import Event, LoadCheckEvent, StartedEvent, parse
+from trainer.run.lock import read_pid
 from trainer.run.run_dir import RunDir
-from trainer.run.status import ACTIVE, Process
+from trainer.run.status import ACTIVE, Process, RunProgress
 
 try:
     import tomllib
@@ -61,21 +62,11 @@ class RunInfo:
 
 
 @dataclass
-class Progress:
-    """What the live view shows for one run, all read from its folder."""
+class Progress(RunProgress):
+    """What the live view shows for one run, all read from its folder: the events' progress with its sample
+    paths made absolute (files that exist only), and what the folder adds."""
 
-    info: RunInfo
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
-    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
-    it_per_s: float | None = None
-    eta_s: float | None = None
-    epoch: int | None = None
-    lr: float | None = None
-    samples: list[tuple[Path, str]] = field(default_factory=list)  # (image, "step N: prompt"), oldest first
-    # The sample grid: step -> [(image or None, prompt)] by prompt index, steps in order of appearance.
-    sample_sets: dict[int, list[tuple[Path | None, str]]] = field(default_factory=dict)
-    load_checks: dict[str, LoadCheckEvent] = field(default_factory=dict)  # relative path -> its newest check
-    last_check: LoadCheckEvent | None = None  # the newest load check of the run
+    info: RunInfo | None = None
     validating: bool = False  # the config measures validation loss (its curve is expected)
     checkpoints: list[Path] = field(default_factory=list)
     ema_file: Path | None = None  # the EMA weights' export, when the run used EMA
@@ -180,11 +171,13 @@ class RunList:
         def existing(rel: str | None) -> Path | None:
             return run_dir / rel if rel and (run_dir / rel).is_file() else None
 
-        return Progress(self._info(run_dir, events), seen.losses, seen.validation, seen.it_per_s, seen.eta_s,
-                        seen.epoch, seen.lr, [(existing(rel), label) for rel, label in seen.samples if existing(rel)],
-                        {step: [(existing(rel), prompt) for rel, prompt in row] for step, row in seen.sample_sets.items()},
-                        seen.load_checks, seen.last_check, _validating(RunDir(run_dir).config),
-                        self.checkpoints(run_dir), existing(seen.ema_path), len(events))
+        return Progress(**{**vars(seen), "samples": [(existing(rel), label) for rel, label in seen.samples
+                                                      if existing(rel)],
+                           "sample_sets": {step: [(existing(rel), prompt) for rel, prompt in row]
+                                           for step, row in seen.sample_sets.items()}},
+                        info=self._info(run_dir, events), validating=_validating(RunDir(run_dir).config),
+                        checkpoints=self.checkpoints(run_dir), ema_file=existing(seen.ema_path),
+                        event_count=len(events))
 
     def checkpoints(self, run_dir: Path) -> list[Path]:
         return RunDir(run_dir).list_checkpoints()
@@ -221,7 +214,7 @@ class RunList:
         if launched is not None and launched.process.poll() is None:
             return launched.process.pid
         # Reaped now (poll), so a stale trainer.pid cannot point at a zombie of ours.
-        pid = _read_pid(RunDir(run_dir).pid_path)
+        pid = read_pid(RunDir(run_dir).pid_path)
         return pid if pid and _trainer_alive(pid) else None
 
     def _exit_failure(self, run_dir: Path) -> str:
@@ -297,13 +290,6 @@ def _mtime(path: Path) -> float | None:
     try:
         return path.stat().st_mtime
     except OSError:
-        return None
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
         return None
 
 

@@ -75,14 +75,17 @@ def test_blank_flags_are_refused_not_read_as_the_current_folder(capsys, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("section, value, message", [
-    ("model", "", "model.path in {} is empty; give a diffusers folder, a .safetensors/.ckpt file or "
-                  "demo:shapes (got '')."),
-    ("model", "  ", "model.path in {} is empty; give a diffusers folder, a .safetensors/.ckpt file or "
-                    "demo:shapes (got '  ')."),
-    ("dataset", "  ", "dataset.path in {} is only spaces; give the folder of images (got '  ')."),
-])
-def test_blank_paths_in_a_config_are_refused(capsys, tmp_path, section, value, message):
+MODEL_PATH_EMPTY = "model.path in {} is empty; give a diffusers folder, a .safetensors/.ckpt file or demo:shapes"
+BLANK_CONFIG_PATHS = {  # (section, its path value) -> the sentence, {} standing for the config file
+    ("model", ""): MODEL_PATH_EMPTY + " (got '').",
+    ("model", "  "): MODEL_PATH_EMPTY + " (got '  ').",
+    ("dataset", "  "): "dataset.path in {} is only spaces; give the folder of images (got '  ').",
+}
+
+
+@pytest.mark.parametrize("section, value", list(BLANK_CONFIG_PATHS))
+def test_blank_paths_in_a_config_are_refused(capsys, tmp_path, section, value):
+    message = BLANK_CONFIG_PATHS[section, value]
     config = tmp_path / "c.toml"
     config.write_text(f'[{section}]\npath = "{value}"\n[output]\ndir = "{(tmp_path / "run").as_posix()}"\n')
     assert error_line(capsys, ["train", "--config", str(config)]) == message.format(config)

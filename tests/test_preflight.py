@@ -370,7 +370,7 @@ def test_every_fact_table_covers_exactly_the_configs_choices():
     so adding a choice fails here until every table knows it."""
     from typing import get_args
 
-    from trainer.config.sections import Optimizer, Sampler
+    from trainer.config.choices import Optimizer, Sampler
     from trainer.preflight import OPTIMIZER_FACTS
     from trainer.run.sampling import SAMPLERS
 

@@ -2,43 +2,30 @@
 run status and progress as pure functions of them (trainer/run/status.py)."""
 import json
 
+from trainer.run import events as ev
 from trainer.run import status
-from trainer.run.events import (
-    EVENT_KINDS,
-    CheckpointEvent,
-    ErrorEvent,
-    FinishedEvent,
-    LoadCheckEvent,
-    SampleEvent,
-    SkippedEvent,
-    StartedEvent,
-    StepEvent,
-    StoppedEvent,
-    ValidationEvent,
-    parse,
-)
 from trainer.run.run_dir import RunDir
 
 # Every kind as the trainer writes it, and the keys docs/RUN_DIRECTORY.md's table gives it (plus event, time).
 WRITTEN = [
-    (SkippedEvent(name="a.png", reason="cannot be read", kind="image"), {"name", "reason", "kind"}),
-    (StartedEvent(total_steps=8, epochs=2, start_step=0, name="demo", num_images=4, encoded_images=4,
+    (ev.SkippedEvent(name="a.png", reason="cannot be read", kind="image"), {"name", "reason", "kind"}),
+    (ev.StartedEvent(total_steps=8, epochs=2, start_step=0, name="demo", num_images=4, encoded_images=4,
                   encoded_captions=4),
      {"total_steps", "epochs", "start_step", "name", "num_images", "encoded_images", "encoded_captions"}),
-    (StepEvent(step=1, epoch=1, loss=0.5, lr=1e-4, it_per_s=2.0, eta_s=None, total_steps=8),
+    (ev.StepEvent(step=1, epoch=1, loss=0.5, lr=1e-4, it_per_s=2.0, eta_s=None, total_steps=8),
      {"step", "epoch", "loss", "lr", "it_per_s", "eta_s", "total_steps"}),
-    (StepEvent(step=2, epoch=1, loss=0.4, lr=1e-4, it_per_s=2.0, eta_s=3.0, total_steps=8, keys_scaled=1,
+    (ev.StepEvent(step=2, epoch=1, loss=0.4, lr=1e-4, it_per_s=2.0, eta_s=3.0, total_steps=8, keys_scaled=1,
                max_key_norm=1.0, mean_key_norm=0.5),
      {"step", "epoch", "loss", "lr", "it_per_s", "eta_s", "total_steps", "keys_scaled", "max_key_norm",
       "mean_key_norm"}),
-    (SampleEvent(step=2, paths=("samples/step-000002-p0.png",), prompts=("a ball",)), {"step", "paths", "prompts"}),
-    (CheckpointEvent(step=2, path="checkpoints/demo-step-000002.safetensors"), {"step", "path"}),
-    (ValidationEvent(step=2, loss=0.3, per_timestep={"500": 0.3}), {"step", "loss", "per_timestep"}),
-    (LoadCheckEvent(ok=True, problems=(), path="demo.safetensors", modules=64), {"path", "ok", "problems", "modules"}),
-    (StoppedEvent(step=2, checkpoint="checkpoints/demo-step-000002.safetensors"), {"step", "checkpoint"}),
-    (FinishedEvent(step=8, path="demo.safetensors"), {"step", "path"}),
-    (FinishedEvent(step=8, path="demo.safetensors", ema_path="demo-ema.safetensors"), {"step", "path", "ema_path"}),
-    (ErrorEvent(message="The loss became nan at step 3; lower train.learning_rate.", step=2), {"message", "step"}),
+    (ev.SampleEvent(step=2, paths=("samples/step-000002-p0.png",), prompts=("a ball",)), {"step", "paths", "prompts"}),
+    (ev.CheckpointEvent(step=2, path="checkpoints/demo-step-000002.safetensors"), {"step", "path"}),
+    (ev.ValidationEvent(step=2, loss=0.3, per_timestep={"500": 0.3}), {"step", "loss", "per_timestep"}),
+    (ev.LoadCheckEvent(ok=True, problems=(), path="demo.safetensors", modules=64), {"path", "ok", "problems", "modules"}),
+    (ev.StoppedEvent(step=2, checkpoint="checkpoints/demo-step-000002.safetensors"), {"step", "checkpoint"}),
+    (ev.FinishedEvent(step=8, path="demo.safetensors"), {"step", "path"}),
+    (ev.FinishedEvent(step=8, path="demo.safetensors", ema_path="demo-ema.safetensors"), {"step", "path", "ema_path"}),
+    (ev.ErrorEvent(message="The loss became nan at step 3; lower train.learning_rate.", step=2), {"message", "step"}),
 ]
 
 
@@ -53,7 +40,7 @@ def test_every_kind_is_written_with_the_documented_keys_and_reads_back_equal(tmp
         assert line["time"].endswith("+00:00")  # ISO 8601, UTC
     assert lines[2]["eta_s"] is None and lines[4]["paths"] == ["samples/step-000002-p0.png"]
     assert run.events() == stamped  # each line parses back to the event that wrote it
-    assert set(EVENT_KINDS) == {line["event"] for line in lines}
+    assert set(ev.EVENT_KINDS) == {line["event"] for line in lines}
 
 
 OLD_RUN = [  # as older versions and hand-written test folders left them: raw JSON lines
@@ -80,7 +67,7 @@ def test_an_old_events_file_still_reads(tmp_path):
     assert second.loss is None and second.eta_s is None  # a damaged value reads as absent, not as an error
     assert sample.paths == ("samples/a.png", 7) and check.problems == () and check.ok
     assert finished.ema_path is None
-    assert parse({"no": "event"}) is None and parse(["not", "a", "dict"]) is None
+    assert ev.parse({"no": "event"}) is None and ev.parse(["not", "a", "dict"]) is None
 
     state = status.run_state(events, status.Process())
     assert (state.status, state.step, state.total_steps, state.name) == ("finished", 2, 6, "old")
@@ -93,20 +80,20 @@ def test_an_old_events_file_still_reads(tmp_path):
 
 
 def test_status_is_the_last_lifecycle_event_or_the_live_process():
-    started = StartedEvent(total_steps=4, name="r")
-    step = StepEvent(step=1, loss=0.5)
+    started = ev.StartedEvent(total_steps=4, name="r")
+    step = ev.StepEvent(step=1, loss=0.5)
     assert status.status([], status.Process()) == ("created", "")
     assert status.status([], status.Process(failure="Dataset folder '/x' does not exist.")) == \
         ("error", "Dataset folder '/x' does not exist.")
     assert status.status([started, step], status.Process()) == ("interrupted", "")
     assert status.status([started, step], status.Process(alive=True, started=True)) == ("running", "")
-    stopped = StoppedEvent(step=1, checkpoint="c.safetensors")
+    stopped = ev.StoppedEvent(step=1, checkpoint="c.safetensors")
     assert status.status([started, step, stopped], status.Process(alive=True)) == ("starting", "")
     assert status.status([started, step, stopped], status.Process()) == ("stopped", "")
-    assert status.status([started, ErrorEvent()], status.Process()) == ("error", "The trainer reported an error.")
+    assert status.status([started, ev.ErrorEvent()], status.Process()) == ("error", "The trainer reported an error.")
     assert not status.exit_failure_matters([started, stopped]) and status.exit_failure_matters([started])
-    failed = [started, FinishedEvent(step=1, path="r.safetensors"),
-              LoadCheckEvent(ok=False, problems=("lora_unet_x has no module",), path="r.safetensors")]
+    failed = [started, ev.FinishedEvent(step=1, path="r.safetensors"),
+              ev.LoadCheckEvent(ok=False, problems=("lora_unet_x has no module",), path="r.safetensors")]
     state = status.run_state(failed, status.Process())
     assert (state.status, state.final_path) == ("error", None)
     assert state.message == ("r.safetensors failed the load check (lora_unet_x has no module); it is kept for "
@@ -114,8 +101,8 @@ def test_status_is_the_last_lifecycle_event_or_the_live_process():
 
 
 def test_a_process_counts_as_started_once_it_wrote_its_own_started_event():
-    first = StartedEvent(time="2026-01-01T00:00:10+00:00")
-    again = StartedEvent(time="2026-01-01T00:00:30+00:00", start_step=4)
+    first = ev.StartedEvent(time="2026-01-01T00:00:10+00:00")
+    again = ev.StartedEvent(time="2026-01-01T00:00:30+00:00", start_step=4)
     assert not status.process_started([first], started_before_launch=1, pid_written=None)
     assert status.process_started([first, again], started_before_launch=1, pid_written=None)
     pid_written = 1767225620.0  # 2026-01-01T00:00:20Z: between the two starts
@@ -127,9 +114,9 @@ def test_train_time_sums_the_segments_and_the_rate_ends_with_its_segment():
     def at(second):
         return f"2026-01-01T00:00:{second:02d}+00:00"
 
-    events = [StartedEvent(time=at(0)), StepEvent(time=at(3), step=1, loss=1.0, it_per_s=2.0, eta_s=9.0),
-              StoppedEvent(time=at(4), step=1), StartedEvent(time=at(10), start_step=1),
-              StepEvent(time=at(12), step=2, loss=0.5, it_per_s=3.0)]
+    events = [ev.StartedEvent(time=at(0)), ev.StepEvent(time=at(3), step=1, loss=1.0, it_per_s=2.0, eta_s=9.0),
+              ev.StoppedEvent(time=at(4), step=1), ev.StartedEvent(time=at(10), start_step=1),
+              ev.StepEvent(time=at(12), step=2, loss=0.5, it_per_s=3.0)]
     assert status.train_seconds(events) == 4 + 2
     assert status.resumed(status.history(events)) == 1
     assert status.progress(events).it_per_s == 3.0

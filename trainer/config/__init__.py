@@ -9,6 +9,7 @@ folder share, split by job:
 - `presets`, `kohya_import`, `kohya_names`, `sample_prompts`: named partial configs, kohya_ss presets and
   names, kohya's sample-prompt lines.
 """
+from trainer.config.choices import DEMO_MODELS, LOSS_TYPES, PREDICTION_TYPES, SEED_MAX
 from trainer.config.errors import ConfigError
 from trainer.config.fields import ConfigField, config_field_table, config_keys
 from trainer.config.files import (
@@ -20,18 +21,10 @@ from trainer.config.files import (
     read_toml,
     save_config,
 )
+from trainer.config.network_section import NetworkSection
 from trainer.config.overrides import apply_overrides, merge_dicts
-from trainer.config.sections import (
-    DEMO_MODELS,
-    LOSS_TYPES,
-    PREDICTION_TYPES,
-    SEED_MAX,
-    DatasetSection,
-    NetworkSection,
-    SamplePrompt,
-    TrainConfig,
-    TrainSection,
-)
+from trainer.config.sections import DatasetSection, SamplePrompt, TrainConfig
+from trainer.config.train_section import TrainSection
 
 __all__ = [
     "DEMO_MODELS", "LOSS_TYPES", "PREDICTION_TYPES", "SEED_MAX", "ConfigError", "ConfigField", "DatasetSection",

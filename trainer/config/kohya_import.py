@@ -20,9 +20,9 @@ from typing import Any, get_args
 from networks.errors import SdloraError
 from networks.spec import NetworkSpec
 from trainer.config import config_field_table, config_from_dict
+from trainer.config.choices import LrScheduler, MixedPrecision, Optimizer
 from trainer.config.kohya_names import KOHYA_KEYS
 from trainer.config.sample_prompts import OPTION_HELP, parse_prompt_text
-from trainer.config.sections import LrScheduler, MixedPrecision, Optimizer
 
 NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon",
                  "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}

@@ -13,20 +13,7 @@ from pydantic_core import PydanticCustomError
 
 from networks.block_lr import block_weights
 from networks.errors import SdloraError
-from trainer.config.choices import (
-    DEMO_MODELS,
-    LOSS_TYPES,
-    PREDICTION_TYPES,
-    SEED_MAX,
-    Family,
-    LossType,
-    LrScheduler,
-    MixedPrecision,
-    Optimizer,
-    OptimizerArg,
-    PredictionType,
-    Sampler,
-)
+from trainer.config.choices import DEMO_MODELS, SEED_MAX, Family, PredictionType, Sampler
 from trainer.config.network_section import NetworkSection
 from trainer.config.sample_prompts import OPTION_HELP, parse_prompt_line
 from trainer.config.section import Section, rule
@@ -36,10 +23,8 @@ from trainer.data.captions import CaptionOptions
 from trainer.data.dataset import DatasetOptions
 
 __all__ = [
-    "DEMO_MODELS", "LOSS_TYPES", "PREDICTION_TYPES", "SEED_MAX", "DatasetSection", "EmaSection", "Family",
-    "LossType", "LrScheduler", "MixedPrecision", "ModelSection", "NetworkSection", "Optimizer", "OptimizerArg",
-    "OutputSection", "PredictionType", "SamplePrompt", "SampleSection", "Sampler", "SaveSection", "Section",
-    "TrainConfig", "TrainSection", "ValidationSection",
+    "DatasetSection", "EmaSection", "ModelSection", "NetworkSection", "OutputSection", "SamplePrompt", "SampleSection",
+    "SaveSection", "Section", "TrainConfig", "TrainSection", "ValidationSection",
 ]
 
 

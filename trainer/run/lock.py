@@ -57,8 +57,8 @@ def held_elsewhere(path: Path) -> bool:
         os.close(descriptor)
 
 
-def holder(path: Path) -> int | None:
-    """The PID the lock file names (the process that took it last)."""
+def read_pid(path: Path) -> int | None:
+    """The PID a pid or lock file names (for a lock file: the process that took it last); None if unreadable."""
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):

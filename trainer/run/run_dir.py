@@ -46,7 +46,7 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         if lock.acquire(self.lock_path) is None:
             raise SdloraError(f"The run folder {self.root} is in use by another training run (process "
-                              f"{lock.holder(self.lock_path) or 'unknown'}); wait for it to finish, stop it, or "
+                              f"{lock.read_pid(self.lock_path) or 'unknown'}); wait for it to finish, stop it, or "
                               "choose another --output.")
         self.remove_leftover_temporaries()
         for folder in (self.samples, self.checkpoints):
