@@ -90,25 +90,27 @@ def test_a_crash_anywhere_in_the_swap_resumes_from_the_newest_complete_state(tmp
     parts, at_one = saved_after(folder, [1])
     parts.step()
     at_two = parts.weights()
-    crash_on(monkeypatch, where)
-    with pytest.raises(SystemExit):
-        save_state(parts.accelerator, folder, Position(step=2))
-    monkeypatch.undo()
+    killed_while_saving(monkeypatch, parts, folder, 2, where)
     assert {p.name for p in tmp_path.iterdir()} == layout
     position, weights = restored(folder)
     assert position.step == restored_step
     expected = at_one if restored_step == 1 else at_two
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
+def killed_while_saving(monkeypatch, parts, folder: Path, step: int, where: str) -> None:
+    """Save the state at `step` and die at `where` of the swap; the patches are gone afterwards."""
+    crash_on(monkeypatch, where)
+    with pytest.raises(SystemExit):
+        save_state(parts.accelerator, folder, Position(step=step))
+    monkeypatch.undo()
+
+
 
 def test_resume_restores_the_rng_and_optimizer_of_a_state_left_in_state_tmp(tmp_path, monkeypatch):
     folder = tmp_path / "state"
     parts, _ = saved_after(folder, [1])
     parts.step()
-    crash_on(monkeypatch, "before_new_in_place")
-    with pytest.raises(SystemExit):
-        save_state(parts.accelerator, folder, Position(step=2))
-    monkeypatch.undo()
+    killed_while_saving(monkeypatch, parts, folder, 2, "before_new_in_place")
     parts.step()  # what the run would have done next
     expected, expected_draw = parts.weights(), torch.rand(3)
     fresh = Parts(seed=99)
@@ -124,17 +126,11 @@ def test_the_next_save_after_a_crash_never_deletes_the_only_complete_state(tmp_p
     folder = tmp_path / "state"
     parts, _ = saved_after(folder, [1])
     parts.step()
-    crash_on(monkeypatch, "before_new_in_place")
-    with pytest.raises(SystemExit):
-        save_state(parts.accelerator, folder, Position(step=2))
-    monkeypatch.undo()
+    killed_while_saving(monkeypatch, parts, folder, 2, "before_new_in_place")
     at_two = parts.weights()
     resumed = Parts(seed=7)
     assert load_state(resumed.accelerator, folder).step == 2
-    crash_on(monkeypatch, "while_writing")
-    with pytest.raises(SystemExit):
-        save_state(resumed.accelerator, folder, Position(step=3))
-    monkeypatch.undo()
+    killed_while_saving(monkeypatch, resumed, folder, 3, "while_writing")
     assert newest_complete(folder) == folder and not (tmp_path / "state.old").exists()
     position, weights = restored(folder)
     assert position.step == 2 and all(torch.equal(weights[k], at_two[k]) for k in at_two)

@@ -20,6 +20,7 @@ from networks.naming import TE1_PREFIX, TE2_PREFIX, TE_PREFIX, UNET_PREFIX
 OPENAI_PAD = "<|endoftext|>"
 OPENCLIP_PAD = "!"
 Size = tuple[int, int]  # (height, width), the order SDXL's micro-conditioning uses
+Sizes = Sequence[Size] | None  # one per sample; None: the sample's own size
 
 @dataclass
 class PromptEmbeds:
@@ -134,13 +135,8 @@ class ModelFamily:
         pooled = None if embeds.pooled is None else embeds.pooled.reshape(batch, chunks, -1)[:, 0]
         return PromptEmbeds(states, pooled)
 
-    def unet_added_kwargs(
-        self,
-        prompt_embeds: PromptEmbeds,
-        original_sizes: Sequence[Size] | None = None,
-        crop_top_lefts: Sequence[Size] | None = None,
-        target_sizes: Sequence[Size] | None = None,
-    ) -> dict | None:
+    def unet_added_kwargs(self, prompt_embeds: PromptEmbeds, original_sizes: Sizes = None,
+                          crop_top_lefts: Sizes = None, target_sizes: Sizes = None) -> dict | None:
         """SDXL's `added_cond_kwargs` for the UNet; SD1/SD2 take none."""
         return None
 
@@ -189,13 +185,8 @@ class SDXLFamily(ModelFamily):
         dtype = text_encoders[-1].dtype
         return PromptEmbeds(torch.cat(states, dim=-1).to(dtype), pooled.to(dtype))
 
-    def unet_added_kwargs(
-        self,
-        prompt_embeds: PromptEmbeds,
-        original_sizes: Sequence[Size] | None = None,
-        crop_top_lefts: Sequence[Size] | None = None,
-        target_sizes: Sequence[Size] | None = None,
-    ) -> dict:
+    def unet_added_kwargs(self, prompt_embeds: PromptEmbeds, original_sizes: Sizes = None,
+                          crop_top_lefts: Sizes = None, target_sizes: Sizes = None) -> dict:
         """{"text_embeds", "time_ids"}; time_ids = original size + crop top-left + target size, per sample."""
         pooled = prompt_embeds.pooled
         if original_sizes is None or target_sizes is None:
