@@ -49,6 +49,8 @@ class StartedEvent(Event):
     num_images: int | None = None
     encoded_images: int | None = field(default=None, metadata=OMITTED_WHEN_NONE)
     encoded_captions: int | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+    gpu_card_bytes: int | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # on CUDA: the card's memory
+    gpu_predicted_bytes: int | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # the pre-flight's traced peak
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class StepEvent(Event):
     keys_scaled: int | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # with train.scale_weight_norms
     max_key_norm: float | None = field(default=None, metadata=OMITTED_WHEN_NONE)
     mean_key_norm: float | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+    gpu_reserved_bytes: int | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # on CUDA: the peaks so far
+    gpu_allocated_bytes: int | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+    warning: str | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # one sentence, the first time it applies
 
 
 @dataclass(frozen=True)

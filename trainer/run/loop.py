@@ -11,6 +11,7 @@ CPU, as one that never stopped.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -26,6 +27,7 @@ from trainer.model.model_loading import check_model_spec
 from trainer.objective.validation import unet_predictor
 from trainer.run.build import RunParts, build_run, make_accelerator
 from trainer.run.disk_space import disk_full_outside_saving
+from trainer.run.gpu_memory import card_bytes, out_of_memory_error
 from trainer.run.run_dir import RunDir
 from trainer.run.state import Position
 from trainer.run.stop import StopSignal
@@ -111,14 +113,18 @@ class Trainer:
                     self._after_epoch(position)
                     continue
                 group = plan[position.batch: position.batch + accum]
+                began = time.perf_counter()
                 try:
                     loss = self.optimizer_step(group)
                 except NonFiniteLoss as error:
                     outputs.non_finite(position, error.value)
+                except torch.cuda.OutOfMemoryError:
+                    outputs.out_of_memory(position)
+                seconds = time.perf_counter() - began  # the loss's float() waited for the GPU: a real step time
                 position.step += 1
                 position.batch += len(group)
                 if parts.main:
-                    outputs.step(position, loss, self._reported_lr(), self.max_norm_stats)
+                    outputs.step(position, loss, self._reported_lr(), self.max_norm_stats, seconds)
                 self._after_step(position)
                 if self._stop_requested(stop):
                     outputs.stopped(position)
@@ -212,15 +218,26 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
             if parts is not None:
                 parts.outputs.close()
     except Exception as error:
-        if not isinstance(error, SdloraError) and not is_disk_full(error):
+        sentence = _user_sentence(error, cfg, run)
+        if sentence is None:
             raise
-        sentence = error if isinstance(error, SdloraError) else disk_full_outside_saving(run)
         if main:
             with suppress(OSError):  # a full disk may refuse even this line; the sentence still reaches stderr
                 run.record_error(str(sentence))
         if sentence is error:
             raise
         raise sentence from None
+
+
+def _user_sentence(error: Exception, cfg: TrainConfig, run: RunDir) -> SdloraError | None:
+    """The one sentence an error a user can act on ends the run with; None for a bug (its traceback)."""
+    if isinstance(error, SdloraError):
+        return error
+    if is_disk_full(error):
+        return disk_full_outside_saving(run)
+    if isinstance(error, torch.cuda.OutOfMemoryError):  # outside the step: filling caches, samples, validation
+        return out_of_memory_error(cfg, run, None, card_bytes())
+    return None
 
 
 def _check_inputs(cfg: TrainConfig) -> None:

@@ -34,6 +34,7 @@ from trainer.run.events import (
     StoppedEvent,
     ValidationEvent,
 )
+from trainer.run.gpu_memory import MemoryWatch, card_bytes, out_of_memory_error
 from trainer.run.run_dir import RunDir
 from trainer.run.sampling import build_pipeline, render_samples
 from trainer.run.state import Position, save_state
@@ -62,12 +63,15 @@ class RunOutputs:
         self.progress = None
         self.last_sample_step = -1
         self.started, self.start_step = time.perf_counter(), 0
+        self.memory: MemoryWatch | None = None  # on CUDA, from start(): the measured peak beside the prediction
 
     def start(self, position: Position, total_steps: int, epochs: int, show_progress: bool, **counts) -> None:
         self.total_steps, self.started, self.start_step = total_steps, time.perf_counter(), position.step
         if self.main:
+            self.memory = MemoryWatch.on_this_machine(self.cfg)
+            memory = self.memory.started_fields() if self.memory else {}
             self.run.emit(StartedEvent(total_steps=total_steps, epochs=epochs, start_step=position.step,
-                                       name=self.cfg.name, num_images=len(self.dataset), **counts))
+                                       name=self.cfg.name, num_images=len(self.dataset), **counts, **memory))
         if show_progress:  # made here, not before setup: an error there leaves no empty bar behind
             from tqdm import tqdm
 
@@ -80,16 +84,17 @@ class RunOutputs:
             self.progress.close()
 
     # -- events ------------------------------------------------------------------------------
-    def step(self, position: Position, loss: float, lr: float, max_norm_stats=None) -> None:
+    def step(self, position: Position, loss: float, lr: float, max_norm_stats=None, seconds: float = 0.0) -> None:
         done = position.step - self.start_step
         rate = done / max(time.perf_counter() - self.started, 1e-9)
         eta = (self.total_steps - position.step) / rate if rate > 0 else None
         norms = max_norm_stats
         extra = {} if norms is None else {"keys_scaled": norms.keys_scaled, "max_key_norm": round(norms.max_norm, 6),
                                           "mean_key_norm": round(norms.mean_norm, 6)}
+        memory = self.memory.after_step(seconds) if self.memory else {}
         self.run.emit(StepEvent(step=position.step, epoch=position.epoch + 1, loss=round(loss, 6), lr=lr,
                                 it_per_s=round(rate, 4), eta_s=round(eta, 1) if eta is not None else None,
-                                total_steps=self.total_steps, **extra))
+                                total_steps=self.total_steps, **extra, **memory))
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, position.step)
             self.tensorboard.add_scalar("lr", lr, position.step)
@@ -215,6 +220,12 @@ class RunOutputs:
         else:
             where = f"no checkpoint was saved yet, so {fix} and start the run again"
         raise SdloraError(f"The loss became {value} at step {position.step + 1}; {where}.")
+
+
+    def out_of_memory(self, position: Position) -> NoReturn:
+        """CUDA ran out of memory in the step: one sentence, and nothing saved on the way out (the last
+        checkpoint and state stay as they were; the failed step changed no weight)."""
+        raise out_of_memory_error(self.cfg, self.run, position.step + 1, card_bytes()) from None
 
 
 def open_tensorboard(folder: Path):
