@@ -13,6 +13,7 @@ import pandas as pd
 
 from app.run_list import Progress, RunInfo
 from trainer.run.events import LoadCheckEvent
+from trainer.run.gpu_memory import gb
 
 SMOOTHING = 0.9  # exponential moving average of the loss; single steps are noisy at batch 1-4
 SAMPLE_STEPS_SHOWN = 10  # columns of the sample grid: the newest steps
@@ -59,7 +60,25 @@ def progress_html(progress: Progress | None, other_runs: int = 0) -> str:
             f'<span class="sd-details">{" · ".join(details)}</span>'
             f'<span class="sd-percent">{percent:.0f}%</span></div>'
             f'<div class="sd-bar"><div class="sd-fill" style="width:{percent:.1f}%"></div></div>'
-            f'{load_check_html(shown_check(progress))}</div>')
+            f'{memory_html(progress)}{load_check_html(shown_check(progress))}</div>')
+
+
+def memory_line(progress: Progress) -> str:
+    """'GPU memory: 7.1 GB used of 8.0 GB (predicted 7.4 GB)' on CUDA once a step measured it; '' elsewhere."""
+    if progress.gpu_reserved is None:
+        return ""
+    line = f"GPU memory: {gb(progress.gpu_reserved)} used"
+    if progress.gpu_card:
+        line += f" of {gb(progress.gpu_card)}"
+    return line + (f" (predicted {gb(progress.gpu_predicted)})" if progress.gpu_predicted else "")
+
+
+def memory_html(progress: Progress) -> str:
+    """The memory line and the run's memory warnings (each a sentence saying what to change)."""
+    line = memory_line(progress)
+    parts = [f'<div class="sd-memory" data-reserved="{progress.gpu_reserved}">{html.escape(line)}</div>'] if line else []
+    parts += [f'<div class="sd-memory-warning">⚠ {html.escape(w)}</div>' for w in progress.warnings]
+    return "".join(parts)
 
 
 def shown_check(progress: Progress) -> LoadCheckEvent | None:

@@ -98,6 +98,10 @@ CSS = """
 .sd-chip-ok { background: #d1fae5; color: #065f46; }
 .sd-chip-bad { background: #fee2e2; color: #991b1b; }
 .sd-file-bad { color: #991b1b; text-decoration: line-through; }
+.sd-memory { margin-top: 6px; font-size: 13px; color: var(--body-text-color-subdued); }
+.sd-memory-warning { margin-top: 6px; padding: 5px 10px; border-radius: 8px; font-size: 13px;
+                     background: #fffbeb; color: #92400e; border: 1px solid #fde68a; }
+.sd-memory-changes { margin-top: 6px; }
 .sd-grid { overflow-x: auto; }
 .sd-grid table { border-collapse: separate !important; border-spacing: 4px; width: auto !important;
                  border: 0 !important; margin: 0 0 4px !important; }

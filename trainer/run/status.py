@@ -68,6 +68,12 @@ class RunProgress:
     load_checks: dict[str, LoadCheckEvent] = field(default_factory=dict)  # path -> its newest load check
     last_check: LoadCheckEvent | None = None  # the newest load check of the run
     ema_path: str | None = None  # the EMA weights' export, when the run finished with EMA
+    # On CUDA (this segment's process): the card, the traced prediction, the measured peaks, the warnings.
+    gpu_card: int | None = None
+    gpu_predicted: int | None = None
+    gpu_reserved: int | None = None
+    gpu_allocated: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def last_lifecycle(events: list[Event]) -> Event | None:
@@ -183,6 +189,7 @@ def progress(events: list[Event]) -> RunProgress:
             if event.loss is not None:
                 seen.losses.append((event.step, event.loss))
             seen.it_per_s, seen.eta_s, seen.epoch, seen.lr = event.it_per_s, event.eta_s, event.epoch, event.lr
+            _add_memory(seen, event)
         elif isinstance(event, SampleEvent):
             _add_samples(seen, event)
         elif isinstance(event, LoadCheckEvent) and event.path:
@@ -195,8 +202,18 @@ def progress(events: list[Event]) -> RunProgress:
                 # A resume after a crash replays the steps since the last checkpoint: keep the new ones.
                 seen.losses = [point for point in seen.losses if point[0] <= event.start_step]
                 seen.validation = [point for point in seen.validation if point[0] <= event.start_step]
+                seen.gpu_card, seen.gpu_predicted = event.gpu_card_bytes, event.gpu_predicted_bytes
+                seen.gpu_reserved = seen.gpu_allocated = None  # a new process: its own card and peaks
+                seen.warnings = []
             seen.ema_path = event.ema_path if isinstance(event, FinishedEvent) else None
     return seen
+
+
+def _add_memory(seen: RunProgress, event: StepEvent) -> None:
+    if event.gpu_reserved_bytes is not None:
+        seen.gpu_reserved, seen.gpu_allocated = event.gpu_reserved_bytes, event.gpu_allocated_bytes
+    if event.warning:
+        seen.warnings.append(event.warning)
 
 
 def _add_samples(seen: RunProgress, event: SampleEvent) -> None:
