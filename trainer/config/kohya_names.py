@@ -47,6 +47,7 @@ KOHYA_KEYS = {
     "bucket_no_upscale": "dataset.bucket_no_upscale",
     "clip_skip": "model.clip_skip",
     "max_token_length": "model.max_token_length",
+    "fp8_base": "model.fp8_base",
     "multires_noise_iterations": "train.multires_noise_iterations",
     "multires_noise_discount": "train.multires_noise_discount",
     "ip_noise_gamma": "train.ip_noise_gamma",

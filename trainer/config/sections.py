@@ -47,6 +47,10 @@ class ModelSection(Section):
         75, description="Caption tokens the text encoder reads: 75 (one CLIP window; longer captions are cut) "
                         "or 150 / 225 (two or three windows side by side, as A1111 and ComfyUI read long prompts; "
                         "kohya's max_token_length) for long tag lists.")
+    fp8_base: bool = Field(False, description="Store the frozen UNet (and the text encoders when they are not "
+                                              "trained) in float8_e4m3fn, about half the weight memory of "
+                                              "fp16, each layer computing in the run's precision; the adapters "
+                                              "stay full precision (kohya's fp8_base).")
 
     @property
     def prompt_chunks(self) -> int:
@@ -301,6 +305,13 @@ class TrainConfig(Section):
             raise rule(f"train.scale_weight_norms works on a LoRA that starts at zero, but network.init is "
                        f"{self.network.init} (it starts from the base weight); use network.init kaiming or gaussian, "
                        "or set train.scale_weight_norms to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _fp8_base_keeps_the_base(self) -> TrainConfig:
+        if self.model.fp8_base and self.network.init in ("pissa", "loraga"):
+            raise rule(f"model.fp8_base stores the base weights in 8 bits, but network.init {self.network.init} "
+                       "moves them; use network.init kaiming or gaussian, or set model.fp8_base to false")
         return self
 
     @field_validator("name")

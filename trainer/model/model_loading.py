@@ -13,6 +13,7 @@ import importlib
 import json
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from networks.errors import SdloraError
+from trainer.model.checkpoint_parts import part_keys, read_safetensors_part, take_part
 from trainer.model.facts import (
     SHIPPED_CONFIGS,
     ModelFacts,
@@ -34,6 +36,7 @@ from trainer.model.facts import (
     locate_model,
     model_facts,
     not_a_checkpoint,
+    safetensors_keys,
     unreadable_checkpoint,
 )
 from trainer.model.family import ModelFamily, get_family
@@ -41,11 +44,18 @@ from trainer.model.tiny_models import demo_model_path, load_clip_tokenizer
 
 # Pipeline parts a trainer never needs; not loading them saves time, memory and downloads.
 _UNNEEDED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
+# Called with ("unet" | "vae" | "text_encoder", module) as soon as each part is built, e.g. to move it to the
+# GPU before the next part is read, so host memory holds one part at a time.
+Place = Callable[[str, torch.nn.Module], None]
+
+
+def _keep(name: str, module: torch.nn.Module) -> None:
+    """The default placement: the part stays where it was loaded (the CPU)."""
 
 
 @dataclass
 class LoadedModel:
-    """Everything training needs from a base model, on the CPU, in the requested dtype."""
+    """Everything training needs from a base model, in the requested dtypes, where `place` put each part."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -77,21 +87,26 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     config_dir: str | Path | None = None,
     vae: str | Path | None = None,
+    vae_dtype: torch.dtype | None = None,
+    place: Place = _keep,
 ) -> LoadedModel:
-    """Load `spec`; `config_dir` (a diffusers folder) replaces the shipped config for single files; `vae`
-    (kohya's --vae: a VAE file or folder) replaces the model's own VAE."""
-    model = _load_base(spec, family, prediction_type, dtype, config_dir)
-    return with_vae(model, vae, dtype, config_dir) if vae else model
+    """Load `spec` with its weights in `dtype` (the VAE's in `vae_dtype`, default `dtype`), each read in that
+    dtype rather than cast after; `config_dir` (a diffusers folder) replaces the shipped config for single
+    files; `vae` (kohya's --vae: a VAE file or folder) replaces the model's own VAE; `place` gets each part
+    as soon as it is built."""
+    vae_dtype = vae_dtype or dtype
+    model = _load_base(spec, family, prediction_type, (dtype, vae_dtype), config_dir, place)
+    return with_vae(model, vae, vae_dtype, config_dir, place) if vae else model
 
 
-def _load_base(spec, family, prediction_type, dtype, config_dir) -> LoadedModel:
+def _load_base(spec, family, prediction_type, dtypes, config_dir, place: Place) -> LoadedModel:
     checked_overrides(family, prediction_type)  # before a large file is read
     location = locate_model(spec)
     if location.kind == "file":
-        state = read_checkpoint(location.where)
-        facts = model_facts(location, family, prediction_type, config_dir, keys=state.keys())
-        return _load_single_file(state, facts, dtype)
-    return _load_pretrained(location, family, prediction_type, dtype)
+        checkpoint = _Checkpoint.open(location.where)
+        facts = model_facts(location, family, prediction_type, config_dir, keys=checkpoint.keys)
+        return _load_single_file(checkpoint, facts, dtypes, place)
+    return _load_pretrained(location, family, prediction_type, dtypes, place)
 
 
 def check_model_spec(spec: str) -> None:
@@ -109,7 +124,7 @@ def _fp16_only(folder: Path) -> bool:
     return unet.is_dir() and not any(unet.glob("diffusion_pytorch_model.*")) and any(unet.glob("*.fp16.*"))
 
 
-def _load_pretrained(location, family, prediction_type: str, dtype) -> LoadedModel:
+def _load_pretrained(location, family, prediction_type: str, dtypes, place: Place) -> LoadedModel:
     where, source = location.where, location.spec
     facts = model_facts(location, family, prediction_type)  # a hub id's are known once it is downloaded
     kwargs = {}
@@ -118,7 +133,8 @@ def _load_pretrained(location, family, prediction_type: str, dtype) -> LoadedMod
     try:
         index = DiffusionPipeline.load_config(where)
         kwargs.update({part: None for part in _UNNEEDED_PARTS if part in index})
-        pipe = DiffusionPipeline.from_pretrained(where, dtype=dtype, **kwargs)
+        dtype, vae_dtype = dtypes
+        pipe = DiffusionPipeline.from_pretrained(where, dtype={"default": dtype, "vae": vae_dtype}, **kwargs)
     except (OSError, ValueError) as error:
         raise SdloraError(
             f"The model {source} could not be loaded ({first_line(error)}); check the path or hub id."
@@ -137,10 +153,13 @@ def _load_pretrained(location, family, prediction_type: str, dtype) -> LoadedMod
         raise SdloraError(
             f"The model {source} has no {missing[0]}, so it is not an {family.name} model; set family to auto."
         )
+    encoders = [getattr(pipe, a) for a in family.text_encoder_attrs]
+    for name, module in (("unet", pipe.unet), ("vae", pipe.vae), *(("text_encoder", e) for e in encoders)):
+        place(name, module)
     return _assemble(
         pipe.unet,
         pipe.vae,
-        [getattr(pipe, a) for a in family.text_encoder_attrs],
+        encoders,
         [getattr(pipe, a) for a in family.tokenizer_attrs],
         facts,
         str(where),
@@ -182,6 +201,37 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@dataclass
+class _Checkpoint:
+    """A single-file checkpoint whose parts are read one at a time, each in its dtype (checkpoint_parts.py)."""
+
+    path: Path
+    keys: list[str]
+    state: dict | None = None  # a .ckpt's whole state dict; a .safetensors file is read part by part
+
+    @classmethod
+    def open(cls, path: Path) -> _Checkpoint:
+        if path.suffix.lower() != ".safetensors":
+            state = read_checkpoint(path)
+            return cls(path, list(state), state)
+        check_checkpoint_file(path)
+        keys = safetensors_keys(path)  # safetensors itself checks the header
+        if not keys:
+            raise SdloraError(
+                f"The file {path} holds no model weights; use a Stable Diffusion .safetensors or .ckpt file."
+            )
+        return cls(path, keys)
+
+    def part(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        keys = part_keys(self.keys, name)
+        try:
+            if self.state is None:
+                return read_safetensors_part(self.path, keys, dtype)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise unreadable_checkpoint(self.path, error) from None
+        return take_part(self.state, keys, dtype)
+
+
 def text_encoder_classes(config_dir: Path, family: ModelFamily) -> list:
     index = json.loads((config_dir / "model_index.json").read_text())
     classes = []
@@ -191,16 +241,35 @@ def text_encoder_classes(config_dir: Path, family: ModelFamily) -> list:
     return classes
 
 
-def _load_single_file(state: dict, facts: ModelFacts, dtype) -> LoadedModel:
+def _load_single_file(checkpoint: _Checkpoint, facts: ModelFacts, dtypes, place: Place) -> LoadedModel:
     path, config, family = facts.location.where, facts.config_folder, get_family(facts.family)
     common = dict(config=str(config), local_files_only=True)
+    dtype, vae_dtype = dtypes
+
+    def placed(name: str, module: torch.nn.Module) -> torch.nn.Module:
+        _check_complete(module, name.replace("_", " "), path)  # before place: meta weights cannot move
+        place(name, module)  # outside the conversion's error sentence: a GPU out of memory is no layout error
+        return module
+
+    # Part by part, each read in its own dtype: host memory holds one part's tensors beside the placed parts.
+    unet = placed("unet", _converted(facts, UNet2DConditionModel.from_single_file,
+                                     checkpoint.part("unet", dtype), subfolder="unet", dtype=dtype, **common))
+    vae = placed("vae", _converted(facts, AutoencoderKL.from_single_file, checkpoint.part("vae", vae_dtype),
+                                   subfolder="vae", dtype=vae_dtype, **common))
+    state = checkpoint.part("text_encoders", dtype)
+    built = [_converted(facts, create_diffusers_clip_model_from_ldm, cls, state, subfolder=attr, torch_dtype=dtype,
+                        **common)
+             for cls, attr in zip(text_encoder_classes(config, family), family.text_encoder_attrs)]
+    encoders = [placed("text_encoder", encoder) for encoder in built]
+    tokenizers = [load_clip_tokenizer(pad) for pad in family.tokenizer_pad_tokens]
+    scheduler_config = dict(DDPMScheduler.load_config(str(config), subfolder="scheduler"))
+    return _assemble(unet, vae, encoders, tokenizers, facts, str(path), scheduler_config)
+
+
+def _converted(facts: ModelFacts, convert: Callable, *args, **kwargs):
+    """diffusers' conversion of one part, its failure one sentence about the layout."""
     try:
-        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", dtype=dtype, **common)
-        vae = AutoencoderKL.from_single_file(state, subfolder="vae", dtype=dtype, **common)
-        encoders = [
-            create_diffusers_clip_model_from_ldm(cls, state, subfolder=attr, torch_dtype=dtype, **common)
-            for cls, attr in zip(text_encoder_classes(config, family), family.text_encoder_attrs)
-        ]
+        return convert(*args, **kwargs)
     except (
         ValueError,
         RuntimeError,
@@ -209,17 +278,13 @@ def _load_single_file(state: dict, facts: ModelFacts, dtype) -> LoadedModel:
         diffusers.loaders.single_file_utils.SingleFileComponentError,
     ) as error:
         raise SdloraError(
-            f"The checkpoint {path} does not fit the {config.name} model layout ({first_line(error)}); "
-            "check the family setting or pass a matching config folder."
+            f"The checkpoint {facts.location.where} does not fit the {facts.config_folder.name} model layout "
+            f"({first_line(error)}); check the family setting or pass a matching config folder."
         ) from None
-    for name, module in (("unet", unet), ("vae", vae), *(("text encoder", e) for e in encoders)):
-        _check_complete(module, name, path)
-    tokenizers = [load_clip_tokenizer(pad) for pad in family.tokenizer_pad_tokens]
-    scheduler_config = dict(DDPMScheduler.load_config(str(config), subfolder="scheduler"))
-    return _assemble(unet, vae, encoders, tokenizers, facts, str(path), scheduler_config)
 
 
-def with_vae(model: LoadedModel, spec: str | Path, dtype=torch.float32, config_dir=None) -> LoadedModel:
+def with_vae(model: LoadedModel, spec: str | Path, dtype=torch.float32, config_dir=None,
+             place: Place = _keep) -> LoadedModel:
     """`model` with another VAE: a diffusers folder (its own or a model's vae/), or a single file in the
     original layout (A1111's .safetensors/.ckpt/.pt VAEs, with or without the first_stage_model. prefix),
     read with the base model's VAE config."""
@@ -243,6 +308,7 @@ def with_vae(model: LoadedModel, spec: str | Path, dtype=torch.float32, config_d
         _check_complete(vae, "VAE", path)
     else:
         raise SdloraError(f"model.vae {spec} was not found; give a VAE .safetensors file or a diffusers VAE folder.")
+    place("vae", vae)
     return replace(model, vae=vae, vae_identity=vae_identity(vae))
 
 

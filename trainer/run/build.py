@@ -5,6 +5,7 @@ so that it sets every weight and RNG). The Trainer (trainer/run/loop.py) only st
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from trainer.config import TrainConfig
 from trainer.data.dataset import Batch, ImageDataset
 from trainer.data.loss_mask import LossMasks
 from trainer.data.steps import StepCount, count_steps
+from trainer.model.fp8 import store_fp8
 from trainer.model.model_loading import LoadedModel, load_model
 from trainer.objective.diffusion import Objective, with_zero_terminal_snr
 from trainer.objective.ema import AdapterEMA
@@ -148,17 +150,18 @@ def build_network(cfg: TrainConfig, model: LoadedModel, continued_copy: Path | N
 
 
 def _load_model(cfg: TrainConfig, accelerator: Accelerator, dtype: torch.dtype) -> LoadedModel:
+    # Each part is read in its run dtype and placed (fp8 when asked, then on the device) before the next one is
+    # read, so host memory never holds an fp32 copy of the model on a half-precision run.
+    place = partial(_place, cfg, accelerator.device, dtype)
     # The main process first: it builds a missing demo model once (transformers saves weights only on rank 0
     # once torch.distributed is up), the others then load the finished folder.
     with accelerator.main_process_first():
+        # The VAE only encodes (once, into the cache) and decodes previews: fp32 avoids SDXL's fp16 overflow.
         model = load_model(cfg.model.path, family=cfg.model.family, prediction_type=cfg.model.prediction_type,
-                           config_dir=cfg.model.config_dir, vae=cfg.model.vae)
+                           dtype=dtype, config_dir=cfg.model.config_dir, vae=cfg.model.vae, vae_dtype=torch.float32,
+                           place=place)
     if cfg.train.zero_terminal_snr:  # training noise and validation only; previews keep the model's sampler
         model = replace(model, noise_scheduler=with_zero_terminal_snr(model.noise_scheduler))
-    for part in [model.unet, *model.text_encoders]:
-        _move(part.requires_grad_(False).eval(), accelerator.device, dtype)
-    # The VAE only encodes (once, into the cache) and decodes previews: fp32 avoids SDXL's fp16 overflow.
-    _move(model.vae.requires_grad_(False).eval(), accelerator.device, torch.float32)
     if cfg.train.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if cfg.network.train_text_encoder:
@@ -167,11 +170,21 @@ def _load_model(cfg: TrainConfig, accelerator: Accelerator, dtype: torch.dtype) 
     return model
 
 
-def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
-    """Cast only when needed: diffusers warns on any dtype `.to()`, even a no-op one."""
-    module.to(device)
+def _place(cfg: TrainConfig, device, dtype: torch.dtype, name: str, module: torch.nn.Module) -> None:
+    """One frozen part as the run uses it: in its dtype, in fp8 with model.fp8_base (the UNet, and the text
+    encoders when they are not trained), on the device."""
+    fp8 = cfg.model.fp8_base and (name == "unet" or (name == "text_encoder" and not cfg.network.train_text_encoder))
+    _move(module.requires_grad_(False).eval(), device, torch.float32 if name == "vae" else dtype, fp8)
+
+
+def _move(module: torch.nn.Module, device, dtype: torch.dtype, fp8: bool = False) -> None:
+    """Cast only when needed (diffusers warns on any dtype `.to()`, even a no-op one), and before the move, so
+    a part read in another dtype is never on the device twice; fp8 storage after the cast, which would undo it."""
     if next(module.parameters()).dtype != dtype:
         module.to(dtype=dtype)
+    if fp8:
+        store_fp8(module, dtype)
+    module.to(device)
 
 
 def _validation_set(cfg: TrainConfig, model: LoadedModel, dataset: ImageDataset, supply: BatchSupply,
