@@ -16,6 +16,7 @@ import gradio as gr
 from app.ui.config_form import ConfigForm, prompts_to_text
 from app.ui.context import UIContext
 from app.ui.live_view import header_markdown, log_html, loss_frame, progress_html, sample_grid_html
+from app.ui.memory_changes import apply_memory_changes, listed_changes
 from app.ui.notices import guarded, notice, ok
 from app.ui.preflight_view import report_html
 from app.ui.preset_fill import fill_from_preset
@@ -156,6 +157,7 @@ def build(ctx: UIContext) -> TrainTab:
                 resume = gr.Button("Resume", size="lg", elem_id="train-resume", interactive=False, min_width=80)
             message = gr.HTML(elem_id="train-notice")
             report = gr.HTML(elem_id="preflight")
+            apply_memory = gr.Button("Apply memory changes", visible=False, size="sm", elem_id="apply-memory")
             with gr.Accordion("Save these settings as a preset, or import a kohya_ss preset", open=False):
                 with gr.Row(elem_classes="sd-align-end"):
                     preset_name = gr.Textbox(label="Preset name", placeholder="my-style", scale=3,
@@ -252,17 +254,30 @@ def build(ctx: UIContext) -> TrainTab:
     # -- control ----------------------------------------------------------------------------------
     control_outputs = [message, watched, timer]
 
-    @guarded(2, clears=(1,))
+    memory_changes = gr.State([])  # the changes the last Check listed, for "Apply memory changes"
+
+    @guarded(4, clears=(1,))
     def on_check(preset_name, prompts_text, *values):
         _, checked = ctx.runs.check(form.to_config(preset_name, prompts_text, values), preset_name)
-        return notice(), report_html(checked, form.in_words)
+        changes = listed_changes(checked)
+        return notice(), report_html(checked, form.in_words), gr.Button(visible=bool(changes)), changes
 
     # A report answers the settings it checked: a typed change makes it stale, so it goes (in the browser,
     # no round trip per key press); Check or Train brings the new one.
     gr.on([widget.input for widget in [*widgets, prompts]], None, None, report, js="() => ''",
           api_visibility="private", show_progress="hidden")
-    check.click(on_check, [preset, prompts, *widgets], [message, report], api_name="train_check",
-                api_visibility="undocumented", show_progress="minimal")
+    check.click(on_check, [preset, prompts, *widgets], [message, report, apply_memory, memory_changes],
+                api_name="train_check", api_visibility="undocumented", show_progress="minimal")
+
+    @guarded(len(widgets) + 2)
+    def on_apply_memory(changes, *values):
+        """Set the fields the listed memory changes name, and say which and the peak predicted after them."""
+        fill = apply_memory_changes(form, changes or [], values)
+        return (ok(fill.sentence), *[fill.updates.get(key, gr.skip()) for key in form.keys],
+                gr.Button(visible=False))
+
+    apply_memory.click(on_apply_memory, [memory_changes, *widgets], [message, *widgets, apply_memory],
+                       api_visibility="private", show_progress="minimal")
 
     @guarded(len(control_outputs) + 1, clears=(len(control_outputs),))
     def on_start(preset_name, prompts_text, *values):
