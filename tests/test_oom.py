@@ -122,6 +122,13 @@ def test_without_a_card_the_sentence_says_the_budget_or_this_machine(tmp_path, t
                      f"had free; {gm.SPILL_FIX}; then start the run again (no training state was saved yet).")
 
 
+def test_changes_that_are_not_enough_are_said_so(tmp_path, traced):
+    words = str(gm.out_of_memory_error(a_config(tmp_path), RunDir(tmp_path), 2, 6 * GIB))
+    assert ("the card has 6.0 GB; even cache the text-encoder states (--set dataset.cache_text_encoder_outputs=true, "
+            "8.9 GB), then an 8-bit optimizer (--set train.optimizer=adamw8bit, 7.4 GB) leave it above 6.0 GB, so "
+            "this run needs a larger card;") in words
+
+
 def test_a_prediction_that_fits_points_at_other_programs(tmp_path, traced, monkeypatch):
     monkeypatch.setattr(gm, "changes_that_fit", lambda cfg, budget: [])
     words = str(gm.out_of_memory_error(a_config(tmp_path), RunDir(tmp_path), 2, 12 * GIB))

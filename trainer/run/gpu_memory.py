@@ -91,8 +91,10 @@ def out_of_memory_error(cfg: TrainConfig, run: RunDir, step: int | None, card: i
     budget = budget_bytes(cfg, card)
     peak = predicted_peak(cfg)
     changes = changes_that_fit(cfg, budget) if budget is not None else []
-    if changes:
+    if changes and changes[-1].peak_bytes <= budget:
         advice = f"changes that fit: {change_words(changes)}"
+    elif changes:  # changes_to_fit lists every saver when even all of them are not enough
+        advice = f"even {change_words(changes)} leave it above {gb(budget)}, so this run needs a larger card"
     elif budget is not None and peak is not None and peak <= budget:
         advice = f"other programs may hold part of the card: close them, or {SPILL_FIX}"
     else:
