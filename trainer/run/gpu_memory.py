@@ -1,7 +1,7 @@
 """GPU memory while a run trains: the card's measured peak beside the pre-flight's prediction, the two warnings
 (a card about to spill into system memory; steps suddenly slower while it is full) and the out-of-memory
 sentence. The decisions are pure functions of bytes and seconds, so they are tested without a GPU; the
-prediction and the changes that fit come from trace of the run's own step (trainer/memory)."""
+prediction and the changes that fit come from the trace of the run's own step (trainer/memory)."""
 
 from __future__ import annotations
 
@@ -148,14 +148,15 @@ class MemoryWatch:
             self.warned.add("slow")
             return (f"Steps became {ratio:.0f}x slower than this run's first ones while GPU memory is at the card's "
                     f"limit ({gb(reserved)} of {gb(self.card)}), so the driver is likely using system memory; stop "
-                    f"the run and {self._fix(reserved)}, then continue from its last checkpoint.")
+                    f"the run and {self._fix()}, then continue from its last checkpoint.")
         if near_full(reserved, self.card) and "full" not in self.warned:
             self.warned.add("full")
             return (f"GPU memory is within 5% of the card ({gb(reserved)} of {gb(self.card)}), where Windows may "
-                    f"spill into system memory and steps crawl; if they slow down, {self._fix(reserved)}.")
+                    f"spill into system memory and steps crawl; if they slow down, {self._fix()}.")
         return None
 
-    def _fix(self, reserved: int) -> str:
+    def _fix(self) -> str:
         """The cheapest changes that bring the prediction under 90% of the card, else the general advice."""
-        changes = changes_that_fit(self.cfg, int(0.9 * self.card))
-        return f"apply {change_words(changes)}" if changes else SPILL_FIX
+        target = int(0.9 * self.card)
+        changes = changes_that_fit(self.cfg, target)
+        return f"apply the changes that fit {gb(target)}: {change_words(changes)}" if changes else SPILL_FIX
