@@ -12,8 +12,9 @@ from app.ui.config_form import ConfigForm, to_widget
 from trainer.preflight import Report
 from trainer.run.gpu_memory import gb
 
-# Where the report may hold its changes: the memory section's list, or the estimate's (the pre-flight's layout).
-HOLDERS = ("memory", "estimate")
+# Where the report holds its changes: the estimate's `changes_to_fit` (trainer/preflight/estimate.py), or a
+# `changes` list under the estimate or a memory section.
+HOLDERS = (("estimate", "changes_to_fit"), ("estimate", "changes"), ("memory", "changes"))
 
 
 @dataclass
@@ -27,8 +28,8 @@ def listed_changes(report: Report | None) -> list[dict]:
     if report is None:
         return []
     data = report.data
-    found = next((data[h]["changes"] for h in HOLDERS if isinstance(data.get(h), dict) and data[h].get("changes")),
-                 data.get("memory_changes") or [])
+    found = next((data[section][key] for section, key in HOLDERS
+                  if isinstance(data.get(section), dict) and data[section].get(key)), [])
     return [_as_dict(change) for change in found]
 
 
