@@ -8,6 +8,7 @@ early, so nothing can start in the folder between a failure and its `error` even
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 try:
@@ -16,6 +17,7 @@ except ImportError:  # Windows
     fcntl = None
     import msvcrt
 
+ATTEMPTS, PROBE_WAIT_S = 5, 0.05
 _HELD: dict[Path, int] = {}  # lock file -> the open descriptor that holds it, for this process's life
 
 
@@ -26,7 +28,12 @@ def acquire(path: Path) -> int | None:
     if path in _HELD:
         return os.getpid()
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    if not _try_lock(descriptor):
+    # A few tries: `held_elsewhere` probes by taking the lock for an instant, which must not refuse a trainer.
+    for _ in range(ATTEMPTS):
+        if _try_lock(descriptor):
+            break
+        time.sleep(PROBE_WAIT_S)
+    else:
         os.close(descriptor)
         return None
     os.ftruncate(descriptor, 0)
