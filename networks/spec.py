@@ -21,6 +21,20 @@ NETWORK_TYPES: tuple[str, ...] = get_args(NetworkType)
 INITS: tuple[str, ...] = get_args(NetworkInit)
 LYCORIS_TYPES = ("loha", "lokr")
 DROPOUT_KEYS = ("dropout", "rank_dropout", "module_dropout")
+MAX_RANK = 1024
+# The bounds of the spec's numbers, in pydantic's Field words: the config's [network] fields are declared
+# with them (the UI's form reads its limits there) and `validate` checks them for specs built in code.
+BOUNDS: dict[str, dict[str, float]] = {
+    "rank": {"ge": 1, "le": MAX_RANK}, "conv_rank": {"ge": 1, "le": MAX_RANK},
+    **{key: {"gt": 0} for key in ("alpha", "conv_alpha", "alpha_ratio", "conv_alpha_ratio")},
+    **{key: {"ge": 0, "lt": 1} for key in DROPOUT_KEYS},
+}
+
+
+def within(value: float, bounds: dict[str, float]) -> bool:
+    """Whether `value` meets pydantic-style bounds (ge, gt, le, lt)."""
+    return (value >= bounds.get("ge", -math.inf) and value > bounds.get("gt", -math.inf)
+            and value <= bounds.get("le", math.inf) and value < bounds.get("lt", math.inf))
 
 
 def alpha_for(alpha: float | None, alpha_ratio: float, rank: int) -> float:
@@ -108,15 +122,17 @@ class NetworkSpec:
             raise SdloraError(f"network.type must be one of {', '.join(NETWORK_TYPES)} (got '{self.type}').")
         for key in ("rank", "conv_rank"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < BOUNDS[key]["ge"]:
                 raise SdloraError(f"network.{key} must be an integer >= 1 (got {value}).")
+            if not within(value, BOUNDS[key]):
+                raise SdloraError(f"network.{key} must be an integer <= {MAX_RANK} (got {value}).")
         for key in ("alpha", "conv_alpha", "alpha_ratio", "conv_alpha_ratio"):
             value = getattr(self, key)
-            if value is not None and not value > 0:
+            if value is not None and not within(value, BOUNDS[key]):
                 raise SdloraError(f"network.{key} must be > 0 (got {value}).")
         for key in DROPOUT_KEYS:
             value = getattr(self, key)
-            if not 0 <= value < 1:
+            if not within(value, BOUNDS[key]):
                 raise SdloraError(f"network.{key} must be in [0, 1) (got {value}).")
         if self.init not in INITS:
             raise SdloraError(f"network.init must be one of {', '.join(INITS)} (got '{self.init}').")

@@ -4,12 +4,14 @@ import re
 
 import pytest
 import torch
+from annotated_types import Ge, Gt, Le, Lt
 
 from networks.errors import SdloraError
 from networks.naming import FAMILY_PREFIXES, prefix_of, role_of
 from networks.network import LoraNetwork, count_adapter_parameters
-from networks.spec import FAMILIES, NetworkSpec
+from networks.spec import BOUNDS, FAMILIES, NetworkSpec
 from tests.helpers import attached, randomise_up, text_encoders, unet_out
+from trainer.config import NetworkSection
 from trainer.model.tiny_models import build_tiny_pipeline_components
 
 
@@ -234,3 +236,14 @@ def test_kohya_prefixes_and_roles_are_named_once():
     for family in FAMILIES:  # every name a network writes has one of its family's prefixes
         components, network = attached(family, "locon")
         assert {prefix_of(name) for name in network.adapters} == set(FAMILY_PREFIXES[family])
+
+
+def test_the_configs_network_bounds_are_the_specs():
+    """One fact: the [network] fields are declared with the spec's bounds, which `validate` checks too."""
+    words = {Ge: "ge", Gt: "gt", Le: "le", Lt: "lt"}
+    for key, bounds in BOUNDS.items():
+        declared = {words[type(m)]: getattr(m, words[type(m)]) for m in NetworkSection.model_fields[key].metadata
+                    if type(m) in words}
+        assert declared == bounds, key
+    with pytest.raises(SdloraError, match=r"^network\.rank must be an integer <= 1024 \(got 2000\)\.$"):
+        NetworkSpec(rank=2000).validate()

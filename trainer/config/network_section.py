@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from networks.block_lr import block_weights, parse_block_values
 from networks.errors import SdloraError
-from networks.spec import NetworkInit, NetworkSpec, NetworkType
+from networks.spec import BOUNDS, NetworkInit, NetworkSpec, NetworkType
 from trainer.config.section import Section, rule
 
 
@@ -17,21 +17,27 @@ class NetworkSection(Section):
                                                   "adapts 3x3 convolutions; loha / lokr are LyCORIS's Hadamard / "
                                                   "Kronecker products (A1111, ComfyUI and LyCORIS load them, "
                                                   "diffusers does not).")
-    rank: int = Field(16, ge=1, le=1024, description="Rank r: the adapter's capacity and file size.")
-    alpha_ratio: float = Field(0.5, gt=0, description="alpha / r; the update is scaled by alpha / r, so "
-                                                      "this stays meaningful when r changes.")
-    alpha: float | None = Field(None, gt=0, description="Absolute alpha; overrides alpha_ratio when set.")
+    rank: int = Field(16, **BOUNDS["rank"], description="Rank r: the adapter's capacity and file size.")
+    alpha_ratio: float = Field(0.5, **BOUNDS["alpha_ratio"], description="alpha / r; the update is scaled by "
+                               "alpha / r, so this stays meaningful when r changes.")
+    alpha: float | None = Field(None, **BOUNDS["alpha"],
+                                description="Absolute alpha; overrides alpha_ratio when set.")
     include_convs: bool = Field(False, description="loha / lokr: also adapt the ResNet convolutions and samplers "
                                                    "at conv_rank, as locon does (LyCORIS's conv_dim).")
     factor: int = Field(-1, ge=-1, description="lokr: LyCORIS's factor; each weight side splits as a x b with a = "
                                                "factor where it divides, -1 = the most balanced split.")
     decompose_both: bool = Field(False, description="lokr: the small Kronecker half as a rank-r product too.")
-    conv_rank: int = Field(8, ge=1, le=1024, description="Rank of the 3x3 convolution adapters (locon).")
-    conv_alpha_ratio: float = Field(0.5, gt=0, description="conv alpha / conv rank (locon).")
-    conv_alpha: float | None = Field(None, gt=0, description="Absolute conv alpha; overrides conv_alpha_ratio.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's hidden features.")
-    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Chance of dropping each rank component per step.")
-    module_dropout: float = Field(0.0, ge=0, lt=1, description="Chance of skipping a whole adapter per step.")
+    conv_rank: int = Field(8, **BOUNDS["conv_rank"],
+                           description="Rank of the 3x3 convolution adapters (locon).")
+    conv_alpha_ratio: float = Field(0.5, **BOUNDS["conv_alpha_ratio"],
+                                    description="conv alpha / conv rank (locon).")
+    conv_alpha: float | None = Field(None, **BOUNDS["conv_alpha"],
+                                     description="Absolute conv alpha; overrides conv_alpha_ratio.")
+    dropout: float = Field(0.0, **BOUNDS["dropout"], description="Dropout on the adapter's hidden features.")
+    rank_dropout: float = Field(0.0, **BOUNDS["rank_dropout"],
+                                description="Chance of dropping each rank component per step.")
+    module_dropout: float = Field(0.0, **BOUNDS["module_dropout"],
+                                  description="Chance of skipping a whole adapter per step.")
     init: NetworkInit = Field("kaiming", description="kaiming/gaussian: random down matrix, zero up matrix; "
                                                      "pissa/loraga start from the base weight's principal "
                                                      "directions / the first gradient (the base is adjusted).")
