@@ -38,3 +38,13 @@ def browser():
         browser = launch_chromium(playwright)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def data8(tmp_path_factory):
+    """Eight demo-style images with captions, made once per test module."""
+    from trainer.demo.demo_data import make_demo_dataset
+
+    folder = tmp_path_factory.mktemp("data8")
+    make_demo_dataset(folder, count=8, seed=0)
+    return folder

@@ -2,60 +2,32 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from networks.errors import SdloraError
+from tests.training_support import (
+    ROOT,
+    built,
+    captions,
+    events,
+    load_in_diffusers,
+    resume_run,
+    stop_at,
+    tiny_config,
+)
 from tests.ui_support import free_port
 from trainer.caches.supply import BatchSupply
-from trainer.config import TrainConfig, save_config
-from trainer.config.presets import resolve_config
 from trainer.demo.demo_data import make_demo_dataset
 from trainer.model.tiny_models import build_tiny_pipeline, demo_model_path
-from trainer.run.build import build_run, make_accelerator
 from trainer.run.loop import Trainer, run_training, train
 from trainer.run.run_dir import RunDir
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(data, out, *overrides, preset="demo"):
-    # The random tiny SD1 (fast) rather than the demo preset's demo:shapes, unless a test asks for it.
-    base = [f"dataset.path={data}", f"output.dir={out}", "model.path=demo:sd1", "sample.every_steps=0",
-            "sample.at_start=false", "save.every_steps=0", "save.precision=fp32", "network.rank=4",
-            "dataset.resolution=64"]
-    return resolve_config(preset, base + list(overrides))
-
-
-@pytest.fixture(scope="module")
-def data8(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data8")
-    make_demo_dataset(folder, count=8, seed=0)
-    return folder
-
-
-def captions(folder):
-    return {path.read_text() for path in Path(folder).glob("*.txt")}
-
-
-def events(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines()]
-
-
-def load_in_diffusers(family, lora_path):
-    pipe = build_tiny_pipeline(family)
-    pipe.load_lora_weights(str(lora_path), adapter_name="x")
-    parts = [pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
-    return sum(1 for part in parts if part is not None for _, m in part.named_modules()
-               if hasattr(m, "lora_A") and "x" in m.lora_A)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -126,27 +98,6 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, data
     assert losses(tmp_path / "straight") == losses(tmp_path / "stopped")
 
 
-def stop_at(step: int):
-    """An on_step hook that stops the run (as Stop / Ctrl+C would) once `step` is done."""
-    return lambda position: position.step == step
-
-
-def built(cfg):
-    """The parts a run of `cfg` trains with, built as the run builds them, without training."""
-    return build_run(cfg, make_accelerator(cfg), RunDir(cfg.output.dir))
-
-
-def resume_run(run_dir):
-    return train(resolve_config(None, [f"output.dir={run_dir}"], base=_toml(run_dir / "config.toml")),
-                 resume=True, progress=False)
-
-
-def _toml(path):
-    import tomllib
-
-    return tomllib.loads(Path(path).read_text())
-
-
 def test_sigint_after_first_step_saves_checkpoint_and_exits_zero(tmp_path, data8):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "app.cli", "train", "--data", str(data8), "--preset", "demo", "--output",
@@ -199,114 +150,6 @@ def test_nan_loss_before_any_checkpoint_says_to_start_again(tmp_path, data8, mon
     assert str(error.value) == ("The loss became nan at step 1; no checkpoint was saved yet, so lower "
                                 "train.learning_rate and start the run again.")  # no bf16 advice on a CPU
     assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
-
-
-def test_cli_bad_model_is_one_line_and_leaves_no_run_folder(tmp_path, data8):
-    out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "app.cli", "train", "--data", str(data8), "--preset", "demo",
-                             "--output", str(out), "--model", "/nope/q.safetensors"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "error: The model /nope/q.safetensors was not found; give a diffusers folder, a .safetensors/.ckpt file "
-        "or demo:shapes."]
-    assert not out.exists()
-
-
-def test_cli_names_every_image_it_skips(tmp_path, data8):
-    data = tmp_path / "data"
-    shutil.copytree(data8, data)
-    (data / "broken.png").write_bytes(b"\x89PNG not really")
-    out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "app.cli", "train", "--data", str(data), "--preset", "demo",
-                             "--output", str(out), "--no-progress", "--set", "model.path=demo:sd1",
-                             "--set", "train.max_steps=1", "--set", "sample.every_steps=0",
-                             "--set", "sample.at_start=false"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "Skipped image broken.png: " in result.stderr
-    skipped = [e for e in events(out) if e["event"] == "skipped"]
-    assert [(e["name"], e["kind"]) for e in skipped] == [("broken.png", "image")]
-    assert events(out)[len(skipped)]["event"] == "started" and events(out)[len(skipped)]["num_images"] == 8
-
-
-def test_full_disk_while_saving_leaves_previous_checkpoint_loadable(tmp_path, data8, monkeypatch):
-    import networks.lora_file as lora_file
-
-    cfg = tiny_config(data8, tmp_path / "run", "train.max_steps=4", "save.every_steps=2")
-    real_save = lora_file.save_file
-    saves = {"n": 0}
-
-    def save_until_full(tensors, path, metadata=None):
-        saves["n"] += 1
-        if saves["n"] >= 2:
-            raise OSError(28, "No space left on device")
-        return real_save(tensors, path, metadata=metadata)
-    monkeypatch.setattr(lora_file, "save_file", save_until_full)
-    with pytest.raises(SdloraError, match="No space left on device"):
-        train(cfg, progress=False)
-    run = tmp_path / "run"
-    assert load_file(run / "checkpoints" / "demo-lora-step-000002.safetensors")
-    assert not list((run / "checkpoints").glob("*.tmp")) and not list((run / "checkpoints").glob(".*"))
-    assert json.loads((run / "state" / "trainer.json").read_text())["step"] == 2
-    assert events(run)[-1]["event"] == "error"
-
-
-@pytest.mark.parametrize("setup, message", [
-    (lambda tmp, data: ([f"dataset.path={tmp / 'empty'}"], "empty"), "No usable images in"),
-    (lambda tmp, data: ([f"model.path={tmp / 'nowhere'}"], None), "was not found"),
-    (lambda tmp, data: (["network.rank=0"], None), "network.rank must be an integer >= 1 (got 0)"),
-    (lambda tmp, data: (["dataset.resolution=500"], None), "multiple of 64"),
-    (lambda tmp, data: (["network.rnak=4"], None), "did you mean 'network.rank'?"),
-])
-def test_bad_input_is_one_sentence(tmp_path, data8, setup, message):
-    (tmp_path / "empty").mkdir()
-    overrides, _ = setup(tmp_path, data8)
-    with pytest.raises(SdloraError) as error:
-        train(tiny_config(data8, tmp_path / "run", *overrides), progress=False)
-    assert message in str(error.value)
-    assert "\n" not in str(error.value)
-    assert not (tmp_path / "run" / "my-lora.safetensors").exists()
-
-
-def test_only_corrupt_images_and_not_a_model_file(tmp_path, data8):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "a.png").write_bytes(b"not a png")
-    (bad / "b.jpg").write_bytes(b"\xff\xd8 broken")
-    with pytest.raises(SdloraError, match=r"No usable images in .*bad"):
-        train(tiny_config(bad, tmp_path / "run"), progress=False)
-    fake = tmp_path / "model.safetensors"
-    fake.write_text("hello")
-    with pytest.raises(SdloraError) as error:
-        train(tiny_config(data8, tmp_path / "run2", f"model.path={fake}"), progress=False)
-    assert "model.safetensors" in str(error.value) and "\n" not in str(error.value)
-
-
-def test_cli_error_is_one_line_on_stderr(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "app.cli", "train", "--data", str(tmp_path), "--preset",
-                             "demo", "--output", str(tmp_path / "run"), "--set", "network.rank=0"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == "error: network.rank must be an integer >= 1 (got 0)."
-    assert "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("override", ["train.learning_rate=1e-5", "network.rank=4", "train.optimizer_args.betas=[0.9, 0.9]"])
-def test_resume_refuses_a_set_that_its_saved_state_would_undo(tmp_path, capsys, override):
-    """The state fixes the network's shapes and the optimizer's rates: such a --set would fail to load (a
-    rank) or be silently overwritten (a learning rate), so the CLI says so before loading anything."""
-    from app.cli import main
-
-    run = RunDir(tmp_path / "run")
-    save_config(TrainConfig(), run.config)
-    run.checkpoints.mkdir(parents=True)
-    (run.checkpoints / "my-lora-step-00000100.safetensors").write_bytes(b"")
-    assert main(["train", "--resume", str(run.root), "--set", override, "--no-progress"]) == 1
-    assert capsys.readouterr().err.strip() == (
-        f"error: --set {override} cannot change a resumed run: its saved state fixes the network and the "
-        "optimizer's rates and schedule; drop it, or start a new run from its last file with "
-        f"--set network.weights={run.checkpoints / 'my-lora-step-00000100.safetensors'}.")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs fork-capable platforms")
