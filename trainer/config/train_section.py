@@ -41,6 +41,9 @@ class TrainSection(Section):
     mixed_precision: MixedPrecision = Field(
         "no", description="Compute precision on GPU; bf16 needs an Ampere or newer card.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
+    memory_budget_gb: float = Field(0.0, ge=0, le=1024, description=(
+        "GPU memory the run must fit in, in GiB: the check lists the changes that bring the predicted peak "
+        "under it; 0 = the detected card's memory (no budget without a CUDA card)."))
     compile: bool = Field(False, description="Compile the UNet's training step with torch.compile: faster steps "
                                              "after a first one that takes minutes (and again per new bucket "
                                              "shape); for long runs.")

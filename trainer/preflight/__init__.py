@@ -3,7 +3,7 @@
 `preflight_report(cfg)` runs CHECKS in order: each reads the config and what earlier checks found (the model's
 facts, the scanned dataset, the step plan) from one CheckContext and writes sentences into the Report. It
 scans the dataset (images, captions, buckets), works out the step count exactly as the training loop will,
-explains the adapter's scale alpha/r, estimates GPU memory and time per step (an uncalibrated formula,
+explains the adapter's scale alpha/r, predicts GPU memory and time per step (traced from the run's own step,
 docs/PREFLIGHT.md), and warns about settings that commonly ruin a run. Only errors block a run; warnings
 are advice. Every line is one sentence, for the CLI and the UI alike.
 """
@@ -15,15 +15,7 @@ from trainer.preflight.captions import check_caption_length, check_captions
 from trainer.preflight.compiling import check_compile
 from trainer.preflight.context import CheckContext
 from trainer.preflight.dataset import check_dataset, check_dataset_size, check_masks, check_validation
-from trainer.preflight.estimate import (
-    ACTIVATION_BYTES_PER_PIXEL,
-    CHECKPOINTING_ACTIVATIONS,
-    Estimate,
-    adapter_parameters,
-    estimate_resources,
-    explain_estimate,
-    model_parameters,
-)
+from trainer.preflight.estimate import adapter_parameters, explain_estimate, model_parameters
 from trainer.preflight.learning_rates import OPTIMIZER_FACTS, check_learning_rates
 from trainer.preflight.model import check_model, check_resolution, check_vae
 from trainer.preflight.network import (
@@ -65,8 +57,8 @@ CHECKS = (
 )
 
 __all__ = [
-    "ACTIVATION_BYTES_PER_PIXEL", "CHECKPOINTING_ACTIVATIONS", "CHECKS", "OPTIMIZER_FACTS", "CheckContext", "Estimate",
-    "Report", "StepPlan", "adapter_parameters", "bucket_histogram", "check_compile", "estimate_resources",
+    "CHECKS", "OPTIMIZER_FACTS", "CheckContext",
+    "Report", "StepPlan", "adapter_parameters", "bucket_histogram", "check_compile",
     "model_parameters", "preflight_report", "step_plan",
 ]
 

@@ -1,9 +1,8 @@
-"""GPU memory and time per step, from the model's parameter counts and the config (an uncalibrated formula,
-docs/PREFLIGHT.md), and what the run costs on this machine."""
+"""GPU memory and time per step, traced from the run's own training step (trainer/memory, docs/PREFLIGHT.md),
+the changes that fit a memory budget, and what the run costs on this machine."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
@@ -12,44 +11,14 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from networks.errors import SdloraError
 from networks.network import count_adapter_parameters
 from trainer.config import TrainConfig
+from trainer.memory import GIB, MemoryPrediction, changes_to_fit, predict_memory
 from trainer.model.facts import SHIPPED_CONFIGS
 from trainer.model.family import FAMILIES, get_family
 from trainer.model.model_loading import text_encoder_classes
 from trainer.preflight.context import CheckContext
-from trainer.preflight.learning_rates import OPTIMIZER_FACTS
 
-# The constants of the estimate; docs/PREFLIGHT.md explains each. None is calibrated on a GPU yet.
-WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
-# Activation memory per image per pixel kept for the backward pass, at half precision, no checkpointing.
-ACTIVATION_BYTES_PER_PIXEL = {"sd1": 10_000, "sd2": 10_000, "sdxl": 18_000}
-CHECKPOINTING_ACTIVATIONS = 0.25  # gradient checkpointing keeps about a quarter of them
-CHECKPOINTING_COMPUTE = 4 / 3  # ... at the price of one more forward pass
-OVERHEAD_BYTES = 0.8e9  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
-SD15_FLOP_PER_IMAGE = 1.73e12  # one training step (forward + backward) of the SD1.5 UNet at 512 x 512
-FLOP_PER_PIXEL_FACTOR = {"sd1": 1.0, "sd2": 1.0, "sdxl": 2.6}  # relative to SD1.5, per pixel
-ASSUMED_THROUGHPUT = {"half": 20e12, "fp32": 6e12}  # FLOP/s a 24 GB consumer GPU sustains on this work
-
-
-@dataclass(frozen=True)
-class Estimate:
-    family: str
-    resolution: int
-    batch_size: int
-    precision: str
-    gradient_checkpointing: bool
-    parameters: dict  # unet, text_encoders, vae, adapter
-    memory_bytes: dict  # weights, vae, adapter, activations, overhead, total
-    seconds_per_step: float
-    calibrated: bool = False
-
-    def words(self) -> str:
-        gb = {k: v / 1e9 for k, v in self.memory_bytes.items()}
-        return (f"Estimated GPU memory {gb['total']:.1f} GB (model weights {gb['weights'] + gb['vae']:.1f}, "
-                f"adapter and optimizer {gb['adapter']:.2f}, activations {gb['activations']:.1f}, overhead "
-                f"{gb['overhead']:.1f}) and {self.seconds_per_step:.2f} s per step for {self.family} at "
-                f"{self.resolution} px, batch {self.batch_size}, {self.precision}"
-                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}; uncalibrated, expect "
-                "+-50% (docs/PREFLIGHT.md).")
+# FLOP/s a 24 GB consumer GPU sustains on this work (assumed; bench.memory --gpu measures nothing of time yet).
+ASSUMED_THROUGHPUT = {"half": 20e12, "fp32": 6e12}
 
 
 @lru_cache(maxsize=4)
@@ -83,45 +52,53 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def estimate_resources(cfg: TrainConfig, family: str, prediction_type: str = "epsilon") -> Estimate:
-    """GPU memory and seconds per optimizer step; the formula is documented in docs/PREFLIGHT.md."""
-    train, resolution = cfg.train, cfg.dataset.resolution
-    params = {**model_parameters(family, prediction_type), "adapter": adapter_parameters(family, cfg.network)}
-    half = train.mixed_precision in ("fp16", "bf16")
-    activation = ACTIVATION_BYTES_PER_PIXEL[family] * (1 if half else 2) * resolution ** 2 * train.batch_size
-    if train.gradient_checkpointing:
-        activation *= CHECKPOINTING_ACTIVATIONS
-    memory = {"weights": (params["unet"] + params["text_encoders"]) * WEIGHT_BYTES[train.mixed_precision],
-              "vae": params["vae"] * 4,  # sdlora keeps the VAE in fp32 (SDXL's overflows in fp16)
-              "adapter": params["adapter"] * (8 + OPTIMIZER_FACTS[train.optimizer][0]),
-              "activations": activation, "overhead": OVERHEAD_BYTES}
-    memory["total"] = sum(memory.values())
-    flop = (SD15_FLOP_PER_IMAGE * FLOP_PER_PIXEL_FACTOR[family] * resolution ** 2 / 512 ** 2
-            * train.batch_size * train.gradient_accumulation_steps)
-    if train.gradient_checkpointing:
-        flop *= CHECKPOINTING_COMPUTE
-    seconds = flop / ASSUMED_THROUGHPUT["half" if half else "fp32"]
-    return Estimate(family, resolution, train.batch_size, train.mixed_precision if half else "fp32",
-                    train.gradient_checkpointing, params, memory, seconds)
+def seconds_per_step(cfg: TrainConfig, prediction: MemoryPrediction) -> float:
+    """The traced FLOPs of a micro-batch times the accumulation, at the assumed throughput."""
+    half = cfg.train.mixed_precision in ("fp16", "bf16")
+    flops = prediction.flops_per_step * cfg.train.gradient_accumulation_steps
+    if cfg.train.gradient_checkpointing:  # the trace counts one forward; checkpointing runs it again
+        flops *= 4 / 3
+    return flops / ASSUMED_THROUGHPUT["half" if half else "fp32"]
+
+
+def memory_budget(cfg: TrainConfig) -> tuple[int | None, str]:
+    """(bytes, where from): train.memory_budget_gb, else the CUDA card's free memory; None on a CPU."""
+    if cfg.train.memory_budget_gb:
+        return int(cfg.train.memory_budget_gb * GIB), "train.memory_budget_gb"
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        return free, f"the free memory of {torch.cuda.get_device_name()}"
+    return None, ""
 
 
 def explain_estimate(ctx: CheckContext) -> None:
-    """The estimate in words, the run's duration on a GPU, and what a machine without one means."""
+    """The traced memory peak in words, the changes that fit the budget, the run's duration on a GPU, and
+    what a machine without one means."""
     if ctx.family is None:
         return
     cfg, report = ctx.cfg, ctx.report
     try:
-        estimate = estimate_resources(cfg, ctx.family, ctx.prediction)
+        prediction = predict_memory(cfg)
     except SdloraError as error:  # a network the trainer would refuse too (e.g. every block at weight 0)
         report.errors.append(str(error))
         return
-    report.data["estimate"] = asdict(estimate)
-    demo = f"For a full-size {ctx.family} model (the demo model is tiny): " if ctx.is_demo else ""
-    report.info.append(demo + estimate.words())
+    seconds = seconds_per_step(cfg, prediction)
+    budget, source = memory_budget(cfg)
+    changes = changes_to_fit(cfg, budget) if budget and prediction.peak_bytes > budget else []
+    report.data["estimate"] = {
+        "family": ctx.family, "resolution": cfg.dataset.resolution, "batch_size": cfg.train.batch_size,
+        "precision": cfg.train.mixed_precision, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "peak_bytes": prediction.peak_bytes, "parts": prediction.parts, "cache_fill_bytes": prediction.cache_fill_bytes,
+        "sampling_bytes": prediction.sampling_bytes, "flops_per_step": prediction.flops_per_step,
+        "fits_gb": prediction.fits(), "seconds_per_step": seconds, "budget_bytes": budget,
+        "changes_to_fit": [{"label": c.label, "overrides": c.overrides, "peak_bytes": c.peak_bytes} for c in changes]}
+    report.info.append(prediction.words())
+    if budget and prediction.peak_bytes > budget:
+        report.warnings.append(_over_budget(prediction, budget, source, changes))
     steps = report.data.get("steps", {}).get("total_steps")
     if steps:
-        report.info.append(f"At that rate the {steps} steps take {_duration(steps * estimate.seconds_per_step)} "
-                           "on a GPU (uncalibrated).")
+        report.info.append(f"At {seconds:.2f} s per step ({prediction.flops_per_step / 1e12:.2f} TFLOP traced, an "
+                           f"assumed GPU throughput) the {steps} steps take {_duration(steps * seconds)} on a GPU.")
     if not torch.cuda.is_available():
         # No CPU formula: a CPU's speed on this work varies too much to guess; the run measures it instead.
         tiny = "the tiny demo model trains in minutes, " if ctx.is_demo else ""
@@ -130,6 +107,21 @@ def explain_estimate(ctx: CheckContext) -> None:
         report.info.append(f"No CUDA GPU here: training runs on the CPU{precision}, where {tiny}a full-size model "
                            "trains hundreds of times slower than on a GPU; the live view shows the measured rate and "
                            "ETA from the first steps.")
+
+
+def _over_budget(prediction: MemoryPrediction, budget: int, source: str, changes) -> str:
+    listed = "; ".join(f"{c.label} ({', '.join(f'--set {k}={_text(v)}' for k, v in c.overrides.items())}: "
+                       f"{c.peak_bytes / GIB:.1f} GiB)" for c in changes)
+    fits = bool(changes) and changes[-1].peak_bytes <= budget
+    tail = (f"these changes, each with the peak it brings, fit it: {listed}" if fits else
+            f"even {listed} leave it above, so train on a larger card" if changes else
+            "no change the check knows brings it under, so train on a larger card")
+    return (f"The predicted peak {prediction.peak_bytes / GIB:.1f} GiB is above {budget / GIB:.1f} GiB "
+            f"({source}); {tail}.")
+
+
+def _text(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _duration(seconds: float) -> str:

@@ -1,0 +1,63 @@
+"""The user's model architecture built from its configs on the meta device, placed as the trainer places it.
+
+Building from the configs costs under a second for SDXL (faster than copying a cached one), so every
+prediction builds its own and may cast, hook and checkpoint it freely."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from trainer.config import TrainConfig
+from trainer.model.family import ModelFamily
+from trainer.model.fp8 import store_fp8
+from trainer.model.model_loading import text_encoder_classes
+
+META = torch.device("meta")
+# The trainer's weight dtypes (trainer/run/build.py WEIGHT_DTYPES): a half-precision run casts the frozen
+# UNet and text encoders to it; the VAE stays fp32; the adapters stay fp32.
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class MetaModel:
+    family: ModelFamily
+    unet: torch.nn.Module
+    text_encoders: list
+    vae: torch.nn.Module
+    noise_scheduler: DDPMScheduler
+    weight_dtype: torch.dtype
+
+
+def weight_dtype(cfg: TrainConfig) -> torch.dtype:
+    return WEIGHT_DTYPES.get(cfg.train.mixed_precision, torch.float32)
+
+
+def build_meta_model(folder: Path, family: ModelFamily, prediction_type: str, cfg: TrainConfig) -> MetaModel:
+    """The model as `_load_model` (trainer/run/build.py) leaves it: frozen, the UNet and text encoders in the
+    weight dtype (fp8 storage with model.fp8_base), the VAE in fp32, gradient checkpointing as configured."""
+    with torch.device(META):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        encoders = [cls(cls.config_class.from_pretrained(folder / attr))
+                    for cls, attr in zip(text_encoder_classes(folder, family), family.text_encoder_attrs)]
+    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler"),
+                                          prediction_type=prediction_type, clip_sample=False)
+    dtype = weight_dtype(cfg)
+    for part in [unet, *encoders]:
+        part.requires_grad_(False).eval()
+        if dtype != torch.float32:  # diffusers warns on any dtype `.to()`, even a no-op one
+            part.to(dtype=dtype)
+    vae.requires_grad_(False).eval()
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.network.train_text_encoder:
+            for encoder in encoders:
+                encoder.gradient_checkpointing_enable()
+    if cfg.model.fp8_base:  # after the last dtype cast, as trainer/run/build.py stores it
+        for part in [unet, *([] if cfg.network.train_text_encoder else encoders)]:
+            store_fp8(part, dtype)
+    return MetaModel(family, unet, encoders, vae, scheduler, dtype)
