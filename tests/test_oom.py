@@ -3,6 +3,7 @@ sentence (predicted and available memory, the changes that fit, what is intact),
 checkpoints and state untouched and `--resume` working; the watch's warnings as pure functions of bytes and
 seconds; the step events' memory fields. None of it needs a GPU: the error is raised by hand, as torch would."""
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -13,7 +14,6 @@ import torch
 import trainer.run.gpu_memory as gm
 from app.cli import main
 from tests.test_disk_full import assert_resume_finishes, train_args
-from tests.test_training import events
 from trainer.config.presets import resolve_config
 from trainer.demo.demo_data import make_demo_dataset
 from trainer.run.batch_loss import BatchLoss
@@ -59,10 +59,11 @@ def test_out_of_memory_in_the_step_is_one_sentence_keeps_the_checkpoints_and_res
     assert "than this machine had free" in lines[0]  # no card and no budget here: no figure for "available"
     assert lines[0].endswith(f"then resume with: sdlora train --resume {run} (every earlier checkpoint and the "
                              "training state of step 2 are intact).")
-    last = events(run)[-1]
+    written = [json.loads(line) for line in RunDir(run).events_path.read_text().splitlines()]
+    last = written[-1]
     assert (last["event"], last["step"], "error: " + last["message"]) == ("error", 2, lines[0])
-    assert not any(e["event"] == "step" and e["step"] == 3 for e in events(run))
-    assert not [key for line in events(run) for key in line if key.startswith("gpu_") or key == "warning"]  # CPU
+    assert not any(e["event"] == "step" and e["step"] == 3 for e in written)
+    assert not [key for line in written for key in line if key.startswith("gpu_") or key == "warning"]  # CPU
     # Nothing was saved on the way out: every checkpoint and state file is byte for byte what it was.
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ("checkpoints" in p.parts
                                                                            or "state" in p.parts)}
