@@ -112,15 +112,22 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a row in this process (the subprocess's side)
     parser.add_argument("--folder", default="/tmp/sdlora-bench-memory")
+    parser.add_argument("--no-mkldnn", action="store_true",
+                        help="measure with oneDNN off (its weight reorders and workspaces are CPU-only costs)")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     if args.one:
+        if args.no_mkldnn:
+            import torch
+
+            torch.backends.mkldnn.enabled = False
         print(json.dumps(run_row(args.one, folder)))
         return 0
     print(f"{'row':<20} {'predicted MiB':>14} {'measured MiB':>13} {'ratio':>6}")
     for name in args.rows:
-        out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", name, "--folder", str(folder)],
+        flags = ["--no-mkldnn"] if args.no_mkldnn else []
+        out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", name, "--folder", str(folder), *flags],
                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         row = json.loads(out)
         print(f"{name:<20} {row['predicted_bytes'] / 2**20:>14.0f} {row['measured_bytes'] / 2**20:>13.0f} "

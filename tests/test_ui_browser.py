@@ -95,8 +95,8 @@ def test_a_first_session_from_demo_data_to_a_downloaded_lora(page, ui, tmp_path)
     page.locator("#train-check").click()
     wait_for(lambda: "Ready to train" in page.locator("#preflight").inner_text(), what="the pre-flight report")
     report = page.locator("#preflight").inner_text()
-    # The whole report before Start: the plan with steps, buckets and the (uncalibrated) memory estimate.
-    for line in ("Dataset: 12 usable images", "Steps: ", "Buckets (", "Estimated GPU memory", "uncalibrated"):
+    # The whole report before Start: the plan with steps, buckets and the traced memory peak with its cards.
+    for line in ("Dataset: 12 usable images", "Steps: ", "Buckets (", "Predicted GPU memory peak", "GB cards"):
         assert line in report, line
 
     field(page, "cfg-train-max_steps").fill(str(STEPS))

@@ -17,6 +17,7 @@ from trainer.config import TrainConfig
 from trainer.config.overrides import apply_overrides
 from trainer.memory.meta_model import build_meta_model
 from trainer.memory.run_trace import (
+    CACHE_BATCH,
     state_bytes,
     text_states_cached,
     trace_cache_fill,
@@ -77,9 +78,10 @@ class MemoryChange:
     peak_bytes: int  # the predicted peak with this change (and the ones before it) applied
 
 
-def predict_memory(cfg: TrainConfig) -> MemoryPrediction:
-    """The run's GPU memory peak, traced on the meta device; seconds for SDXL at 1024 px."""
-    step, cache_fill, sampling = _traced(cfg)
+def predict_memory(cfg: TrainConfig, cache_images: int = CACHE_BATCH) -> MemoryPrediction:
+    """The run's GPU memory peak, traced on the meta device. `cache_images`: the images (flips counted) of
+    the largest bucket, when the dataset is known: the latent cache encodes up to CACHE_BATCH of them at once."""
+    step, cache_fill, sampling = _traced(cfg, cache_images)
     states = state_bytes(cfg, step.trainable_parameters)  # present through the whole step (tracer.py)
     traced = {"frozen_weights": step.frozen_weights, "trainable": step.trainable + states,
               "activations": step.activations, "largest_temporary": step.largest_temporary}
@@ -94,19 +96,19 @@ def predict_memory(cfg: TrainConfig) -> MemoryPrediction:
 _TRACES: dict[str, tuple] = {}  # the config less its optimizer -> its traces, for the pre-flight's repeated asks
 
 
-def _traced(cfg: TrainConfig) -> tuple[StepTrace, int, int]:
+def _traced(cfg: TrainConfig, cache_images: int = CACHE_BATCH) -> tuple[StepTrace, int, int]:
     """(the step, the cache fill, the sampling transient), traced once per config; the optimizer and EMA
     settings do not change the trace (their states are counted per parameter)."""
     data = cfg.model_dump(mode="json")
     data["train"]["optimizer"], data["ema"] = "", {}
-    key = json.dumps(data, sort_keys=True, default=str)
+    key = json.dumps([data, min(cache_images, CACHE_BATCH)], sort_keys=True, default=str)
     if key not in _TRACES:
         folder, family, prediction = _model_configs(cfg)
         side = cfg.dataset.resolution  # the largest bucket's area is resolution^2 (trainer/data/buckets.py)
         model = build_meta_model(folder, family, prediction, cfg)
         step = trace_training(cfg, model, side)
         # The VAE as the step left it (untouched); sampling runs through the attached adapters, as previews do.
-        _TRACES[key] = (step, trace_cache_fill(cfg, model, side), trace_sampling(cfg, model))
+        _TRACES[key] = (step, trace_cache_fill(cfg, model, side, cache_images), trace_sampling(cfg, model))
         if len(_TRACES) > 64:
             _TRACES.pop(next(iter(_TRACES)))
     return _TRACES[key]
@@ -128,11 +130,11 @@ def _model_configs(cfg: TrainConfig):
     return Path(folder), family, facts.prediction_type
 
 
-def changes_to_fit(cfg: TrainConfig, budget_bytes: int) -> list[MemoryChange]:
+def changes_to_fit(cfg: TrainConfig, budget_bytes: int, cache_images: int = CACHE_BATCH) -> list[MemoryChange]:
     """The changes, cumulative and cheapest first (least quality and speed lost), that bring the predicted
     peak under `budget_bytes`; stops at the first that does. Empty when the run already fits; the whole list
     (whose last figure is still above the budget) when nothing here is enough."""
-    current = predict_memory(cfg).peak_bytes
+    current = predict_memory(cfg, cache_images).peak_bytes
     changes: list[MemoryChange] = []
     for label, overrides in _candidates(cfg):
         if current <= budget_bytes:
@@ -141,12 +143,12 @@ def changes_to_fit(cfg: TrainConfig, budget_bytes: int) -> list[MemoryChange]:
             trial = apply_overrides(cfg, [f"{key}={_literal(value)}" for key, value in overrides.items()])
         except SdloraError:  # a saver this run's other settings refuse (e.g. fp8 with PiSSA)
             continue
-        peak = predict_memory(trial).peak_bytes
+        peak = predict_memory(trial, cache_images).peak_bytes
         if peak >= current:
             continue
         cfg, current = trial, peak
         changes.append(MemoryChange(label, overrides, peak))
-    return changes + _smaller_bucket(cfg, budget_bytes, current)
+    return changes + _smaller_bucket(cfg, budget_bytes, current, cache_images)
 
 
 def _candidates(cfg: TrainConfig):
@@ -166,7 +168,7 @@ def _candidates(cfg: TrainConfig):
                                     * train.gradient_accumulation_steps})
 
 
-def _smaller_bucket(cfg: TrainConfig, budget_bytes: int, current: int) -> list[MemoryChange]:
+def _smaller_bucket(cfg: TrainConfig, budget_bytes: int, current: int, cache_images: int) -> list[MemoryChange]:
     """The largest resolution (in 64 px steps, down to 256) that fits, as the last resort."""
     side = cfg.dataset.resolution - 64
     while current > budget_bytes and side >= 256:
@@ -175,7 +177,7 @@ def _smaller_bucket(cfg: TrainConfig, budget_bytes: int, current: int) -> list[M
             trial = apply_overrides(cfg, [f"dataset.resolution={side}"])
         except SdloraError:  # bucket sides that the smaller resolution breaks
             break
-        peak = predict_memory(trial).peak_bytes
+        peak = predict_memory(trial, cache_images).peak_bytes
         if peak <= budget_bytes:
             return [MemoryChange(f"a largest bucket of {side} px", overrides, peak)]
         side -= 64 if side > 512 else 128
@@ -186,5 +188,5 @@ def _literal(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-__all__ = ["CARD_SIZES_GB", "GIB", "MemoryChange", "MemoryPrediction", "changes_to_fit", "predict_memory",
+__all__ = ["CACHE_BATCH", "CARD_SIZES_GB", "GIB", "MemoryChange", "MemoryPrediction", "changes_to_fit", "predict_memory",
            "text_states_cached"]

@@ -137,16 +137,16 @@ def resident_frozen(cfg: TrainConfig, model: MetaModel, cached: bool) -> list[to
     return [t for part in parts if part is not None for t in [*part.parameters(), *part.buffers()]]
 
 
-def trace_cache_fill(cfg: TrainConfig, model: MetaModel, side: int) -> int:
+def trace_cache_fill(cfg: TrainConfig, model: MetaModel, side: int, images: int = CACHE_BATCH) -> int:
     """Everything loaded at setup (build_run moves the whole model before the caches fill) plus the VAE encode
-    of CACHE_BATCH images at the largest bucket, fp32."""
+    of `images` (at most CACHE_BATCH: one bucket's images go through together) at the largest bucket, fp32."""
     if cfg.dataset.cache_latents == "none":
         return 0
     loaded = storage_bytes([*model.unet.parameters(), *model.vae.parameters()]
                            + [p for e in model.text_encoders for p in e.parameters()])
     live = LiveBytes()
     with flash_attention(), live, torch.no_grad():
-        model.vae.encode(torch.zeros(CACHE_BATCH, 3, side, side, device=META)).latent_dist.mode()
+        model.vae.encode(torch.zeros(min(images, CACHE_BATCH), 3, side, side, device=META)).latent_dist.mode()
     return loaded + live.peak
 
 

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from networks.errors import SdloraError
 from networks.network import count_adapter_parameters
 from trainer.config import TrainConfig
-from trainer.memory import GIB, MemoryPrediction, changes_to_fit, predict_memory
+from trainer.memory import CACHE_BATCH, GIB, MemoryPrediction, changes_to_fit, predict_memory
 from trainer.model.facts import SHIPPED_CONFIGS
 from trainer.model.family import FAMILIES, get_family
 from trainer.model.model_loading import text_encoder_classes
@@ -78,13 +78,14 @@ def explain_estimate(ctx: CheckContext) -> None:
         return
     cfg, report = ctx.cfg, ctx.report
     try:
-        prediction = predict_memory(cfg)
+        prediction = predict_memory(cfg, _largest_bucket_images(ctx))
     except SdloraError as error:  # a network the trainer would refuse too (e.g. every block at weight 0)
         report.errors.append(str(error))
         return
     seconds = seconds_per_step(cfg, prediction)
     budget, source = memory_budget(cfg)
-    changes = changes_to_fit(cfg, budget) if budget and prediction.peak_bytes > budget else []
+    changes = changes_to_fit(cfg, budget, _largest_bucket_images(ctx)) \
+        if budget and prediction.peak_bytes > budget else []
     report.data["estimate"] = {
         "family": ctx.family, "resolution": cfg.dataset.resolution, "batch_size": cfg.train.batch_size,
         "precision": cfg.train.mixed_precision, "gradient_checkpointing": cfg.train.gradient_checkpointing,
@@ -107,6 +108,16 @@ def explain_estimate(ctx: CheckContext) -> None:
         report.info.append(f"No CUDA GPU here: training runs on the CPU{precision}, where {tiny}a full-size model "
                            "trains hundreds of times slower than on a GPU; the live view shows the measured rate and "
                            "ETA from the first steps.")
+
+
+def _largest_bucket_images(ctx: CheckContext) -> int:
+    """The images the latent cache encodes together at the largest bucket (it batches within a bucket, both
+    mirror images when the dataset flips); the cache's batch when the dataset is not known."""
+    buckets = ctx.report.data.get("buckets")
+    if not buckets:
+        return CACHE_BATCH
+    largest = max(buckets, key=lambda b: b["width"] * b["height"])
+    return largest["images"] * (2 if ctx.cfg.dataset.flip else 1)
 
 
 def _over_budget(prediction: MemoryPrediction, budget: int, source: str, changes) -> str:
