@@ -86,3 +86,11 @@ def test_the_changes_come_from_the_report_and_a_key_the_form_lacks_is_named():
     assert fill.updates == {"train.gradient_checkpointing": True, "train.optimizer": "adamw8bit"}
     assert fill.sentence == ("Set train.gradient_checkpointing = true, train.optimizer = adamw8bit; predicted peak "
                              "now 1.0 GB. Not in this form: model.not_a_key; set them with --set on the command line.")
+
+
+def test_set_lines_in_the_report_stay_command_lines_while_the_rest_names_fields():
+    with gr.Blocks():
+        form = ConfigForm(start_config())
+        form.add_remaining()
+    words = form.in_words("fp8 base weights (--set model.fp8_base=true: 15.3 GiB); model.fp8_base is off.")
+    assert words == f"fp8 base weights (--set model.fp8_base=true: 15.3 GiB); {form.label('model.fp8_base')} is off."

@@ -58,9 +58,11 @@ class ConfigForm:
         return str(widget.label)
 
     def in_words(self, message: str) -> str:
-        """`message` with every dotted config key replaced by its field's label."""
+        """`message` with every dotted config key replaced by its field's label, but in `--set KEY=VALUE`,
+        which is a command line to copy as it stands."""
         for key in sorted((k for k in self.widgets if "." in k), key=len, reverse=True):
-            message = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w.])", lambda _, k=key: self.label(k), message)
+            message = re.sub(rf"(?<![\w.])(?<!--set ){re.escape(key)}(?![\w.])", lambda _, k=key: self.label(k),
+                             message)
         return message
 
     def add(self, key: str, **options) -> gr.components.Component:
