@@ -10,7 +10,7 @@ from torch import nn
 
 from networks.errors import SdloraError
 from networks.lora import LoraModule
-from tests.test_training import data8, tiny_config  # noqa: F401  (data8 is a fixture)
+from tests.training_support import tiny_config
 from trainer.config.kohya_import import import_kohya_preset
 from trainer.model.fp8 import FP8, Fp8Conv2d, Fp8Linear, fp8_layers, store_fp8
 from trainer.run.loop import run_training
@@ -84,7 +84,7 @@ def _file(path):
         return tensors, handle.metadata()
 
 
-def test_an_fp8_base_run_trains_previews_and_exports_the_same_file_layout(tmp_path, data8):  # noqa: F811
+def test_an_fp8_base_run_trains_previews_and_exports_the_same_file_layout(tmp_path, data8):
     flags = ["train.max_steps=3", "train.batch_size=2", "sample.at_start=true",
              'sample.prompts=[{prompt="a circle", steps=2, width=64, height=64}]']
     plain = run_training(tiny_config(data8, tmp_path / "plain", *flags), progress=False)
@@ -94,6 +94,9 @@ def test_an_fp8_base_run_trains_previews_and_exports_the_same_file_layout(tmp_pa
     linears = [m for m in unet.modules() if isinstance(m, nn.Linear)]
     assert linears and all(m.weight.dtype == FP8 for m in linears)  # frozen UNet weights stored in fp8
     assert all(m.weight.dtype == torch.float32 for m in plain.parts.model.unet.modules() if isinstance(m, nn.Linear))
+    weight_bytes = lambda run: sum(m.weight.nbytes for m in run.parts.model.unet.modules()  # noqa: E731
+                                   if isinstance(m, (nn.Linear, nn.Conv2d)))
+    assert weight_bytes(fp8) * 4 == weight_bytes(plain)  # a CPU run computes in fp32: a quarter of its bytes
     encoder_linears = [m for e in fp8.parts.model.text_encoders for m in e.modules() if isinstance(m, nn.Linear)]
     assert encoder_linears and all(m.weight.dtype == FP8 for m in encoder_linears)  # kept for previews, untrained
     assert all(p.dtype == torch.float32 for p in fp8.parts.network.parameters())  # adapters full precision
