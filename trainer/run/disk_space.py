@@ -25,15 +25,15 @@ def disk_full_error(run: RunDir, full: DiskFull, step: int, parameters: int, sav
     return SdloraError(f"No space left on device in {full.folder} while saving {full.what} at step {step}: the next "
                        f"save needs about {human_size(needed)} ({human_size(lora)} for the LoRA file, "
                        f"{human_size(state)} for the training state) and {human_size(free)} is free; free at least "
-                       f"that much there and {_go_on(run)}.")
+                       f"that much there and {resume_advice(run)}.")
 
 
 def disk_full_outside_saving(run: RunDir) -> SdloraError:
     """The disk filled up under the run between saves (an event line, a cache file)."""
-    return SdloraError(f"No space left on device in {run.root}; free space there and {_go_on(run)}.")
+    return SdloraError(f"No space left on device in {run.root}; free space there and {resume_advice(run)}.")
 
 
-def _go_on(run: RunDir) -> str:
+def resume_advice(run: RunDir) -> str:
     saved = newest_complete(run.state)
     if saved is None:
         return "start the run again (no training state was saved yet)"

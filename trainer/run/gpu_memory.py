@@ -13,7 +13,7 @@ import torch
 
 from networks.errors import SdloraError
 from trainer.config import TrainConfig
-from trainer.run.disk_space import _go_on
+from trainer.run.disk_space import resume_advice
 from trainer.run.run_dir import RunDir
 
 GB = 2 ** 30  # cards are sold in binary gigabytes: an "8 GB" card reports 8 * 2**30 bytes
@@ -100,7 +100,7 @@ def out_of_memory_error(cfg: TrainConfig, run: RunDir, step: int | None, card: i
     else:
         advice = SPILL_FIX
     return SdloraError(f"CUDA ran out of memory {where}: {_needed(peak, budget, card)}; {advice}; then "
-                       f"{_go_on(run)}.")
+                       f"{resume_advice(run)}.")
 
 
 def _needed(peak: int | None, budget: int | None, card: int | None) -> str:
