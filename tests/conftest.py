@@ -43,8 +43,18 @@ def browser():
 @pytest.fixture(scope="module")
 def data8(tmp_path_factory):
     """Eight demo-style images with captions, made once per test module."""
+    return _demo_images(tmp_path_factory, 8)
+
+
+@pytest.fixture(scope="module")
+def data4(tmp_path_factory):
+    """Four demo-style images with captions, for runs that only need a few steps."""
+    return _demo_images(tmp_path_factory, 4)
+
+
+def _demo_images(tmp_path_factory, count: int):
     from trainer.demo.demo_data import make_demo_dataset
 
-    folder = tmp_path_factory.mktemp("data8")
-    make_demo_dataset(folder, count=8, seed=0)
+    folder = tmp_path_factory.mktemp(f"data{count}")
+    make_demo_dataset(folder, count=count, seed=0)
     return folder

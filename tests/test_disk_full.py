@@ -19,7 +19,6 @@ from app.cli import main
 from networks.atomic import DiskFull, atomic_write, is_disk_full
 from networks.errors import SdloraError
 from tests.test_training import events
-from trainer.demo.demo_data import make_demo_dataset
 from trainer.run.disk_space import human_size
 from trainer.run.state import read_position
 
@@ -28,10 +27,8 @@ SAFETENSORS_FULL = 'Error while serializing: IoError(Os { code: 28, kind: Storag
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    make_demo_dataset(folder, count=4, seed=0)
-    return folder
+def data(data4):
+    return data4
 
 
 def train_args(data, out):

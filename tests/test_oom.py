@@ -15,7 +15,6 @@ import trainer.run.gpu_memory as gm
 from app.cli import main
 from tests.test_disk_full import assert_resume_finishes, train_args
 from trainer.config.presets import resolve_config
-from trainer.demo.demo_data import make_demo_dataset
 from trainer.run.batch_loss import BatchLoss
 from trainer.run.events import StepEvent, parse
 from trainer.run.run_dir import RunDir
@@ -25,10 +24,8 @@ TORCH_WORDS = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    make_demo_dataset(folder, count=4, seed=0)
-    return folder
+def data(data4):
+    return data4
 
 
 def out_of_memory_at(monkeypatch, run: Path, call: int, seen: dict):
