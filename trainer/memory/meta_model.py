@@ -36,14 +36,20 @@ def weight_dtype(cfg: TrainConfig) -> torch.dtype:
     return WEIGHT_DTYPES.get(cfg.train.mixed_precision, torch.float32)
 
 
-def build_meta_model(folder: Path, family: ModelFamily, prediction_type: str, cfg: TrainConfig) -> MetaModel:
-    """The model as `_load_model` (trainer/run/build.py) leaves it: frozen, the UNet and text encoders in the
-    weight dtype (fp8 storage with model.fp8_base), the VAE in fp32, gradient checkpointing as configured."""
+def meta_components(folder: Path, family: ModelFamily) -> tuple[torch.nn.Module, list, torch.nn.Module]:
+    """The UNet, text encoders and VAE of a diffusers config folder, on the meta device: shapes, no memory."""
     with torch.device(META):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
         encoders = [cls(cls.config_class.from_pretrained(folder / attr))
                     for cls, attr in zip(text_encoder_classes(folder, family), family.text_encoder_attrs)]
+    return unet, encoders, vae
+
+
+def build_meta_model(folder: Path, family: ModelFamily, prediction_type: str, cfg: TrainConfig) -> MetaModel:
+    """The model as `_load_model` (trainer/run/build.py) leaves it: frozen, the UNet and text encoders in the
+    weight dtype (fp8 storage with model.fp8_base), the VAE in fp32, gradient checkpointing as configured."""
+    unet, encoders, vae = meta_components(folder, family)
     scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler"),
                                           prediction_type=prediction_type, clip_sample=False)
     dtype = weight_dtype(cfg)

@@ -6,15 +6,14 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from networks.errors import SdloraError
 from networks.network import count_adapter_parameters
 from trainer.config import TrainConfig
 from trainer.memory import CACHE_BATCH, GIB, MemoryPrediction, changes_to_fit, predict_memory
+from trainer.memory.meta_model import meta_components
 from trainer.model.facts import SHIPPED_CONFIGS
 from trainer.model.family import FAMILIES, get_family
-from trainer.model.model_loading import text_encoder_classes
 from trainer.preflight.context import CheckContext
 
 # FLOP/s a 24 GB consumer GPU sustains on this work (assumed; bench.memory --gpu measures nothing of time yet).
@@ -27,12 +26,7 @@ def _meta_models(config_name: str):
     folder = SHIPPED_CONFIGS / config_name
     family = next(f for f in FAMILIES.values() if config_name in (f.shipped_config_name("epsilon"),
                                                                   f.shipped_config_name("v_prediction")))
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-        encoders = [cls(cls.config_class.from_pretrained(folder / attr))
-                    for cls, attr in zip(text_encoder_classes(folder, family), family.text_encoder_attrs)]
-    return unet, encoders, vae
+    return meta_components(folder, family)
 
 
 def model_parameters(family: str, prediction_type: str = "epsilon") -> dict[str, int]:
