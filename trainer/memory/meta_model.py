@@ -11,15 +11,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from networks.lora_file import DTYPES
 from trainer.config import TrainConfig
 from trainer.model.family import ModelFamily
 from trainer.model.fp8 import store_fp8
 from trainer.model.model_loading import text_encoder_classes
 
 META = torch.device("meta")
-# The trainer's weight dtypes (trainer/run/build.py WEIGHT_DTYPES): a half-precision run casts the frozen
-# UNet and text encoders to it; the VAE stays fp32; the adapters stay fp32.
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -33,7 +31,9 @@ class MetaModel:
 
 
 def weight_dtype(cfg: TrainConfig) -> torch.dtype:
-    return WEIGHT_DTYPES.get(cfg.train.mixed_precision, torch.float32)
+    """The trainer's weight dtype (as trainer/run/build.py picks it): a half-precision run casts the frozen UNet
+    and text encoders to it; the VAE and the adapters stay fp32."""
+    return DTYPES.get(cfg.train.mixed_precision, torch.float32)  # "no": fp32
 
 
 def meta_components(folder: Path, family: ModelFamily) -> tuple[torch.nn.Module, list, torch.nn.Module]:

@@ -14,7 +14,7 @@ from accelerate.utils import set_seed
 
 from networks.errors import SdloraError
 from networks.inspect import lora_family
-from networks.lora_file import read_lora
+from networks.lora_file import DTYPES, read_lora
 from networks.network import LoraNetwork
 from trainer.caches.latent_cache import LatentCache, vae_identity
 from trainer.caches.supply import BatchSupply
@@ -35,7 +35,6 @@ from trainer.run.run_dir import RunDir
 from trainer.run.state import Position, load_state
 
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests trace with "eager" (no C++ build)
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ def step_count(cfg: TrainConfig, dataset: ImageDataset, world_size: int) -> Step
 
 def build_run(cfg: TrainConfig, accelerator: Accelerator, run: RunDir, resume: bool = False) -> RunParts:
     main = accelerator.is_main_process
-    dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
+    dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)  # "no": fp32
     set_seed(cfg.train.seed)
     scanned = ImageDataset.scan(cfg.dataset.options(), seed=cfg.train.seed)
     if main and not resume:  # once per run: a resume scans the same folder again
