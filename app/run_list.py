@@ -171,8 +171,8 @@ class RunList:
         def existing(rel: str | None) -> Path | None:
             return run_dir / rel if rel and (run_dir / rel).is_file() else None
 
-        return Progress(**{**vars(seen), "samples": [(existing(rel), label) for rel, label in seen.samples
-                                                      if existing(rel)],
+        return Progress(**{**vars(seen), "samples": [(path, label) for rel, label in seen.samples
+                                                      if (path := existing(rel))],
                            "sample_sets": {step: [(existing(rel), prompt) for rel, prompt in row]
                                            for step, row in seen.sample_sets.items()}},
                         info=self._info(run_dir, events), validating=_validating(RunDir(run_dir).config),

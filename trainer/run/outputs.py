@@ -221,7 +221,6 @@ class RunOutputs:
             where = f"no checkpoint was saved yet, so {fix} and start the run again"
         raise SdloraError(f"The loss became {value} at step {position.step + 1}; {where}.")
 
-
     def out_of_memory(self, position: Position) -> NoReturn:
         """CUDA ran out of memory in the step: one sentence, and nothing saved on the way out (the last
         checkpoint and state stay as they were; the failed step changed no weight)."""
