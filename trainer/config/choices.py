@@ -21,6 +21,12 @@ LossType = Literal["l2", "huber", "smooth_l1"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
+# How training timesteps are drawn inside [min_timestep, max_timestep) (trainer/objective/timesteps.py): kohya's
+# uniform, SD3's logit-normal, cos-map and heavy-tail, kohya's sigmoid, and OneTrainer's beta and inverted parabola.
+TimestepDistribution = Literal["uniform", "logit_normal", "sigmoid", "beta", "cos_map", "heavy_tail",
+                               "inverted_parabola"]
+
+
 Optimizer = Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]
 
 

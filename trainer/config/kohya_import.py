@@ -25,13 +25,15 @@ from trainer.config.kohya_names import KOHYA_KEYS
 from trainer.config.sample_prompts import OPTION_HELP, parse_prompt_text
 
 NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon",
-                 "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}
+                 "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr", "LyCORIS/Diag-OFT": "oft"}
 LOKR_KEYS = {"factor": "network.factor", "decompose_both": "network.decompose_both"}  # kohya_ss GUI's LoKr fields
 OPTIMIZERS = {name: name for name in get_args(Optimizer)}  # kohya_ss's names, lowercased, are sdlora's
 SCHEDULERS = get_args(LrScheduler)
 MIXED_PRECISION = {name: name for name in get_args(MixedPrecision)}
 SAVE_PRECISION = {"fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32"}
 SAMPLERS = {"euler_a": "euler_a", "k_euler_a": "euler_a", "euler": "euler", "k_euler": "euler", "ddim": "ddim"}
+# sd-scripts' timestep_sampling; its sigma, shift and flux_shift (flow-model shifts) have no counterpart.
+TIMESTEP_SAMPLING = {"uniform": "uniform", "sigmoid": "sigmoid"}
 # kohya_ss keys for one run on one machine; a preset leaves them out (see trainer.presets.RUN_SPECIFIC_KEYS).
 RUN_SPECIFIC = ("pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "output_dir", "logging_dir",
                 "output_name", "model_list", "network_weights", "lora_network_weights", "vae")
@@ -120,7 +122,7 @@ SPECIAL = ("LoRA_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha"
            "cache_latents", "cache_latents_to_disk", "v_parameterization", "sample_sampler", "sample_prompts",
            "dim_from_weights",  # sdlora always continues a file at its own ranks
            "sdxl_no_half_vae",  # sdlora's VAE is always fp32
-           "masked_loss", *LOKR_KEYS)
+           "masked_loss", "dora_wd", "network_args", "timestep_sampling", "sigmoid_scale", "constrain", *LOKR_KEYS)
 
 
 CONFIG_FIELDS = {field.key: field for field in config_field_table()}
@@ -168,7 +170,7 @@ def import_kohya_preset(data: Mapping[str, Any], source: str = "the kohya_ss pre
         if b.given(key):
             b.set(dotted, read(key, data[key], source))
     for step in (_network, _learning_rates, _optimizer, _schedule, _length, _resolution, _precision,
-                 _caching, _prediction, _sampler, _sample_prompts, _masked_loss):
+                 _caching, _prediction, _sampler, _sample_prompts, _masked_loss, _timestep_sampling):
         step(b)
     for key, value in data.items():
         if key not in DIRECT and key not in SPECIAL and key not in RUN_SPECIFIC:  # those get a note instead
@@ -201,11 +203,19 @@ def _network(b: _Builder) -> None:
         b.notes.append(f"LoRA_type {kind!r} with conv_dim 0 adapts no convolution: imported as a plain LoRA.")
     b.set("network.type", network)
     _lokr_shape(b, network)
-    # LyCORIS adapts the convolutions of a LoHa / LoKr when conv_dim is set, as LoCon always does.
-    include_convs = network in ("loha", "lokr") and bool(conv_dim)
-    if network in ("loha", "lokr"):
+    dora_convs = _dora(b, network) and network == "locon"
+    if b.config["network"]["type"] == "dora":  # LyCORIS's DoRA switch on a LoRA / LoCon
+        network = "dora"
+        b.set("network.include_convs", dora_convs)
+    if network == "oft" and b.given("constrain") and (bound := _number("constrain", b.data["constrain"], b.source)) > 0:
+        b.set("network.alpha", bound)  # LyCORIS's diag-oft bound (x each layer's width); it ignores network_alpha
+    elif "constrain" in b.data and network != "oft":
+        b.unmapped["constrain"] = b.data["constrain"]
+    # LyCORIS adapts the convolutions of a LoHa / LoKr / OFT when conv_dim is set, as LoCon always does.
+    include_convs = network in ("loha", "lokr", "oft") and bool(conv_dim)
+    if network in ("loha", "lokr", "oft"):
         b.set("network.include_convs", include_convs)
-    if not NetworkSpec(type=network, include_convs=include_convs).adapts_convs:  # the spec's rule for conv_rank
+    if not NetworkSpec(type=network, include_convs=include_convs or dora_convs).adapts_convs:  # the spec's rule
         for key in ("conv_dim", "conv_alpha"):
             if key in b.data:
                 b.unmapped[key] = b.data[key]  # kohya_ss itself ignores them for a Standard LoRA
@@ -216,6 +226,37 @@ def _network(b: _Builder) -> None:
             return
         if b.given("conv_alpha"):
             b.set("network.conv_alpha_ratio", _number("conv_alpha", b.data["conv_alpha"], b.source) / conv_dim)
+
+
+def _dora(b: _Builder, network: str) -> bool:
+    """LyCORIS's DoRA (kohya_ss GUI's dora_wd, or dora_wd=True in sd-scripts' network_args) on a LoRA / LoCon:
+    sets network.type dora and says so; True when it did. Other network_args are listed as unmapped."""
+    args = _network_args(b)
+    rest = {key: value for key, value in args.items() if key not in ("dora_wd", "wd_on_output")}
+    if rest:
+        b.unmapped["network_args"] = " ".join(f"{key}={value}" for key, value in rest.items())
+    wanted = _flag("dora_wd", b.data["dora_wd"], b.source) if b.given("dora_wd") else False
+    wanted = wanted or _flag("network_args dora_wd", args.get("dora_wd", False), b.source)
+    if not wanted or network not in ("lora", "locon"):
+        if wanted:
+            b.notes.append(f"dora_wd was not imported: sdlora's DoRA is a LoRA/LoCon, so this {network} preset "
+                           "imports without it.")
+        if "dora_wd" in b.data or wanted:
+            b.unmapped["dora_wd"] = b.data.get("dora_wd", True)
+        return False
+    b.set("network.type", "dora")
+    if _flag("network_args wd_on_output", args.get("wd_on_output", True), b.source):
+        b.notes.append("dora_wd became network.type dora, whose magnitude sdlora learns per input column "
+                       "(LyCORIS's wd_on_output=False, the axis A1111 and ComfyUI read alike), not per output row "
+                       "as LyCORIS's default wd_on_output=True does.")
+    return True
+
+
+def _network_args(b: _Builder) -> dict[str, str]:
+    """sd-scripts' network_args ("key=value" strings, as a list or one space-separated string) as a dict."""
+    raw = b.data.get("network_args") or []
+    items = raw.split() if isinstance(raw, str) else [str(item) for item in raw]
+    return dict(item.split("=", 1) if "=" in item else (item, "True") for item in items)
 
 
 def _full_lokr(b: _Builder, key: str, dim: int | None, rank_key: str, ratio_key: str) -> bool:
@@ -393,6 +434,15 @@ def _masked_loss(b: _Builder) -> None:
         b.set("dataset.loss_mask", "alpha")
         b.notes.append("masked_loss is imported as dataset.loss_mask = alpha (each image's transparency); for a "
                        "folder of mask images use loss_mask = folder with dataset.mask_folder.")
+
+
+def _timestep_sampling(b: _Builder) -> None:
+    b.choose("timestep_sampling", "train.timestep_distribution", TIMESTEP_SAMPLING)
+    if b.given("sigmoid_scale"):  # read only by kohya's sigmoid (and shift, which is unmapped)
+        if b.config.get("train", {}).get("timestep_distribution") == "sigmoid":
+            b.set("train.timestep_sigmoid_scale", _number("sigmoid_scale", b.data["sigmoid_scale"], b.source))
+        else:
+            b.unmapped["sigmoid_scale"] = b.data["sigmoid_scale"]
 
 
 def _sampler(b: _Builder) -> None:

@@ -3,9 +3,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from trainer.config.choices import SEED_MAX, LossType, LrScheduler, MixedPrecision, Optimizer, OptimizerArg
+from trainer.config.choices import (
+    SEED_MAX,
+    LossType,
+    LrScheduler,
+    MixedPrecision,
+    Optimizer,
+    OptimizerArg,
+    TimestepDistribution,
+)
 from trainer.config.section import Section
 
 
@@ -66,6 +75,40 @@ class TrainSection(Section):
     min_timestep: int = Field(0, ge=0, le=999, description="Lowest noise timestep trained (kohya's; 0 = all).")
     max_timestep: int = Field(1000, ge=1, le=1000, description="Timesteps below this are trained (kohya's, "
                                                                "exclusive; 1000 = all).")
+    timestep_distribution: TimestepDistribution = Field("uniform", description=(
+        "How training timesteps are drawn inside min/max_timestep (OneTrainer's choices): uniform (kohya's), "
+        "logit_normal (SD3's; timestep_mean/std), sigmoid (kohya's; timestep_sigmoid_scale), beta "
+        "(timestep_beta_a/b), cos_map (SD3's), heavy_tail (SD3's; timestep_heavy_tail_scale) or "
+        "inverted_parabola (timestep_parabola_weight/bias). The check shows its histogram."))
+    timestep_mean: float = Field(0.0, ge=-3, le=3, description=(
+        "logit_normal: the normal's mean (SD3's m, OneTrainer's noising bias); above 0 trains noisier "
+        "timesteps more, below 0 cleaner ones."))
+    timestep_std: float = Field(1.0, gt=0, le=3, description="logit_normal: the normal's spread (SD3's s); "
+                                                             "smaller concentrates the draws in the middle.")
+    timestep_sigmoid_scale: float = Field(1.0, gt=0, le=10, description=(
+        "sigmoid: the scale of the normal inside the sigmoid (kohya's sigmoid_scale); larger pushes draws "
+        "toward both ends."))
+    timestep_beta_a: float = Field(1.0, gt=0, le=100, description=(
+        "beta: the first shape a; a = b = 1 is uniform, a > b favours noisy timesteps."))
+    timestep_beta_b: float = Field(1.0, gt=0, le=100, description=(
+        "beta: the second shape b; b > a favours clean timesteps, a = b > 1 the middle ones."))
+    timestep_heavy_tail_scale: float = Field(1.29, ge=-1, le=1.75, description=(
+        "heavy_tail: SD3's s (1.29 in the paper); above 0 favours the middle timesteps, below 0 both ends."))
+    timestep_parabola_weight: float = Field(8.0, ge=0, le=100, description=(
+        "inverted_parabola: its curvature (OneTrainer's noising weight): 0 is flat, 8 reaches zero at both "
+        "ends, more narrows the peak."))
+    timestep_parabola_bias: float = Field(0.0, ge=-0.5, le=0.5, description=(
+        "inverted_parabola: moves its peak from the middle of the range (OneTrainer's noising bias); above "
+        "0 toward noisy timesteps."))
+    preservation_caption: str = Field("", max_length=1000, description=(
+        "Output preservation (kohya's Differential Output Preservation, ai-toolkit's DOP): beside each step the "
+        "base model (adapters off) and the LoRA predict the same noisy latents for this caption, usually the "
+        "class words without the trigger (e.g. 'a photo of a woman'), and the LoRA is pulled toward the base "
+        "so it changes only what the trigger asks for; no regularization images. About 2x the step's compute. "
+        "Empty = off."))
+    preservation_weight: float = Field(1.0, gt=0, le=100, description=(
+        "Output preservation: weight of the base-versus-LoRA error for preservation_caption against the "
+        "training loss."))
     scale_v_pred_loss_like_noise_pred: bool = Field(False, description=(
         "v-prediction models: weight the loss by SNR/(SNR+1) so it behaves like an epsilon model's (kohya's)."))
     v_pred_like_loss: float = Field(0.0, ge=0, description="Add this much of a v-prediction-like loss (kohya's; "
@@ -82,3 +125,11 @@ class TrainSection(Section):
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5 is "
                                                                 "typical); empty disables.")
     seed: int = Field(42, ge=0, le=SEED_MAX, description="Random seed for shuffling, noise and dropout.")
+
+    @field_validator("preservation_caption")
+    @classmethod
+    def _caption_not_blank(cls, caption: str) -> str:
+        if caption and not caption.strip():  # "" is off; spaces alone would encode an empty prompt
+            raise PydanticCustomError("sdlora_value", "is only spaces; give the class words, e.g. 'a photo of a "
+                                                      "woman', or leave it empty")
+        return caption

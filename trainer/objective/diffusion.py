@@ -10,6 +10,8 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from trainer.objective.timesteps import sample_timesteps
+
 if TYPE_CHECKING:
     from trainer.config import TrainSection
 
@@ -70,13 +72,6 @@ def with_zero_terminal_snr(scheduler: DDPMScheduler) -> DDPMScheduler:
     fixed = DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)
     fixed.alphas_cumprod[-1] = 2**-24
     return fixed
-
-
-def sample_timesteps(batch_size: int, num_train_timesteps: int, device, low: int = 0,
-                     high: int | None = None) -> torch.Tensor:
-    """Uniform in [low, high) (kohya's min_timestep / max_timestep), all of them by default."""
-    high = num_train_timesteps if high is None else min(high, num_train_timesteps)
-    return torch.randint(low, high, (batch_size,)).long().to(device)
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -189,7 +184,7 @@ class Objective:
                              train.multires_noise_discount, train.noise_offset_random_strength,
                              train.adaptive_noise_scale)
         timesteps = sample_timesteps(latents.shape[0], self.scheduler.config.num_train_timesteps, latents.device,
-                                     train.min_timestep, train.max_timestep)
+                                     train.min_timestep, train.max_timestep, train)
         seen = perturbed_input_noise(noise, train.ip_noise_gamma, train.ip_noise_gamma_random_strength)
         return self.scheduler.add_noise(latents, seen, timesteps), noise, timesteps
 

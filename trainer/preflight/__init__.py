@@ -27,8 +27,10 @@ from trainer.preflight.network import (
 )
 from trainer.preflight.noise import check_noise_options, check_precision
 from trainer.preflight.plan import StepPlan, plan_steps, step_plan
+from trainer.preflight.preservation import check_preservation
 from trainer.preflight.report import Report, bucket_histogram
 from trainer.preflight.saving import check_sampling_and_saving
+from trainer.preflight.timesteps import check_timesteps
 
 # The order is the report's: a check may read what the ones before it found (the model's family and
 # prediction type, the dataset, the training set, the step plan) and skips itself when that is missing.
@@ -38,6 +40,8 @@ CHECKS = (
     check_network_weights,
     explain_block_weights,
     check_noise_options,
+    check_timesteps,
+    check_preservation,
     check_dataset,
     check_captions,
     check_caption_length,

@@ -28,6 +28,7 @@ from trainer.objective.diffusion import Objective, with_zero_terminal_snr
 from trainer.objective.ema import AdapterEMA
 from trainer.objective.lora_init import first_gradients, initialise
 from trainer.objective.optimizers import build_lr_scheduler, build_optimizer
+from trainer.objective.preservation import preservation_problem
 from trainer.objective.validation import ValidationSample, ValidationSet, validation_items
 from trainer.run.batch_loss import BatchLoss
 from trainer.run.outputs import RunOutputs, report_skipped
@@ -84,6 +85,8 @@ def step_count(cfg: TrainConfig, dataset: ImageDataset, world_size: int) -> Step
 
 def build_run(cfg: TrainConfig, accelerator: Accelerator, run: RunDir, resume: bool = False) -> RunParts:
     main = accelerator.is_main_process
+    if problem := preservation_problem(cfg):
+        raise SdloraError(problem)
     dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)  # "no": fp32
     set_seed(cfg.train.seed)
     scanned = ImageDataset.scan(cfg.dataset.options(), seed=cfg.train.seed)
@@ -97,11 +100,13 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator, run: RunDir, resume: b
     objective = Objective(cfg.train, model.noise_scheduler, model.prediction_type)
     supply = BatchSupply(cfg, model, dataset, accelerator)
     supply.build()
+    if cfg.train.preservation_caption:  # encoded once with the training captions, before the encoders go
+        supply.cache_captions([cfg.train.preservation_caption])
     copy = run.weights_copy if resume and run.weights_copy.is_file() else None
     network = build_network(cfg, model, copy).attach()
     network.to(accelerator.device)
     loss = BatchLoss(model, model.unet, supply, objective, dataset, masks, cfg.train.prior_loss_weight, accelerator,
-                     dtype)
+                     dtype, network)
     steps = step_count(cfg, dataset, accelerator.num_processes)
     initialise(network, cfg.network.init, lambda: first_gradients(
         network, loss, epoch_batches(cfg, dataset, accelerator, 0)[:cfg.network.loraga_batches]))
