@@ -34,10 +34,10 @@ def spy_terms(monkeypatch) -> list[float]:
 
 
 @pytest.mark.parametrize("flags", [
-    ["dataset.cache_text_encoder_outputs=true"],  # the caption's states from the text cache, encoders gone
+    # (the cached SD1 caption states: test_preservation_keeps_the_preservation_captions_outputs)
     ["network.train_text_encoder=true"],  # encoded each step, the text encoder's adapters off for the base too
-    ["model.path=demo:sdxl"],  # two encoders, pooled states and time ids
-], ids=["sd1-cached", "sd1-text-encoder", "sdxl"])
+    ["model.path=demo:sdxl"],  # two encoders, pooled states and time ids, from the text cache
+], ids=["sd1-text-encoder", "sdxl"])
 def test_the_term_is_zero_while_the_lora_is_zero_and_grows_as_it_trains(tmp_path, data4, monkeypatch, flags):
     terms = spy_terms(monkeypatch)
     cfg = tiny_config(data4, tmp_path / "run", "train.max_steps=3", "train.batch_size=2", "train.learning_rate=1e-2",
@@ -86,10 +86,13 @@ def output_change(parts, hidden: torch.Tensor, seed=5) -> float:
     return float(torch.nn.functional.mse_loss(adapted, base))
 
 
-def test_preservation_keeps_the_preservation_captions_outputs(tmp_path, data4):
+def test_preservation_keeps_the_preservation_captions_outputs(tmp_path, data4, monkeypatch):
+    terms = spy_terms(monkeypatch)
     flags = ["train.max_steps=12", "train.batch_size=2", "train.learning_rate=5e-3", "network.rank=8"]
     _, preserved = run_training(tiny_config(data4, tmp_path / "preserved", *flags, "train.preservation_weight=4",
                                             f"train.preservation_caption={CAPTION}"), progress=False)
+    assert not preserved.model.text_encoders  # the caption's states came from the text cache, encoders dropped
+    assert len(terms) == 12 and terms[0] == 0.0 and min(terms[1:]) > 0  # zero while the LoRA was
     _, plain = run_training(tiny_config(data4, tmp_path / "plain", *flags), progress=False)
     # The states from the preserved run's text cache (the plain run dropped its encoders); the model is the same.
     kept_states = preserved.batches.encode_text([CAPTION] * 8)["hidden"]
