@@ -108,7 +108,7 @@ class TrainSection(Section):
         "Empty = off."))
     preservation_weight: float = Field(1.0, gt=0, le=100, description=(
         "Output preservation: weight of the base-versus-LoRA error for preservation_caption against the "
-        "training loss."))
+        "training loss (the step's reported loss includes it)."))
     scale_v_pred_loss_like_noise_pred: bool = Field(False, description=(
         "v-prediction models: weight the loss by SNR/(SNR+1) so it behaves like an epsilon model's (kohya's)."))
     v_pred_like_loss: float = Field(0.0, ge=0, description="Add this much of a v-prediction-like loss (kohya's; "
