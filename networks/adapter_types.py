@@ -10,9 +10,10 @@ from .adapter import Adapter
 from .loha import LohaModule
 from .lokr import LokrModule
 from .lora import LoraModule
+from .oft import OftModule
 
 # In the order a file module's keys are tried (their keys do not overlap, so the order only reads well).
-ADAPTER_TYPES: tuple[type[Adapter], ...] = (LohaModule, LokrModule, LoraModule)
+ADAPTER_TYPES: tuple[type[Adapter], ...] = (LohaModule, LokrModule, OftModule, LoraModule)
 BY_KIND: dict[str, type[Adapter]] = {cls.kind: cls for cls in ADAPTER_TYPES}
 
 

@@ -73,6 +73,10 @@ def check_lora_keys(state: dict[str, torch.Tensor], source: str = "the file", ly
         raise SdloraError(f"'{source}' has {len(foreign)} key(s) that are not lora_down/lora_up/alpha "
                           f"(e.g. '{foreign[0]}'); it is not a kohya-layout LoRA file.")
     algos = {module_algo(parts) for parts in group_modules(state).values()} - {"lora", None}
+    if "oft" in algos and not lycoris:
+        raise SdloraError(f"'{source}' is a LyCORIS OFT file, whose update rotates each base weight's output rows "
+                          "and has no rank-r factors to truncate or add up; resize and mix take LoRA/LoCon files, "
+                          "so keep it as it is or train it at the block size you want.")
     if algos and not lycoris:
         raise SdloraError(f"'{source}' is a LyCORIS {'/'.join(sorted(ALGO_NAMES[a] for a in algos))} file, "
                           "whose update is a Hadamard or Kronecker product with no rank-r factors to truncate "
@@ -119,6 +123,10 @@ def lora_factors(state: dict[str, torch.Tensor], source: str = "the file",
         if problem is not None:
             raise SdloraError(f"Module '{name}' in {source} cannot be analysed: {problem}.")
         algo = module_algo(modules[name])
+        if algo == "oft":
+            raise SdloraError(f"Module '{name}' in {source} is LyCORIS OFT, whose update rotates the base "
+                              "weight's output rows and has no low-rank factors; the spectrum, subspace similarity "
+                              "and amplification do not apply to OFT (Inspect shows its blocks and angles).")
         if algo in ("loha", "lokr"):
             factors[name] = _lycoris_factors(name, algo, modules[name], source)
             continue

@@ -17,7 +17,9 @@ from .adapter import ALPHA
 from .analysis import block_of, block_order, lora_factors, module_svd, split_analysable
 from .lora import LORA_DOWN
 from .lora_file import module_summary, read_lora
+from .lycoris_keys import group_modules, module_algo, split_key
 from .naming import SGM_HEADS, TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, role_of
+from .oft import OFT_BLOCKS, oft_report
 
 # ss_base_model_version / modelspec.architecture prefixes -> family
 _VERSION_FAMILIES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("stable-diffusion-xl", "sdxl"),
@@ -61,10 +63,14 @@ def inspect_state(state: dict[str, torch.Tensor], metadata: dict[str, str], sour
     a weight that is not a matrix) are named in "left_out", one sentence each, and the rest reported."""
     full_state = state
     state, left_out = split_analysable(full_state, source)
-    factors = lora_factors(state, source)
+    rotations = {name: parts for name, parts in group_modules(state).items() if module_algo(parts) == "oft"}
+    factors = lora_factors({k: v for k, v in state.items() if split_key(k)[0] not in rotations}, source)
     summary = module_summary(state)
     modules = {}
-    for name in sorted(factors, key=lambda n: (block_order(n), n)):
+    for name in sorted([*factors, *rotations], key=lambda n: (block_order(n), n)):
+        if name in rotations:
+            modules[name] = _oft_module(name, rotations[name], summary[name])
+            continue
         module, info = factors[name], summary[name]
         if module.algo == "lora":
             conv = module.kernel is not None and module.kernel != (1, 1)
@@ -84,6 +90,14 @@ def inspect_state(state: dict[str, torch.Tensor], metadata: dict[str, str], sour
             "components": dict(Counter(role_of(name) for name in modules)),
             "rank_alpha": _rank_alpha_groups(modules), "blocks": _blocks(modules),
             "metadata": dict(sorted(metadata.items())), "modules": modules, "left_out": left_out}
+
+
+def _oft_module(name: str, parts: dict[str, torch.Tensor], info: dict) -> dict:
+    """An OFT module's row: its change depends on the base weight, so "norm" is ||Q||_F (the rotation's size)."""
+    facts = oft_report(parts[OFT_BLOCKS], info["alpha"])
+    return {"block": block_of(name), "kind": "conv" if CONV_NAME.search(name) else "linear", "algo": "oft",
+            "rank": info["rank"], "alpha": info["alpha"], "scale": 1.0, "down": None, "up": None,
+            "shapes": info["shapes"], "norm": facts["q_norm"], **facts}
 
 
 def inspect_lora(path: str | os.PathLike) -> dict:
@@ -124,6 +138,12 @@ def render_inspect(report: dict, per_module: bool = False) -> str:
     for block, row in report["blocks"].items():
         lines.append(f"{block:<26}{row['modules']:>8}{_set(row['ranks']):>10}{_set(row['alphas']):>10}"
                      f"{row['norm']:>12.4g}")
+    rotations = [m for m in report["modules"].values() if m["algo"] == "oft"]
+    if rotations:
+        lines += [f"OFT: {len(rotations)} modules rotate their weight's rows in blocks of "
+                  f"{_set(sorted({m['block_size'] for m in rotations}))}, largest angle "
+                  f"{max(m['angle_degrees'] for m in rotations):.3g} deg; their |dW|_F column is ||Q||_F (the "
+                  "change depends on the base weight), and spectra do not apply to a rotation."]
     if report.get("left_out"):
         lines += ["", f"{len(report['left_out'])} module(s) left out of this report:"]
         lines += [f"  {sentence}" for sentence in report["left_out"].values()]

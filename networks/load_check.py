@@ -40,6 +40,7 @@ from .naming import (
     components_for,
     kohya_name,
 )
+from .oft import OFT_BLOCKS, OFT_KEYS
 from .spec import FAMILIES
 from .targets import is_adaptable
 
@@ -106,7 +107,7 @@ def check_lora_structure(path: str | os.PathLike, family: str | None = None) -> 
         problems += _module_problems(name, parts) + _name_problems(name, family)
     if not modules:
         problems.append("The file holds no LoRA module (no lora_down/lora_up/alpha keys).")
-    lycoris = any(module_algo(parts) in ("loha", "lokr") for parts in modules.values())
+    lycoris = any(module_algo(parts) in ("loha", "lokr", "oft") for parts in modules.values())
     return LoadCheck(not problems, problems, len(modules), ["diffusers load_lora_weights"] if lycoris else [])
 
 
@@ -125,7 +126,7 @@ def _group_modules(tensors: dict[str, TensorInfo]) -> tuple[dict[str, dict[str, 
 
 def _module_problems(name: str, parts: dict[str, TensorInfo]) -> list[str]:
     algo = module_algo(parts)
-    if algo in ("loha", "lokr"):
+    if algo in ("loha", "lokr", "oft"):
         return _lycoris_problems(name, algo, parts)
     missing = [s for s in (LORA_DOWN, LORA_UP, ALPHA) if s not in parts]
     if missing:
@@ -153,8 +154,8 @@ def _module_problems(name: str, parts: dict[str, TensorInfo]) -> list[str]:
 def _lycoris_problems(name: str, algo: str, parts: dict[str, TensorInfo]) -> list[str]:
     """Complete, float weights, a 0-dim float32 alpha, factors that multiply."""
     label = ALGO_NAMES[algo]
-    if algo == "loha":
-        needed = [*LOHA_KEYS, ALPHA]
+    if algo in ("loha", "oft"):
+        needed = [*(LOHA_KEYS if algo == "loha" else OFT_KEYS), ALPHA]
     else:  # per half the full matrix, or its factor a; then alpha; then the b of each factored half
         needed = [full if full in parts else a for full, a, _ in LOKR_HALVES] + [ALPHA]
         needed += [b for full, _, b in LOKR_HALVES if full not in parts]
@@ -177,6 +178,9 @@ def _lycoris_problems(name: str, algo: str, parts: dict[str, TensorInfo]) -> lis
 def _lycoris_weight_shape(algo: str, parts: dict[str, TensorInfo]) -> tuple[int, int] | None:
     """(out, in * kh * kw) of the weight a LoHa/LoKr module's factors build, None when they do not fit."""
     shape = {key: info.shape for key, info in parts.items()}
+    if algo == "oft":  # square blocks along the output rows; the input side is not the file's to say
+        blocks = shape[OFT_BLOCKS]
+        return (blocks[0] * blocks[1], None) if len(blocks) == 3 and blocks[1] == blocks[2] else None
     if algo == "loha":
         w1a, w1b, w2a, w2b = (flat(shape[k]) for k in LOHA_KEYS)
         if None in (w1a, w1b, w2a, w2b) or w1a[1] != w1b[0] or w2a[1] != w2b[0] or w1a[0] != w2a[0] \
@@ -251,7 +255,7 @@ def check_lora_file(path: str | os.PathLike, family: str, unet: nn.Module | None
             problems.append(_unknown_name(name, family, aliases))
             continue
         algo = module_algo(parts)
-        if algo in ("loha", "lokr"):
+        if algo in ("loha", "lokr", "oft"):
             problems += _lycoris_shape_problems(name, algo, module, parts)
             continue
         problems += _shape_problems(name, module, parts.get(LORA_DOWN), parts.get(LORA_UP))
@@ -261,6 +265,8 @@ def check_lora_file(path: str | os.PathLike, family: str, unet: nn.Module | None
 def _lycoris_shape_problems(name: str, algo: str, module: nn.Module, parts: dict[str, TensorInfo]) -> list[str]:
     built = _lycoris_weight_shape(algo, parts)
     want = (module.weight.shape[0], math.prod(module.weight.shape[1:]))
+    if built is not None and built[1] is None:  # OFT: only the rows are the file's
+        want = (want[0], None)
     if built is None or built == want:
         return []  # a mismatch inside the factors is already reported by the structure check
     return [f"{ALGO_NAMES[algo]} module '{name}' builds a {list(built)} weight but the model's "

@@ -22,6 +22,7 @@ from .loha import HADA_W1_B
 from .lokr import LOKR_W1_A, LOKR_W2_A
 from .lora import LORA_DOWN, LORA_KEYS, LORA_UP
 from .lycoris_keys import ALL_SUFFIXES, group_modules, module_algo
+from .oft import OFT_BLOCKS
 
 PORTABLE_SUFFIXES = (*LORA_KEYS, ALPHA)  # LoRA/LoCon; LyCORIS adds ALL_SUFFIXES
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -93,6 +94,8 @@ def _module_rank(algo: str, parts: dict[str, torch.Tensor]) -> int | None:
         return int(parts[LORA_DOWN].shape[0])
     if algo == "loha":
         return int(parts[HADA_W1_B].shape[0]) if HADA_W1_B in parts else None
+    if algo == "oft":  # the block size (LyCORIS's diag-oft dim)
+        return int(parts[OFT_BLOCKS].shape[-1])
     inner = parts.get(LOKR_W1_A, parts.get(LOKR_W2_A))
     return int(inner.shape[1]) if inner is not None else None
 

@@ -2,7 +2,8 @@
 
 A LoHa module is `<name>.hada_w1_a`, `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b` and `<name>.alpha`; a LoKr
 module `<name>.lokr_w1` (or `.lokr_w1_a` + `.lokr_w1_b`), `.lokr_w2` (or `.lokr_w2_a` + `.lokr_w2_b`) and
-`<name>.alpha`, under the same kohya module names as LoRA. A1111/Forge, ComfyUI and LyCORIS read them;
+`<name>.alpha`, an OFT (diag-oft) module `<name>.oft_blocks` [blocks, b, b] and `<name>.alpha` (0: no
+bound), under the same kohya module names as LoRA. A1111/Forge, ComfyUI and LyCORIS read them;
 diffusers' `load_lora_weights` does not.
 """
 
@@ -17,7 +18,7 @@ ALL_SUFFIXES = (*(key for cls in ADAPTER_TYPES for key in cls.file_keys), ALPHA)
 ALGO_NAMES = {cls.kind: cls.label for cls in ADAPTER_TYPES}
 # what ss_network_module says (kohya's sd-scripts write lycoris.kohya for LyCORIS networks)
 NETWORK_MODULES = {cls.kind: cls.network_module for cls in ADAPTER_TYPES}
-NOT_IN_DIFFUSERS = ("diffusers' load_lora_weights does not load LoHa/LoKr files (it reads LoRA/LoCon only); "
+NOT_IN_DIFFUSERS = ("diffusers' load_lora_weights does not load LoHa/LoKr/OFT files (it reads LoRA/LoCon only); "
                     "A1111/Forge, ComfyUI and LyCORIS do.")
 
 

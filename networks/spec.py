@@ -14,12 +14,12 @@ from .errors import SdloraError
 
 FamilyName = Literal["sd1", "sd2", "sdxl"]
 FAMILIES: tuple[str, ...] = get_args(FamilyName)
-NetworkType = Literal["lora", "locon", "loha", "lokr"]
+NetworkType = Literal["lora", "locon", "loha", "lokr", "oft"]
 # How the down/A matrix starts; pissa and loraga move the base weight too (networks/inits.py applies them).
 NetworkInit = Literal["kaiming", "gaussian", "pissa", "loraga"]
 NETWORK_TYPES: tuple[str, ...] = get_args(NetworkType)
 INITS: tuple[str, ...] = get_args(NetworkInit)
-LYCORIS_TYPES = ("loha", "lokr")
+LYCORIS_TYPES = ("loha", "lokr", "oft")
 DROPOUT_KEYS = ("dropout", "rank_dropout", "module_dropout")
 MAX_RANK = 1024
 # The bounds of the spec's numbers, in pydantic's Field words: the config's [network] fields are declared

@@ -159,7 +159,7 @@ def test_a_lokr_dim_past_any_weight_asks_for_full_halves_and_imports_at_the_top_
 def test_unsupported_types_and_bad_values_are_one_sentence(tmp_path):
     with pytest.raises(SdloraError, match=r"LoRA_type 'LyCORIS/iA3' in x.json is not supported; sdlora imports "
                                           r"'Standard', 'LoCon', 'Kohya LoCon', 'LyCORIS/LoCon', 'LyCORIS/LoHa', "
-                                          r"'LyCORIS/LoKr' presets\."):
+                                          r"'LyCORIS/LoKr', 'LyCORIS/Diag-OFT' presets\."):
         import_kohya_preset({**STANDARD_SDXL, "LoRA_type": "LyCORIS/iA3"}, source="x.json")
     with pytest.raises(SdloraError, match="optimizer 'DAdaptAdam' in x.json is not offered by sdlora"):
         import_kohya_preset({**STANDARD_SDXL, "optimizer": "DAdaptAdam"}, source="x.json")

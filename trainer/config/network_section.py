@@ -15,14 +15,19 @@ from trainer.config.section import Section, rule
 class NetworkSection(Section):
     type: NetworkType = Field("lora", description="lora adapts attention and linear layers; locon also "
                                                   "adapts 3x3 convolutions; loha / lokr are LyCORIS's Hadamard / "
-                                                  "Kronecker products (A1111, ComfyUI and LyCORIS load them, "
-                                                  "diffusers does not).")
-    rank: int = Field(16, **BOUNDS["rank"], description="Rank r: the adapter's capacity and file size.")
+                                                  "Kronecker products; oft rotates each weight's output rows in "
+                                                  "blocks (LyCORIS's diag-oft) (A1111, ComfyUI and LyCORIS load "
+                                                  "them, diffusers does not).")
+    rank: int = Field(16, **BOUNDS["rank"], description="Rank r: the adapter's capacity and file size. oft: the "
+                      "block size b, as LyCORIS's diag-oft dim: each layer's width splits as blocks x size with "
+                      "size = the smaller of b and width / b where b divides it, else the most balanced split "
+                      "with size <= b.")
     alpha_ratio: float = Field(0.5, **BOUNDS["alpha_ratio"], description="alpha / r; the update is scaled by "
                                "alpha / r, so this stays meaningful when r changes.")
     alpha: float | None = Field(None, **BOUNDS["alpha"],
-                                description="Absolute alpha; overrides alpha_ratio when set.")
-    include_convs: bool = Field(False, description="loha / lokr: also adapt the ResNet convolutions and samplers "
+                                description="Absolute alpha; overrides alpha_ratio when set. oft: COFT's bound "
+                                            "||Q|| <= alpha x the layer's width (unset: no bound).")
+    include_convs: bool = Field(False, description="loha / lokr / oft: also adapt the ResNet convolutions and samplers "
                                                    "at conv_rank, as locon does (LyCORIS's conv_dim).")
     factor: int = Field(-1, ge=-1, description="lokr: LyCORIS's factor; each weight side splits as a x b with a = "
                                                "factor where it divides, -1 = the most balanced split.")

@@ -15,7 +15,8 @@ from trainer.preflight.context import CheckContext
 
 # Where the exported file loads (docs/LORA_FORMAT.md); the UI shows the pre-flight text before Train.
 LOAD_TARGETS = {"lora": ("A1111/Forge", "ComfyUI", "diffusers", "LyCORIS"),
-                "loha": ("A1111/Forge", "ComfyUI", "LyCORIS"), "lokr": ("A1111/Forge", "ComfyUI", "LyCORIS")}
+                "loha": ("A1111/Forge", "ComfyUI", "LyCORIS"), "lokr": ("A1111/Forge", "ComfyUI", "LyCORIS"),
+                "oft": ("A1111/Forge", "ComfyUI", "LyCORIS")}
 
 
 def check_network_weights(ctx: CheckContext) -> None:
@@ -64,6 +65,9 @@ def explain_block_weights(ctx: CheckContext) -> None:
 def explain_scale(ctx: CheckContext) -> None:
     """The adapter's scale (the spec's own rule: alpha / r, or alpha / sqrt(r) with rsLoRA) in words."""
     spec, report = ctx.cfg.network.spec(), ctx.report
+    if spec.type == "oft":
+        _explain_rotation(spec, report)
+        return
     rslora = spec.rslora
     scales = {"linear": (spec.rank, spec.resolved_alpha, spec.alpha is not None, spec.scale())}
     if spec.adapts_convs:
@@ -79,6 +83,15 @@ def explain_scale(ctx: CheckContext) -> None:
                 f"{label}alpha {alpha:g} with {label}r {rank} scales every update by {scale:.3g}, so the adapter "
                 f"barely moves at the usual learning rate; use network.{'conv_' if label else ''}alpha_ratio = 0.5 "
                 f"(or raise the learning rate about {0.5 / scale:.0f}x).")
+
+
+def _explain_rotation(spec, report) -> None:
+    """OFT rotates the weight's rows: no alpha / r scale; network.alpha, when set, is COFT's bound."""
+    report.data["scale"] = {"linear": {"rank": spec.rank, "alpha": spec.alpha or 0.0, "scale": 1.0, "rslora": False}}
+    bound = (f"network.alpha {spec.alpha:g} bounds ||Q|| to {spec.alpha:g} x each layer's width (COFT)"
+             if spec.alpha is not None else "no COFT bound (network.alpha sets one; alpha_ratio does not apply)")
+    report.info.append(f"OFT: each weight's output rows turn in blocks of {spec.rank} (LyCORIS's diag-oft split of "
+                       f"each layer's width), with no alpha / r scale; {bound}.")
 
 
 def _scale_words(scale: float, absolute: bool, rslora: bool = False) -> str:
