@@ -139,6 +139,7 @@ def test_kohya_timestep_sampling_imports_or_is_named():
 
 
 def test_a_stopped_and_resumed_logit_normal_run_draws_the_same_timesteps(tmp_path, data4, monkeypatch):
+    """Output preservation is on too: one stopped run checks that resuming repeats both."""
     drawn_steps = []
     noised = Objective.noised
 
@@ -149,7 +150,8 @@ def test_a_stopped_and_resumed_logit_normal_run_draws_the_same_timesteps(tmp_pat
 
     monkeypatch.setattr(Objective, "noised", recording)
     flags = ["train.max_steps=4", "train.batch_size=2", "train.timestep_distribution=logit_normal",
-             "train.timestep_mean=0.8", "train.timestep_std=0.5", "train.min_timestep=100", "train.max_timestep=900"]
+             "train.timestep_mean=0.8", "train.timestep_std=0.5", "train.min_timestep=100", "train.max_timestep=900",
+             "train.preservation_caption=a circle"]
     train(tiny_config(data4, tmp_path / "straight", *flags), progress=False)
     straight, drawn_steps[:] = list(drawn_steps), []
     assert train(tiny_config(data4, tmp_path / "stopped", *flags), progress=False, on_step=stop_at(2)) is None
