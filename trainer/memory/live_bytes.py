@@ -20,9 +20,10 @@ from contextlib import contextmanager
 import torch
 from torch.nn import functional
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 from torch.utils.weak import WeakIdKeyDictionary
+
+from trainer.memory import meta_outputs
 
 
 class LiveBytes(TorchDispatchMode):
@@ -44,15 +45,13 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = _FLOP_FORMULAS.get(func._overloadpacket)
-        if formula is not None:
-            self.flops += formula(*args, **kwargs, out_val=out)
+        out, flops, fresh = meta_outputs.run(func, args, kwargs, _flops)
+        self.flops += flops
         # Views and in-place results share an input's storage: already charged, or made before the mode
         # (weights), which is not this mode's to count.
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) not in inputs:
+        inputs = set() if fresh else {id(t.untyped_storage()) for t in meta_outputs.tensors((args, kwargs))}
+        for tensor in meta_outputs.tensors(out):
+            if id(tensor.untyped_storage()) not in inputs:
                 self._charge(tensor.untyped_storage())
         self.peak = max(self.peak, self.live)
         return out
@@ -71,6 +70,11 @@ def _flash_forward(query_shape, key_shape, value_shape, *args, out_shape=None, *
 
 def _flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _flops(func, args, kwargs, out) -> int:
+    formula = _FLOP_FORMULAS.get(func._overloadpacket)
+    return 0 if formula is None else formula(*args, **kwargs, out_val=out)
 
 
 # FlopCounterMode's formulas, plus the CPU flash kernel flash_attention() routes to (it knows the GPU ones).

@@ -5,11 +5,13 @@ prediction builds its own and may cast, hook and checkpoint it freely."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch.overrides import TorchFunctionMode
 
 from networks.lora_file import DTYPES
 from trainer.config import TrainConfig
@@ -36,9 +38,30 @@ def weight_dtype(cfg: TrainConfig) -> torch.dtype:
     return DTYPES.get(cfg.train.mixed_precision, torch.float32)  # "no": fp32
 
 
+# What modules' reset_parameters and adapters' inits call to write values; a meta tensor has none to write.
+_INITIALISERS = frozenset({torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.zero_, torch.Tensor.fill_,
+                           torch.Tensor.exponential_, torch.Tensor.random_})
+
+
+class _NoValuesOnMeta(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _INITIALISERS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def on_meta():
+    """New tensors on the meta device, their initialisers skipped: the meta kernels of uniform_ and the like
+    are Python and cost seconds across SDXL's and its adapters' thousands of weights, for values that do not
+    exist."""
+    with torch.device(META), _NoValuesOnMeta():
+        yield
+
+
 def meta_components(folder: Path, family: ModelFamily) -> tuple[torch.nn.Module, list, torch.nn.Module]:
     """The UNet, text encoders and VAE of a diffusers config folder, on the meta device: shapes, no memory."""
-    with torch.device(META):
+    with on_meta():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
         encoders = [cls(cls.config_class.from_pretrained(folder / attr))

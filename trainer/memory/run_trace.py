@@ -21,7 +21,7 @@ from trainer.config import TrainConfig
 from trainer.data.buckets import Placement
 from trainer.data.dataset import Batch, Sample
 from trainer.memory.live_bytes import LiveBytes, flash_attention, storage_bytes
-from trainer.memory.meta_model import META, MetaModel
+from trainer.memory.meta_model import META, MetaModel, on_meta
 from trainer.memory.tracer import StepTrace, trace_step
 from trainer.model.tiny_models import load_clip_tokenizer
 from trainer.objective.diffusion import Objective
@@ -87,8 +87,10 @@ def trace_training(cfg: TrainConfig, model: MetaModel, side: int) -> StepTrace:
     """The step at a `side` x `side` bucket (the largest area) and the batch size, as Trainer.optimizer_step
     runs it for one micro-batch."""
     batch_size, factor = cfg.train.batch_size, vae_factor(model)
-    network = LoraNetwork.create(model.family.name, model.unet, model.text_encoders, cfg.network.spec(),
-                                 device=META).attach()
+    with on_meta():  # the adapters are made on the meta device, not made on the CPU and moved
+        network = LoraNetwork.create(model.family.name, model.unet, model.text_encoders, cfg.network.spec(),
+                                     device=META)
+    network.attach()
     network.train()
     supply = _MetaSupply(cfg, model, (batch_size, model.unet.config.in_channels, side // factor, side // factor),
                          (batch_size, 3, side, side))
