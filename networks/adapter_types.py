@@ -7,13 +7,15 @@ is one class and one entry.
 from __future__ import annotations
 
 from .adapter import Adapter
+from .dora import DoraModule
 from .loha import LohaModule
 from .lokr import LokrModule
 from .lora import LoraModule
 from .oft import OftModule
 
-# In the order a file module's keys are tried (their keys do not overlap, so the order only reads well).
-ADAPTER_TYPES: tuple[type[Adapter], ...] = (LohaModule, LokrModule, OftModule, LoraModule)
+# In the order a file module's keys are tried: DoRA before LoRA (a DoRA module holds LoRA's keys too, plus
+# dora_scale); the others' keys do not overlap.
+ADAPTER_TYPES: tuple[type[Adapter], ...] = (LohaModule, LokrModule, OftModule, DoraModule, LoraModule)
 BY_KIND: dict[str, type[Adapter]] = {cls.kind: cls for cls in ADAPTER_TYPES}
 
 

@@ -77,6 +77,10 @@ def check_lora_keys(state: dict[str, torch.Tensor], source: str = "the file", ly
         raise SdloraError(f"'{source}' is a LyCORIS OFT file, whose update rotates each base weight's output rows "
                           "and has no rank-r factors to truncate or add up; resize and mix take LoRA/LoCon files, "
                           "so keep it as it is or train it at the block size you want.")
+    if "dora" in algos and not lycoris:
+        raise SdloraError(f"'{source}' is a DoRA file, whose learned magnitude renormalises every column of W + "
+                          "up @ down, so its change is no rank-r product to truncate or add up; resize and mix "
+                          "take LoRA/LoCon files, so keep it as it is or train it at the rank you want.")
     if algos and not lycoris:
         raise SdloraError(f"'{source}' is a LyCORIS {'/'.join(sorted(ALGO_NAMES[a] for a in algos))} file, "
                           "whose update is a Hadamard or Kronecker product with no rank-r factors to truncate "
@@ -141,8 +145,9 @@ def lora_factors(state: dict[str, torch.Tensor], source: str = "the file",
         rank = down.shape[0]
         scale = (float(alpha) if alpha is not None else float(rank)) / rank
         kernel = tuple(down.shape[2:]) if down.dim() == 4 else None
+        # a DoRA module's spectrum is its direction's update scale * up @ down (its magnitude aside)
         factors[name] = ModuleFactors(name, up.flatten(1).float(), down.flatten(1).float(), scale, kernel,
-                                      down.dtype)
+                                      down.dtype, algo or "lora")
     return factors
 
 

@@ -72,7 +72,7 @@ def inspect_state(state: dict[str, torch.Tensor], metadata: dict[str, str], sour
             modules[name] = _oft_module(name, rotations[name], summary[name])
             continue
         module, info = factors[name], summary[name]
-        if module.algo == "lora":
+        if module.algo in ("lora", "dora"):
             conv = module.kernel is not None and module.kernel != (1, 1)
         else:  # LyCORIS stores most conv factors flattened to 2-D, so the name tells
             conv = bool(CONV_NAME.search(name))
@@ -144,6 +144,10 @@ def render_inspect(report: dict, per_module: bool = False) -> str:
                   f"{_set(sorted({m['block_size'] for m in rotations}))}, largest angle "
                   f"{max(m['angle_degrees'] for m in rotations):.3g} deg; their |dW|_F column is ||Q||_F (the "
                   "change depends on the base weight), and spectra do not apply to a rotation."]
+    magnitudes = sum(1 for m in report["modules"].values() if m["algo"] == "dora")
+    if magnitudes:
+        lines.append(f"DoRA: {magnitudes} modules also hold a learned magnitude (dora_scale) per column; their |dW|_F "
+                     "column is the direction's update scale * up @ down, without it.")
     if report.get("left_out"):
         lines += ["", f"{len(report['left_out'])} module(s) left out of this report:"]
         lines += [f"  {sentence}" for sentence in report["left_out"].values()]

@@ -11,7 +11,8 @@ so even a multi-gigabyte file is checked without reading its tensors:
   module's kernel, up [out, r, 1, 1]).
 LyCORIS LoHa/LoKr modules (networks/lycoris_keys.py) are checked the same way: complete, their factors
 multiplying to the module's weight shape. A1111/Forge and ComfyUI load them; diffusers' load_lora_weights
-does not, which the result says in `not_loaded_by`.
+does not, which the result says in `not_loaded_by`. A DoRA module is a LoRA module plus `dora_scale`, one value
+per input column (or output row); diffusers drops the magnitude, so it is named there too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from torch import nn
 
 from .adapter import ALPHA
+from .dora import DORA_SCALE
 from .loha import LOHA_KEYS
 from .lokr import LOKR_HALVES
 from .lora import LORA_DOWN, LORA_UP
@@ -107,7 +109,7 @@ def check_lora_structure(path: str | os.PathLike, family: str | None = None) -> 
         problems += _module_problems(name, parts) + _name_problems(name, family)
     if not modules:
         problems.append("The file holds no LoRA module (no lora_down/lora_up/alpha keys).")
-    lycoris = any(module_algo(parts) in ("loha", "lokr", "oft") for parts in modules.values())
+    lycoris = any(module_algo(parts) in ("loha", "lokr", "oft", "dora") for parts in modules.values())
     return LoadCheck(not problems, problems, len(modules), ["diffusers load_lora_weights"] if lycoris else [])
 
 
@@ -148,7 +150,21 @@ def _module_problems(name: str, parts: dict[str, TensorInfo]) -> list[str]:
                         f"down {list(down.shape)}.")
     elif len(up.shape) == 4 and up.shape[2:] != (1, 1):
         problems.append(f"Module '{name}': a conv lora_up must be 1x1, not {up.shape[2]}x{up.shape[3]}.")
+    if algo == "dora" and not problems:
+        problems += _magnitude_problems(name, parts[DORA_SCALE], down.shape[1], up.shape[0])
     return problems
+
+
+def _magnitude_problems(name: str, magnitude: TensorInfo, in_dim: int, out_dim: int) -> list[str]:
+    """A DoRA magnitude: float, one value per input column ([1, in(, 1, 1)], what sdlora writes) or per output
+    row ([out, 1(, 1, 1)], LyCORIS's default), which is how ComfyUI tells the axes apart."""
+    if magnitude.dtype not in WEIGHT_DTYPES:
+        return [f"'{name}.{DORA_SCALE}' is {magnitude.dtype}; use fp16, bf16 or fp32."]
+    shape, count = magnitude.shape, math.prod(magnitude.shape)
+    if shape and ((shape[0] == 1 and count == in_dim) or (shape[0] == out_dim and count == out_dim)):
+        return []
+    return [f"'{name}.{DORA_SCALE}' has shape {list(shape)}, but its lora_down takes {in_dim} inputs and lora_up "
+            f"gives {out_dim} outputs; DoRA loaders read [1, {in_dim}] (or [{out_dim}, 1])."]
 
 
 def _lycoris_problems(name: str, algo: str, parts: dict[str, TensorInfo]) -> list[str]:

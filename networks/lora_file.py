@@ -76,21 +76,21 @@ def module_summary(state: dict[str, torch.Tensor]) -> dict[str, dict]:
     summary = {}
     for name, parts in group_modules(state).items():
         algo = module_algo(parts)
-        if algo is None or (algo == "lora" and any(key not in parts for key in LORA_KEYS)):
+        if algo is None or (algo in ("lora", "dora") and any(key not in parts for key in LORA_KEYS)):
             continue
         rank = _module_rank(algo, parts)
         alpha = parts.get(ALPHA)
         entry = {"algo": algo, "rank": rank,
                  "alpha": float(alpha) if alpha is not None else float(rank or 1),
                  "shapes": {key: list(t.shape) for key, t in parts.items() if key != ALPHA}}
-        if algo == "lora":
+        if algo in ("lora", "dora"):  # DoRA: a LoRA plus its magnitude
             entry["down"], entry["up"] = entry["shapes"][LORA_DOWN], entry["shapes"][LORA_UP]
         summary[name] = entry
     return summary
 
 
 def _module_rank(algo: str, parts: dict[str, torch.Tensor]) -> int | None:
-    if algo == "lora":
+    if algo in ("lora", "dora"):
         return int(parts[LORA_DOWN].shape[0])
     if algo == "loha":
         return int(parts[HADA_W1_B].shape[0]) if HADA_W1_B in parts else None

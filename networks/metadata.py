@@ -40,6 +40,8 @@ def network_metadata(network: LoraNetwork, network_type: str, v_prediction: bool
     args = next(a for _, a in network.items() if a.kind == algo).network_args()
     if conv:
         args |= {"conv_dim": str(conv[0]["rank"] or 1), "conv_alpha": _number(conv[0]["alpha"])}
+        if args.get("algo") == "lora":
+            args["algo"] = "locon"  # a DoRA with conv modules: LyCORIS's LoCon with dora_wd, as kohya_ss names it
     now = datetime.now(timezone.utc)
     meta = {
         "ss_network_module": NETWORK_MODULES[algo],  # kohya's networks.lora reads LoCon too (conv_dim)

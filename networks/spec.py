@@ -14,7 +14,7 @@ from .errors import SdloraError
 
 FamilyName = Literal["sd1", "sd2", "sdxl"]
 FAMILIES: tuple[str, ...] = get_args(FamilyName)
-NetworkType = Literal["lora", "locon", "loha", "lokr", "oft"]
+NetworkType = Literal["lora", "locon", "loha", "lokr", "oft", "dora"]
 # How the down/A matrix starts; pissa and loraga move the base weight too (networks/inits.py applies them).
 NetworkInit = Literal["kaiming", "gaussian", "pissa", "loraga"]
 NETWORK_TYPES: tuple[str, ...] = get_args(NetworkType)
@@ -148,6 +148,9 @@ class NetworkSpec:
         if self.type in LYCORIS_TYPES and self.init != "kaiming":
             return (f"network.init {self.init} is for lora and locon; {self.type} starts as LyCORIS starts it, "
                     "so leave network.init at kaiming")
+        if self.type == "dora" and self.init in ("pissa", "loraga"):
+            return (f"network.init {self.init} moves the base weight, whose norms dora's magnitude starts from; "
+                    "use network.init kaiming or gaussian with dora")
         if isinstance(self.factor, bool) or not isinstance(self.factor, int) or not (self.factor == -1 or self.factor >= 1):
             return "network.factor must be -1 (the balanced split) or an integer >= 1"
         return None

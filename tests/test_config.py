@@ -102,7 +102,8 @@ def test_unknown_key_messages(data, message):
     ({"dataset": {"caption_dropout": 2}}, "dataset.caption_dropout must be a number <= 1 (got 2)."),
     # A dropout of 1 would drop every feature: refused here, not after the model loaded in the trainer.
     ({"network": {"dropout": 1.0}}, "network.dropout must be a number < 1 (got 1.0)."),
-    ({"network": {"type": "dora"}}, "network.type must be 'lora', 'locon', 'loha', 'lokr' or 'oft' (got 'dora')."),
+    ({"network": {"type": "glora"}},
+     "network.type must be 'lora', 'locon', 'loha', 'lokr', 'oft' or 'dora' (got 'glora')."),
     ({"dataset": {"flip": "maybe"}}, "dataset.flip must be true or false (got 'maybe')."),
     ({"network": 5}, "network must be a table of settings (got 5)."),
     ({"validation": {"timesteps": [10, "a"]}}, "validation.timesteps[1] must be an integer (got 'a')."),
@@ -288,7 +289,7 @@ def test_field_table_lists_every_leaf_with_description_and_bounds():
     assert (rank.type, rank.default, rank.bounds) == ("int", 16, {"ge": 1, "le": 1024})
     assert rows["dataset.resolution"].bounds == {"ge": 64, "le": 4096, "multiple_of": 64}
     assert rows["network.alpha"].type == "float | None" and rows["network.alpha"].bounds == {"gt": 0}
-    assert rows["network.type"].choices == ("lora", "locon", "loha", "lokr", "oft")
+    assert rows["network.type"].choices == ("lora", "locon", "loha", "lokr", "oft", "dora")
     assert rows["train.lr_scheduler"].choices == ("constant", "constant_with_warmup", "linear", "cosine",
                                                   "cosine_with_restarts", "polynomial")
     assert rows["sample.prompts"].type == "list[SamplePrompt]" and rows["sample.prompts"].default == []

@@ -20,7 +20,7 @@ def test_every_config_key_gets_exactly_one_widget():
     form = built_form(TrainConfig())
     expected = [f.key for f in config_field_table() if f.key not in SKIPPED_KEYS and f.key != PROMPTS_KEY]
     assert sorted(form.keys) == sorted(expected)
-    assert form.widgets["network.type"].choices == [(t, t) for t in ("lora", "locon", "loha", "lokr", "oft")]
+    assert form.widgets["network.type"].choices == [(t, t) for t in ("lora", "locon", "loha", "lokr", "oft", "dora")]
 
 
 def test_values_read_back_as_the_same_config():

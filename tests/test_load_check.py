@@ -107,8 +107,8 @@ def test_an_fp16_alpha_is_rejected(exported, tmp_path):
 
 def test_extra_keys_and_non_string_metadata_are_rejected(exported, tmp_path):
     source = exported["sd1", "lora"][2]
-    extra = rewrite(tmp_path, source, lambda s: s.update({"lora_unet_x.dora_scale": torch.ones(3)}))
-    assert any("'lora_unet_x.dora_scale' is not lora_down/lora_up/alpha" in p
+    extra = rewrite(tmp_path, source, lambda s: s.update({"lora_unet_x.lora_mid.weight": torch.ones(3)}))
+    assert any("'lora_unet_x.lora_mid.weight' is not lora_down/lora_up/alpha" in p
                for p in check_lora_structure(extra).problems)
     state, _ = read_lora(source)
     handmade = tmp_path / "meta.safetensors"

@@ -139,7 +139,7 @@ def test_dropout_only_in_training_and_rank_dropout_keeps_expectation():
     (dict(rank=0), "network.rank must be an integer >= 1 (got 0)."),
     (dict(conv_rank=-2), "network.conv_rank must be an integer >= 1 (got -2)."),
     (dict(alpha=-1.0), "network.alpha must be > 0 (got -1.0)."),
-    (dict(type="dora"), "network.type must be one of lora, locon, loha, lokr (got 'dora')."),
+    (dict(type="glora"), "network.type must be one of lora, locon, loha, lokr, oft, dora (got 'glora')."),
     (dict(target_modules=("to_z",)), "Target module 'to_z' matches no adaptable module of this lora network"),
 ])
 def test_bad_spec_is_one_sentence_and_leaves_model_untouched(kwargs, message):

@@ -49,6 +49,7 @@ def test_shipped_names_include_the_cli_contract():
 @pytest.mark.parametrize(("name", "net_type", "rank", "alpha", "conv"), [
     ("style-lora", "lora", 16, 8.0, None),
     ("style-locon", "locon", 16, 8.0, (8, 4.0)),
+    ("style-dora", "dora", 16, 8.0, (8, 4.0)),
     ("style-oft", "oft", 8, 4.0, (8, 4.0)),  # rank = the block size; alpha is no scale for a rotation
     ("character-lora", "lora", 32, 16.0, None),
     ("alpha-equals-rank", "lora", 16, 16.0, None),

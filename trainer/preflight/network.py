@@ -16,7 +16,11 @@ from trainer.preflight.context import CheckContext
 # Where the exported file loads (docs/LORA_FORMAT.md); the UI shows the pre-flight text before Train.
 LOAD_TARGETS = {"lora": ("A1111/Forge", "ComfyUI", "diffusers", "LyCORIS"),
                 "loha": ("A1111/Forge", "ComfyUI", "LyCORIS"), "lokr": ("A1111/Forge", "ComfyUI", "LyCORIS"),
-                "oft": ("A1111/Forge", "ComfyUI", "LyCORIS")}
+                "oft": ("A1111/Forge", "ComfyUI", "LyCORIS"), "dora": ("A1111/Forge", "ComfyUI", "LyCORIS")}
+# DoRA's magnitude is per input column (networks/dora.py): LyCORIS reads it so only with that network arg.
+DORA_LOADS = ("Not in diffusers: network.type dora writes dora_scale, which diffusers' load_lora_weights drops "
+              "with a warning; LyCORIS reads it with network_args wd_on_output=False, as the file's ss_network_args "
+              "say (its create_network_from_weights assumes the output axis).")
 
 
 def check_network_weights(ctx: CheckContext) -> None:
@@ -119,6 +123,9 @@ def explain_load_targets(ctx: CheckContext) -> None:
                                    "not_loaded_by": [] if "diffusers" in targets else ["diffusers load_lora_weights"]}
     if "diffusers" in targets:
         return
+    if kind == "dora":
+        report.info.append(f"Loads in: {', '.join(targets)}. {DORA_LOADS}")
+        return  # a LoRA underneath: LoRA+ raises its lora_up rate
     report.info.append(f"Loads in: {', '.join(targets)}. Not in diffusers: network.type {kind} writes LyCORIS "
                        f"keys, and {NOT_IN_DIFFUSERS}")
     if cfg.train.loraplus_ratio != 1:
