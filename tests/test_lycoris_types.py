@@ -99,15 +99,20 @@ def test_lycoris_loads_sdlora_files_and_matches_the_merged_weights(tmp_path, fam
     loaded = lyco.unet_loras + lyco.text_encoder_loras
     assert len(loaded) == len(network.adapters)  # none dropped
     assert {type(m).__name__ for m in loaded} == {"loha": {"LohaModule"}, "lokr": {"LokrModule"}}[kind]
+    assert_lycoris_gives(lyco, (encoders, unet), fresh, state, base, (want_unet, want_text))
 
-    # LyCORIS's forward (what ComfyUI and A1111 compute) ...
+
+def assert_lycoris_gives(lyco, view, fresh, state, base, want):
+    """LyCORIS's network, read from `state` onto `view` (lycoris_view of the `fresh` components), gives the
+    wanted (UNet, text) outputs through its forward (what ComfyUI and A1111 compute) and its merge into the
+    weights, within 1e-4."""
+    (encoders, unet), (want_unet, want_text) = view, want
     lyco.apply_to(encoders, unet, apply_text_encoder=True, apply_unet=True)
     assert relative(unet_out(fresh), want_unet, base) < 1e-4
     got_text = text_outputs(text_encoders(fresh))
     assert max(float((g - w).norm() / w.norm()) for g, w in zip(got_text, want_text)) < 1e-4
-    for module in loaded:
+    for module in lyco.unet_loras + lyco.text_encoder_loras:
         module.restore()
-    # ... and its merge into the weights
     lyco.merge_to(encoders, unet, state, torch.float32, "cpu")
     assert relative(unet_out(fresh), want_unet, base) < 1e-4
 

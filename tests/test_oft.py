@@ -23,7 +23,11 @@ from networks.oft import OftModule, skew
 from networks.spec import NetworkSpec
 from tests.helpers import text_encoders, unet_out
 from tests.test_lora_file import text_outputs
-from tests.test_lycoris_types import lycoris_default_preset_fixed, lycoris_view  # noqa: F401 (autouse fixture)
+from tests.test_lycoris_types import (  # noqa: F401 (the autouse fixture)
+    assert_lycoris_gives,
+    lycoris_default_preset_fixed,
+    lycoris_view,
+)
 from tests.training_support import events, tiny_config
 from trainer.config.kohya_import import import_kohya_preset
 from trainer.config.presets import resolve_config
@@ -224,14 +228,7 @@ def test_lycoris_loads_sdlora_files_and_matches_the_merged_weights(sd1_file):
     loaded = lyco.unet_loras + lyco.text_encoder_loras
     assert len(loaded) == len(network.adapters) and {type(m).__name__ for m in loaded} == {"DiagOFTModule"}
     assert any(a.base.weight.dim() == 4 for a in network.adapters.values()) == convs
-    lyco.apply_to(encoders, unet, apply_text_encoder=True, apply_unet=True)
-    assert relative(unet_out(fresh), want_unet, base) < 1e-4
-    got_text = text_outputs(text_encoders(fresh))
-    assert max(float((g - w).norm() / w.norm()) for g, w in zip(got_text, want_text)) < 1e-4
-    for module in loaded:
-        module.restore()
-    lyco.merge_to(encoders, unet, state, torch.float32, "cpu")
-    assert relative(unet_out(fresh), want_unet, base) < 1e-4
+    assert_lycoris_gives(lyco, (encoders, unet), fresh, state, base, (want_unet, want_text))
 
     # sdlora reads its own file back to the same outputs
     again = build_tiny_pipeline_components(family, seed=0)
