@@ -4,7 +4,7 @@ A LoHa module is `<name>.hada_w1_a`, `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b` an
 module `<name>.lokr_w1` (or `.lokr_w1_a` + `.lokr_w1_b`), `.lokr_w2` (or `.lokr_w2_a` + `.lokr_w2_b`) and
 `<name>.alpha`, an OFT (diag-oft) module `<name>.oft_blocks` [blocks, b, b] and `<name>.alpha` (0: no
 bound), under the same kohya module names as LoRA. A1111/Forge, ComfyUI and LyCORIS read them;
-diffusers' `load_lora_weights` does not.
+diffusers' `load_lora_weights` does not. A DoRA module is a LoRA one plus `<name>.dora_scale` (networks/dora.py).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from torch import nn
 
 from app.cli import main
 from app.ui.config_form import ConfigForm, prompts_to_text
+from networks.adapter_types import type_owning
 from networks.dora import DORA_SCALE, DoraModule
 from networks.errors import SdloraError
 from networks.inspect import inspect_lora, render_inspect
@@ -144,6 +145,7 @@ def test_an_output_axis_module_from_lycoris_reads_with_lycoris_math():
         lyco.dora_scale.mul_(1.3)
     state = {key: tensor.detach().clone() for key, tensor in lyco.custom_state_dict().items()}
     assert tuple(state[DORA_SCALE].shape) == (10, 1, 1, 1)
+    assert type_owning(state) is DoraModule and type_owning({"lora_down.weight", "lora_up.weight"}) is not DoraModule
     module = DoraModule.read(layer, state, float(state["alpha"]), "lora_unet_x", "lyco.safetensors")
     assert module.on_output and tuple(module.dora_scale.shape) == (10, 1, 1, 1)
     want = lyco.get_merged_weight(1.0)[0]
