@@ -20,6 +20,7 @@ from networks.max_norm import apply_max_norm
 from networks.metadata import network_metadata
 from networks.network import LoraNetwork
 from networks.oft import OftModule, skew
+from networks.resize import RankChoice, resize_lora
 from networks.spec import NetworkSpec
 from tests.helpers import text_encoders, unet_out
 from tests.test_lora_file import text_outputs
@@ -256,6 +257,9 @@ def test_load_check_inspect_and_analysis(tmp_path, sd1_file):
     assert "OFT: " in render_inspect(report) and "spectra do not apply" in render_inspect(report)
     with pytest.raises(SdloraError, match="is LyCORIS OFT, whose update rotates the base weight's output rows"):
         spectrum(read_lora(path)[0], str(path))
+    with pytest.raises(SdloraError, match="is a LyCORIS OFT file, whose update rotates each base weight's output rows"):
+        resize_lora(path, tmp_path / "small.safetensors", RankChoice(rank=2))
+    assert not (tmp_path / "small.safetensors").exists()
 
     state, meta = read_lora(path)
     name = next(iter(network.adapters))
