@@ -2,6 +2,7 @@
 
     python -m bench.quality                      # every setting, ~20 min on 2 CPU cores
     python -m bench.quality --steps 20 --every 10 --only head-to-head   # a quick look
+    python -m bench.quality --compare-types      # each adapter type against a full fine-tune (bench/compare_types.py)
 
 Each setting trains on the demo dataset (12 images, 64 px, batch 2, fixed seeds) and is scored every
 --every steps on the held-out prompts (colour/shape pairs the training captions never name):
@@ -22,6 +23,7 @@ import argparse
 import json
 import math
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,7 +255,15 @@ def commit() -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--compare-types" in argv:  # a comparison of its own, with its own options (bench/compare_types.py)
+        from bench.compare_types import main as compare_types
+
+        return compare_types([arg for arg in argv if arg != "--compare-types"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare-types", action="store_true",
+                        help="each adapter type against a full fine-tune of the UNet instead (issue 24; "
+                             "`--compare-types --help` lists its options)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--learning-rate", type=float, default=1e-3)

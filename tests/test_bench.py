@@ -134,3 +134,53 @@ def test_quality_bench_prints_the_table_and_the_ratio(tmp_path):
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert [len(s["curve"]) for s in saved["settings"]] == [3, 3, 3]  # steps 0, 2, 4 for each contender
     assert all(0 <= point[1] <= 100 and 0 <= point[2] <= 100 for s in saved["settings"] for point in s["curve"])
+
+
+def contestant(name, curves, params=1000, size=2048, overrides=None):
+    from bench.compare_types import Contestant
+
+    return [Contestant(name, seed, overrides or {}, curve=curve, untriggered={"style": 4.0, "content": 80.0, "change": 3.0},
+                       trainable_params=params, file_bytes=size) for seed, curve in zip((42, 43), curves)]
+
+
+def test_compare_types_tables_average_the_seeds_and_measure_against_the_full_fine_tune():
+    from bench.compare_types import ninety_percent_level, type_rows
+
+    full = contestant("full", [[(0, 10.0, 80.0), (10, 40.0, 80.0), (20, 50.0, 70.0)],
+                               [(0, 10.0, 80.0), (10, 50.0, 80.0), (20, 70.0, 90.0)]], params=5000,
+                      overrides={"train": {"learning_rate": 1e-4}})
+    lora = contestant("lora", [[(0, 10.0, 80.0), (10, 60.0, 75.0), (20, 66.0, 75.0)],
+                               [(0, 10.0, 80.0), (10, 40.0, 85.0), (20, 60.0, 85.0)]])
+    # full fine-tune's final style, mean of its seeds: 60; 90% of the gain from 10 is 55
+    assert ninety_percent_level(full + lora, 10.0) == pytest.approx(55.0)
+    header, rows = type_rows(full + lora, 10.0)
+    assert header[5] == "steps to style 55.0 (90% of full FT)" and len(header) == len(rows[0]) == 8
+    assert rows[0][:5] == ["full", "0.0001", "10 / 45 / 60", "80 / 80 / 80", "50.0, 70.0"]
+    assert rows[0][5] == "17"  # its mean curve: 45 at step 10, 60 at step 20, so 55 at step 16.7
+    assert rows[1][1:3] == ["0.002", "10 / 50 / 63"]  # the demo preset's rate
+    assert rows[1][5] == "14" and rows[1][6:] == [1000, "2"]
+    assert type_rows(lora, 10.0)[1][0][5] == "n/a"  # no full fine-tune, no yardstick
+
+
+def test_compare_types_runs_each_type_and_the_full_fine_tune(tmp_path):
+    """A tiny run of the comparison: one row per contestant, and the full fine-tune trains every UNet weight."""
+    from bench import compare_types
+    from trainer.model.model_loading import load_model
+
+    out, figure = tmp_path / "types.json", tmp_path / "types.png"
+    assert compare_types.main(["--types", "lora", "full", "--steps", "2", "--every", "2", "--training-seeds", "1",
+                               "--score-seeds", "1", "--sampler-steps", "2", "--no-preservation", "--out", str(out),
+                               "--plot", str(figure)]) == 0
+    result = json.loads(out.read_text())
+    header, rows = result["types_table"]
+    assert header[0] == "contestant" and header[-2:] == ["trainable params", "file KiB"]
+    assert [row[0] for row in rows] == ["full", "lora"]  # the yardstick first
+    full, lora = rows
+    unet_params = sum(p.numel() for p in load_model("demo:shapes").unet.parameters())
+    assert full[6] == unet_params and 0 < lora[6] < unet_params / 10
+    assert abs(float(full[7]) * 1024 - 2 * unet_params) < 0.01 * 2 * unet_params  # fp16, as the LoRA files
+    assert all([point[0] for point in c["curve"]] == [0, 2] for c in result["contestants"])
+    kept_header, kept = result["preservation_table"]
+    assert [row[0] for row in kept] == ["base model (no adapter)", "full", "lora"] and kept[0][-1] == "0.0"
+    assert all(0 <= float(value) <= 100 for row in kept for value in row[1:])
+    assert figure.stat().st_size > 10_000

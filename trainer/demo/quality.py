@@ -210,10 +210,18 @@ def render_held_out(pipeline, seeds: int = 4, steps: int = 20, guidance: float =
     return images, targets
 
 
-def evaluate(pipeline, seeds: int = 4, steps: int = 20, guidance: float = 5.0) -> Scores:
-    """Style and content of `pipeline` (a base model, with or without a LoRA attached) on held-out prompts."""
-    images, targets = render_held_out(pipeline, seeds, steps, guidance)
+def evaluate(pipeline, seeds: int = 4, steps: int = 20, guidance: float = 5.0, trigger: bool = True) -> Scores:
+    """Style and content of `pipeline` (a base model, with or without a LoRA attached) on held-out prompts;
+    without the trigger word they ask for the base's own plain scenes, which a LoRA should leave alone."""
+    images, targets = render_held_out(pipeline, seeds, steps, guidance, trigger)
     return Scores(style_score(images), content_score(images, targets))
+
+
+def image_change(before, after) -> float:
+    """0-100: the mean absolute pixel difference between two lists of images drawn from the same prompts and
+    seeds (say, the base model's and a LoRA's), in percent of the full 0-255 range."""
+    pairs = list(zip(before, after, strict=True))
+    return float(100.0 * np.mean([np.abs(as_pixels(a) - as_pixels(b)).mean() / 255.0 for a, b in pairs]))
 
 
 def training_style() -> float:
