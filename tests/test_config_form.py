@@ -4,6 +4,7 @@ import pytest
 
 from app.ui.config_form import PROMPTS_KEY, SKIPPED_KEYS, ConfigForm, from_widget, prompts_to_text
 from networks.errors import SdloraError
+from networks.spec import NETWORK_TYPES
 from trainer.config import TrainConfig, config_field_table
 from trainer.config.presets import resolve_config
 
@@ -94,3 +95,12 @@ def test_a_saved_form_preset_names_every_field_so_choosing_it_refills_the_form(t
     assert fill.updates["dataset.resolution"] == 512
     assert float(fill.updates["train.learning_rate"]) == 1e-4
     assert fill.prompts == prompts_to_text(defaults)
+
+
+@pytest.mark.parametrize("kind", NETWORK_TYPES)
+def test_every_network_type_round_trips_through_the_form(kind):
+    cfg = resolve_config("demo", ["dataset.path=/data", f"network.type={kind}", "network.include_convs=true"])
+    form = built_form(cfg)
+    values = form.values(cfg)
+    assert values[form.keys.index("network.type")] == kind
+    assert form.to_config("demo", prompts_to_text(cfg), values) == cfg

@@ -1,37 +1,34 @@
 """OFT (network.type = "oft", LyCORIS's diag-oft): a block-diagonal rotation of each weight's output rows.
 LyCORIS's own code and the ComfyUI / A1111 formula read sdlora's files with the same merged weights, the
-constraint is folded into the file, and the trainer, the load check, Inspect, the form and the import take it."""
+constraint is folded into the file, and the trainer, the load check, Inspect and the kohya_ss import take it
+(the Train tab's form: tests/test_config_form.py, for every network type)."""
 
 import json
 
-import gradio as gr
 import pytest
 import torch
 from torch import nn
 
 from app.cli import main
-from app.ui.config_form import ConfigForm, prompts_to_text
 from networks.analysis import spectrum
 from networks.errors import SdloraError
 from networks.inspect import inspect_lora, render_inspect
 from networks.load_check import check_lora_file, check_lora_structure
 from networks.lora_file import read_lora, save_lora
 from networks.max_norm import apply_max_norm
-from networks.metadata import network_metadata
 from networks.network import LoraNetwork
 from networks.oft import OftModule, skew
 from networks.resize import RankChoice, resize_lora
 from networks.spec import NetworkSpec
 from tests.helpers import text_encoders, unet_out
-from tests.test_lora_file import text_outputs
 from tests.test_lycoris_types import (  # noqa: F401 (the autouse fixture)
     assert_lycoris_gives,
+    exported,
     lycoris_default_preset_fixed,
     lycoris_view,
 )
 from tests.training_support import events, tiny_config
 from trainer.config.kohya_import import import_kohya_preset
-from trainer.config.presets import resolve_config
 from trainer.model.fp8 import store_fp8
 from trainer.model.tiny_models import build_tiny_pipeline, build_tiny_pipeline_components
 from trainer.preflight import preflight_report
@@ -73,26 +70,7 @@ def relative(got, want, base):
 @pytest.fixture(scope="module")
 def sd1_file(tmp_path_factory):
     """One exported SD1 OFT file (UNet with convs and text encoder, COFT bound 0.05) for the file tests."""
-    return exported(tmp_path_factory.mktemp("oft"), "sd1", True, alpha=0.05)
-
-
-def exported(tmp_path, family, convs, **spec):
-    """A randomised OFT network on a fresh tiny model, its outputs merged, and the file it writes."""
-    components = build_tiny_pipeline_components(family, seed=0)
-    base = unet_out(components)
-    settings = {"rank": 4, "conv_rank": 2, **spec}
-    network = LoraNetwork.create(family, components["unet"], text_encoders(components),
-                                 NetworkSpec(type="oft", train_text_encoder=True, include_convs=convs,
-                                             **settings)).attach()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.3)
-    network.merge()
-    merged = unet_out(components), text_outputs(text_encoders(components))
-    path = tmp_path / f"{family}-oft.safetensors"
-    save_lora(path, network.kohya_state_dict(), network_metadata(network, "oft"))
-    return network, base, merged, path
+    return exported(tmp_path_factory.mktemp("oft"), "sd1", "oft", True, alpha=0.05)
 
 
 # -- the rotation ----------------------------------------------------------------------------------
@@ -275,7 +253,7 @@ def test_diffusers_refuses_oft_files(sd1_file):
         pipe.load_lora_weights(str(sd1_file[-1]), adapter_name="x")  # its kohya converter knows no oft_blocks
 
 
-# -- the trainer, the form, the import --------------------------------------------------------------
+# -- the trainer, the import -------------------------------------------------------------------
 def test_trains_from_the_cli_and_the_file_passes_the_load_check(tmp_path, data4, capsys):
     run = tmp_path / "run"
     flags = ["model.path=demo:sd1", "network.type=oft", "network.rank=4", "network.include_convs=true",
@@ -310,17 +288,6 @@ def test_preflight_says_where_it_loads_and_what_rank_and_alpha_mean(tmp_path, da
             "with no alpha / r scale; network.alpha 0.01 bounds ||Q|| to 0.01 x each layer's width (COFT).") \
         in report.info
     assert not any(line.startswith("Scale: ") for line in report.info)
-
-
-def test_the_train_tab_form_takes_oft():
-    cfg = resolve_config("demo", ["dataset.path=/data", "network.type=oft", "network.rank=8"])
-    with gr.Blocks():
-        form = ConfigForm(cfg)
-        form.add_remaining()
-    assert ("oft", "oft") in form.widgets["network.type"].choices
-    values = form.values(cfg)
-    assert values[form.keys.index("network.type")] == "oft"
-    assert form.to_config("demo", prompts_to_text(cfg), values) == cfg
 
 
 def test_kohya_diag_oft_preset_imports_as_oft():
