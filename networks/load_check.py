@@ -119,7 +119,7 @@ def _group_modules(tensors: dict[str, TensorInfo]) -> tuple[dict[str, dict[str, 
     for key, info in tensors.items():
         name, _, suffix = key.partition(".")
         if suffix not in ALL_SUFFIXES:
-            problems.append(f"Key '{key}' is not lora_down/lora_up/alpha (nor a LyCORIS LoHa/LoKr key); loaders "
+            problems.append(f"Key '{key}' is not lora_down/lora_up/alpha (nor a DoRA or LyCORIS LoHa/LoKr/OFT key); loaders "
                             "warn about or drop it.")
             continue
         modules.setdefault(name, {})[suffix] = info

@@ -46,7 +46,7 @@ class LoraModule(Adapter):
         down, up = tensors.get(LORA_DOWN), tensors.get(LORA_UP)
         if down is None or up is None:
             raise SdloraError(f"Module '{name}' in {source} lacks lora_down or lora_up weights; "
-                              "only complete LoRA/LoCon or LoHa/LoKr modules can be loaded.")
+                              "only complete LoRA/LoCon, DoRA or LyCORIS LoHa/LoKr/OFT modules can be loaded.")
         rank = down.shape[0]
         adapter = cls(base, rank, alpha if alpha is not None else float(rank))
         adapter.load_factors(name, down, up, source)

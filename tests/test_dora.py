@@ -5,13 +5,11 @@ Inspect, merges and unmerges exactly, and the form and the kohya_ss import take 
 
 import json
 
-import gradio as gr
 import pytest
 import torch
 from torch import nn
 
 from app.cli import main
-from app.ui.config_form import ConfigForm, prompts_to_text
 from networks.adapter_types import type_owning
 from networks.dora import DORA_SCALE, DoraModule
 from networks.errors import SdloraError
@@ -28,7 +26,6 @@ from tests.test_lora_file import text_outputs
 from tests.test_lycoris_types import lycoris_default_preset_fixed, lycoris_view  # noqa: F401 (autouse fixture)
 from tests.training_support import events, tiny_config
 from trainer.config.kohya_import import import_kohya_preset
-from trainer.config.presets import resolve_config
 from trainer.model.fp8 import store_fp8
 from trainer.model.tiny_models import build_tiny_pipeline_components
 from trainer.preflight import preflight_report
@@ -351,17 +348,6 @@ def test_preflight_says_where_it_loads(tmp_path, data4):
     assert any(line.startswith("Loads in: A1111/Forge, ComfyUI, LyCORIS. Not in diffusers: network.type dora writes "
                                "dora_scale") for line in report.info)
     assert not any("loraplus_ratio" in line for line in report.warnings)  # DoRA has a lora_up for LoRA+
-
-
-def test_the_train_tab_form_takes_dora():
-    cfg = resolve_config("demo", ["dataset.path=/data", "network.type=dora", "network.include_convs=true"])
-    with gr.Blocks():
-        form = ConfigForm(cfg)
-        form.add_remaining()
-    assert ("dora", "dora") in form.widgets["network.type"].choices
-    values = form.values(cfg)
-    assert values[form.keys.index("network.type")] == "dora"
-    assert form.to_config("demo", prompts_to_text(cfg), values) == cfg
 
 
 def test_kohya_lycoris_locon_with_dora_wd_imports_as_dora():
