@@ -4,6 +4,7 @@ formula; LyCORIS's output-axis files read correctly; it trains from the CLI, pas
 Inspect, merges and unmerges exactly, and the form and the kohya_ss import take it."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from tests.test_lycoris_types import lycoris_default_preset_fixed, lycoris_view 
 from tests.training_support import events, tiny_config
 from trainer.config.kohya_import import import_kohya_preset
 from trainer.model.fp8 import store_fp8
-from trainer.model.tiny_models import build_tiny_pipeline_components
+from trainer.model.tiny_models import build_tiny_pipeline, build_tiny_pipeline_components
 from trainer.preflight import preflight_report
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya")
@@ -269,6 +270,28 @@ def test_each_file_module_in_lycoris_gives_sdlora_merged_weight(tmp_path):
     # sdlora reads its own file back to the same outputs
     again.attach()
     assert relative(unet_out(fresh), want_unet, base) < 1e-5
+
+
+def test_diffusers_drops_the_magnitude(tmp_path):
+    """Why the file says "not diffusers": its kohya converter filters dora_scale out (a warning) and loads the
+    rest as a plain LoRA, so the images differ from every DoRA-aware loader's."""
+    network, base, (want_unet, _), path = exported(tmp_path, "sd1", False)
+    pipe = build_tiny_pipeline("sd1")
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    diffusers_logger = logging.getLogger("diffusers")  # it does not propagate to pytest's; conftest quiets it
+    level = diffusers_logger.level
+    diffusers_logger.addHandler(handler)
+    diffusers_logger.setLevel(logging.WARNING)
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="x")
+    finally:
+        diffusers_logger.removeHandler(handler)
+        diffusers_logger.setLevel(level)
+    assert any("filter out the keys associated to 'dora_scale`" in message for message in warnings), warnings
+    got = unet_out({"unet": pipe.unet})
+    assert relative(got, want_unet, base) > 0.05
 
 
 def test_lycoris_network_with_wd_on_output_false_loads_the_file(tmp_path):
