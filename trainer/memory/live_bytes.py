@@ -1,7 +1,7 @@
 """Counting the bytes of live tensors while real code runs on the meta device.
 
 `LiveBytes` is a TorchDispatchMode: every tensor an op creates is charged its storage's bytes once (views
-share a storage), and a weakref finalizer on that storage takes them back when the last tensor using it
+share a storage), and a weak reference to that storage takes them back when the last tensor using it
 dies, so `live` is what a caching allocator would hold in use and `peak` its high-water mark. Meta tensors
 have storages with sizes and no data, so the whole SDXL step costs seconds and no memory.
 
@@ -21,7 +21,6 @@ import torch
 from torch.nn import functional
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
-from torch.utils.weak import WeakIdKeyDictionary
 
 from trainer.memory import meta_outputs
 
@@ -32,7 +31,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self._charged = WeakIdKeyDictionary()  # storage -> its finalizer
+        self._charged: dict[int, weakref.ref] = {}  # id(storage) -> a weak reference that releases it
         self.live = 0
         self.peak = 0
         self.flops = 0
@@ -40,7 +39,8 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.live
 
-    def _release(self, nbytes: int) -> None:
+    def _release(self, key: int, nbytes: int) -> None:
+        del self._charged[key]  # before the id can be reused: the callback runs as the storage dies
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -57,10 +57,11 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     def _charge(self, storage) -> None:
-        if storage in self._charged:
+        key = id(storage)
+        if key in self._charged:
             return
         nbytes = storage.nbytes()
-        self._charged[storage] = weakref.finalize(storage, self._release, nbytes)
+        self._charged[key] = weakref.ref(storage, lambda _, key=key, nbytes=nbytes: self._release(key, nbytes))
         self.live += nbytes
 
 

@@ -30,6 +30,7 @@ class MetaModel:
     vae: torch.nn.Module
     noise_scheduler: DDPMScheduler
     weight_dtype: torch.dtype
+    source: str = ""  # the config folder it was built from: with the dtype, what its text states' shapes depend on
 
 
 def weight_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -89,4 +90,4 @@ def build_meta_model(folder: Path, family: ModelFamily, prediction_type: str, cf
     if cfg.model.fp8_base:  # after the last dtype cast, as trainer/run/build.py stores it
         for part in [unet, *([] if cfg.network.train_text_encoder else encoders)]:
             store_fp8(part, dtype)
-    return MetaModel(family, unet, encoders, vae, scheduler, dtype)
+    return MetaModel(family, unet, encoders, vae, scheduler, dtype, str(folder))

@@ -96,8 +96,7 @@ def trace_training(cfg: TrainConfig, model: MetaModel, side: int) -> StepTrace:
                          (batch_size, 3, side, side))
     cached = text_states_cached(cfg)
     if cached:  # the states come from the text cache; the encoders ran once at setup
-        with torch.no_grad():
-            states = supply.encode_text([""] * batch_size)
+        states = cached_text_states(cfg, model, supply)
         supply.encode_text = lambda captions: states
     placement = Placement((side, side), (side, side), (side, side), (0, 0))
     batch = Batch((side, side), tuple(Sample(0, False, "", placement) for _ in range(batch_size)))
@@ -109,6 +108,21 @@ def trace_training(cfg: TrainConfig, model: MetaModel, side: int) -> StepTrace:
     # added per trainable parameter by the caller (state_bytes), so a change of optimizer needs no new trace.
     return trace_step(resident_frozen(cfg, model, cached), trainable, lambda: loss(batch),
                       lambda: torch.optim.SGD(trainable, lr=cfg.train.learning_rate), 0, cfg.train.max_grad_norm)
+
+
+_TEXT_STATES: dict[tuple, dict] = {}  # (model source, dtype, batch, clip skip, chunks) -> {name: (shape, dtype)}
+
+
+def cached_text_states(cfg: TrainConfig, model: MetaModel, supply: _MetaSupply) -> dict[str, torch.Tensor]:
+    """The text cache's states for a batch, as meta tensors. Only their shapes and dtypes matter, which depend
+    on the encoders' configs and the settings in the key, so the encoders' forward (a second a trace for
+    SDXL's two) runs once per key."""
+    key = (model.source, model.weight_dtype, cfg.train.batch_size, cfg.model.clip_skip, cfg.model.prompt_chunks)
+    if key not in _TEXT_STATES or not model.source:
+        with torch.no_grad():
+            states = supply.encode_text([""] * cfg.train.batch_size)
+        _TEXT_STATES[key] = {name: (state.shape, state.dtype) for name, state in states.items()}
+    return {name: torch.zeros(shape, dtype=dtype, device=META) for name, (shape, dtype) in _TEXT_STATES[key].items()}
 
 
 def state_bytes(cfg: TrainConfig, parameters: int) -> int:
