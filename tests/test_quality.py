@@ -92,17 +92,28 @@ def test_held_out_pairs_are_never_drawn_in_the_demo_dataset():
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The `demo` preset as shipped (demo:shapes, its steps, rank, alpha and rate), on the demo dataset."""
-    from trainer.config.presets import resolve_config
+def demo_dataset(tmp_path_factory):
     from trainer.demo.demo_data import make_demo_dataset
+
+    folder = tmp_path_factory.mktemp("demo-data")
+    make_demo_dataset(folder)
+    return folder
+
+
+def demo_preset(dataset, output, *overrides):
+    """The `demo` preset as shipped on `dataset`, without previews or intermediate checkpoints."""
+    from trainer.config.presets import resolve_config
+
+    return resolve_config("demo", [f"dataset.path={dataset}", f"output.dir={output}", "sample.every_steps=0",
+                                   "sample.at_start=false", "save.every_steps=0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_dataset, tmp_path_factory):
+    """The `demo` preset as shipped (demo:shapes, its steps, rank, alpha and rate), on the demo dataset."""
     from trainer.run.loop import train
 
-    root = tmp_path_factory.mktemp("demo-run")
-    make_demo_dataset(root / "data")
-    cfg = resolve_config("demo", [f"dataset.path={root / 'data'}", f"output.dir={root / 'run'}",
-                                  "sample.every_steps=0", "sample.at_start=false", "save.every_steps=0"])
-    return train(cfg, progress=False)
+    return train(demo_preset(demo_dataset, tmp_path_factory.mktemp("demo-run")), progress=False)
 
 
 def test_the_demo_lora_fits_the_style_images_better_than_the_base(demo_run):
@@ -163,13 +174,31 @@ def test_the_demo_lora_moves_the_style_and_keeps_the_content(demo_scores):
     assert after.content >= before.content - 10, (before, after)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11's full target, not met: the 400-step demo LoRA gets about 60% "
-                   "of the way to the training images' style (cream paper, navy outlines and shadows, no dot "
-                   "pattern); not even a full UNet fine-tune draws the navy ink on this base (docs/QUALITY.md). "
-                   "Strict: this fails CI once it passes, so the mark comes off.")
-def test_the_demo_lora_learns_the_style_and_keeps_the_content(demo_scores):
-    before, after = demo_scores
-    # The LoRA moves most of the way to the training images' style on pairs it never saw,
-    # still drawing the named colour and shape.
-    assert after.style >= before.style + 0.8 * (training_style() - before.style), (before, after)
-    assert after.content >= before.content - 10, (before, after)
+@pytest.fixture(scope="module")
+def full_finetune_scores(demo_dataset, tmp_path_factory):
+    """Held-out scores of demo:shapes with its whole UNet fine-tuned (no LoRA) on the demo run's data with the
+    demo preset's steps, batch, seed and schedule, at docs/QUALITY.md's full fine-tune rate (AdamW 1e-4):
+    the ceiling of what training on these images gets this base to draw (bench/full_finetune.py)."""
+    from bench.full_finetune import FULL_LEARNING_RATE, FullFineTune
+    from bench.quality import sdlora_pipeline
+    from trainer.demo.quality import evaluate
+    from trainer.model.model_loading import load_model
+
+    cfg = demo_preset(demo_dataset, tmp_path_factory.mktemp("full-ft"), f"train.learning_rate={FULL_LEARNING_RATE}")
+    contender = FullFineTune(cfg)
+    contender.setup()
+    batches = contender.batches()
+    for _ in range(cfg.train.max_steps):
+        contender.step(next(batches))
+    return evaluate(sdlora_pipeline(contender, load_model("demo:shapes")), seeds=2)
+
+
+def test_the_demo_lora_gets_90_percent_of_a_full_finetunes_style_gain(demo_scores, full_finetune_scores):
+    """Issue 24: the yardstick is what training the whole UNet on the same images reaches on the same base
+    (issue 11's 80% of the training images' style is out of reach of any training on this base, a full
+    fine-tune included: docs/QUALITY.md). Same held-out prompts and seeds, same steps."""
+    before, lora = demo_scores
+    full = full_finetune_scores
+    assert full.style > before.style + 10, (before, full)  # the full fine-tune learns the style
+    assert lora.style - before.style >= 0.9 * (full.style - before.style), (before, lora, full)
+    assert lora.content >= before.content - 10, (before, lora)
