@@ -11,10 +11,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from app.check_command import add_check_subcommand
+from tests.test_caches import SMALL, _draw, tiny_vae
+from trainer.caches.latent_cache import LatentCache, vae_identity
 from trainer.config import TrainConfig
 from trainer.config.overrides import apply_overrides
+from trainer.data.dataset import DatasetOptions, ImageDataset
 from trainer.demo.demo_data import make_demo_dataset
-from trainer.memory import GIB, predict_memory
+from trainer.memory import GIB, cache_encode_batch, fixed_bytes, meta_outputs, predict_memory
+from trainer.memory import _traced as traced
 from trainer.memory.tracer import trace_step
 
 F32 = 4
@@ -72,9 +76,7 @@ def test_fp8_base_stores_the_frozen_linear_and_conv_weights_in_one_byte():
     assert half.parts["frozen_weights"] - fp8.parts["frozen_weights"] == stored
 
 
-@pytest.mark.skipif(not os.environ.get("SDLORA_SLOW_TESTS"), reason="traces SDXL at 1024 px several times: "
-                    "minutes on a shared 2-core CPU; set SDLORA_SLOW_TESTS=1")
-def test_check_on_an_sdxl_single_file_prints_the_peak_and_the_changes_under_8_gb(tmp_path, capsys):
+def _sdxl_check(tmp_path, capsys, *sets: str) -> dict:
     # A two-tensor file whose keys say SDXL is enough: the pre-flight reads only a .safetensors header
     # (trainer/model/facts.py safetensors_keys -> detect_checkpoint_family), takes the shipped sdxl-base
     # configs for a single file, and the memory trace builds the model from those configs on the meta device;
@@ -82,19 +84,103 @@ def test_check_on_an_sdxl_single_file_prints_the_peak_and_the_changes_under_8_gb
     model = tmp_path / "sdxl.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1, dtype=torch.float16),
                "model.diffusion_model.out.2.bias": torch.zeros(1, dtype=torch.float16)}, str(model))
-    make_demo_dataset(tmp_path / "data", count=1, seed=3)
+    if not (tmp_path / "data").is_dir():
+        make_demo_dataset(tmp_path / "data", count=1, seed=3)
     top = argparse.ArgumentParser()
     add_check_subcommand(top.add_subparsers())
-    base = ["check", "--model", str(model), "--data", str(tmp_path / "data"), "--set", "dataset.resolution=1024",
-            "--set", "train.mixed_precision=bf16", "--json"]
-    args = top.parse_args(base)
+    args = top.parse_args(["check", "--model", str(model), "--data", str(tmp_path / "data"), "--set",
+                           "dataset.resolution=1024", "--set", "train.mixed_precision=bf16", "--json",
+                           *[word for value in sets for word in ("--set", value)]])
     args.handler(args)
-    estimate = json.loads(capsys.readouterr().out)["estimate"]
-    assert estimate["family"] == "sdxl" and estimate["parts"]["frozen_weights"] == 2_567_463_684 * 2  # the bf16 UNet alone
-    assert estimate["peak_bytes"] > 8 * GIB and set(estimate["parts"]) == {
-        "frozen_weights", "trainable", "activations", "largest_temporary", "fixed"}
-    args = top.parse_args([*base, "--set", "train.memory_budget_gb=8"])
-    args.handler(args)
-    changes = json.loads(capsys.readouterr().out)["estimate"]["changes_to_fit"]
-    peaks = [change["peak_bytes"] for change in changes]
-    assert changes and peaks == sorted(peaks, reverse=True) and peaks[-1] <= 8 * GIB
+    return json.loads(capsys.readouterr().out)["estimate"]
+
+
+def test_check_on_an_sdxl_single_file_prints_the_traced_peak_its_parts_and_the_cards(tmp_path, capsys):
+    estimate = _sdxl_check(tmp_path, capsys)
+    parts = estimate["parts"]
+    assert estimate["family"] == "sdxl" and parts["frozen_weights"] == 2_567_463_684 * 2  # the bf16 UNet alone
+    # r16 LoRA on SDXL's attention (23.2 M parameters): fp32 weights, gradients and AdamW's two moments.
+    assert parts["trainable"] == 680_923_040 and 9.3 * GIB < parts["activations"] < 9.5 * GIB
+    assert set(parts) == {"frozen_weights", "trainable", "activations", "largest_temporary", "fixed"}
+    assert estimate["peak_bytes"] == sum(parts.values()) and 16.5 * GIB < estimate["peak_bytes"] < 16.7 * GIB
+    assert estimate["fits_gb"] == [24] and estimate["cache_encode_batch"] == 1  # a one-image dataset
+
+
+@pytest.mark.skipif(not os.environ.get("SDLORA_SLOW_TESTS"), reason="traces SDXL at 1024 px three times: "
+                    "about 25 s of CPU; set SDLORA_SLOW_TESTS=1")
+def test_check_on_an_sdxl_single_file_lists_the_changes_under_8_gb(tmp_path, capsys):
+    estimate = _sdxl_check(tmp_path, capsys, "train.memory_budget_gb=8")
+    changes = estimate["changes_to_fit"]
+    assert [(c["overrides"], round(c["peak_bytes"] / GIB, 1)) for c in changes] == [
+        ({"train.gradient_checkpointing": True}, 10.5), ({"model.fp8_base": True}, 7.3)]
+    assert estimate["budget_bytes"] == 8 * GIB and changes[-1]["peak_bytes"] <= 8 * GIB < estimate["peak_bytes"]
+
+
+def test_remembered_meta_outputs_change_no_byte_of_the_trace(monkeypatch):
+    cfg = _config("model.path=demo:sd1", "dataset.resolution=128", "train.gradient_checkpointing=true")
+    remembered = predict_memory(cfg)  # a second trace of the same shapes runs on remembered outputs
+    traced.__globals__["_TRACES"].clear()
+    again = predict_memory(cfg)
+    traced.__globals__["_TRACES"].clear()
+    monkeypatch.setattr(meta_outputs, "_CACHE", {})
+    monkeypatch.setattr(meta_outputs, "CACHE_LIMIT", 0)  # every op through its meta kernel
+    assert again == remembered == predict_memory(cfg)
+
+
+def test_a_tight_budget_fills_the_latent_cache_one_image_at_a_time():
+    cfg = _config("model.path=demo:sd1", "dataset.resolution=256")
+    fills = traced(cfg)[1]
+    assert fills[4] > fills[2] > fills[1]
+    one_image = fills[1] + fixed_bytes(fills[1])  # a budget that filling the cache fits one image at a time only
+    roomy, tight = predict_memory(cfg, 4), predict_memory(cfg, 4, budget_bytes=one_image)
+    assert cache_encode_batch(cfg, None, 4) == 4 and cache_encode_batch(cfg, one_image, 4) == 1
+    assert cache_encode_batch(cfg, fills[2] + fixed_bytes(fills[2]), 4) == 2
+    # The cache fill's figure is the one-image encode's: the VAE's activations for 4 images less those of 1.
+    assert roomy.cache_fill_bytes - tight.cache_fill_bytes > fills[4] - fills[1] > 0
+    assert cache_encode_batch(cfg, 64 * GIB, 3) == 3  # a bucket of 3 images: all at once when they fit
+
+
+@pytest.fixture
+def four_images(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for index, size in enumerate([(64, 64), (60, 55), (50, 50), (70, 64)]):
+        _draw(folder / f"img{index}.png", size, index)
+    return ImageDataset.scan(DatasetOptions(folder=folder, buckets=SMALL))
+
+
+def test_latents_encoded_one_at_a_time_equal_the_batch_of_four(four_images):
+    vae = tiny_vae(scaling_factor=0.5)
+    batched = LatentCache(vae, four_images, vae_identity(vae, "tiny"), batch_size=4)
+    single = LatentCache(vae, four_images, vae_identity(vae, "tiny"), batch_size=1)
+    assert batched.build() == single.build() == 4
+    for item in four_images.items:
+        torch.testing.assert_close(single.get(item), batched.get(item), rtol=1e-4, atol=1e-5)
+
+
+def test_an_out_of_memory_encode_halves_the_batch_and_keeps_the_latents(four_images):
+    vae = tiny_vae(scaling_factor=0.5)
+    expected = LatentCache(vae, four_images, vae_identity(vae, "tiny"), batch_size=1)
+    expected.build()
+    encode, batches = vae.encode, []
+
+    def full_card(pixels):  # a card with room for one image per encode
+        batches.append(len(pixels))
+        if len(pixels) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return encode(pixels)
+
+    vae.encode = full_card
+    cache = LatentCache(vae, four_images, vae_identity(vae, "tiny"), batch_size=4)
+    assert cache.build() == 4 and cache.batch_size == 1
+    largest = max(len(group) for group in _buckets(four_images).values())
+    assert batches[:2] == [min(4, largest), min(2, largest)] and batches.count(1) == 4
+    for item in four_images.items:
+        torch.testing.assert_close(cache.get(item), expected.get(item), rtol=1e-4, atol=1e-5)
+
+
+def _buckets(dataset) -> dict:
+    groups: dict = {}
+    for item in dataset.items:
+        groups.setdefault(item.bucket, []).append(item)
+    return groups

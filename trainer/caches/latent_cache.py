@@ -24,6 +24,7 @@ from trainer.data.dataset import Batch, ImageDataset, Item
 
 # Bump when resizing/cropping/normalising changes, so old cache files stop matching.
 PIXEL_PIPELINE_VERSION = "1"
+ENCODE_BATCH = 4  # images of one bucket per VAE encode, unless memory is tight (the memory model reads it too)
 
 
 def vae_identity(vae, source: str) -> str:
@@ -53,7 +54,7 @@ class LatentCache:
         dataset: ImageDataset,
         vae_id: str,
         folder: Path | None = None,
-        batch_size: int = 4,
+        batch_size: int = ENCODE_BATCH,
         keep_in_memory: bool = True,
     ):
         self.vae, self.dataset, self.vae_id, self.batch_size = vae, dataset, vae_id, batch_size
@@ -90,8 +91,20 @@ class LatentCache:
         for item, flip in missing:
             by_bucket.setdefault(item.bucket, []).append((item, flip, item.placement))
         for group in by_bucket.values():
-            for start in range(0, len(group), self.batch_size):
-                self._encode(group[start : start + self.batch_size])
+            start = 0
+            while start < len(group):
+                chunk = group[start : start + self.batch_size]
+                try:
+                    self._encode(chunk)
+                except torch.cuda.OutOfMemoryError:
+                    if self.batch_size == 1:
+                        raise
+                    # The card is tighter than predicted: fewer images per encode, down to one; the latents
+                    # are the same (each image is encoded on its own within a batch).
+                    self.batch_size //= 2
+                    torch.cuda.empty_cache()
+                    continue
+                start += len(chunk)
         return len(missing)
 
     def entries(self, items: Iterable[Item], flips: Iterable[bool] | None = None) -> dict[str, torch.Tensor]:

@@ -32,8 +32,11 @@ class BatchSupply:
         # Keyed by image content and VAE, so one disk cache serves every run on the machine.
         folder = cache_root() / "latents" if cfg.dataset.cache_latents == "disk" else None
         if cfg.dataset.cache_latents != "none":
+            # Imported here: the memory model traces BatchLoss, which imports this module.
+            from trainer.memory import run_cache_batch
+
             self.latents = LatentCache(model.vae, self.dataset, vae_identity(model.vae, model.vae_identity),
-                                       folder=folder)
+                                       folder=folder, batch_size=run_cache_batch(cfg))
             if not cfg.dataset.random_crop:  # random crops are encoded when drawn, never the centre crop
                 self._build_shared(self.latents, self.dataset.items)
         if cfg.dataset.cache_text_encoder_outputs and text_cache_allowed(cfg.dataset.options().captions,

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from networks.errors import SdloraError
 from trainer.config import TrainConfig
 from trainer.config.overrides import apply_overrides
@@ -78,10 +80,13 @@ class MemoryChange:
     peak_bytes: int  # the predicted peak with this change (and the ones before it) applied
 
 
-def predict_memory(cfg: TrainConfig, cache_images: int = CACHE_BATCH) -> MemoryPrediction:
+def predict_memory(cfg: TrainConfig, cache_images: int = CACHE_BATCH, budget_bytes: int | None = None
+                   ) -> MemoryPrediction:
     """The run's GPU memory peak, traced on the meta device. `cache_images`: the images (flips counted) of
-    the largest bucket, when the dataset is known: the latent cache encodes up to CACHE_BATCH of them at once."""
-    step, cache_fill, sampling = _traced(cfg, cache_images)
+    the largest bucket, when the dataset is known; `budget_bytes`: the memory the run gets, which sets how
+    many of them the latent cache encodes at once (cache_encode_batch, as the run does)."""
+    step, cache_fills, sampling = _traced(cfg)
+    cache_fill = cache_fills[cache_encode_batch(cfg, budget_bytes, cache_images)]
     states = state_bytes(cfg, step.trainable_parameters)  # present through the whole step (tracer.py)
     traced = {"frozen_weights": step.frozen_weights, "trainable": step.trainable + states,
               "activations": step.activations, "largest_temporary": step.largest_temporary}
@@ -93,22 +98,58 @@ def predict_memory(cfg: TrainConfig, cache_images: int = CACHE_BATCH) -> MemoryP
                             sampling and sampling + fixed_bytes(sampling), step.flops)
 
 
+def memory_budget(cfg: TrainConfig) -> tuple[int | None, str]:
+    """(bytes, where from): train.memory_budget_gb, else the CUDA card's free memory; None on a CPU."""
+    if cfg.train.memory_budget_gb:
+        return int(cfg.train.memory_budget_gb * GIB), "train.memory_budget_gb"
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        return free, f"the free memory of {torch.cuda.get_device_name()}"
+    return None, ""
+
+
+def run_cache_batch(cfg: TrainConfig) -> int:
+    """The images the run's latent cache encodes at once: cache_encode_batch under the run's memory budget;
+    CACHE_BATCH without one or where the model cannot be traced before it loads (the cache still halves its
+    batch on a full card)."""
+    budget, _source = memory_budget(cfg)
+    if not budget:
+        return CACHE_BATCH
+    try:
+        return cache_encode_batch(cfg, budget)
+    except SdloraError:
+        return CACHE_BATCH
+
+
+def cache_encode_batch(cfg: TrainConfig, budget_bytes: int | None, images: int = CACHE_BATCH) -> int:
+    """The images the latent cache encodes at once at the largest bucket: its `images`, at most the cache's
+    batch, which starts at CACHE_BATCH and halves (as the run's cache does, run_cache_batch) while filling the
+    cache would not fit `budget_bytes`, down to one image at a time."""
+    batch = CACHE_BATCH
+    if budget_bytes and cfg.dataset.cache_latents != "none":
+        fills = _traced(cfg)[1]
+        while batch > 1 and fills[min(images, batch)] + fixed_bytes(fills[min(images, batch)]) > budget_bytes:
+            batch //= 2
+    return max(1, min(images, batch))
+
+
 _TRACES: dict[str, tuple] = {}  # the config less its optimizer -> its traces, for the pre-flight's repeated asks
 
 
-def _traced(cfg: TrainConfig, cache_images: int = CACHE_BATCH) -> tuple[StepTrace, int, int]:
-    """(the step, the cache fill, the sampling transient), traced once per config; the optimizer and EMA
-    settings do not change the trace (their states are counted per parameter)."""
+def _traced(cfg: TrainConfig) -> tuple[StepTrace, dict[int, int], int]:
+    """(the step, the cache fill by images per encode, the sampling transient), traced once per config; the
+    optimizer and EMA settings do not change the trace (their states are counted per parameter)."""
     data = cfg.model_dump(mode="json")
     data["train"]["optimizer"], data["ema"] = "", {}
-    key = json.dumps([data, min(cache_images, CACHE_BATCH)], sort_keys=True, default=str)
+    key = json.dumps(data, sort_keys=True, default=str)
     if key not in _TRACES:
         folder, family, prediction = _model_configs(cfg)
         side = cfg.dataset.resolution  # the largest bucket's area is resolution^2 (trainer/data/buckets.py)
         model = build_meta_model(folder, family, prediction, cfg)
         step = trace_training(cfg, model, side)
         # The VAE as the step left it (untouched); sampling runs through the attached adapters, as previews do.
-        _TRACES[key] = (step, trace_cache_fill(cfg, model, side, cache_images), trace_sampling(cfg, model))
+        fills = {images: trace_cache_fill(cfg, model, side, images) for images in range(1, CACHE_BATCH + 1)}
+        _TRACES[key] = (step, fills, trace_sampling(cfg, model))
         if len(_TRACES) > 64:
             _TRACES.pop(next(iter(_TRACES)))
     return _TRACES[key]
@@ -133,8 +174,9 @@ def _model_configs(cfg: TrainConfig):
 def changes_to_fit(cfg: TrainConfig, budget_bytes: int, cache_images: int = CACHE_BATCH) -> list[MemoryChange]:
     """The changes, cumulative and cheapest first (least quality and speed lost), that bring the predicted
     peak under `budget_bytes`; stops at the first that does. Empty when the run already fits; the whole list
-    (whose last figure is still above the budget) when nothing here is enough."""
-    current = predict_memory(cfg, cache_images).peak_bytes
+    (whose last figure is still above the budget) when nothing here is enough. Each figure fills the latent
+    cache as the run would under that budget (cache_encode_batch)."""
+    current = predict_memory(cfg, cache_images, budget_bytes).peak_bytes
     changes: list[MemoryChange] = []
     for label, overrides in _candidates(cfg):
         if current <= budget_bytes:
@@ -143,7 +185,7 @@ def changes_to_fit(cfg: TrainConfig, budget_bytes: int, cache_images: int = CACH
             trial = apply_overrides(cfg, [f"{key}={_literal(value)}" for key, value in overrides.items()])
         except SdloraError:  # a saver this run's other settings refuse (e.g. fp8 with PiSSA)
             continue
-        peak = predict_memory(trial, cache_images).peak_bytes
+        peak = predict_memory(trial, cache_images, budget_bytes).peak_bytes
         if peak >= current:
             continue
         cfg, current = trial, peak
@@ -177,7 +219,7 @@ def _smaller_bucket(cfg: TrainConfig, budget_bytes: int, current: int, cache_ima
             trial = apply_overrides(cfg, [f"dataset.resolution={side}"])
         except SdloraError:  # bucket sides that the smaller resolution breaks
             break
-        peak = predict_memory(trial, cache_images).peak_bytes
+        peak = predict_memory(trial, cache_images, budget_bytes).peak_bytes
         if peak <= budget_bytes:
             return [MemoryChange(f"a largest bucket of {side} px", overrides, peak)]
         side -= 64 if side > 512 else 128
@@ -188,5 +230,6 @@ def _literal(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-__all__ = ["CACHE_BATCH", "CARD_SIZES_GB", "GIB", "MemoryChange", "MemoryPrediction", "changes_to_fit", "predict_memory",
+__all__ = ["CACHE_BATCH", "CARD_SIZES_GB", "GIB", "MemoryChange", "MemoryPrediction", "cache_encode_batch",
+           "changes_to_fit", "memory_budget", "predict_memory", "run_cache_batch",
            "text_states_cached"]

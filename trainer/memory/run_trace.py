@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 
 from networks.network import LoraNetwork
+from trainer.caches.latent_cache import ENCODE_BATCH
 from trainer.caches.text_cache import text_cache_allowed
 from trainer.config import TrainConfig
 from trainer.data.buckets import Placement
@@ -27,7 +28,7 @@ from trainer.model.tiny_models import load_clip_tokenizer
 from trainer.objective.diffusion import Objective
 from trainer.run.batch_loss import BatchLoss
 
-CACHE_BATCH = 4  # LatentCache's default batch_size (trainer/caches/latent_cache.py): images per VAE encode
+CACHE_BATCH = ENCODE_BATCH  # images per VAE encode when memory allows (trainer/caches/latent_cache.py)
 EMA_BYTES_PER_PARAMETER = 4  # AdapterEMA's fp32 shadow copy of each adapter weight
 
 

@@ -10,7 +10,15 @@ import torch
 from networks.errors import SdloraError
 from networks.network import count_adapter_parameters
 from trainer.config import TrainConfig
-from trainer.memory import CACHE_BATCH, GIB, MemoryPrediction, changes_to_fit, predict_memory
+from trainer.memory import (
+    CACHE_BATCH,
+    GIB,
+    MemoryPrediction,
+    cache_encode_batch,
+    changes_to_fit,
+    memory_budget,
+    predict_memory,
+)
 from trainer.memory.meta_model import meta_components
 from trainer.model.facts import SHIPPED_CONFIGS
 from trainer.model.family import FAMILIES, get_family
@@ -55,29 +63,19 @@ def seconds_per_step(cfg: TrainConfig, prediction: MemoryPrediction) -> float:
     return flops / ASSUMED_THROUGHPUT["half" if half else "fp32"]
 
 
-def memory_budget(cfg: TrainConfig) -> tuple[int | None, str]:
-    """(bytes, where from): train.memory_budget_gb, else the CUDA card's free memory; None on a CPU."""
-    if cfg.train.memory_budget_gb:
-        return int(cfg.train.memory_budget_gb * GIB), "train.memory_budget_gb"
-    if torch.cuda.is_available():
-        free, _total = torch.cuda.mem_get_info()
-        return free, f"the free memory of {torch.cuda.get_device_name()}"
-    return None, ""
-
-
 def explain_estimate(ctx: CheckContext) -> None:
     """The traced memory peak in words, the changes that fit the budget, the run's duration on a GPU, and
     what a machine without one means."""
     if ctx.family is None:
         return
     cfg, report = ctx.cfg, ctx.report
+    budget, source = memory_budget(cfg)
     try:
-        prediction = predict_memory(cfg, _largest_bucket_images(ctx))
+        prediction = predict_memory(cfg, _largest_bucket_images(ctx), budget)
     except SdloraError as error:  # a network the trainer would refuse too (e.g. every block at weight 0)
         report.errors.append(str(error))
         return
     seconds = seconds_per_step(cfg, prediction)
-    budget, source = memory_budget(cfg)
     changes = changes_to_fit(cfg, budget, _largest_bucket_images(ctx)) \
         if budget and prediction.peak_bytes > budget else []
     report.data["estimate"] = {
@@ -85,6 +83,7 @@ def explain_estimate(ctx: CheckContext) -> None:
         "precision": cfg.train.mixed_precision, "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "peak_bytes": prediction.peak_bytes, "parts": prediction.parts, "cache_fill_bytes": prediction.cache_fill_bytes,
         "sampling_bytes": prediction.sampling_bytes, "flops_per_step": prediction.flops_per_step,
+        "cache_encode_batch": cache_encode_batch(cfg, budget, _largest_bucket_images(ctx)),
         "fits_gb": prediction.fits(), "seconds_per_step": seconds, "budget_bytes": budget,
         "changes_to_fit": [{"label": c.label, "overrides": c.overrides, "peak_bytes": c.peak_bytes} for c in changes]}
     report.info.append(prediction.words())
