@@ -184,3 +184,33 @@ def _buckets(dataset) -> dict:
     for item in dataset.items:
         groups.setdefault(item.bucket, []).append(item)
     return groups
+
+
+def test_the_bench_measures_the_allocators_tensor_bytes_without_the_tracer():
+    from bench.memory import allocator_peak
+
+    mib = 2 ** 20
+    with allocator_peak() as measured:
+        first = torch.empty(mib // 4)  # 1 MiB of fp32
+        second = torch.empty(mib // 2)  # 2 MiB
+        del first
+        third = torch.empty(mib // 8)  # 0.5 MiB, after the first is freed: the peak stays at 3 MiB
+        del second, third
+    assert measured["peak"] == 3 * mib
+
+
+def test_the_bench_rows_set_what_their_names_say(tmp_path):
+    from bench.memory import GPU_ROWS, ROWS, row_config, table_line
+
+    for name, row in {**ROWS, **GPU_ROWS}.items():
+        cfg = row_config(row, tmp_path)
+        assert cfg.dataset.resolution == int(name.split("-")[1])
+        assert cfg.train.gradient_checkpointing == ("-gc" in name)
+        assert cfg.model.fp8_base == name.endswith("fp8")
+        assert cfg.train.mixed_precision == ("bf16" if "bf16" in name else "no")
+    gpu_row = {"row": "sdxl-1024-bf16-gc", "predicted_bytes": 2 ** 30, "measured_bytes": 2 ** 30, "ratio": 1.0,
+               "predicted_allocated": 3 * 2 ** 30, "max_allocated": 3 * 2 ** 30, "allocated_ratio": 1.0,
+               "predicted_reserved": 4 * 2 ** 30, "max_reserved": 2 ** 32,
+               "reserved_ratio": 1.0}
+    assert table_line(gpu_row).split() == ["sdxl-1024-bf16-gc", "1024", "1024", "1.00", "3072", "3072", "1.00",
+                                           "4096", "4096", "1.00"]
