@@ -93,7 +93,7 @@ def row_config(row: Row, folder: Path):
     return apply_overrides(TrainConfig(), [f"model.path={file}", f"dataset.path={folder}", *row.overrides()])
 
 
-def predicted(cfg) -> dict[str, int]:
+def predicted(cfg, gpu: bool = False) -> dict[str, int]:
     """The traced step's peak above the loaded model, and its total on a GPU (allocated and reserved)."""
     from trainer.memory import (
         ALLOCATOR_SLACK,
@@ -103,7 +103,7 @@ def predicted(cfg) -> dict[str, int]:
         state_bytes,
     )
 
-    step, _, _ = _traced(cfg)
+    step, _, _ = _traced(cfg, "cuda" if gpu else "cpu")  # whose autocast the measured step runs under
     total = step.peak + state_bytes(cfg, step.trainable_parameters)
     adapters = step.trainable_parameters * 4  # fp32 adapters
     return {"above_loaded": total - step.frozen_weights - adapters, "allocated": total,
@@ -209,7 +209,7 @@ def _status(field: str) -> int:
 def run_row(name: str, folder: Path, gpu: bool = False) -> dict:
     row = (GPU_ROWS if gpu else ROWS)[name]
     cfg = row_config(row, folder)
-    prediction = predicted(cfg)
+    prediction = predicted(cfg, gpu)
     measured = (measure_gpu if gpu else measure_cpu)(cfg)
     result = {"row": name, "predicted_bytes": prediction["above_loaded"], **measured,
               "ratio": prediction["above_loaded"] / measured["measured_bytes"]}

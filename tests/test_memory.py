@@ -100,10 +100,10 @@ def test_check_on_an_sdxl_single_file_prints_the_traced_peak_its_parts_and_the_c
     parts = estimate["parts"]
     assert estimate["family"] == "sdxl" and parts["frozen_weights"] == 2_567_463_684 * 2  # the bf16 UNet alone
     # r16 LoRA on SDXL's attention (23.2 M parameters): fp32 weights, gradients and AdamW's two moments.
-    assert parts["trainable"] == 680_923_040 and 9.3 * GIB < parts["activations"] < 9.5 * GIB
+    assert parts["trainable"] == 680_923_040 and 8.2 * GIB < parts["activations"] < 8.4 * GIB
     assert set(parts) == {"frozen_weights", "trainable", "activations", "largest_temporary", "fixed"}
-    assert estimate["peak_bytes"] == sum(parts.values()) and 16.5 * GIB < estimate["peak_bytes"] < 16.7 * GIB
-    assert estimate["fits_gb"] == [24] and estimate["cache_encode_batch"] == 1  # a one-image dataset
+    assert estimate["peak_bytes"] == sum(parts.values()) and 15.4 * GIB < estimate["peak_bytes"] < 15.6 * GIB
+    assert estimate["fits_gb"] == [16, 24] and estimate["cache_encode_batch"] == 1  # a one-image dataset
 
 
 @pytest.mark.skipif(not os.environ.get("SDLORA_SLOW_TESTS"), reason="traces SDXL at 1024 px three times: "
@@ -125,6 +125,17 @@ def test_remembered_meta_outputs_change_no_byte_of_the_trace(monkeypatch):
     monkeypatch.setattr(meta_outputs, "_CACHE", {})
     monkeypatch.setattr(meta_outputs, "CACHE_LIMIT", 0)  # every op through its meta kernel
     assert again == remembered == predict_memory(cfg)
+
+
+def test_a_half_precision_trace_makes_autocasts_casts():
+    # The adapters' fp32 inputs are cast to bf16 for their matmuls (kept for backward in bf16, not fp32), and
+    # CUDA autocast computes the norms in fp32 where CPU autocast keeps bf16: bench.memory's sd15-256-bf16 row
+    # measured 333 MiB above the loaded model on a CPU step against 332 traced with the CPU's casts.
+    cfg = _config("model.path=demo:sd1", "dataset.resolution=256", "train.mixed_precision=bf16")
+    plain = traced(cfg, "cpu")[0]
+    cuda = traced(cfg, "cuda")[0]
+    assert cuda.activations > plain.activations  # the fp32 norm outputs
+    assert plain.frozen_weights == cuda.frozen_weights and plain.trainable == cuda.trainable
 
 
 def test_a_tight_budget_fills_the_latent_cache_one_image_at_a_time():

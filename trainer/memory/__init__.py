@@ -136,17 +136,18 @@ def cache_encode_batch(cfg: TrainConfig, budget_bytes: int | None, images: int =
 _TRACES: dict[str, tuple] = {}  # the config less its optimizer -> its traces, for the pre-flight's repeated asks
 
 
-def _traced(cfg: TrainConfig) -> tuple[StepTrace, dict[int, int], int]:
+def _traced(cfg: TrainConfig, device_type: str = "cuda") -> tuple[StepTrace, dict[int, int], int]:
     """(the step, the cache fill by images per encode, the sampling transient), traced once per config; the
-    optimizer and EMA settings do not change the trace (their states are counted per parameter)."""
+    optimizer and EMA settings do not change the trace (their states are counted per parameter).
+    `device_type`: whose autocast casts a half-precision step makes (bench.memory measures a CPU step)."""
     data = cfg.model_dump(mode="json")
     data["train"]["optimizer"], data["ema"] = "", {}
-    key = json.dumps(data, sort_keys=True, default=str)
+    key = json.dumps([data, device_type], sort_keys=True, default=str)
     if key not in _TRACES:
         folder, family, prediction = _model_configs(cfg)
         side = cfg.dataset.resolution  # the largest bucket's area is resolution^2 (trainer/data/buckets.py)
         model = build_meta_model(folder, family, prediction, cfg)
-        step = trace_training(cfg, model, side)
+        step = trace_training(cfg, model, side, device_type)
         # The VAE as the step left it (untouched); sampling runs through the attached adapters, as previews do.
         fills = {images: trace_cache_fill(cfg, model, side, images) for images in range(1, CACHE_BATCH + 1)}
         _TRACES[key] = (step, fills, trace_sampling(cfg, model))

@@ -2,10 +2,9 @@
 the latent cache (the VAE encode LatentCache runs) and drawing a preview (UNet with guidance, VAE decode).
 
 Autocast: the trainer's half-precision step runs the UNet under `accelerator.autocast()` with the frozen
-weights already cast to the weight dtype, so its matmuls and convolutions compute in that dtype. Autocast
-does not apply to meta tensors, so the trace computes in the weight dtype directly (the stub accelerator's
-autocast is a no-op): the same activation dtypes, except the few ops autocast would run in fp32 (softmax,
-norms), whose outputs are small next to the convolutions'."""
+weights already cast to the weight dtype. Autocast does not apply to meta tensors, so the trace makes its
+casts itself (trainer/memory/meta_autocast.py): the adapters' fp32 inputs and weights cast to the half dtype
+for their matmuls, and on CUDA the norms computed in fp32."""
 
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from trainer.config import TrainConfig
 from trainer.data.buckets import Placement
 from trainer.data.dataset import Batch, Sample
 from trainer.memory.live_bytes import LiveBytes, flash_attention, storage_bytes
+from trainer.memory.meta_autocast import autocast_casts
 from trainer.memory.meta_model import META, MetaModel, on_meta
 from trainer.memory.tracer import StepTrace, trace_step
 from trainer.model.tiny_models import load_clip_tokenizer
@@ -32,13 +32,18 @@ CACHE_BATCH = ENCODE_BATCH  # images per VAE encode when memory allows (trainer/
 EMA_BYTES_PER_PARAMETER = 4  # AdapterEMA's fp32 shadow copy of each adapter weight
 
 
+@dataclass
 class _MetaAccelerator:
-    """What BatchLoss asks of the accelerator; autocast is a no-op on meta (module docstring)."""
+    """What BatchLoss asks of the accelerator: autocast turns on the state under which autocast_casts casts
+    (meta_autocast.py), in the weight dtype of a half-precision run."""
 
+    dtype: torch.dtype
     device = META
 
     def autocast(self):
-        return contextlib.nullcontext()
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.dtype)
 
 
 @dataclass
@@ -84,9 +89,9 @@ def vae_factor(model: MetaModel) -> int:
     return 2 ** (len(model.vae.config.block_out_channels) - 1)
 
 
-def trace_training(cfg: TrainConfig, model: MetaModel, side: int) -> StepTrace:
+def trace_training(cfg: TrainConfig, model: MetaModel, side: int, device_type: str = "cuda") -> StepTrace:
     """The step at a `side` x `side` bucket (the largest area) and the batch size, as Trainer.optimizer_step
-    runs it for one micro-batch."""
+    runs it for one micro-batch, with `device_type`'s autocast casts (bench.memory measures a CPU step)."""
     batch_size, factor = cfg.train.batch_size, vae_factor(model)
     with on_meta():  # the adapters are made on the meta device, not made on the CPU and moved
         network = LoraNetwork.create(model.family.name, model.unet, model.text_encoders, cfg.network.spec(),
@@ -103,12 +108,14 @@ def trace_training(cfg: TrainConfig, model: MetaModel, side: int) -> StepTrace:
     batch = Batch((side, side), tuple(Sample(0, False, "", placement) for _ in range(batch_size)))
     dataset = SimpleNamespace(items=[SimpleNamespace(is_reg=False)])
     loss = BatchLoss(model, model.unet, supply, Objective(cfg.train, model.noise_scheduler, _prediction(model)),
-                     dataset, None, cfg.train.prior_loss_weight, _MetaAccelerator(), model.weight_dtype)
+                     dataset, None, cfg.train.prior_loss_weight, _MetaAccelerator(model.weight_dtype),
+                     model.weight_dtype)
     trainable = list(network.parameters())
     # The stepping runs (an SGD step without momentum keeps no state); the optimizer's and EMA's states are
     # added per trainable parameter by the caller (state_bytes), so a change of optimizer needs no new trace.
-    return trace_step(resident_frozen(cfg, model, cached), trainable, lambda: loss(batch),
-                      lambda: torch.optim.SGD(trainable, lr=cfg.train.learning_rate), 0, cfg.train.max_grad_norm)
+    with autocast_casts(device_type):
+        return trace_step(resident_frozen(cfg, model, cached), trainable, lambda: loss(batch),
+                          lambda: torch.optim.SGD(trainable, lr=cfg.train.learning_rate), 0, cfg.train.max_grad_norm)
 
 
 _TEXT_STATES: dict[tuple, dict] = {}  # (model source, dtype, batch, clip skip, chunks) -> {name: (shape, dtype)}
