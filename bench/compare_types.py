@@ -334,6 +334,7 @@ def main(argv=None) -> int:
     from trainer.model.model_loading import load_model
 
     args = parse_args(argv)
+    head = commit()  # the code this run imports (others may commit while it runs)
     quiet_libraries()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.time()
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
     print(table(kept_table[1], kept_table[0]))
     for line in diverged:
         print(f"diverged: {line}")
-    result = {"commit": commit(), "steps": args.steps, "every": args.every, "training_seeds":
+    result = {"commit": head, "steps": args.steps, "every": args.every, "training_seeds":
               list(TRAINING_SEEDS[:args.training_seeds]), "score_seeds": args.score_seeds,
               "sampler_steps": args.sampler_steps, "base": asdict(scoring.base), "base_plain": asdict(scoring.base_plain),
               "ninety_percent_level": ninety_percent_level(rows, scoring.base.style),
