@@ -12,21 +12,19 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
 from networks.errors import SdloraError
-from networks.spec import NetworkSpec
-from trainer.config import config_field_table, config_from_dict
+from trainer.config import config_from_dict
 from trainer.config.choices import LrScheduler, MixedPrecision, Optimizer
 from trainer.config.kohya_names import KOHYA_KEYS
+from trainer.config.kohya_network import LOKR_KEYS, import_network
+from trainer.config.kohya_values import Builder, is_blank, read_flag, read_integer, read_number, reader_for
 from trainer.config.sample_prompts import OPTION_HELP, parse_prompt_text
 
-NETWORK_TYPES = {"Standard": "lora", "LoCon": "locon", "Kohya LoCon": "locon", "LyCORIS/LoCon": "locon",
-                 "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr", "LyCORIS/Diag-OFT": "oft"}
-LOKR_KEYS = {"factor": "network.factor", "decompose_both": "network.decompose_both"}  # kohya_ss GUI's LoKr fields
 OPTIMIZERS = {name: name for name in get_args(Optimizer)}  # kohya_ss's names, lowercased, are sdlora's
 SCHEDULERS = get_args(LrScheduler)
 MIXED_PRECISION = {name: name for name in get_args(MixedPrecision)}
@@ -51,7 +49,7 @@ class KohyaImport:
 
     def meaningful_unmapped(self) -> dict[str, Any]:
         """The unmapped keys that were set to something (kohya_ss saves every field, most empty or off)."""
-        return {key: value for key, value in self.unmapped.items() if not _is_blank(value)}
+        return {key: value for key, value in self.unmapped.items() if not is_blank(value)}
 
     def text(self) -> str:
         """What was imported and what was not, for the terminal."""
@@ -68,53 +66,6 @@ class KohyaImport:
         return "\n".join(lines)
 
 
-# -- reading kohya_ss's loosely typed values ------------------------------------------------------------
-def _is_blank(value: Any) -> bool:
-    return value is None or value == "" or value is False or value == 0 or value == "0"
-
-
-def _number(key: str, value: Any, source: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise SdloraError(f"{key} in {source} is {value!r}, not a number; fix it in the file.") from None
-    if not math.isfinite(number):
-        raise SdloraError(f"{key} in {source} is {value!r}; use a finite number.")
-    return number
-
-
-def _integer(key: str, value: Any, source: str) -> int:
-    number = _number(key, value, source)
-    if not number.is_integer():
-        raise SdloraError(f"{key} in {source} is {value!r}, not a whole number; fix it in the file.")
-    return int(number)
-
-
-def _flag(key: str, value: Any, source: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).strip().lower() in ("true", "1"):
-        return True
-    if str(value).strip().lower() in ("false", "0", ""):
-        return False
-    raise SdloraError(f"{key} in {source} is {value!r}, not true or false; fix it in the file.")
-
-
-def _text(key: str, value: Any, source: str) -> str:
-    return str(value).strip()
-
-
-def _reader(dotted: str) -> Callable[[str, Any, str], Any]:
-    """How kohya_ss's loosely typed value is read for a key: by the sdlora key's own type."""
-    field = CONFIG_FIELDS[dotted]
-    kind = field.type
-    if kind.startswith("int") or (field.choices and all(isinstance(c, int) for c in field.choices)):
-        return _integer
-    if kind.startswith("float"):
-        return _number
-    return _flag if kind == "bool" else _text
-
-
 # Handled by the functions below (so not "unmapped" even when they end up not setting anything).
 SPECIAL = ("LoRA_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "learning_rate", "unet_lr",
            "text_encoder_lr", "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup", "max_train_steps",
@@ -125,51 +76,20 @@ SPECIAL = ("LoRA_type", "network_dim", "network_alpha", "conv_dim", "conv_alpha"
            "masked_loss", "dora_wd", "network_args", "timestep_sampling", "sigmoid_scale", "constrain", *LOKR_KEYS)
 
 
-CONFIG_FIELDS = {field.key: field for field in config_field_table()}
 # The keys copied one to one, each read by its sdlora key's type; the rest are converted by hand below.
-DIRECT = {key: (dotted, _reader(dotted)) for key, dotted in KOHYA_KEYS.items()
+DIRECT = {key: (dotted, reader_for(dotted)) for key, dotted in KOHYA_KEYS.items()
           if key not in SPECIAL and key not in RUN_SPECIFIC}
-
-
-class _Builder:
-    """Collects the partial config, the unmapped keys and the notes while the keys are converted."""
-
-    def __init__(self, data: Mapping[str, Any], source: str):
-        self.data, self.source = data, source
-        self.config: dict = {}
-        self.unmapped: dict[str, Any] = {}
-        self.notes: list[str] = []
-
-    def given(self, key: str) -> bool:
-        value = self.data.get(key)
-        return value is not None and not (isinstance(value, str) and value.strip() == "")
-
-    def choose(self, key: str, dotted: str, choices: Mapping[str, str]) -> None:
-        """Set `dotted` to choices[value of `key`], or list the value as unmapped when sdlora has no such choice."""
-        if self.given(key):
-            value = str(self.data[key]).strip()
-            if value in choices:
-                self.set(dotted, choices[value])
-            else:
-                self.unmapped[key] = value
-
-    def set(self, dotted: str, value: Any) -> None:
-        *sections, leaf = dotted.split(".")
-        node = self.config
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = value
 
 
 def import_kohya_preset(data: Mapping[str, Any], source: str = "the kohya_ss preset") -> KohyaImport:
     """Convert a kohya_ss preset dict into a validated partial sdlora config."""
     if not isinstance(data, Mapping):
         raise SdloraError(f"{source} is not a kohya_ss preset (a JSON object of settings expected).")
-    b = _Builder(data, source)
+    b = Builder(data, source)
     for key, (dotted, read) in DIRECT.items():
         if b.given(key):
             b.set(dotted, read(key, data[key], source))
-    for step in (_network, _learning_rates, _optimizer, _schedule, _length, _resolution, _precision,
+    for step in (import_network, _learning_rates, _optimizer, _schedule, _length, _resolution, _precision,
                  _caching, _prediction, _sampler, _sample_prompts, _masked_loss, _timestep_sampling):
         step(b)
     for key, value in data.items():
@@ -180,112 +100,8 @@ def import_kohya_preset(data: Mapping[str, Any], source: str = "the kohya_ss pre
     return KohyaImport(b.config, b.unmapped, b.notes)
 
 
-def _network(b: _Builder) -> None:
-    kind = str(b.data.get("LoRA_type") or "Standard")
-    if kind not in NETWORK_TYPES:
-        raise SdloraError(f"LoRA_type {kind!r} in {b.source} is not supported; sdlora imports "
-                          f"{', '.join(repr(k) for k in NETWORK_TYPES)} presets.")
-    network = NETWORK_TYPES[kind]
-    dim = _integer("network_dim", b.data["network_dim"], b.source) if b.given("network_dim") else None
-    if dim is not None:
-        b.set("network.rank", dim)
-    full = network == "lokr" and _full_lokr(b, "network_dim", dim, "network.rank", "network.alpha_ratio")
-    if b.given("network_alpha") and not full:
-        alpha = _number("network_alpha", b.data["network_alpha"], b.source)
-        if dim:
-            b.set("network.alpha_ratio", alpha / dim)
-        else:
-            b.unmapped["network_alpha"] = b.data["network_alpha"]
-            b.notes.append("network_alpha was not imported: without network_dim there is no alpha/r to keep.")
-    conv_dim = _integer("conv_dim", b.data["conv_dim"], b.source) if b.given("conv_dim") else None
-    if network == "locon" and conv_dim == 0:
-        network = "lora"
-        b.notes.append(f"LoRA_type {kind!r} with conv_dim 0 adapts no convolution: imported as a plain LoRA.")
-    b.set("network.type", network)
-    _lokr_shape(b, network)
-    dora_convs = _dora(b, network) and network == "locon"
-    if b.config["network"]["type"] == "dora":  # LyCORIS's DoRA switch on a LoRA / LoCon
-        network = "dora"
-        b.set("network.include_convs", dora_convs)
-    if network == "oft" and b.given("constrain") and (bound := _number("constrain", b.data["constrain"], b.source)) > 0:
-        b.set("network.alpha", bound)  # LyCORIS's diag-oft bound (x each layer's width); it ignores network_alpha
-    elif "constrain" in b.data and network != "oft":
-        b.unmapped["constrain"] = b.data["constrain"]
-    # LyCORIS adapts the convolutions of a LoHa / LoKr / OFT when conv_dim is set, as LoCon always does.
-    include_convs = network in ("loha", "lokr", "oft") and bool(conv_dim)
-    if network in ("loha", "lokr", "oft"):
-        b.set("network.include_convs", include_convs)
-    if not NetworkSpec(type=network, include_convs=include_convs or dora_convs).adapts_convs:  # the spec's rule
-        for key in ("conv_dim", "conv_alpha"):
-            if key in b.data:
-                b.unmapped[key] = b.data[key]  # kohya_ss itself ignores them for a Standard LoRA
-        return
-    if conv_dim:
-        b.set("network.conv_rank", conv_dim)
-        if network == "lokr" and _full_lokr(b, "conv_dim", conv_dim, "network.conv_rank", "network.conv_alpha_ratio"):
-            return
-        if b.given("conv_alpha"):
-            b.set("network.conv_alpha_ratio", _number("conv_alpha", b.data["conv_alpha"], b.source) / conv_dim)
-
-
-def _dora(b: _Builder, network: str) -> bool:
-    """LyCORIS's DoRA (kohya_ss GUI's dora_wd, or dora_wd=True in sd-scripts' network_args) on a LoRA / LoCon:
-    sets network.type dora and says so; True when it did. Other network_args are listed as unmapped."""
-    args = _network_args(b)
-    rest = {key: value for key, value in args.items() if key not in ("dora_wd", "wd_on_output")}
-    if rest:
-        b.unmapped["network_args"] = " ".join(f"{key}={value}" for key, value in rest.items())
-    wanted = _flag("dora_wd", b.data["dora_wd"], b.source) if b.given("dora_wd") else False
-    wanted = wanted or _flag("network_args dora_wd", args.get("dora_wd", False), b.source)
-    if not wanted or network not in ("lora", "locon"):
-        if wanted:
-            b.notes.append(f"dora_wd was not imported: sdlora's DoRA is a LoRA/LoCon, so this {network} preset "
-                           "imports without it.")
-        if "dora_wd" in b.data or wanted:
-            b.unmapped["dora_wd"] = b.data.get("dora_wd", True)
-        return False
-    b.set("network.type", "dora")
-    if _flag("network_args wd_on_output", args.get("wd_on_output", True), b.source):
-        b.notes.append("dora_wd became network.type dora, whose magnitude sdlora learns per input column "
-                       "(LyCORIS's wd_on_output=False, the axis A1111 and ComfyUI read alike), not per output row "
-                       "as LyCORIS's default wd_on_output=True does.")
-    return True
-
-
-def _network_args(b: _Builder) -> dict[str, str]:
-    """sd-scripts' network_args ("key=value" strings, as a list or one space-separated string) as a dict."""
-    raw = b.data.get("network_args") or []
-    items = raw.split() if isinstance(raw, str) else [str(item) for item in raw]
-    return dict(item.split("=", 1) if "=" in item else (item, "True") for item in items)
-
-
-def _full_lokr(b: _Builder, key: str, dim: int | None, rank_key: str, ratio_key: str) -> bool:
-    """LyCORIS's LoKr idiom: a dim past any weight's size (10000, 100000) asks for full, undecomposed halves,
-    whose scale is 1. sdlora's LoKr makes a half full from r >= half its longer side, so its top rank gives
-    the same wherever a side is at most twice that (every SD layer split with the default factor)."""
-    top = int(CONFIG_FIELDS[rank_key].bounds["le"])
-    if not dim or dim <= top:
-        return False
-    b.set(rank_key, top)
-    b.set(ratio_key, 1.0)
-    b.notes.append(f"{key} {dim} asks LyCORIS's LoKr for full Kronecker halves (scale 1): imported as "
-                   f"{rank_key} {top} with alpha/r 1, which makes sdlora's LoKr halves full as well.")
-    return True
-
-
-def _lokr_shape(b: _Builder, network: str) -> None:
-    """LoKr's factor and decompose_both; the GUI saves them with every preset, so other types list them."""
-    for key, dotted in LOKR_KEYS.items():
-        if key not in b.data:
-            continue
-        if network != "lokr":
-            b.unmapped[key] = b.data[key]
-        elif b.given(key):
-            b.set(dotted, _reader(dotted)(key, b.data[key], b.source))
-
-
-def _learning_rates(b: _Builder) -> None:
-    rates = {key: _number(key, b.data[key], b.source) if b.given(key) else 0.0
+def _learning_rates(b: Builder) -> None:
+    rates = {key: read_number(key, b.data[key], b.source) if b.given(key) else 0.0
              for key in ("learning_rate", "unet_lr", "text_encoder_lr")}
     for key, value in rates.items():
         if value:
@@ -297,7 +113,7 @@ def _learning_rates(b: _Builder) -> None:
     b.set("network.train_text_encoder", not (unet and not text))
 
 
-def _optimizer(b: _Builder) -> None:
+def _optimizer(b: Builder) -> None:
     if b.given("optimizer"):
         name = str(b.data["optimizer"]).strip()
         if name.lower() not in OPTIMIZERS:
@@ -339,7 +155,7 @@ def _arg_value(text: str) -> Any:
     return numbers if len(numbers) > 1 else numbers[0]
 
 
-def _schedule(b: _Builder) -> None:
+def _schedule(b: Builder) -> None:
     if b.given("lr_scheduler"):
         name = str(b.data["lr_scheduler"]).strip()
         if name in SCHEDULERS:
@@ -350,8 +166,8 @@ def _schedule(b: _Builder) -> None:
                            f"(choose one of {', '.join(SCHEDULERS)}).")
     if not b.given("lr_warmup") or b.given("lr_warmup_steps"):
         return
-    percent = _number("lr_warmup", b.data["lr_warmup"], b.source)
-    steps = _integer("max_train_steps", b.data["max_train_steps"], b.source) if b.given("max_train_steps") else 0
+    percent = read_number("lr_warmup", b.data["lr_warmup"], b.source)
+    steps = read_integer("max_train_steps", b.data["max_train_steps"], b.source) if b.given("max_train_steps") else 0
     if percent and steps:
         warmup = round(percent * steps / 100)  # kohya_ss's own conversion
         b.set("train.lr_warmup_steps", warmup)
@@ -362,18 +178,18 @@ def _schedule(b: _Builder) -> None:
                        "train.lr_warmup_steps yourself (sdlora check shows the total).")
 
 
-def _length(b: _Builder) -> None:
+def _length(b: Builder) -> None:
     if b.given("max_train_steps"):
-        steps = _integer("max_train_steps", b.data["max_train_steps"], b.source)
+        steps = read_integer("max_train_steps", b.data["max_train_steps"], b.source)
         if steps > 0:
             b.set("train.max_steps", steps)
     if b.given("max_train_epochs"):
-        epochs = _integer("max_train_epochs", b.data["max_train_epochs"], b.source)
+        epochs = read_integer("max_train_epochs", b.data["max_train_epochs"], b.source)
         if epochs > 0:
             b.set("train.epochs", epochs)  # sd-scripts: max_train_epochs overrides epoch
 
 
-def _resolution(b: _Builder) -> None:
+def _resolution(b: Builder) -> None:
     if not b.given("max_resolution"):
         return
     raw = str(b.data["max_resolution"])
@@ -391,18 +207,18 @@ def _resolution(b: _Builder) -> None:
     b.set("dataset.resolution", side)
 
 
-def _precision(b: _Builder) -> None:
+def _precision(b: Builder) -> None:
     b.choose("mixed_precision", "train.mixed_precision", MIXED_PRECISION)
     b.choose("save_precision", "save.precision", SAVE_PRECISION)
     if b.given("min_snr_gamma"):
-        gamma = _number("min_snr_gamma", b.data["min_snr_gamma"], b.source)
+        gamma = read_number("min_snr_gamma", b.data["min_snr_gamma"], b.source)
         if gamma > 0:  # kohya's 0 means off, sdlora's "off" is an empty value
             b.set("train.min_snr_gamma", gamma)
 
 
-def _caching(b: _Builder) -> None:
-    to_disk = b.given("cache_latents_to_disk") and _flag("cache_latents_to_disk", b.data["cache_latents_to_disk"], b.source)
-    in_memory = b.given("cache_latents") and _flag("cache_latents", b.data["cache_latents"], b.source)
+def _caching(b: Builder) -> None:
+    to_disk = b.given("cache_latents_to_disk") and read_flag("cache_latents_to_disk", b.data["cache_latents_to_disk"], b.source)
+    in_memory = b.given("cache_latents") and read_flag("cache_latents", b.data["cache_latents"], b.source)
     if to_disk:
         b.set("dataset.cache_latents", "disk")
     elif in_memory:
@@ -412,8 +228,8 @@ def _caching(b: _Builder) -> None:
                        "and crop, so it is never stale and stays on (random crops are encoded fresh anyway).")
 
 
-def _prediction(b: _Builder) -> None:
-    if b.given("v_parameterization") and _flag("v_parameterization", b.data["v_parameterization"], b.source):
+def _prediction(b: Builder) -> None:
+    if b.given("v_parameterization") and read_flag("v_parameterization", b.data["v_parameterization"], b.source):
         b.set("model.prediction_type", "v_prediction")
     for key in ("v2", "sdxl"):
         if key in b.data:
@@ -429,27 +245,27 @@ def _prediction(b: _Builder) -> None:
             b.notes.append(f"{key} is specific to one run; give it with --set {how} instead.")
 
 
-def _masked_loss(b: _Builder) -> None:
-    if b.given("masked_loss") and _flag("masked_loss", b.data["masked_loss"], b.source):
+def _masked_loss(b: Builder) -> None:
+    if b.given("masked_loss") and read_flag("masked_loss", b.data["masked_loss"], b.source):
         b.set("dataset.loss_mask", "alpha")
         b.notes.append("masked_loss is imported as dataset.loss_mask = alpha (each image's transparency); for a "
                        "folder of mask images use loss_mask = folder with dataset.mask_folder.")
 
 
-def _timestep_sampling(b: _Builder) -> None:
+def _timestep_sampling(b: Builder) -> None:
     b.choose("timestep_sampling", "train.timestep_distribution", TIMESTEP_SAMPLING)
     if b.given("sigmoid_scale"):  # read only by kohya's sigmoid (and shift, which is unmapped)
         if b.config.get("train", {}).get("timestep_distribution") == "sigmoid":
-            b.set("train.timestep_sigmoid_scale", _number("sigmoid_scale", b.data["sigmoid_scale"], b.source))
+            b.set("train.timestep_sigmoid_scale", read_number("sigmoid_scale", b.data["sigmoid_scale"], b.source))
         else:
             b.unmapped["sigmoid_scale"] = b.data["sigmoid_scale"]
 
 
-def _sampler(b: _Builder) -> None:
+def _sampler(b: Builder) -> None:
     b.choose("sample_sampler", "sample.sampler", SAMPLERS)
 
 
-def _sample_prompts(b: _Builder) -> None:
+def _sample_prompts(b: Builder) -> None:
     """kohya_ss keeps the prompt lines themselves in its preset (written to prompt.txt at launch)."""
     if not b.given("sample_prompts"):
         return
@@ -479,7 +295,7 @@ def _as_kohya_draws(prompt: dict) -> bool:
     return prompt != before
 
 
-def _drop_zero_optional(b: _Builder) -> None:
+def _drop_zero_optional(b: Builder) -> None:
     """kohya's 0 means "unset" for these; sdlora's bounds would reject a 0."""
     dataset = b.config.get("dataset", {})
     for key in ("min_bucket_side", "max_bucket_side"):
