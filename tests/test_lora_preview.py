@@ -7,6 +7,7 @@ from app.ui.lora_preview import LoraPreview, clip_skip_of, prompt_chunks_of
 from networks.errors import SdloraError
 from networks.lora_file import save_lora
 from networks.metadata import network_metadata
+from networks.spec import NETWORK_TYPES
 from tests.helpers import attached, randomise_up
 
 
@@ -70,3 +71,24 @@ def test_a_model_that_does_not_fit_beside_a_training_run_is_one_sentence():
         "when it has finished, or stop it.")
     assert gpu_room_problem(int(4e9), int(weights), training=False).endswith(
         "close what else uses the GPU, or try a smaller model.")
+
+
+@pytest.fixture(scope="module")
+def preview():
+    return LoraPreview()
+
+
+@pytest.mark.parametrize("kind", NETWORK_TYPES)
+def test_the_try_tab_draws_every_adapter_type_and_weight_0_is_the_base(preview, kind, tmp_path):
+    _, network = attached("sd1", kind, include_convs=True)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # every factor moved off its no-op start (DoRA's magnitude, OFT's blocks included)
+        for parameter in network.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    path = tmp_path / f"{kind}.safetensors"
+    save_lora(path, network.kohya_state_dict(), network_metadata(network, kind))
+    drawn = preview.compare("demo:sd1", path, "a red circle", steps=2, size=64)
+    off = preview.compare("demo:sd1", path, "a red circle", steps=2, size=64, weight=0.0)
+    assert np.array_equal(np.asarray(off.with_lora), np.asarray(drawn.without))
+    change = np.abs(np.asarray(drawn.with_lora, dtype=np.int16) - np.asarray(drawn.without, dtype=np.int16))
+    assert change.mean() > 1.0, (kind, change.mean())
