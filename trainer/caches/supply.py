@@ -17,6 +17,13 @@ from trainer.model.model_loading import LoadedModel
 from trainer.model.tiny_models import cache_root
 
 
+def fills_latents_at_setup(cfg: TrainConfig) -> bool:
+    """Whether build() encodes the dataset's latents before the first step (random crops are encoded when
+    drawn): then the UNet waits off the card until they are done (build_run), and the memory model's cache fill
+    leaves it out."""
+    return cfg.dataset.cache_latents != "none" and not cfg.dataset.random_crop
+
+
 class BatchSupply:
     def __init__(self, cfg: TrainConfig, model: LoadedModel, dataset: ImageDataset, accelerator):
         self.cfg, self.model, self.dataset, self.accelerator = cfg, model, dataset, accelerator
@@ -37,7 +44,7 @@ class BatchSupply:
 
             self.latents = LatentCache(model.vae, self.dataset, vae_identity(model.vae, model.vae_identity),
                                        folder=folder, batch_size=run_cache_batch(cfg))
-            if not cfg.dataset.random_crop:  # random crops are encoded when drawn, never the centre crop
+            if fills_latents_at_setup(cfg):  # random crops are encoded when drawn, never the centre crop
                 self._build_shared(self.latents, self.dataset.items)
         if cfg.dataset.cache_text_encoder_outputs and text_cache_allowed(cfg.dataset.options().captions,
                                                                           cfg.network.train_text_encoder):

@@ -16,6 +16,7 @@ import torch
 
 from networks.network import LoraNetwork
 from trainer.caches.latent_cache import ENCODE_BATCH
+from trainer.caches.supply import fills_latents_at_setup
 from trainer.caches.text_cache import text_cache_allowed
 from trainer.config import TrainConfig
 from trainer.data.buckets import Placement
@@ -162,11 +163,13 @@ def resident_frozen(cfg: TrainConfig, model: MetaModel, cached: bool) -> list[to
 
 
 def trace_cache_fill(cfg: TrainConfig, model: MetaModel, side: int, images: int = CACHE_BATCH) -> int:
-    """Everything loaded at setup (build_run moves the whole model before the caches fill) plus the VAE encode
-    of `images` (at most CACHE_BATCH: one bucket's images go through together) at the largest bucket, fp32."""
+    """What is on the card while the caches fill (the VAE and text encoders: build_run moves the UNet after
+    them) plus the VAE encode of `images` (at most CACHE_BATCH: one bucket's images go through together) at the
+    largest bucket, fp32."""
     if cfg.dataset.cache_latents == "none":
         return 0
-    loaded = storage_bytes([*model.unet.parameters(), *model.vae.parameters()]
+    waiting = [] if fills_latents_at_setup(cfg) else list(model.unet.parameters())
+    loaded = storage_bytes([*waiting, *model.vae.parameters()]
                            + [p for e in model.text_encoders for p in e.parameters()])
     live = LiveBytes()
     with flash_attention(), live, torch.no_grad():

@@ -17,7 +17,7 @@ from networks.inspect import lora_family
 from networks.lora_file import DTYPES, read_lora
 from networks.network import LoraNetwork
 from trainer.caches.latent_cache import LatentCache, vae_identity
-from trainer.caches.supply import BatchSupply
+from trainer.caches.supply import BatchSupply, fills_latents_at_setup
 from trainer.config import TrainConfig
 from trainer.data.dataset import Batch, ImageDataset
 from trainer.data.loss_mask import LossMasks
@@ -102,6 +102,7 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator, run: RunDir, resume: b
     supply.build()
     if cfg.train.preservation_caption:  # encoded once with the training captions, before the encoders go
         supply.cache_captions([cfg.train.preservation_caption])
+    model.unet.to(accelerator.device)  # after the latent cache is filled (_place says why)
     copy = run.weights_copy if resume and run.weights_copy.is_file() else None
     network = build_network(cfg, model, copy).attach()
     network.to(accelerator.device)
@@ -178,6 +179,11 @@ def _place(cfg: TrainConfig, device, dtype: torch.dtype, name: str, module: torc
     """One frozen part as the run uses it: in its dtype, in fp8 with model.fp8_base (the UNet, and the text
     encoders when they are not trained), on the device."""
     fp8 = cfg.model.fp8_base and (name == "unet" or (name == "text_encoder" and not cfg.network.train_text_encoder))
+    # Filling the latent cache needs only the VAE (and the text encoders): the UNet waits on the CPU, in its
+    # run dtype, until build_run has filled it, so the VAE's full-size encode never shares the card with the
+    # UNet's weights (SDXL at 1024 px: the cache fill, not the step, was the run's peak).
+    if name == "unet" and fills_latents_at_setup(cfg):
+        device = torch.device("cpu")
     _move(module.requires_grad_(False).eval(), device, torch.float32 if name == "vae" else dtype, fp8)
 
 
