@@ -3,6 +3,7 @@
 Tiny models, a handful of images, 1-2 steps: the numbers mean nothing here, only their presence does.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -162,7 +163,7 @@ def test_compare_types_tables_average_the_seeds_and_measure_against_the_full_fin
     assert type_rows(lora, 10.0)[1][0][5] == "n/a"  # no full fine-tune, no yardstick
 
 
-def test_compare_types_runs_each_type_and_the_full_fine_tune(tmp_path):
+def test_compare_types_runs_each_type_and_the_full_fine_tune(tmp_path, capsys):
     """A tiny run of the comparison: one row per contestant, and the full fine-tune trains every UNet weight."""
     from bench import compare_types
     from trainer.model.model_loading import load_model
@@ -183,4 +184,7 @@ def test_compare_types_runs_each_type_and_the_full_fine_tune(tmp_path):
     kept_header, kept = result["preservation_table"]
     assert [row[0] for row in kept] == ["base model (no adapter)", "full", "lora"] and kept[0][-1] == "0.0"
     assert all(0 <= float(value) <= 100 for row in kept for value in row[1:])
-    assert figure.stat().st_size > 10_000
+    if importlib.util.find_spec("matplotlib"):  # the `bench` extra; CI installs only `test`
+        assert figure.stat().st_size > 10_000
+    else:
+        assert not figure.exists() and "no plot: matplotlib is missing" in capsys.readouterr().out
