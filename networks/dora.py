@@ -33,7 +33,6 @@ from torch import nn
 from .adapter import FileModule
 from .errors import SdloraError
 from .lora import LORA_DOWN, LORA_UP, LoraModule
-from .spec import NetworkSpec
 
 # The file-key suffix of DoRA's magnitude (LyCORIS's, ComfyUI's and A1111's name); with the LoRA keys and alpha
 # it is one DoRA module.
@@ -80,11 +79,6 @@ class DoraModule(LoraModule):
     @classmethod
     def owns(cls, suffixes) -> bool:
         return DORA_SCALE in suffixes  # a LoRA module with a magnitude; the table asks DoRA before LoRA
-
-    @classmethod
-    def from_spec(cls, spec: NetworkSpec, base: nn.Module, rank: int, alpha: float) -> DoraModule:
-        return cls(base, rank, alpha, spec.init, spec.dropout, spec.rank_dropout, spec.module_dropout,
-                   rslora=spec.rslora)
 
     @classmethod
     def read(cls, base: nn.Module, tensors: dict[str, torch.Tensor], alpha: float | None, name: str,
