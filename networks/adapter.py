@@ -70,6 +70,7 @@ class Adapter(nn.Module, ABC):
         # Held outside the module tree so the adapter's state_dict holds only its own weights.
         self.__dict__["base"] = base
         self.__dict__["base_forward"] = None
+        self.__dict__["unmerged_weight"] = None  # the original weight while merged, when keeps_original
 
     # -- what each type says about itself ------------------------------------------------------
     @classmethod
@@ -111,6 +112,9 @@ class Adapter(nn.Module, ABC):
         """Multiply the change by `factor` (a 0-dim tensor; max-norm), spread over the factors."""
 
     moved_base = False  # only a LoRA init (PiSSA, LoRA-GA) moves the base weight
+    # A change that is not a sum of its factors (DoRA's renormalised columns, OFT's rotation) cannot be taken
+    # back out of the merged weight exactly: merge keeps the original weight (on the CPU), unmerge puts it back.
+    keeps_original = False
 
     def sync_base(self) -> None:
         """Re-derive a base weight an init moved (LoRA only)."""
@@ -150,13 +154,19 @@ class Adapter(nn.Module, ABC):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
+            if self.keeps_original:
+                self.__dict__["unmerged_weight"] = self.base.weight.detach().to("cpu", copy=True)
             self._add_to_base(self.multiplier)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self._add_to_base(-self.multiplier)
+            if self.unmerged_weight is not None:
+                self.base.weight.copy_(self.unmerged_weight.to(self.base.weight.device))
+                self.__dict__["unmerged_weight"] = None
+            else:
+                self._add_to_base(-self.multiplier)
             self.merged = False
 
     def _add_to_base(self, factor: float) -> None:

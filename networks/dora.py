@@ -66,6 +66,7 @@ def _channels(values: torch.Tensor, like: torch.Tensor, conv: bool) -> torch.Ten
 class DoraModule(LoraModule):
     kind, label, spec_types, file_keys = "dora", "DoRA", ("dora",), DORA_KEYS
     network_module = "lycoris.kohya"  # as kohya's sd-scripts record a LyCORIS network (algo lora, dora_wd)
+    keeps_original = True  # W + m (W' - W) in, the very original weight back out
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, init: str = "kaiming",
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
@@ -74,7 +75,6 @@ class DoraModule(LoraModule):
         self.on_output = bool(on_output)
         with torch.no_grad():
             self.dora_scale = nn.Parameter(column_norms(base.weight.detach(), self.on_output))
-        self.__dict__["unmerged_weight"] = None  # the exact original weight while merged
 
     @classmethod
     def owns(cls, suffixes) -> bool:
@@ -156,18 +156,3 @@ class DoraModule(LoraModule):
         out = self.base_forward(x, *args, **kwargs)
         moved = self.base_forward(scaled, *args, **kwargs) - out  # W (s x - x): the bias cancels
         return out + m * moved + self.delta_output(scaled).to(out.dtype)
-
-    # -- merging: W + m (W' - W) in, the very original weight back ------------------------------------
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.__dict__["unmerged_weight"] = self.base.weight.detach().to("cpu", copy=True)
-            self._add_to_base(self.multiplier)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.copy_(self.unmerged_weight.to(self.base.weight.device))
-            self.__dict__["unmerged_weight"] = None
-            self.merged = False

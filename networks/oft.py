@@ -59,6 +59,7 @@ class OftModule(WeightDeltaAdapter):
     kind, label, spec_types, file_keys = "oft", "OFT", ("oft",), OFT_KEYS
     network_module = "lycoris.kohya"  # as kohya's sd-scripts record LyCORIS networks
     algo = "diag-oft"  # LyCORIS's name, as ss_network_args records it
+    keeps_original = True  # the change is a product: merge keeps the original weight, unmerge puts it back
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                  rank_dropout: float = 0.0, module_dropout: float = 0.0, block_size: int | None = None):
@@ -68,7 +69,6 @@ class OftModule(WeightDeltaAdapter):
         self.rank, self.scale = int(size), 1.0  # the block size is the "dim" files and sentences report
         self.constraint = self.alpha * out_dim if self.alpha > 0 else 0.0  # LyCORIS's reading of alpha
         self.oft_blocks = nn.Parameter(torch.zeros(out_dim // size, size, size))
-        self.__dict__["unmerged_weight"] = None  # the base weight as it was before merge (outside the state)
 
     @classmethod
     def from_spec(cls, spec: NetworkSpec, base: nn.Module, rank: int, alpha: float) -> OftModule:
@@ -120,23 +120,6 @@ class OftModule(WeightDeltaAdapter):
 
     def export(self, exact: bool = True) -> FileModule:
         return FileModule(self.file_tensors(), 0.0, "own")  # alpha 0: no loader bounds Q again
-
-    # -- merging: OFT's change is a product, so the original weight is kept and put back exactly ------
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            weight = self.base.weight
-            self.__dict__["unmerged_weight"] = weight.detach().clone()
-            delta = self.delta_weight().to(weight.device)
-            weight.copy_((weight.float() + self.multiplier * delta).to(weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.copy_(self.unmerged_weight)
-            self.__dict__["unmerged_weight"] = None
-            self.merged = False
 
     @classmethod
     @torch.no_grad()
